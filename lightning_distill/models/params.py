@@ -61,7 +61,8 @@ def flatten_parameters(params: nn.Module | Iterable[Tensor]) -> Tensor:
     """
     if isinstance(params, nn.Module):
         params = [p for _, p in params.named_parameters()]
-    return torch.cat([p.reshape(-1) for p in params])
+    flat = [p.reshape(-1) for p in params]
+    return torch.cat(flat) if flat else torch.zeros(0)
 
 
 def unflatten_parameters(flat: Tensor, module: nn.Module) -> dict[str, Tensor]:
@@ -72,7 +73,8 @@ def unflatten_parameters(flat: Tensor, module: nn.Module) -> dict[str, Tensor]:
 @torch.no_grad()
 def load_flat_parameters(module: nn.Module, flat: Tensor) -> nn.Module:
     """Copy a flat vector into ``module``'s parameters in place; returns the module."""
-    for p, v in zip(module.parameters(), ParamSpec.of(module).unflatten(flat).values(), strict=True):
+    views = ParamSpec.of(module).unflatten(flat).values()
+    for p, v in zip(module.parameters(), views, strict=True):
         p.copy_(v)
     return module
 
