@@ -1,0 +1,262 @@
+"""TrajectoryRecorder: E+1 snapshots equal to the parameters at those moments, rank 0 writes,
+no partial expert on early stop, state survives a checkpoint resume."""
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_distill.callbacks.trajectory import TrajectoryRecorder
+from lightning_distill.models.params import ParamSpec
+from lightning_distill.trajectories import TrajectoryStore
+
+LR = 0.1
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=g)
+    y = torch.randn(8, 2, generator=g)
+    return x, y
+
+
+class LinearModule(pl.LightningModule):
+    """y = W x + b trained with MSE and plain SGD; ``net`` holds the network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(3, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*data()), batch_size=4, shuffle=False)
+
+
+class Capture(Callback):
+    """Independent record of the parameters at train start and every epoch end."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _grab(self, pl_module):
+        self.seen.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_start(self, trainer, pl_module):
+        self._grab(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._grab(pl_module)
+
+
+def make_store(path, snapshots=4):
+    return TrajectoryStore.create(
+        path, spec=ParamSpec.of(nn.Linear(3, 2)), num_snapshots=snapshots,
+        model={"name": "Linear"}, dataset="toy", input_space={}, hparams={"lr": LR},
+    )
+
+
+def trainer(max_epochs, callbacks, **kw):
+    return pl.Trainer(
+        max_epochs=max_epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False), **kw,
+    )
+
+
+def hand_sgd(w, b, epochs):
+    """The same SGD steps computed by hand: grad of mean((Wx+b-y)^2) over a batch of 4."""
+    x, y = data()
+    out = [(w.clone(), b.clone())]
+    for _ in range(epochs):
+        for k in range(0, 8, 4):
+            xb, yb = x[k:k + 4], y[k:k + 4]
+            r = xb @ w.T + b - yb  # [4, 2]
+            gw = 2 * r.T @ xb / r.numel()
+            gb = 2 * r.sum(0) / r.numel()
+            w, b = w - LR * gw, b - LR * gb
+        out.append((w.clone(), b.clone()))
+    return out
+
+
+@pytest.mark.parametrize("module_attr", [None, "net"])
+def test_records_epochs_plus_one_snapshots(tmp_path, module_attr):
+    store = make_store(tmp_path / "store")
+    module = LinearModule()
+    w0, b0 = module.net.weight.detach().clone(), module.net.bias.detach().clone()
+    cap = Capture()
+    trainer(3, [TrajectoryRecorder(store, 0, module_attr=module_attr), cap]).fit(module)
+    got = store.load_expert(0)
+    assert got.shape == (4, 6)
+    # equal (bit for bit) to the parameters seen at those moments by another callback
+    expected = torch.stack([torch.cat([s["net.weight"].reshape(-1), s["net.bias"]])
+                            for s in cap.seen])
+    assert torch.equal(got, expected)
+    assert torch.equal(got[0], torch.cat([w0.reshape(-1), b0]))
+    # and to the SGD steps computed by hand
+    for row, (w, b) in zip(got, hand_sgd(w0, b0, 3), strict=True):
+        torch.testing.assert_close(row, torch.cat([w.reshape(-1), b]), rtol=0, atol=1e-6)
+    assert not torch.equal(got[0], got[3])  # it did train
+
+
+def test_every_n_epochs(tmp_path):
+    store = make_store(tmp_path / "store", snapshots=3)
+    cap = Capture()
+    trainer(4, [TrajectoryRecorder(str(tmp_path / "store"), 2, every_n_epochs=2), cap]).fit(
+        LinearModule()
+    )
+    flat = [torch.cat([s["net.weight"].reshape(-1), s["net.bias"]]) for s in cap.seen]
+    assert torch.equal(store.load_expert(2), torch.stack([flat[0], flat[2], flat[4]]))
+
+
+def test_max_epochs_and_model_checked_at_setup(tmp_path):
+    store = make_store(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"max_epochs=2.*4 snapshots.*max_epochs=3"):
+        trainer(2, [TrajectoryRecorder(store, 0)]).fit(LinearModule())
+    other = TrajectoryStore.create(
+        tmp_path / "other", spec=ParamSpec.of(nn.Linear(3, 5)), num_snapshots=4,
+        model={"name": "Linear"}, dataset="toy",
+    )
+    with pytest.raises(Exception, match="does not match the trajectory store"):
+        trainer(3, [TrajectoryRecorder(other, 0, module_attr="net")]).fit(LinearModule())
+    with pytest.raises(AttributeError, match="no attribute path 'backbone'"):
+        trainer(3, [TrajectoryRecorder(store, 0, module_attr="backbone")]).fit(LinearModule())
+    assert store.num_experts == 0 and other.num_experts == 0
+
+
+class StopAfter(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("allow_partial", [False, True])
+def test_early_stop_writes_no_expert(tmp_path, allow_partial):
+    store = make_store(tmp_path / "store")
+    cap = Capture()
+    rec = TrajectoryRecorder(store, 5, allow_partial=allow_partial)
+    with pytest.warns(UserWarning, match=r"expert 5 ended with snapshots after epochs \[0, 1, 2\]"):
+        trainer(3, [rec, cap, StopAfter(1)]).fit(LinearModule())
+    assert store.expert_indices() == []
+    partial = tmp_path / "store" / "expert_00005.partial.pt"
+    assert partial.exists() == allow_partial
+    if allow_partial:
+        saved = torch.load(partial, weights_only=True)
+        assert saved["epochs"].tolist() == [0, 1, 2]
+        flat = [torch.cat([s["net.weight"].reshape(-1), s["net.bias"]]) for s in cap.seen]
+        assert torch.equal(saved["snapshots"], torch.stack(flat))
+
+
+def fake_trainer(rank0, epoch, barrier_calls):
+    return SimpleNamespace(
+        is_global_zero=rank0, current_epoch=epoch, max_epochs=3,
+        strategy=SimpleNamespace(barrier=lambda name=None: barrier_calls.append(name)),
+    )
+
+
+def drive(rec, module, rank0, barrier_calls, epochs=range(3), end=True):
+    """Run the recorder's hooks as a Trainer would, with SGD-like parameter changes."""
+    rec.setup(fake_trainer(rank0, 0, barrier_calls), module, "fit")
+    rec.on_train_start(fake_trainer(rank0, epochs[0], barrier_calls), module)
+    for e in epochs:
+        with torch.no_grad():
+            module.net.weight.add_(1.0)
+        rec.on_train_epoch_end(fake_trainer(rank0, e, barrier_calls), module)
+    if end:
+        rec.on_train_end(fake_trainer(rank0, epochs[-1], barrier_calls), module)
+
+
+def test_only_global_rank_zero_writes(tmp_path):
+    store = make_store(tmp_path / "store")
+    calls = []
+    rec1 = TrajectoryRecorder(store, 1, module_attr="net")
+    drive(rec1, LinearModule(), rank0=False, barrier_calls=calls)
+    assert store.expert_indices() == [] and rec1.recorded_epochs == []
+    assert calls == ["TrajectoryRecorder.on_train_end"]  # non-zero ranks wait for rank 0
+    rec0 = TrajectoryRecorder(store, 1, module_attr="net")
+    module = LinearModule()
+    w0 = module.net.weight.detach().clone()
+    drive(rec0, module, rank0=True, barrier_calls=calls)
+    assert store.expert_indices() == [1]
+    got = store.load_expert(1)
+    for e in range(4):  # weight + e after e epochs of the fake "training"
+        assert torch.equal(got[e, :6].reshape(2, 3) if False else got[e, :6], (w0 + e).reshape(-1))
+    assert len(calls) == 2
+
+
+def test_state_dict_round_trip(tmp_path):
+    store = make_store(tmp_path / "store")
+    calls = []
+    module = LinearModule()
+    rec = TrajectoryRecorder(store, 3, module_attr="net")
+    drive(rec, module, True, calls, epochs=range(2), end=False)  # 2 of 3 epochs done
+    state = rec.state_dict()
+    assert state["epochs"].tolist() == [0, 1, 2] and state["snapshots"].shape == (3, 6)
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)  # checkpoints load with weights_only=True
+
+    fresh = TrajectoryRecorder(store, 3, module_attr="net")
+    fresh.load_state_dict(loaded)
+    assert fresh.recorded_epochs == [0, 1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict()["snapshots"],
+                                                 state["snapshots"], strict=True))
+    # continue the expert where the checkpoint left it
+    drive(fresh, module, True, calls, epochs=range(2, 3))
+    got = store.load_expert(3)
+    assert torch.equal(got[:3], state["snapshots"])
+    assert torch.equal(got[3, :6], module.net.weight.detach().reshape(-1))
+    with pytest.raises(ValueError, match="state is for expert 3"):
+        TrajectoryRecorder(store, 4).load_state_dict(loaded)
+    assert TrajectoryRecorder(store, 3).state_key != TrajectoryRecorder(store, 4).state_key
+
+
+class Crash(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise RuntimeError("killed")
+
+
+def test_checkpoint_resume_mid_expert_gives_same_trajectory(tmp_path):
+    ref_store = make_store(tmp_path / "ref")
+    trainer(3, [TrajectoryRecorder(ref_store, 0)]).fit(LinearModule())
+
+    store = make_store(tmp_path / "store")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(3, [TrajectoryRecorder(store, 0), ckpt, Crash()],
+                enable_checkpointing=True).fit(LinearModule())
+    assert store.expert_indices() == []  # no partial expert after the crash
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(3, [TrajectoryRecorder(store, 0)]).fit(
+            LinearModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert torch.equal(store.load_expert(0), ref_store.load_expert(0))
+
+
+def test_resume_without_recorder_state_refused(tmp_path):
+    store = make_store(tmp_path / "store")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(3, [ckpt, Crash()], enable_checkpointing=True).fit(LinearModule())
+    with pytest.raises(RuntimeError, match=r"resumes at epoch 2 but the snapshots after epochs "
+                       r"\[0, 1\] are missing"):
+        trainer(3, [TrajectoryRecorder(store, 0)]).fit(
+            LinearModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert store.expert_indices() == []
