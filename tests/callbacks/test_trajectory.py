@@ -60,9 +60,11 @@ class Capture(Callback):
         self._grab(pl_module)
 
 
-def make_store(path, snapshots=4):
+def make_store(path, snapshots=4, module_attr=None):
+    """A store whose spec is the LightningModule's ('net.weight', ...) or the net's ('weight')."""
+    spec = ParamSpec.of(LinearModule() if module_attr is None else nn.Linear(3, 2))
     return TrajectoryStore.create(
-        path, spec=ParamSpec.of(nn.Linear(3, 2)), num_snapshots=snapshots,
+        path, spec=spec, num_snapshots=snapshots,
         model={"name": "Linear"}, dataset="toy", input_space={}, hparams={"lr": LR},
     )
 
@@ -92,13 +94,13 @@ def hand_sgd(w, b, epochs):
 
 @pytest.mark.parametrize("module_attr", [None, "net"])
 def test_records_epochs_plus_one_snapshots(tmp_path, module_attr):
-    store = make_store(tmp_path / "store")
+    store = make_store(tmp_path / "store", module_attr=module_attr)
     module = LinearModule()
     w0, b0 = module.net.weight.detach().clone(), module.net.bias.detach().clone()
     cap = Capture()
     trainer(3, [TrajectoryRecorder(store, 0, module_attr=module_attr), cap]).fit(module)
     got = store.load_expert(0)
-    assert got.shape == (4, 6)
+    assert got.shape == (4, 8)
     # equal (bit for bit) to the parameters seen at those moments by another callback
     expected = torch.stack([torch.cat([s["net.weight"].reshape(-1), s["net.bias"]])
                             for s in cap.seen])
@@ -181,7 +183,7 @@ def drive(rec, module, rank0, barrier_calls, epochs=range(3), end=True):
 
 
 def test_only_global_rank_zero_writes(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = make_store(tmp_path / "store", module_attr="net")
     calls = []
     rec1 = TrajectoryRecorder(store, 1, module_attr="net")
     drive(rec1, LinearModule(), rank0=False, barrier_calls=calls)
@@ -194,18 +196,18 @@ def test_only_global_rank_zero_writes(tmp_path):
     assert store.expert_indices() == [1]
     got = store.load_expert(1)
     for e in range(4):  # weight + e after e epochs of the fake "training"
-        assert torch.equal(got[e, :6].reshape(2, 3) if False else got[e, :6], (w0 + e).reshape(-1))
+        assert torch.equal(got[e, :6], (w0 + e).reshape(-1))
     assert len(calls) == 2
 
 
 def test_state_dict_round_trip(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = make_store(tmp_path / "store", module_attr="net")
     calls = []
     module = LinearModule()
     rec = TrajectoryRecorder(store, 3, module_attr="net")
     drive(rec, module, True, calls, epochs=range(2), end=False)  # 2 of 3 epochs done
     state = rec.state_dict()
-    assert state["epochs"].tolist() == [0, 1, 2] and state["snapshots"].shape == (3, 6)
+    assert state["epochs"].tolist() == [0, 1, 2] and state["snapshots"].shape == (3, 8)
     path = tmp_path / "state.pt"
     torch.save(state, path)
     loaded = torch.load(path, weights_only=True)  # checkpoints load with weights_only=True
@@ -231,20 +233,31 @@ class Crash(Callback):
             raise RuntimeError("killed")
 
 
-def test_checkpoint_resume_mid_expert_gives_same_trajectory(tmp_path):
+class WithValidation(LinearModule):
+    """ModelCheckpoint then saves around validation rather than at train-epoch end."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(*data()), batch_size=4)
+
+
+@pytest.mark.parametrize("module_cls", [LinearModule, WithValidation])
+def test_checkpoint_resume_mid_expert_gives_same_trajectory(tmp_path, module_cls):
     ref_store = make_store(tmp_path / "ref")
-    trainer(3, [TrajectoryRecorder(ref_store, 0)]).fit(LinearModule())
+    trainer(3, [TrajectoryRecorder(ref_store, 0)]).fit(module_cls())
 
     store = make_store(tmp_path / "store")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
     with pytest.raises(RuntimeError, match="killed"):
         trainer(3, [TrajectoryRecorder(store, 0), ckpt, Crash()],
-                enable_checkpointing=True).fit(LinearModule())
+                enable_checkpointing=True).fit(module_cls())
     assert store.expert_indices() == []  # no partial expert after the crash
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(3, [TrajectoryRecorder(store, 0)]).fit(
-            LinearModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+            module_cls(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
         )
     assert torch.equal(store.load_expert(0), ref_store.load_expert(0))
 

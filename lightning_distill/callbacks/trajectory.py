@@ -1,0 +1,236 @@
+"""TrajectoryRecorder: record an expert trajectory into a TrajectoryStore (REFERENCE section 4).
+
+An expert trajectory is theta_0 (initialisation), theta_1, ..., theta_E: the flat
+parameter vector (``named_parameters()`` order) at the start of training and after
+every epoch, E+1 snapshots for E epochs (MTT section 3; with ``every_n_epochs=k``,
+the snapshots after epochs 0, k, 2k, ..., E).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from ..io import atomic_save
+from ..models.params import flatten_parameters
+from ..trajectories import TrajectoryStore
+
+__all__ = ["TrajectoryRecorder"]
+
+
+class TrajectoryRecorder(Callback):
+    """Snapshot the parameters at ``on_train_start`` and every epoch end; write one expert.
+
+    Snapshots are kept in CPU memory as float32 copies (``num_snapshots x P`` floats)
+    and written with :meth:`TrajectoryStore.write_expert` (atomically) at
+    ``on_train_end``, by global rank 0 only; the other ranks wait at a barrier, so the
+    file exists everywhere once ``fit`` returns. If training ends before the last
+    epoch (early stopping, ``max_steps``, a time limit), nothing is written and a
+    warning is issued: a partial expert must never land in the store. With
+    ``allow_partial=True`` the partial trajectory goes to ``expert_XXXXX.partial.pt``
+    (``{"epochs": LongTensor[k], "snapshots": Tensor[k, P]}``) beside the store, a file
+    the store ignores. An interrupted ``fit`` (exception, kill) writes nothing.
+
+    The snapshots collected so far are part of the callback's state, so resuming a
+    Lightning checkpoint (``fit(ckpt_path=...)``) in the middle of an expert continues
+    the same trajectory.
+
+    Args:
+        store: a :class:`~lightning_distill.TrajectoryStore` or the path of an existing one.
+        expert_index: the expert's index in the store (file ``expert_{index:05d}.pt``).
+        every_n_epochs: snapshot after every n-th epoch; ``max_epochs`` must equal
+            ``(store.num_snapshots - 1) * every_n_epochs``.
+        module_attr: (dotted) attribute of the LightningModule whose parameters are
+            recorded, e.g. ``"net"``; ``None`` records the whole LightningModule.
+        allow_partial: save an incomplete trajectory to ``expert_XXXXX.partial.pt``.
+
+    Example::
+
+        from lightning_distill import ExpertTrajectoryModule, TrajectoryStore
+        from lightning_distill.callbacks import TrajectoryRecorder
+        from lightning_distill.models.params import ParamSpec
+
+        module = ExpertTrajectoryModule("ConvNet", channels=3, num_classes=10, image_size=32)
+        store = TrajectoryStore.create(
+            "experts/", spec=ParamSpec.of(module.net), num_snapshots=51,
+            model={"name": "ConvNet", "channels": 3, "num_classes": 10, "image_size": 32},
+            dataset="cifar10", input_space={"normalize": "cifar10"}, hparams={"lr": 0.01},
+        )
+        trainer = pl.Trainer(max_epochs=50, callbacks=[
+            TrajectoryRecorder(store, expert_index=store.first_missing(), module_attr="net")])
+        trainer.fit(module, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        store: TrajectoryStore | str | os.PathLike,
+        expert_index: int,
+        every_n_epochs: int = 1,
+        module_attr: str | None = None,
+        allow_partial: bool = False,
+    ) -> None:
+        super().__init__()
+        if int(expert_index) < 0:
+            raise ValueError(f"expert_index must be >= 0, got {expert_index}")
+        if int(every_n_epochs) < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self._store_arg = store
+        self.store: TrajectoryStore | None = store if isinstance(store, TrajectoryStore) else None
+        self.expert_index = int(expert_index)
+        self.every_n_epochs = int(every_n_epochs)
+        self.module_attr = module_attr
+        self.allow_partial = allow_partial
+        self._snapshots: dict[int, Tensor] = {}  # epoch -> flat float32 CPU parameters
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(expert_index=self.expert_index)
+
+    # ------------------------------------------------------------------ helpers
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.module_attr is None:
+            return pl_module
+        obj: Any = pl_module
+        for part in self.module_attr.split("."):
+            if not hasattr(obj, part):
+                raise AttributeError(
+                    f"TrajectoryRecorder(module_attr={self.module_attr!r}): "
+                    f"{type(pl_module).__name__} has no attribute path {self.module_attr!r}"
+                )
+            obj = getattr(obj, part)
+        if not isinstance(obj, nn.Module):
+            raise TypeError(
+                f"TrajectoryRecorder(module_attr={self.module_attr!r}) is a "
+                f"{type(obj).__name__}, expected an nn.Module"
+            )
+        return obj
+
+    def _record(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        with torch.no_grad():
+            flat = flatten_parameters(self._target(pl_module)).detach()
+        self._snapshots[epoch] = flat.to(device="cpu", dtype=torch.float32)
+
+    def _points(self) -> list[int]:
+        """Epochs at which a snapshot is due: 0, n, 2n, ..., (S-1) n."""
+        assert self.store is not None
+        return [r * self.every_n_epochs for r in range(self.store.num_snapshots)]
+
+    @property
+    def recorded_epochs(self) -> list[int]:
+        """Epochs (completed epochs count) of the snapshots held so far."""
+        return sorted(self._snapshots)
+
+    # -------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.store is None:
+            self.store = TrajectoryStore.open(self._store_arg)
+        self.store.check_model(self._target(pl_module))
+        max_epochs = trainer.max_epochs
+        expected = (self.store.num_snapshots - 1) * self.every_n_epochs
+        if max_epochs is not None and max_epochs != -1 and max_epochs != expected:
+            raise ValueError(
+                f"TrajectoryRecorder: Trainer(max_epochs={max_epochs}) but the store "
+                f"{self.store.path} holds {self.store.num_snapshots} snapshots per expert "
+                f"(every_n_epochs={self.every_n_epochs}), i.e. max_epochs={expected}"
+            )
+        if trainer.is_global_zero and self.store.expert_path(self.expert_index).exists():
+            warnings.warn(
+                f"{self.store.expert_path(self.expert_index)} exists and will be overwritten "
+                "when this expert finishes",
+                stacklevel=2,
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        done = trainer.current_epoch  # completed epochs: 0, or where a checkpoint resumes
+        missing = [p for p in self._points() if p < done and p not in self._snapshots]
+        if missing:
+            raise RuntimeError(
+                f"TrajectoryRecorder(expert_index={self.expert_index}): training resumes at "
+                f"epoch {done} but the snapshots after epochs {missing} are missing (a "
+                "checkpoint without this callback's state?); restart this expert from scratch"
+            )
+        # Fresh start: theta_0. Resuming at an epoch boundary whose snapshot the
+        # checkpoint predates: the current parameters are that snapshot.
+        if done in self._points() and done not in self._snapshots:
+            self._record(pl_module, done)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        done = trainer.current_epoch + 1  # the epoch just finished, counted from 1
+        if done in self._points():
+            self._record(pl_module, done)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write()
+        trainer.strategy.barrier("TrajectoryRecorder.on_train_end")
+
+    def _write(self) -> None:
+        assert self.store is not None
+        points = self._points()
+        missing = [p for p in points if p not in self._snapshots]
+        if missing:
+            msg = (
+                f"TrajectoryRecorder: training of expert {self.expert_index} ended with "
+                f"snapshots after epochs {self.recorded_epochs} but the store needs "
+                f"{len(points)} (epochs 0..{points[-1]}, missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}); "
+            )
+            if self.allow_partial and self._snapshots:
+                path = self.store.path / f"expert_{self.expert_index:05d}.partial.pt"
+                epochs = self.recorded_epochs
+                atomic_save(
+                    {
+                        "epochs": torch.tensor(epochs, dtype=torch.long),
+                        "snapshots": torch.stack([self._snapshots[e] for e in epochs]),
+                    },
+                    path,
+                )
+                warnings.warn(msg + f"the partial trajectory was saved to {path}", stacklevel=2)
+            else:
+                warnings.warn(msg + "nothing was written to the store", stacklevel=2)
+            return
+        self.store.write_expert(
+            self.expert_index, torch.stack([self._snapshots[p] for p in points])
+        )
+        self._snapshots.clear()
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        epochs = self.recorded_epochs
+        return {
+            "expert_index": self.expert_index,
+            "every_n_epochs": self.every_n_epochs,
+            "epochs": torch.tensor(epochs, dtype=torch.long),
+            "snapshots": (
+                torch.stack([self._snapshots[e] for e in epochs]) if epochs else torch.empty(0)
+            ),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict["expert_index"]) != self.expert_index:
+            raise ValueError(
+                f"TrajectoryRecorder state is for expert {state_dict['expert_index']}, "
+                f"this recorder records expert {self.expert_index}"
+            )
+        if int(state_dict.get("every_n_epochs", 1)) != self.every_n_epochs:
+            raise ValueError(
+                f"TrajectoryRecorder state was recorded with every_n_epochs="
+                f"{state_dict.get('every_n_epochs')}, this recorder uses {self.every_n_epochs}"
+            )
+        epochs = [int(e) for e in state_dict["epochs"].tolist()]
+        snaps = state_dict["snapshots"]
+        self._snapshots = {
+            e: snaps[k].to("cpu", torch.float32).clone() for k, e in enumerate(epochs)
+        }

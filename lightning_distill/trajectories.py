@@ -1,0 +1,613 @@
+"""TrajectoryStore: expert trajectories on disk, read lazily (REFERENCE section 4).
+
+An expert trajectory is the sequence theta_0, theta_1, ..., theta_E of an expert
+network's flat parameter vector at initialisation and after every epoch (E+1
+snapshots). Trajectory matching (MTT section 3) samples theta_t and theta_{t+M}
+from it. The on-disk format (ARCHITECTURE.md, "File formats") is a directory::
+
+    meta.json           format_version, dataset, model (build_model kwargs), param spec,
+                        num_snapshots, num_params, hparams, input_space, created, versions
+    expert_00000.pt     float32 tensor [num_snapshots, P], rows in named_parameters() order
+    expert_00001.pt     ...
+
+Each expert file is written atomically (:mod:`lightning_distill.io`), so a present
+``expert_*.pt`` is complete and an interrupted run resumes at :meth:`first_missing`.
+Reads memory-map the files (``torch.load(mmap=True)``): a 13 GB DATM store for
+CIFAR-10 (100 experts x 101 snapshots, REFERENCE section 9) costs only the rows read.
+
+:func:`import_replay_buffers` converts MTT/DATM ``replay_buffer_*.pt`` files (a list
+of experts, each a list of snapshots, each a list of parameter tensors in the
+network's parameter order) into a store.
+
+Example::
+
+    store = TrajectoryStore.open("outputs/cifar10/experts")
+    net = store.build_model()
+    theta_start = store.snapshot(3, epoch=20)       # Tensor[P], a copy
+    theta_target = store.snapshot(3, epoch=22)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .io import atomic_save, atomic_write_json
+from .models.params import ParamSpec
+
+__all__ = ["TrajectoryStore", "TrajectoryStoreError", "import_replay_buffers"]
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+_EXPERT_RE = re.compile(r"^expert_(\d{5,})\.pt$")
+# Fields that must agree when a store is re-created (resumed): experts trained
+# with different values must never share a store.
+_IDENTITY_FIELDS = ("spec", "num_snapshots", "model", "dataset", "input_space")
+_REQUIRED_FIELDS = ("format_version", *_IDENTITY_FIELDS)
+_REGENERATE = "delete it and re-run `lightning-distill experts` to regenerate it"
+
+
+class TrajectoryStoreError(RuntimeError):
+    """A trajectory store (or a file in it) is missing, corrupt, or inconsistent."""
+
+
+def _jsonable(x: Any) -> Any:
+    """Normalise ``x`` to what a JSON round trip gives (tuples -> lists), for comparison."""
+    try:
+        return json.loads(json.dumps(x))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"value is not JSON-serialisable: {x!r} ({e})") from e
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _spec_mismatch(expected: ParamSpec, got: ParamSpec) -> str | None:
+    """Describe the first difference between two specs, or None if they are equal."""
+    for k, (ne, se, ng, sg) in enumerate(
+        zip(expected.names, expected.shapes, got.names, got.shapes, strict=False)
+    ):
+        if ne != ng or se != sg:
+            return (
+                f"parameter #{k}: store has {ne} {list(se)}, model has {ng} {list(sg)}"
+            )
+    if len(expected.names) != len(got.names):
+        return (
+            f"store has {len(expected.names)} parameter tensors, model has {len(got.names)}"
+        )
+    return None
+
+
+class TrajectoryStore:
+    """A directory of expert trajectories; see the module docstring for the format.
+
+    Use :meth:`create` (new or resumed store) or :meth:`open` (existing store) rather
+    than the constructor. ``cache_size`` memory-mapped expert files are kept open
+    between reads (invalidated when a file changes on disk).
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict, *, cache_size: int = 8) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.spec = ParamSpec.from_json(meta["spec"])
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[int, tuple[tuple[int, ...], Tensor]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        # Pickled (e.g. to ddp_spawn workers) without the memory-mapped tensors.
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        spec: ParamSpec,
+        num_snapshots: int,
+        model: dict,
+        dataset: str,
+        input_space: dict | None = None,
+        hparams: dict | None = None,
+        exist_ok: bool = True,
+    ) -> TrajectoryStore:
+        """Create a store at ``path``, or return the existing one if its meta.json agrees.
+
+        ``model`` is the keyword dict of :func:`lightning_distill.models.build_model`
+        (``name``, ``channels``, ``num_classes``, ``image_size``, extra kwargs);
+        ``input_space`` identifies the model's input space (normalisation, ZCA
+        fingerprint); ``hparams`` records the training hyperparameters. An existing
+        store must agree on spec, num_snapshots, model, dataset and input_space
+        (otherwise :class:`TrajectoryStoreError` names the field), so a resumed run
+        can never mix experts of two configurations. Differing ``hparams`` only warn.
+        """
+        if int(num_snapshots) < 1:
+            raise ValueError(f"num_snapshots must be >= 1 (epochs + 1), got {num_snapshots}")
+        if "name" not in model:
+            raise ValueError(f"model dict needs a 'name' key (build_model kwargs), got {model!r}")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dataset": str(dataset),
+            "model": _jsonable(dict(model)),
+            "spec": spec.to_json(),
+            "num_params": spec.total,
+            "num_snapshots": int(num_snapshots),
+            "dtype": "float32",
+            "input_space": _jsonable(dict(input_space or {})),
+            "hparams": _jsonable(dict(hparams or {})),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "library_version": _library_version(),
+            "torch_version": torch.__version__,
+        }
+        root = Path(path)
+        meta_path = root / META_FILE
+        if meta_path.exists():
+            if not exist_ok:
+                raise TrajectoryStoreError(
+                    f"{root} already holds a trajectory store ({meta_path}); pass exist_ok=True "
+                    "to resume it or choose another directory"
+                )
+            store = cls.open(root)
+            for field in _IDENTITY_FIELDS:
+                if store.meta[field] != meta[field]:
+                    raise TrajectoryStoreError(
+                        f"{meta_path}: field '{field}' differs from this run "
+                        f"(store: {json.dumps(store.meta[field])[:300]}, "
+                        f"run: {json.dumps(meta[field])[:300]}); experts of different "
+                        "configurations cannot share a store: use another directory or "
+                        "delete the old store"
+                    )
+            if store.meta.get("hparams") != meta["hparams"]:
+                old, new = store.meta.get("hparams") or {}, meta["hparams"]
+                keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                warnings.warn(
+                    f"{meta_path}: training hyperparameters differ from this run in {keys}; "
+                    "keeping the store's meta.json",
+                    stacklevel=2,
+                )
+            return store
+        if root.exists() and any(_EXPERT_RE.match(p.name) for p in root.iterdir()):
+            raise TrajectoryStoreError(
+                f"{root} holds expert files but no {META_FILE}: cannot tell what they are; "
+                "restore meta.json or use an empty directory"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, meta)
+        return cls(root, meta)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, cache_size: int = 8) -> TrajectoryStore:
+        """Open an existing store, validating its meta.json."""
+        root = Path(path)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            raise TrajectoryStoreError(
+                f"{meta_path} not found: {root} is not a trajectory store (create one with "
+                "`lightning-distill experts` or import_replay_buffers)"
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TrajectoryStoreError(
+                f"{meta_path} is unreadable or corrupt ({e}); restore it or regenerate the store"
+            ) from e
+        if not isinstance(meta, dict):
+            raise TrajectoryStoreError(f"{meta_path} must hold a JSON object")
+        missing = [k for k in _REQUIRED_FIELDS if k not in meta]
+        if missing:
+            raise TrajectoryStoreError(f"{meta_path} lacks required field(s) {missing}")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise TrajectoryStoreError(
+                f"{meta_path}: format_version {meta['format_version']} is not supported by "
+                f"lightning_distill {_library_version()} (expects {FORMAT_VERSION})"
+            )
+        try:
+            spec = ParamSpec.from_json(meta["spec"])
+            num_snapshots = int(meta["num_snapshots"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TrajectoryStoreError(
+                f"{meta_path}: malformed 'spec' or 'num_snapshots' ({e})"
+            ) from e
+        if len(spec.names) != len(spec.shapes) or num_snapshots < 1:
+            raise TrajectoryStoreError(f"{meta_path}: inconsistent 'spec' or 'num_snapshots'")
+        return cls(root, meta, cache_size=cache_size)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def num_snapshots(self) -> int:
+        """Snapshots per expert (epochs + 1)."""
+        return int(self.meta["num_snapshots"])
+
+    @property
+    def num_params(self) -> int:
+        """P, the length of a flat parameter vector."""
+        return self.spec.total
+
+    @property
+    def dataset(self) -> str:
+        return self.meta["dataset"]
+
+    @property
+    def model(self) -> dict:
+        """The build_model keyword dict (a copy)."""
+        return dict(self.meta["model"])
+
+    @property
+    def input_space(self) -> dict:
+        return dict(self.meta["input_space"])
+
+    @property
+    def hparams(self) -> dict:
+        return dict(self.meta.get("hparams") or {})
+
+    def expert_path(self, index: int) -> Path:
+        """Path of expert ``index``'s file (whether or not it exists)."""
+        if int(index) < 0:
+            raise IndexError(f"expert index must be >= 0, got {index}")
+        return self.path / f"expert_{int(index):05d}.pt"
+
+    def expert_indices(self) -> list[int]:
+        """Sorted indices of the expert files present (complete by construction)."""
+        if not self.path.is_dir():
+            return []
+        found = (_EXPERT_RE.match(p.name) for p in self.path.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_indices())
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def first_missing(self) -> int:
+        """Smallest index without an expert file: where an interrupted run resumes."""
+        present = set(self.expert_indices())
+        i = 0
+        while i in present:
+            i += 1
+        return i
+
+    def __repr__(self) -> str:
+        return (
+            f"TrajectoryStore({str(self.path)!r}, experts={self.num_experts}, "
+            f"snapshots={self.num_snapshots}, params={self.num_params}, "
+            f"model={self.meta['model'].get('name')!r}, dataset={self.dataset!r})"
+        )
+
+    # -------------------------------------------------------------------- writes
+    def write_expert(self, index: int, snapshots: Tensor) -> Path:
+        """Write expert ``index``: ``snapshots`` [num_snapshots, P], stored as float32.
+
+        Atomic: the file appears complete or not at all. Overwrites an existing file.
+        """
+        if not isinstance(snapshots, Tensor) or not snapshots.is_floating_point():
+            raise TypeError(f"snapshots must be a floating-point Tensor, got {type(snapshots)}")
+        expected = (self.num_snapshots, self.num_params)
+        if tuple(snapshots.shape) != expected:
+            raise ValueError(
+                f"expert {index}: snapshots have shape {list(snapshots.shape)}, the store "
+                f"({self.path / META_FILE}) expects {list(expected)} [num_snapshots, P]"
+            )
+        t = snapshots.detach().to("cpu", torch.float32).contiguous()
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * 4:
+            t = t.clone()  # torch.save writes the whole storage: keep only this tensor's bytes
+        if not bool(torch.isfinite(t).all()):
+            warnings.warn(f"expert {index}: snapshots contain NaN/Inf (diverged?)", stacklevel=2)
+        path = self.expert_path(index)
+        self._cache.pop(int(index), None)
+        atomic_save(t, path)
+        return path
+
+    # --------------------------------------------------------------------- reads
+    def _load(self, index: int, mmap: bool) -> Tensor:
+        path = self.expert_path(index)
+        if not path.is_file():
+            raise TrajectoryStoreError(
+                f"{path} not found: expert {index} is missing from the store "
+                f"(present: {self.num_experts} experts, first missing {self.first_missing()}); "
+                "run `lightning-distill experts` to train it"
+            )
+        expected = (self.num_snapshots, self.num_params)
+        size = path.stat().st_size
+        if size < expected[0] * expected[1] * 4:
+            raise TrajectoryStoreError(
+                f"{path} is truncated ({size} bytes, the data alone needs "
+                f"{expected[0] * expected[1] * 4}); {_REGENERATE}"
+            )
+        try:
+            t = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as e:  # zip/pickle errors surface as RuntimeError, ValueError, ...
+            raise TrajectoryStoreError(
+                f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
+                f"{_REGENERATE}"
+            ) from e
+        if not isinstance(t, Tensor):
+            raise TrajectoryStoreError(
+                f"{path} holds a {type(t).__name__}, expected a float32 tensor "
+                f"{list(expected)}; {_REGENERATE}"
+            )
+        if t.dtype != torch.float32 or tuple(t.shape) != expected:
+            raise TrajectoryStoreError(
+                f"{path} holds a {str(t.dtype).removeprefix('torch.')} tensor of shape "
+                f"{list(t.shape)}, but "
+                f"{self.path / META_FILE} says float32 {list(expected)} "
+                f"[num_snapshots, P]; {_REGENERATE}"
+            )
+        return t
+
+    def _mapped(self, index: int) -> Tensor:
+        """The memory-mapped tensor of expert ``index`` (LRU cache keyed by inode/mtime/size)."""
+        index = int(index)
+        try:
+            st = self.expert_path(index).stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            key = None
+        hit = self._cache.get(index)
+        if hit is not None and key is not None and hit[0] == key:
+            self._cache.move_to_end(index)
+            return hit[1]
+        t = self._load(index, mmap=True)
+        if self.cache_size > 0 and key is not None:
+            self._cache[index] = (key, t)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return t
+
+    def load_expert(self, index: int, mmap: bool = True) -> Tensor:
+        """Expert ``index`` as a [num_snapshots, P] float32 tensor.
+
+        With ``mmap=True`` the tensor is backed by the file (pages are read on access;
+        do not modify it in place); ``mmap=False`` reads the whole file into memory.
+        """
+        return self._mapped(index) if mmap else self._load(index, mmap=False)
+
+    def _epoch(self, epoch: int) -> int:
+        e, n = int(epoch), self.num_snapshots
+        if not -n <= e < n:
+            raise IndexError(
+                f"epoch {epoch} out of range: the store has {n} snapshots (0..{n - 1})"
+            )
+        return e % n
+
+    def snapshot(self, index: int, epoch: int) -> Tensor:
+        """theta_epoch of expert ``index``, a new [P] tensor (negative epochs count back from E)."""
+        return self._mapped(index)[self._epoch(epoch)].clone()
+
+    def snapshots(self, index: int, epochs: Iterable[int]) -> Tensor:
+        """Several snapshots of expert ``index`` as a new [len(epochs), P] tensor."""
+        rows = torch.tensor([self._epoch(e) for e in epochs], dtype=torch.long)
+        return self._mapped(index).index_select(0, rows)
+
+    def final_snapshot(self, index: int) -> Tensor:
+        """The last snapshot (the trained expert) of expert ``index``, a new [P] tensor."""
+        return self.snapshot(index, self.num_snapshots - 1)
+
+    def validate(self, deep: bool = False, checksums: bool = False) -> list[int]:
+        """Check the store; return the expert indices present.
+
+        Always: every expert file is at least as large as its data. ``deep=True`` also
+        loads each file's header (memory-mapped, no data read) and checks dtype and
+        shape against meta.json; ``checksums=True`` additionally verifies the CRC-32 of
+        every byte (reads the whole store). Raises :class:`TrajectoryStoreError` naming
+        the first bad file.
+        """
+        indices = self.expert_indices()
+        need = self.num_snapshots * self.num_params * 4
+        for i in indices:
+            path = self.expert_path(i)
+            if path.stat().st_size < need:
+                raise TrajectoryStoreError(
+                    f"{path} is truncated ({path.stat().st_size} bytes, the data alone needs "
+                    f"{need}); {_REGENERATE}"
+                )
+            if deep or checksums:
+                self._load(i, mmap=True)
+            if checksums:
+                try:
+                    with zipfile.ZipFile(path) as z:
+                        bad = z.testzip()
+                except (zipfile.BadZipFile, OSError) as e:
+                    raise TrajectoryStoreError(f"{path} is corrupt ({e}); {_REGENERATE}") from e
+                if bad is not None:
+                    raise TrajectoryStoreError(
+                        f"{path} is corrupt (checksum mismatch in {bad}); {_REGENERATE}"
+                    )
+        return indices
+
+    # -------------------------------------------------------------------- models
+    def check_model(self, model: nn.Module) -> None:
+        """Raise if ``model``'s parameter names/shapes differ from the store's spec."""
+        diff = _spec_mismatch(self.spec, ParamSpec.of(model))
+        if diff is not None:
+            raise TrajectoryStoreError(
+                f"model {type(model).__name__} does not match the trajectory store "
+                f"{self.path} ({diff}); build it with store.build_model() or use a store "
+                "trained for this architecture"
+            )
+
+    def build_model(self, **overrides: Any) -> nn.Module:
+        """``build_model(**meta['model'], **overrides)``, checked against the store's spec."""
+        from .models import build_model
+
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model.items()}
+        kwargs.update(overrides)
+        net = build_model(**kwargs)
+        self.check_model(net)
+        return net
+
+
+# ------------------------------------------------------------------ replay buffers
+def _natural_key(path: Path) -> tuple:
+    return tuple(int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name))
+
+
+def _expand_buffer_files(files: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    out: list[Path] = []
+    for f in files:
+        p = Path(f)
+        if p.is_dir():
+            found = sorted(p.glob("replay_buffer_*.pt"), key=_natural_key)
+            if not found:
+                raise FileNotFoundError(f"no replay_buffer_*.pt files in directory {p}")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"replay buffer file {p} not found")
+    return out
+
+
+def _load_buffer(path: Path) -> list:
+    try:
+        try:
+            buf = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            buf = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except Exception as e:
+        raise TrajectoryStoreError(
+            f"{path}: cannot load replay buffer ({type(e).__name__}: {str(e)[:200]}); it must "
+            "be an MTT/DATM replay_buffer_*.pt (a list of experts, each a list of snapshots, "
+            "each a list of parameter tensors)"
+        ) from e
+    if not isinstance(buf, (list, tuple)):
+        raise TrajectoryStoreError(
+            f"{path}: a replay buffer holds a list of experts, found {type(buf).__name__}"
+        )
+    for j, expert in enumerate(buf):
+        if not isinstance(expert, (list, tuple)) or not expert:
+            raise TrajectoryStoreError(
+                f"{path}: expert {j} must be a non-empty list of snapshots, "
+                f"found {type(expert).__name__}"
+            )
+    return list(buf)
+
+
+def _flatten_snapshot(snap: Any, spec: ParamSpec, where: str) -> Tensor:
+    """Check one snapshot (list of parameter tensors, or an already flat [P]) and flatten it."""
+    if isinstance(snap, Tensor) and snap.dim() == 1 and snap.numel() == spec.total:
+        return snap.to(torch.float32)
+    if not isinstance(snap, (list, tuple)):
+        raise TrajectoryStoreError(
+            f"{where}: expected a list of {len(spec.names)} parameter tensors, "
+            f"found {type(snap).__name__}"
+        )
+    if len(snap) != len(spec.names):
+        raise TrajectoryStoreError(
+            f"{where}: {len(snap)} parameter tensors, the model has {len(spec.names)} "
+            f"({', '.join(spec.names[:4])}{', ...' if len(spec.names) > 4 else ''}); "
+            "wrong model for this buffer?"
+        )
+    for k, (t, name, shape) in enumerate(zip(snap, spec.names, spec.shapes, strict=True)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise TrajectoryStoreError(
+                f"{where}: parameter #{k} ({name}) has shape {got}, the model expects "
+                f"{list(shape)}; wrong model kwargs (width/depth/norm/image size) for this buffer?"
+            )
+    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in snap])
+
+
+def import_replay_buffers(
+    files: Sequence[str | os.PathLike] | str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    model: dict,
+    dataset: str,
+    input_space: dict | None = None,
+    hparams: dict | None = None,
+    spec: ParamSpec | None = None,
+    truncate: bool = False,
+) -> TrajectoryStore:
+    """Convert MTT/DATM ``replay_buffer_*.pt`` files into a :class:`TrajectoryStore`.
+
+    Each file holds a list of experts; an expert is a list of snapshots; a snapshot a
+    list of parameter tensors in the network's parameter order (as the reference
+    ``buffer.py`` saves ``[p.detach().cpu() for p in net.parameters()]``). Experts are
+    numbered in file order, then list order; a directory in ``files`` expands to its
+    ``replay_buffer_*.pt`` in numeric order. ``spec`` defaults to the parameters of
+    ``build_model(**model)``; every tensor's shape is checked against it. All experts
+    must have the same number of snapshots, unless ``truncate=True`` keeps the first
+    ``min`` snapshots of each. Resumable: experts already in the store are skipped.
+    ``input_space`` should describe the buffers' input space (e.g. ZCA, which DATM's
+    CIFAR buffers use); an empty dict means "unknown".
+    """
+    paths = _expand_buffer_files(files)
+    if spec is None:
+        from .models import build_model
+
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+        spec = ParamSpec.of(build_model(**kwargs))
+
+    # Pass 1 (memory-mapped, cheap): structure and snapshot counts of every expert.
+    counts: list[tuple[Path, int, int]] = []  # (file, expert in file, snapshots)
+    per_file: list[int] = []
+    for path in paths:
+        buf = _load_buffer(path)
+        counts.extend((path, j, len(expert)) for j, expert in enumerate(buf))
+        per_file.append(len(buf))
+        del buf
+    if not counts:
+        raise TrajectoryStoreError(f"the replay buffers {[str(p) for p in paths]} hold no experts")
+    lengths = sorted({n for _, _, n in counts})
+    num_snapshots = lengths[0]
+    if len(lengths) > 1 and not truncate:
+        longest = next(c for c in counts if c[2] == lengths[-1])
+        shortest = next(c for c in counts if c[2] == lengths[0])
+        raise TrajectoryStoreError(
+            f"experts have different numbers of snapshots ({lengths}): e.g. {shortest[0]} "
+            f"expert {shortest[1]} has {shortest[2]}, {longest[0]} expert {longest[1]} has "
+            f"{longest[2]}; pass truncate=True to keep the first {lengths[0]} of each"
+        )
+
+    meta_hparams = {
+        **(hparams or {}),
+        "imported_from": [p.name for p in paths],
+    }
+    store = TrajectoryStore.create(
+        store_path,
+        spec=spec,
+        num_snapshots=num_snapshots,
+        model=model,
+        dataset=dataset,
+        input_space=input_space,
+        hparams=meta_hparams,
+    )
+    present = set(store.expert_indices())
+    index = 0
+    for path, n_here in zip(paths, per_file, strict=True):
+        todo = [j for j in range(n_here) if index + j not in present]
+        if todo:
+            buf = _load_buffer(path)
+            for j in todo:
+                expert = buf[j]
+                rows = [
+                    _flatten_snapshot(
+                        expert[s], spec, f"{path}: expert {j} (store index {index + j}), "
+                        f"snapshot {s}"
+                    )
+                    for s in range(num_snapshots)
+                ]
+                store.write_expert(index + j, torch.stack(rows))
+            del buf
+        index += n_here
+    return store
