@@ -1,0 +1,77 @@
+"""SyntheticImageLogger: synthetic image grids in TensorBoard.
+
+Every ``every_n_steps`` outer iterations (and at the end of training) the synthetic
+images, one row per class, go to the logger as an image grid, mapped back to pixels
+by ``pl_module.to_pixels`` (de-normalisation or inverse ZCA, set by the distill stage
+from :meth:`RealDataModule.from_input_space`) or, without it, by per-image min-max
+scaling. Loggers without ``experiment.add_image`` (CSV, none) are skipped.
+
+Example::
+
+    trainer = pl.Trainer(callbacks=[SyntheticImageLogger(every_n_steps=100)],
+                         logger=TensorBoardLogger("runs", default_hp_metric=False))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+from torchvision.utils import make_grid
+
+
+def class_grid(
+    images: Tensor, class_ids: Tensor, to_pixels=None, max_per_class: int = 10
+) -> Tensor:
+    """A [3|1, H', W'] grid with one row per class (at most ``max_per_class`` images a row)."""
+    images = images.detach().float().cpu()
+    if to_pixels is not None:
+        pix = to_pixels(images)
+    else:
+        flat = images.flatten(1)
+        lo = flat.min(1).values.view(-1, 1, 1, 1)
+        hi = flat.max(1).values.view(-1, 1, 1, 1)
+        pix = (images - lo) / (hi - lo).clamp_min(1e-12)
+    pix = pix.clamp(0, 1)
+    class_ids = class_ids.detach().cpu()
+    classes = torch.unique(class_ids).tolist()
+    rows = [pix[class_ids == c][:max_per_class] for c in classes]
+    ncol = max(r.shape[0] for r in rows)
+    blank = torch.zeros_like(pix[:1])
+    padded = [torch.cat([r, blank.expand(ncol - r.shape[0], *r.shape[1:])]) for r in rows]
+    return make_grid(torch.cat(padded), nrow=ncol, padding=1, pad_value=1.0)
+
+
+class SyntheticImageLogger(Callback):
+    """Log grids of the synthetic (and EMA) images every ``every_n_steps`` iterations."""
+
+    def __init__(self, every_n_steps: int = 100, max_per_class: int = 10) -> None:
+        self.every_n_steps = int(every_n_steps)
+        self.max_per_class = int(max_per_class)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_image"):
+            return
+        step = int(pl_module.iteration)
+        to_pixels = getattr(pl_module, "to_pixels", None)
+        class_ids = pl_module.class_ids()
+        experiment.add_image("synthetic/images", class_grid(
+            pl_module.images, class_ids, to_pixels, self.max_per_class), step)
+        ema = getattr(pl_module, "synthetic_ema", None)
+        if ema is not None and ema.initial is not None:
+            experiment.add_image("synthetic/ema_images", class_grid(
+                ema.average, class_ids, to_pixels, self.max_per_class), step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps > 0 and int(pl_module.iteration) % self.every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module)

@@ -1,0 +1,101 @@
+"""Configuration dataclasses shared by the CLI stages and the YAML recipes.
+
+Every recipe in ``recipes/`` is a YAML file whose keys are these dataclasses' fields;
+the CLI (``lightning-distill STAGE --config FILE.yaml --data.root /data``) parses them
+with jsonargparse, so dotted overrides and ``--print_config`` work for every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class DataConfig:
+    """The real data set and its input space (REFERENCE section 2).
+
+    Attributes:
+        name: a registered data set (digits, fashion_mnist, mnist, cifar10, cifar100,
+            svhn, tiny_imagenet, image_folder).
+        root: where the files are (None: the data set's default search path).
+        batch_size: real-data batch size (experts: 256; evaluation of real baselines).
+        val_fraction: held-out part of the training set, for model selection.
+        zca: ZCA-whiten (CIFAR recipes) instead of mean/std normalisation.
+        zca_regularization: the 0.1 added to the eigenvalues.
+        split_seed: seeds the train/validation split (fixed across stages).
+        num_workers: DataLoader workers.
+        kwargs: extra keywords for the data set loader (e.g. image_size for image_folder).
+    """
+
+    name: str = "digits"
+    root: str | None = None
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    zca: bool = False
+    zca_regularization: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """A ``build_model`` name and its keywords (width, depth, norm, act, pooling)."""
+
+    name: str = "ConvNet"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    """Keywords passed to every ``pytorch_lightning.Trainer`` a stage creates."""
+
+    accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool | str = False
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "num_nodes": self.num_nodes,
+            "strategy": self.strategy,
+            "precision": self.precision,
+            "log_every_n_steps": self.log_every_n_steps,
+            "enable_progress_bar": self.enable_progress_bar,
+            "deterministic": self.deterministic,
+        }
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 31-bit seed derived from ``(seed, *keys)``: expert i uses derive_seed(seed, i).
+
+    Independent streams for different keys (numpy's SeedSequence hashing), and the same
+    value on every platform and run.
+    """
+    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1)[0] >> 1)
+
+
+def build_datamodule(cfg: DataConfig, seed: int = 0):
+    """A :class:`~lightning_distill.data.RealDataModule` for ``cfg`` (shuffle seeded by seed)."""
+    from .data.datamodule import RealDataModule
+
+    return RealDataModule(
+        name=cfg.name,
+        root=cfg.root,
+        batch_size=cfg.batch_size,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.split_seed,
+        zca=cfg.zca,
+        zca_regularization=cfg.zca_regularization,
+        num_workers=cfg.num_workers,
+        dataset_kwargs=dict(cfg.kwargs),
+    )

@@ -1,0 +1,530 @@
+"""DistillationModule: one outer trajectory-matching iteration per training step.
+
+REFERENCE section 5 (MTT, FTD, DATM). The module's parameters are the synthetic
+pixels X [N, C, H, W] (N = classes * ipc), the labels (learnable logits Y [N, K] for
+DATM soft labels, else a fixed buffer) and the student step size syn_lr. Each step:
+
+1. sample an expert and a start epoch t (the :class:`MatchingWindow`, 5.1);
+2. unroll a student from snapshot t for ``syn_steps`` steps on minibatches of the
+   synthetic set (DSA on each) and compute
+   ||theta_N - theta_{t+M}||^2 / ||theta_t - theta_{t+M}||^2 with
+   :func:`~lightning_distill.functional.trajectory_matching_loss` (full, recompute or
+   tesla mode);
+3. skip the iteration if the loss is above ``threshold`` (DATM) or not finite;
+   otherwise step SGD on X (lr_img, momentum 0.5), syn_lr (lr_lr, 0.5) and Y (lr_y, 0.9).
+
+Guards: a non-finite loss or gradient skips the iteration and is counted;
+``max_nonfinite`` consecutive ones stop training with an error. After each step syn_lr
+is clamped to [syn_lr_min, syn_lr_max] (a non-positive step size would make the
+student climb the loss; an exploding one diverges): each clamp is counted and logged.
+
+Multi-GPU (DDP): every rank samples its own expert, start epoch, minibatches and DSA
+draws (its generator is seeded from (seed, rank)), all ranks run one backward and
+DDP averages the gradients, so G GPUs match G trajectories per iteration. A rank
+whose loss is skipped contributes a zero gradient and the average is rescaled to the
+ranks that contributed; the iteration is skipped only when none did.
+
+Example::
+
+    module = DistillationModule("outputs/cifar10/experts", ipc=10, syn_steps=80,
+                                expert_epochs=2, max_start_epoch=20, lr_img=100)
+    module.initialize(datamodule)          # real / samples_predicted_correctly / noise
+    trainer = pl.Trainer(max_epochs=1, callbacks=[MatchingWindow(0, 10, 20, 1000, True)])
+    trainer.fit(module)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..config import derive_seed
+from ..data.augment import DSA
+from ..functional.matching import sample_minibatches, trajectory_matching_loss
+from ..trajectories import TrajectoryStore
+
+IMAGE_INITS = ("real", "samples_predicted_correctly", "noise")
+LABEL_INITS = ("hard", "soft")
+
+
+class _Iterations(IterableDataset):
+    """Yields one item per remaining outer iteration (no sampler is ever injected)."""
+
+    def __init__(self, module: DistillationModule) -> None:
+        self.module = module
+
+    def __len__(self) -> int:
+        return max(self.module.hparams.iterations - int(self.module.iteration), 0)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(len(self))
+
+
+class DistillationModule(pl.LightningModule):
+    """Synthetic images, labels and syn_lr distilled by trajectory matching.
+
+    Args:
+        store: path of a :class:`~lightning_distill.TrajectoryStore` (the experts).
+        ipc: images per class.
+        iterations: outer iterations to run.
+        syn_steps: N, student steps per iteration.
+        expert_epochs: M, the target is snapshot t + M.
+        max_start_epoch: T+ of the default window (used without a MatchingWindow callback).
+        batch_syn: synthetic minibatch size (None: the whole set).
+        lr_img, lr_lr, lr_y: SGD learning rates of pixels, syn_lr and label logits.
+        lr_teacher: initial syn_lr.
+        image_init: "real", "samples_predicted_correctly" (DATM) or "noise".
+        label_init: "hard" (class ids) or "soft" (DATM: mean logits of the experts that
+            classify the image correctly).
+        learn_labels: make the labels learnable logits (implies soft labels).
+        label_experts: number of experts averaged for the soft-label initialisation.
+        init_expert: the expert whose final snapshot selects correctly classified images.
+        threshold: DATM skip threshold (None: never skip).
+        mode: "full", "recompute" or "tesla" (see trajectory_matching_loss).
+        dsa, dsa_strategy, dsa_flip: DSA in the inner loop.
+        max_nonfinite: consecutive non-finite iterations before training stops.
+        syn_lr_min, syn_lr_max: the syn_lr clamp.
+        seed: seeds initialisation and every random draw (per rank under DDP).
+        export_path: where the SyntheticSet is written (at the end and with every
+            checkpoint); an EMA set goes next to it with the suffix ``_ema``.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        ipc: int,
+        *,
+        iterations: int = 5000,
+        syn_steps: int = 20,
+        expert_epochs: int = 2,
+        max_start_epoch: int = 20,
+        batch_syn: int | None = None,
+        lr_img: float = 100.0,
+        lr_lr: float = 1e-5,
+        lr_y: float = 2.0,
+        lr_teacher: float = 0.01,
+        img_momentum: float = 0.5,
+        lr_momentum: float = 0.5,
+        y_momentum: float = 0.9,
+        image_init: str = "real",
+        label_init: str = "hard",
+        learn_labels: bool = False,
+        label_experts: int = 10,
+        init_expert: int = 0,
+        threshold: float | None = None,
+        mode: str = "full",
+        dsa: bool = True,
+        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
+        dsa_flip: bool = True,
+        max_nonfinite: int = 10,
+        syn_lr_min: float = 1e-6,
+        syn_lr_max: float = 10.0,
+        seed: int = 0,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if image_init not in IMAGE_INITS:
+            raise ValueError(f"image_init must be one of {IMAGE_INITS}, got {image_init!r}")
+        if label_init not in LABEL_INITS:
+            raise ValueError(f"label_init must be one of {LABEL_INITS}, got {label_init!r}")
+        if ipc < 1:
+            raise ValueError(f"ipc must be >= 1, got {ipc}")
+        if mode not in ("full", "recompute", "tesla"):
+            raise ValueError(f"mode must be full, recompute or tesla, got {mode!r}")
+        self._store: TrajectoryStore | None = None
+        st = self.store
+        m = st.model
+        self.num_classes = int(m["num_classes"])
+        size = m["image_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        n = self.num_classes * ipc
+        self.images = nn.Parameter(torch.zeros(n, int(m["channels"]), h, w))
+        self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher)))
+        class_ids = torch.arange(self.num_classes).repeat_interleave(ipc)
+        self.register_buffer("_class_ids", class_ids)
+        if learn_labels:
+            self.labels = nn.Parameter(torch.zeros(n, self.num_classes))
+        elif label_init == "soft":
+            self.register_buffer("labels", torch.zeros(n, self.num_classes))
+        else:
+            self.register_buffer("labels", class_ids.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("iteration", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("nonfinite_streak", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("skipped", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("syn_lr_clamps", torch.tensor(0, dtype=torch.long))
+        self._student = [st.build_model()]  # a list: not a submodule, not a parameter
+        self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
+        self.matching_window = None  # set by the MatchingWindow callback
+        self.synthetic_ema = None  # set by the SyntheticEMA callback
+        self.to_pixels = None  # input space -> [0, 1] pixels, for image grids
+        self.input_space: dict | None = dict(st.input_space) if st.input_space else None
+        self.last_step_taken = False
+        self._generator: torch.Generator | None = None
+        self._pending_generator_states: Tensor | None = None
+        self._experts = st.expert_indices()
+        self._check_store()
+
+    # ------------------------------------------------------------------ the experts
+    @property
+    def store(self) -> TrajectoryStore:
+        if self._store is None:
+            self._store = TrajectoryStore.open(self.hparams.store)
+        return self._store
+
+    @property
+    def student(self) -> nn.Module:
+        return self._student[0]
+
+    def _check_store(self) -> None:
+        hp, st = self.hparams, self.store
+        if not self._experts:
+            raise ValueError(f"trajectory store {st.path} holds no experts; run "
+                             "`lightning-distill experts` first")
+        st.validate()
+        last_start = hp.max_start_epoch - 1
+        if last_start + hp.expert_epochs > st.num_snapshots - 1:
+            raise ValueError(
+                f"matching window runs past the stored snapshots: start epochs up to "
+                f"{last_start} plus expert_epochs={hp.expert_epochs} need snapshot "
+                f"{last_start + hp.expert_epochs}, but {st.path} has epochs 0..."
+                f"{st.num_snapshots - 1}; lower max_start_epoch or train longer experts")
+        if hp.init_expert not in self._experts:
+            raise ValueError(f"init_expert={hp.init_expert} is not in {st.path} "
+                             f"(experts present: {self._experts[:10]}...)")
+        batch = self.hparams.batch_syn
+        if batch is not None and not 0 < batch <= self.images.shape[0]:
+            raise ValueError(f"batch_syn={batch} must be in [1, {self.images.shape[0]}] "
+                             f"(classes * ipc)")
+
+    def check_window(self, max_start_epoch: int) -> None:
+        """Refuse a window whose last start epoch + M runs past the snapshots."""
+        need = max_start_epoch - 1 + self.hparams.expert_epochs
+        if need > self.store.num_snapshots - 1:
+            raise ValueError(
+                f"matching window runs past the stored snapshots: max_start_epoch="
+                f"{max_start_epoch} with expert_epochs={self.hparams.expert_epochs} needs "
+                f"snapshot {need}, but {self.store.path} has 0..{self.store.num_snapshots - 1}")
+
+    # ------------------------------------------------------------- initialisation
+    def _expert_logits(self, expert: int, x: Tensor, batch: int = 512) -> Tensor:
+        theta = self.store.final_snapshot(expert).to(x.device, x.dtype)
+        params = self.store.spec.unflatten(theta)
+        net = self.student.to(x.device)
+        with torch.no_grad():
+            return torch.cat([functional_call(net, params, (x[i:i + batch],))
+                              for i in range(0, x.shape[0], batch)])
+
+    @torch.no_grad()
+    def initialize(self, datamodule: Any = None, *, train_images: Tensor | None = None,
+                   train_labels: Tensor | None = None) -> None:
+        """Initialise images (and soft labels) from real training data in input space.
+
+        Pass a :class:`~lightning_distill.data.RealDataModule` (its training part, not
+        the validation split) or the tensors directly.
+        """
+        hp = self.hparams
+        if train_images is None:
+            if datamodule is None:
+                raise ValueError("initialize needs a datamodule or train_images/train_labels")
+            if getattr(datamodule, "train_set", None) is None:
+                datamodule.setup("fit")
+            train_images, train_labels = datamodule.train_set.tensors
+            if self.input_space is not None and getattr(datamodule, "input_space", None):
+                self._check_input_space(datamodule.input_space)
+            if getattr(datamodule, "from_input_space", None) is not None:
+                self.to_pixels = datamodule.from_input_space
+        if tuple(train_images.shape[1:]) != tuple(self.images.shape[1:]):
+            raise ValueError(f"real images have shape {tuple(train_images.shape[1:])}, the "
+                             f"store's model expects {tuple(self.images.shape[1:])}")
+        g = torch.Generator().manual_seed(derive_seed(hp.seed, 0x1D17))
+        chosen = []
+        for c in range(self.num_classes):
+            idx = (train_labels == c).nonzero().flatten()
+            if idx.numel() < hp.ipc:
+                raise ValueError(f"ipc={hp.ipc} but class {c} has only {idx.numel()} "
+                                 "training images; lower ipc")
+            perm = idx[torch.randperm(idx.numel(), generator=g)]
+            if hp.image_init == "samples_predicted_correctly":
+                chosen.append(self._first_correct(train_images, perm, c, hp.ipc))
+            else:
+                chosen.append(perm[:hp.ipc])
+        chosen = torch.cat(chosen)
+        if hp.image_init == "noise":
+            images = torch.randn(self.images.shape, generator=g)
+        else:
+            images = train_images[chosen].to(self.images.dtype)
+        self.images.data.copy_(images)
+        if hp.label_init == "soft" or hp.learn_labels:
+            self.labels.data.copy_(self._soft_label_init(self.images.data))
+        self.initialized.fill_(True)
+
+    def _first_correct(self, images: Tensor, perm: Tensor, c: int, k: int) -> Tensor:
+        """The first k images of ``perm`` (class c) that the init expert classifies right."""
+        keep: list[Tensor] = []
+        found = 0
+        for s in range(0, perm.numel(), 256):
+            part = perm[s:s + 256]
+            pred = self._expert_logits(self.hparams.init_expert, images[part]).argmax(1)
+            good = part[pred == c]
+            keep.append(good)
+            found += good.numel()
+            if found >= k:
+                break
+        good = torch.cat(keep)[:k]
+        if good.numel() < k:
+            warnings.warn(f"samples_predicted_correctly: only {good.numel()} images of class "
+                          f"{c} are classified correctly by expert {self.hparams.init_expert}; "
+                          "filling with misclassified ones", stacklevel=2)
+            rest = perm[~torch.isin(perm, good)][: k - good.numel()]
+            good = torch.cat([good, rest])
+        return good
+
+    def _soft_label_init(self, images: Tensor) -> Tensor:
+        """DATM: mean raw logits over the experts that classify each image correctly."""
+        experts = self._experts[: self.hparams.label_experts]
+        total = torch.zeros(images.shape[0], self.num_classes)
+        count = torch.zeros(images.shape[0], 1)
+        fallback = torch.zeros_like(total)
+        for e in experts:
+            logits = self._expert_logits(e, images).float().cpu()
+            ok = (logits.argmax(1) == self._class_ids.cpu()).unsqueeze(1).float()
+            total += logits * ok
+            count += ok
+            fallback += logits
+        none = count.squeeze(1) == 0
+        if none.any():
+            warnings.warn(f"soft label init: {int(none.sum())} image(s) are classified "
+                          "correctly by no expert; using the mean over all experts", stacklevel=3)
+        return torch.where(none.unsqueeze(1), fallback / len(experts), total / count.clamp_min(1))
+
+    def _check_input_space(self, input_space: dict) -> None:
+        mine = {k: v for k, v in (self.input_space or {}).items()}
+        theirs = dict(input_space)
+        for key in ("dataset", "normalization", "zca_fingerprint"):
+            if key in mine and key in theirs and mine[key] != theirs[key]:
+                raise ValueError(
+                    f"the real data's input space differs from the trajectory store's: "
+                    f"{key} = {theirs[key]!r} vs {mine[key]!r} in {self.store.path}/meta.json; "
+                    "use the data settings (normalisation / ZCA) the experts were trained with")
+
+    # ------------------------------------------------------------------ Lightning
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Iterations(self), batch_size=None)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        opts = [torch.optim.SGD([self.images], lr=hp.lr_img, momentum=hp.img_momentum),
+                torch.optim.SGD([self.syn_lr], lr=hp.lr_lr, momentum=hp.lr_momentum)]
+        if hp.learn_labels:
+            opts.append(torch.optim.SGD([self.labels], lr=hp.lr_y, momentum=hp.y_momentum))
+        return opts
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and not bool(self.initialized):
+            if dm is None:
+                raise RuntimeError("DistillationModule is not initialised: call "
+                                   "module.initialize(datamodule) before fit, or fit with "
+                                   "datamodule=RealDataModule(...)")
+            self.initialize(dm)
+        if self.matching_window is not None:
+            self.check_window(self.matching_window.max_start_epoch)
+
+    def on_fit_start(self) -> None:
+        self.student.to(self.device)
+        self.generator  # noqa: B018  (create it now, per rank)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The CPU generator of every random draw of this rank (saved in checkpoints)."""
+        if self._generator is None:
+            rank = self.global_rank if self._trainer is not None else 0
+            gen = torch.Generator()
+            states = self._pending_generator_states
+            if states is not None and rank < states.shape[0]:
+                gen.set_state(states[rank].clone())
+            else:
+                if states is not None:
+                    warnings.warn("resuming with more ranks than the checkpoint had: the "
+                                  "extra ranks start fresh random streams", stacklevel=2)
+                gen.manual_seed(derive_seed(self.hparams.seed, 0x5EED, rank))
+            self._generator = gen
+        return self._generator
+
+    def on_train_epoch_start(self) -> None:
+        if int(self.iteration) >= self.hparams.iterations:
+            self.trainer.should_stop = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if int(self.iteration) >= self.hparams.iterations:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def current_labels(self) -> Tensor:
+        return self.labels
+
+    def class_ids(self) -> Tensor:
+        return self._class_ids
+
+    def _sample_trajectory(self, it: int) -> tuple[int, int]:
+        g = self.generator
+        expert = self._experts[int(torch.randint(len(self._experts), (1,), generator=g))]
+        if self.matching_window is not None:
+            start = self.matching_window.sample(it, g)
+        else:
+            start = int(torch.randint(0, self.hparams.max_start_epoch, (1,), generator=g))
+        return expert, start
+
+    def matching_loss(self, it: int) -> tuple[Tensor, dict[str, float]]:
+        """Sample a trajectory segment and return the matching loss (with its graph)."""
+        hp = self.hparams
+        expert, start_epoch = self._sample_trajectory(it)
+        dtype, device = self.images.dtype, self.images.device
+        start = self.store.snapshot(expert, start_epoch).to(device, dtype, non_blocking=True)
+        target = self.store.snapshot(expert, start_epoch + hp.expert_epochs).to(
+            device, dtype, non_blocking=True)
+        n = self.images.shape[0]
+        batches = sample_minibatches(n, hp.batch_syn or n, hp.syn_steps, self.generator,
+                                     device=device)
+        loss = trajectory_matching_loss(
+            self.student, start, target, self.images, self.current_labels(), self.syn_lr,
+            batches, augment=self.augment, mode=hp.mode, generator=self.generator)
+        return loss, {"expert": float(expert), "start_epoch": float(start_epoch)}
+
+    def _trainables(self) -> list[Tensor]:
+        return [p for p in (self.images, self.syn_lr, self.labels) if p.requires_grad]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        it = int(self.iteration)
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        for opt in opts:
+            opt.zero_grad(set_to_none=False)
+        loss, info = self.matching_loss(it)
+        value = float(loss.detach())
+        finite = math.isfinite(value)
+        accept = finite and (hp.threshold is None or value <= hp.threshold)
+        if accept:
+            self.manual_backward(loss)
+        else:  # every rank must take part in DDP's gradient all-reduce
+            self.manual_backward(sum(p.sum() * 0.0 for p in self._trainables()))
+        grads_finite = all(torch.isfinite(p.grad).all() for p in self._trainables())
+        contrib = torch.tensor(float(accept and grads_finite), device=self.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            contrib = self.trainer.strategy.reduce(contrib, reduce_op="sum")
+            grads_finite = all(torch.isfinite(p.grad).all() for p in self._trainables())
+        count = float(contrib)
+        stats = {"loss": value, "syn_lr": float(self.syn_lr.detach()), **info}
+        if count > 0 and grads_finite:
+            if world > 1 and count < world:
+                for p in self._trainables():
+                    p.grad.mul_(world / count)
+            stats["grad_norm/images"] = float(self.images.grad.norm())
+            stats["grad/syn_lr"] = float(self.syn_lr.grad)
+            if hp.learn_labels:
+                stats["grad_norm/labels"] = float(self.labels.grad.norm())
+            for opt in opts:
+                opt.step()
+            self._clamp_syn_lr()
+            self.nonfinite_streak.zero_()
+            self.last_step_taken = True
+        else:
+            self.skipped += 1
+            self.last_step_taken = False
+            if not (finite and grads_finite):
+                self.nonfinite_streak += 1
+                if int(self.nonfinite_streak) >= hp.max_nonfinite:
+                    raise RuntimeError(
+                        f"distillation stopped: {int(self.nonfinite_streak)} consecutive "
+                        f"iterations with a non-finite loss or gradient (iteration {it}, "
+                        f"syn_lr {float(self.syn_lr):.3g}); lower lr_img / lr_lr, or use a "
+                        "smaller syn_steps, and resume from the last checkpoint")
+        self.iteration += 1
+        stats.update(skipped=float(self.skipped), syn_lr_clamps=float(self.syn_lr_clamps))
+        if self.matching_window is not None:
+            stats["window/upper_bound"] = float(self.matching_window.last_upper_bound)
+        self._log_stats(stats, it)
+        return loss.detach()
+
+    @torch.no_grad()
+    def _clamp_syn_lr(self) -> None:
+        lo, hi = self.hparams.syn_lr_min, self.hparams.syn_lr_max
+        v = float(self.syn_lr)
+        if not lo <= v <= hi:
+            self.syn_lr.clamp_(lo, hi)
+            self.syn_lr_clamps += 1
+
+    def _log_stats(self, stats: dict[str, float], it: int) -> None:
+        self.log("loss", stats["loss"], prog_bar=True, logger=False, on_step=True)
+        self.log("syn_lr", stats["syn_lr"], prog_bar=True, logger=False, on_step=True)
+        if self._trainer is None or not self.trainer.is_global_zero or self.logger is None:
+            return
+        self.logger.log_metrics({f"distill/{k}": v for k, v in stats.items()}, step=it)
+
+    # --------------------------------------------------------- synthetic set export
+    def _meta(self) -> dict[str, Any]:
+        st = self.store
+        return {"dataset": st.dataset, "ipc": int(self.hparams.ipc),
+                "num_classes": self.num_classes, "channels": int(self.images.shape[1]),
+                "image_size": list(self.images.shape[2:]), "input_space": self.input_space,
+                "source_store": str(st.path), "iteration": int(self.iteration),
+                "model": dict(st.model)}
+
+    def synthetic_set(self):
+        """The current images, labels and syn_lr as a :class:`SyntheticSet` (CPU copies)."""
+        from ..data.synthetic import SyntheticSet
+
+        return SyntheticSet(images=self.images.detach().cpu().clone(),
+                            labels=self.labels.detach().cpu().clone(),
+                            lr=float(self.syn_lr.detach()), meta=self._meta())
+
+    def ema_synthetic_set(self):
+        """The SyntheticEMA average as a SyntheticSet, or None without the callback."""
+        ema = self.synthetic_ema
+        if ema is None or ema.initial is None:
+            return None
+        syn = self.synthetic_set()
+        syn.images = ema.average.detach().cpu().clone()
+        syn.meta["ema"] = {"decay": ema.decay, "bias_correction": ema.bias_correction}
+        return syn
+
+    def export(self, path: str | None = None) -> None:
+        """Write the SyntheticSet (and the EMA set) to ``path`` or ``export_path``."""
+        path = path or self.hparams.export_path
+        if path is None or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        self.synthetic_set().save(path, to_pixels=self.to_pixels)
+        ema = self.ema_synthetic_set()
+        if ema is not None:
+            stem = path[:-3] if path.endswith(".pt") else path
+            ema.save(stem + "_ema.pt", to_pixels=self.to_pixels)
+
+    def on_train_end(self) -> None:
+        self.export()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.generator.get_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            states = self.all_gather(state.to(self.device)).cpu()
+        else:
+            states = state.unsqueeze(0)
+        checkpoint["distill_generator_states"] = states
+        self.export()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_generator_states = checkpoint.get("distill_generator_states")
+        self._generator = None

@@ -1,0 +1,212 @@
+"""`lightning-distill distill`: distil a synthetic set from a trajectory store.
+
+Writes, under ``output``: ``synthetic.pt`` (+ ``synthetic.png``; ``synthetic_ema.pt``
+with EMA), ``checkpoints/last.ckpt`` every ``checkpoint_every_n_steps`` iterations
+(atomically) and TensorBoard logs in ``logs/``. Re-running the same command resumes
+from ``checkpoints/last.ckpt``; a finished run is not repeated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from ..callbacks.ema import SyntheticEMA
+from ..callbacks.images import SyntheticImageLogger
+from ..callbacks.matching_window import MatchingWindow
+from ..config import DataConfig, TrainerConfig, build_datamodule
+from ..modules.distill import DistillationModule
+from ._common import console, make_callbacks
+from .experts import dsa_flip_for
+
+
+@dataclass
+class DistillSettings:
+    """REFERENCE section 5 / 7 hyperparameters (DATM column names)."""
+
+    ipc: int = 10
+    iterations: int = 1000
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    batch_syn: int | None = None
+    lr_img: float = 100.0
+    lr_lr: float = 1e-5
+    lr_y: float = 2.0
+    lr_teacher: float = 0.01
+    image_init: str = "real"
+    label_init: str = "hard"
+    learn_labels: bool = False
+    label_experts: int = 10
+    threshold: float | None = None
+    mode: str = "full"
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    syn_lr_min: float = 1e-6
+    syn_lr_max: float = 10.0
+    max_nonfinite: int = 10
+
+
+@dataclass
+class WindowConfig:
+    """The start-epoch window T-, T, T+ and sequential generation (REFERENCE 5.1)."""
+
+    min_start_epoch: int = 0
+    current_max_start_epoch: int | None = None
+    max_start_epoch: int = 20
+    expansion_end: int | None = None
+    sequential: bool = False
+
+
+@dataclass
+class EMAConfig:
+    """FTD's EMA of the synthetic images (REFERENCE 5.3)."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    bias_correction: bool = False
+
+
+@dataclass
+class PeriodicEvalConfig:
+    """Validation-split evaluation during distillation (0 steps: off)."""
+
+    every_n_steps: int = 0
+    model: str = "ConvNet"
+    runs: int = 1
+    epochs: int = 300
+    batch_size: int = 256
+
+
+@dataclass
+class DistillConfig:
+    """Everything ``lightning-distill distill`` needs; the keys of ``ipc<N>.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    store: str = "outputs/digits/experts"
+    output: str = "outputs/digits/ipc10"
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    evaluation: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    checkpoint_every_n_steps: int = 100
+    image_every_n_steps: int = 100
+    resume: bool = True
+
+
+class IterationCheckpoint(Callback):
+    """Save ``dirpath/last.ckpt`` every ``every_n`` outer iterations and at the end.
+
+    The file is written under a temporary name and renamed, so a crash never leaves a
+    truncated ``last.ckpt``.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, every_n: int) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n = int(every_n)
+
+    @property
+    def last(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def save(self, trainer: pl.Trainer) -> None:
+        tmp = self.dirpath / ".last.ckpt.tmp"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("iteration_checkpoint")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.last)
+        trainer.strategy.barrier("iteration_checkpoint_done")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.every_n > 0 and int(pl_module.iteration) % self.every_n == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
+def build_module(cfg: DistillConfig) -> DistillationModule:
+    d = cfg.distill
+    return DistillationModule(
+        cfg.store, d.ipc, iterations=d.iterations, syn_steps=d.syn_steps,
+        expert_epochs=d.expert_epochs, max_start_epoch=cfg.window.max_start_epoch,
+        batch_syn=d.batch_syn, lr_img=d.lr_img, lr_lr=d.lr_lr, lr_y=d.lr_y,
+        lr_teacher=d.lr_teacher, image_init=d.image_init, label_init=d.label_init,
+        learn_labels=d.learn_labels, label_experts=d.label_experts, threshold=d.threshold,
+        mode=d.mode, dsa=d.dsa, dsa_strategy=d.dsa_strategy,
+        dsa_flip=dsa_flip_for(cfg.data.name), max_nonfinite=d.max_nonfinite,
+        syn_lr_min=d.syn_lr_min, syn_lr_max=d.syn_lr_max, seed=cfg.seed,
+        export_path=str(Path(cfg.output) / "synthetic.pt"),
+    )
+
+
+def build_callbacks(cfg: DistillConfig, dm) -> list[Callback]:
+    w = cfg.window
+    callbacks: list[Callback] = [
+        MatchingWindow(w.min_start_epoch, w.current_max_start_epoch, w.max_start_epoch,
+                       w.expansion_end, w.sequential),
+        SyntheticImageLogger(every_n_steps=cfg.image_every_n_steps),
+    ]
+    if cfg.ema.enabled:
+        callbacks.append(SyntheticEMA(cfg.ema.decay, cfg.ema.bias_correction))
+    ev = cfg.evaluation
+    if ev.every_n_steps > 0:
+        from ..callbacks.evaluation import PeriodicEvaluation
+
+        val_x, val_y = dm.val_set.tensors
+        callbacks.append(PeriodicEvaluation(
+            val_x, val_y, every_n_steps=ev.every_n_steps, model=ev.model, runs=ev.runs,
+            epochs=ev.epochs, batch_size=ev.batch_size, seed=cfg.seed,
+            best_path=str(Path(cfg.output) / "best.pt")))
+    callbacks.append(IterationCheckpoint(Path(cfg.output) / "checkpoints",
+                                         cfg.checkpoint_every_n_steps))
+    return callbacks
+
+
+def is_finished(cfg: DistillConfig) -> bool:
+    """True if ``output/synthetic.pt`` exists and holds all iterations."""
+    path = Path(cfg.output) / "synthetic.pt"
+    if not path.exists():
+        return False
+    from ..data.synthetic import SyntheticSet
+
+    return int(SyntheticSet.load(path).meta.get("iteration", -1)) >= cfg.distill.iterations
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Run (or resume) the distillation of ``cfg``; returns the synthetic set's path."""
+    out = Path(cfg.output)
+    if cfg.resume and is_finished(cfg):
+        console.print(f"[green]{out / 'synthetic.pt'} is complete; skipping distillation[/]")
+        return out / "synthetic.pt"
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
+    module = build_module(cfg)
+    callbacks = build_callbacks(cfg, dm)
+    ckpt = Path(cfg.output) / "checkpoints" / "last.ckpt"
+    ckpt_path = str(ckpt) if (cfg.resume and ckpt.exists()) else None
+    if ckpt_path is None:
+        module.initialize(dm)
+    else:
+        module.to_pixels = dm.from_input_space
+        console.print(f"Resuming from {ckpt_path}")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=make_callbacks(cfg.trainer, callbacks),
+        logger=TensorBoardLogger(str(out), name="logs", version="", default_hp_metric=False),
+        enable_checkpointing=False,
+        **cfg.trainer.kwargs(),
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return out / "synthetic.pt"

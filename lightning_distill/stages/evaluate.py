@@ -1,0 +1,135 @@
+"""`lightning-distill evaluate`: the evaluation protocol of REFERENCE section 6.
+
+Trains ``runs`` fresh networks of every architecture in ``models`` on each synthetic
+set and tests them on the real test set, in the input space the set was distilled in
+(normalisation or ZCA). Baselines under the same protocol:
+
+- ``random``: a random real subset with the same ipc (lr ``random_lr``);
+- ``full``: the whole training split (``full_epochs`` epochs, lr ``full_lr``, batch
+  ``full_batch_size``), the lossless reference.
+
+Prints a table (mean +- std, population std as in the papers) and writes it to
+``output`` (JSON, atomically).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from rich.table import Table
+
+from ..config import DataConfig, build_datamodule, derive_seed
+from ..data.synthetic import SyntheticSet
+from ..io import atomic_write_json
+from ..modules.evaluate import evaluate_synthetic
+from ._common import console
+from .experts import dsa_flip_for
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything ``lightning-distill evaluate`` needs; the keys of ``evaluate.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["ConvNet"])
+    runs: int = 5
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float | None = None
+    dsa: bool = True
+    baselines: list[str] = field(default_factory=list)
+    random_lr: float = 0.01
+    full_epochs: int = 50
+    full_lr: float = 0.01
+    full_batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    output: str | None = None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[str, Any]:
+    return {"label": label, "kind": kind, "ipc": ipc, "results": res}
+
+
+def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """Evaluate the synthetic sets and baselines of ``cfg``; returns the table rows."""
+    unknown = set(cfg.baselines) - {"random", "full"}
+    if unknown:
+        raise ValueError(f"baselines: unknown {sorted(unknown)}; use 'random' and/or 'full'")
+    if not cfg.synthetic and not cfg.baselines:
+        raise ValueError("nothing to evaluate: give --synthetic FILE and/or --baselines")
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg.data)
+    dm.setup("test")
+    test_x, test_y = dm.test_set.tensors
+    device = _device(cfg.device)
+    common = dict(models=cfg.models, runs=cfg.runs, seed=cfg.seed, dsa=cfg.dsa,
+                  dsa_flip=dsa_flip_for(cfg.data.name), device=device)
+    rows: list[dict[str, Any]] = []
+    sets = []
+    for path in cfg.synthetic:
+        syn = SyntheticSet.load(path)
+        syn.check_compatible(channels=dm.channels, image_size=dm.image_size,
+                             num_classes=dm.num_classes, input_space=dm.input_space)
+        sets.append((path, syn))
+    if "random" in cfg.baselines:
+        train_x, train_y = dm.train_set.tensors
+        ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]
+        for ipc in ipcs:
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, ipc))
+            real = SyntheticSet.from_real(
+                train_x, train_y, ipc, dm.num_classes, generator=g, lr=cfg.random_lr,
+                meta={"dataset": cfg.data.name, "input_space": dm.input_space})
+            console.print(f"evaluating random real ipc {ipc} ...")
+            res = evaluate_synthetic(real, test_x, test_y, epochs=cfg.epochs,
+                                     batch_size=cfg.batch_size, lr=cfg.random_lr, **common)
+            rows.append(_row(f"random real, ipc {ipc}", "random", ipc, res))
+    for path, syn in sets:
+        console.print(f"evaluating {path} (ipc {syn.ipc}, lr {syn.lr:.4g}) ...")
+        res = evaluate_synthetic(syn, test_x, test_y, epochs=cfg.epochs,
+                                 batch_size=cfg.batch_size, lr=cfg.lr, **common)
+        rows.append(_row(f"distilled, ipc {syn.ipc} ({path})", "distilled", syn.ipc, res))
+    if "full" in cfg.baselines:
+        train_x, train_y = dm.train_set.tensors
+        full = SyntheticSet(images=train_x, labels=train_y, lr=cfg.full_lr,
+                            meta={"dataset": cfg.data.name, "input_space": dm.input_space,
+                                  "num_classes": dm.num_classes})
+        console.print(f"evaluating the full training set ({train_x.shape[0]} images) ...")
+        res = evaluate_synthetic(full, test_x, test_y, epochs=cfg.full_epochs,
+                                 batch_size=cfg.full_batch_size, lr=cfg.full_lr, **common)
+        rows.append(_row("full training set", "full", None, res))
+    print_table(rows, cfg.models, title=f"{cfg.data.name}: test accuracy (%), "
+                f"mean +- std over {cfg.runs} networks")
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg.output, {"config": asdict(cfg), "rows": rows})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], models: list[str], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("training set")
+    for m in models:
+        table.add_column(m, justify="right")
+    for row in rows:
+        cells = [f"{100 * r['mean']:.1f} +- {100 * r['std']:.1f}"
+                 for r in (row["results"][m] for m in models)]
+        table.add_row(row["label"], *cells)
+    console.print(table)
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a results file written by :func:`evaluate`."""
+    return json.loads(Path(path).read_text())["rows"]
