@@ -1,0 +1,20 @@
+"""Lightning callbacks, one a file (Lightning's own convention)."""
+
+from .ema import SyntheticEMA
+from .evaluation import PeriodicEvaluation
+from .images import SyntheticImageLogger
+from .matching_window import MatchingWindow
+from .sharpness import ASAM, GSAM, SAM, SharpnessAware
+from .trajectory import TrajectoryRecorder
+
+__all__ = [
+    "ASAM",
+    "GSAM",
+    "SAM",
+    "MatchingWindow",
+    "PeriodicEvaluation",
+    "SharpnessAware",
+    "SyntheticEMA",
+    "SyntheticImageLogger",
+    "TrajectoryRecorder",
+]

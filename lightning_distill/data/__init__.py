@@ -3,6 +3,7 @@
 from .augment import DSA, DSAParams
 from .datamodule import RealDataModule
 from .datasets import RealDataset, get_dataset, list_datasets, register_dataset
+from .synthetic import SyntheticSet
 from .zca import ZCA
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DSAParams",
     "RealDataModule",
     "RealDataset",
+    "SyntheticSet",
     "ZCA",
     "get_dataset",
     "list_datasets",

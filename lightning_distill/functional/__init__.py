@@ -1,0 +1,20 @@
+"""Pure-torch math of trajectory matching (no Lightning): losses, unrolled matching, window."""
+
+from .losses import classification_loss, soft_cross_entropy
+from .matching import (
+    MATCHING_MODES,
+    sample_minibatches,
+    sample_start_epoch,
+    trajectory_matching_loss,
+    window_upper_bound,
+)
+
+__all__ = [
+    "MATCHING_MODES",
+    "classification_loss",
+    "sample_minibatches",
+    "sample_start_epoch",
+    "soft_cross_entropy",
+    "trajectory_matching_loss",
+    "window_upper_bound",
+]

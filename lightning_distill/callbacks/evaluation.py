@@ -1,0 +1,302 @@
+"""PeriodicEvaluation: validate the synthetic set during distillation and keep the best.
+
+Every ``every_n_steps`` outer iterations (training batches) and at the end of training,
+the current synthetic set (``pl_module.synthetic_set()``) and, when an EMA is kept, the
+EMA set (``pl_module.ema_synthetic_set()``, FTD, REFERENCE 5.3) are evaluated with the
+protocol of REFERENCE section 6 (:func:`~lightning_distill.functional.train_and_evaluate`:
+``runs`` fresh ``model`` networks for ``epochs`` epochs) on a VALIDATION split of the
+training data. The best set by mean validation accuracy is kept (and saved to
+``best_path``). There is deliberately no test-data argument: the test set never chooses
+anything (the reference code selects by test accuracy, which inflates its numbers).
+
+Evaluation runs plain torch loops, never a Trainer: starting a Trainer inside a running
+Trainer is unsupported (PL #15967). Each evaluation uses the same run seeds
+(``seed + r``), so successive evaluations are paired comparisons (same initialisations,
+batch orders and augmentations), which makes the selection less noisy.
+
+Logged (to every logger of the Trainer, at step = iteration): ``val/acc_mean``,
+``val/acc_std``, ``val_ema/acc_mean``, ``val_ema/acc_std``, ``val/best_acc``; the same
+values are put in ``trainer.callback_metrics``.
+
+Example::
+
+    from lightning_distill.callbacks import PeriodicEvaluation, SyntheticEMA
+
+    val_x, val_y = dm.val_images, dm.val_labels          # input space, held out
+    evaluation = PeriodicEvaluation(val_x, val_y, every_n_steps=500, runs=3, epochs=300,
+                                    best_path="runs/cifar10_ipc10/best.pt")
+    trainer = pl.Trainer(max_steps=5000, callbacks=[SyntheticEMA(), evaluation])
+    trainer.fit(distill_module)
+    best = evaluation.best_synthetic_set     # selected by validation accuracy
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from ..data.synthetic import SyntheticSet
+from ..functional.evaluation import (
+    DEFAULT_DSA_STRATEGY,
+    make_dsa,
+    run_seeds,
+    seeded_model,
+    summarize,
+    train_and_evaluate,
+)
+
+__all__ = ["PeriodicEvaluation"]
+
+EvaluateFn = Callable[[SyntheticSet], Sequence[float]]
+
+
+class PeriodicEvaluation(Callback):
+    """Evaluate the synthetic set on a validation split every ``every_n_steps`` iterations.
+
+    Args:
+        val_images, val_labels: the validation split, already in the synthetic set's
+            input space (normalised / ZCA), with integer class ids.
+        every_n_steps: evaluate after every ``every_n_steps`` outer iterations
+            (``pl_module.iteration``, else training batches counted by the fit loop; both
+            keep counting across a resume); 0 turns periodic evaluation off.
+        at_train_end: also evaluate when training ends (unless that step was just done).
+        runs, model, model_kwargs, epochs, batch_size, lr, momentum, weight_decay,
+        lr_decay_epoch, dsa, dsa_strategy, dsa_flip, eval_batch_size: the protocol
+            (REFERENCE 6); ``lr=None`` uses the set's learned lr.
+        seed: run ``r`` of every evaluation uses seed ``seed + r``.
+        evaluate_ema: also evaluate ``pl_module.ema_synthetic_set()`` when it exists.
+        best_path: if given, the best set is saved there (atomically, with its PNG grid)
+            each time it improves, on global rank 0.
+        to_pixels: input space -> [0, 1] pixels for the PNG grid.
+        evaluate_fn: replaces the evaluation: ``f(synthetic) -> accuracies`` (tests,
+            custom protocols).
+    """
+
+    def __init__(
+        self,
+        val_images: Tensor,
+        val_labels: Tensor,
+        *,
+        every_n_steps: int = 500,
+        at_train_end: bool = True,
+        runs: int = 5,
+        model: str = "ConvNet",
+        model_kwargs: Mapping[str, Any] | None = None,
+        epochs: int = 1000,
+        batch_size: int = 256,
+        lr: float | None = None,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_decay_epoch: int | None = None,
+        dsa: bool = True,
+        dsa_strategy: str = DEFAULT_DSA_STRATEGY,
+        dsa_flip: bool | None = None,
+        eval_batch_size: int = 1024,
+        seed: int = 0,
+        evaluate_ema: bool = True,
+        best_path: str | os.PathLike | None = None,
+        to_pixels: Callable[[Tensor], Tensor] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> None:
+        if val_images.dim() != 4 or val_labels.dim() != 1:
+            raise ValueError(
+                "PeriodicEvaluation: val_images must be [N, C, H, W] and val_labels [N] class "
+                f"ids, got {tuple(val_images.shape)} and {tuple(val_labels.shape)}"
+            )
+        if val_images.shape[0] != val_labels.shape[0] or val_images.shape[0] == 0:
+            raise ValueError(
+                f"PeriodicEvaluation: {val_images.shape[0]} validation images but "
+                f"{val_labels.shape[0]} labels (need the same number, at least one)"
+            )
+        if every_n_steps < 0 or runs < 1:
+            raise ValueError(
+                f"PeriodicEvaluation: every_n_steps must be >= 0 and runs >= 1, got "
+                f"{every_n_steps} and {runs}"
+            )
+        self.val_images = val_images.detach()
+        self.val_labels = val_labels.detach().long()
+        self.every_n_steps = int(every_n_steps)
+        self.at_train_end = bool(at_train_end)
+        self.runs = int(runs)
+        self.model = model
+        self.model_kwargs = dict(model_kwargs or {})
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.lr_decay_epoch = lr_decay_epoch
+        self.dsa = dsa
+        self.dsa_strategy = dsa_strategy
+        self.dsa_flip = dsa_flip
+        self.eval_batch_size = int(eval_batch_size)
+        self.seed = int(seed)
+        self.evaluate_ema = bool(evaluate_ema)
+        self.best_path = Path(best_path) if best_path is not None else None
+        self.to_pixels = to_pixels
+        self.evaluate_fn = evaluate_fn
+        # state
+        self.best_accuracy: float | None = None
+        self.best_std: float | None = None
+        self.best_step: int | None = None
+        self.best_source: str | None = None
+        self.best_synthetic_set: SyntheticSet | None = None
+        self.last_eval_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, synthetic: SyntheticSet) -> list[float]:
+        """Validation accuracies of ``runs`` fresh networks trained on ``synthetic``.
+
+        The networks train on ``synthetic.images.device`` (during fit: the module's device).
+        """
+        if self.evaluate_fn is not None:
+            return [float(a) for a in self.evaluate_fn(synthetic)]
+        synthetic.check_compatible(
+            channels=self.val_images.shape[1], image_size=tuple(self.val_images.shape[2:]),
+            num_classes=synthetic.num_classes,
+        )
+        if int(self.val_labels.max()) >= synthetic.num_classes:
+            raise ValueError(
+                f"PeriodicEvaluation: validation labels reach class {int(self.val_labels.max())}"
+                f" but the synthetic set has {synthetic.num_classes} classes"
+            )
+        dev = synthetic.images.device
+        val_x, val_y = self.val_images.to(dev), self.val_labels.to(dev)
+        augment = make_dsa(
+            synthetic.meta.get("dataset"), self.dsa, self.dsa_strategy, self.dsa_flip
+        )
+        accs = []
+        for r in range(self.runs):
+            init_seed, shuffle_seed, dsa_seed = run_seeds(self.seed + r)
+            net = seeded_model(
+                self.model, synthetic.channels, synthetic.num_classes, synthetic.image_size,
+                seed=init_seed, **self.model_kwargs,
+            ).to(dev)
+            out = train_and_evaluate(
+                net, synthetic.images, synthetic.labels,
+                lr=synthetic.lr if self.lr is None else self.lr,
+                epochs=self.epochs, batch_size=self.batch_size, momentum=self.momentum,
+                weight_decay=self.weight_decay, lr_decay_epoch=self.lr_decay_epoch,
+                augment=augment,
+                generator=torch.Generator().manual_seed(shuffle_seed),
+                augment_generator=torch.Generator(device=dev).manual_seed(dsa_seed),
+                test_images=val_x, test_labels=val_y,
+                test_batch_size=self.eval_batch_size,
+            )
+            accs.append(out["accuracy"])
+        return accs
+
+    def _candidates(self, pl_module: pl.LightningModule) -> list[tuple[str, SyntheticSet]]:
+        if not hasattr(pl_module, "synthetic_set"):
+            raise TypeError(
+                f"PeriodicEvaluation needs a module with synthetic_set() (the "
+                f"DistillationModule); {type(pl_module).__name__} has none"
+            )
+        out = [("val", pl_module.synthetic_set())]
+        if self.evaluate_ema and hasattr(pl_module, "ema_synthetic_set"):
+            ema = pl_module.ema_synthetic_set()
+            if ema is not None:
+                out.append(("val_ema", ema))
+        return out
+
+    def run_evaluation(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> dict[str, float]:
+        """Evaluate the current (and EMA) set now, update the best set, log; return metrics."""
+        metrics: dict[str, float] = {}
+        improved = False
+        for prefix, syn in self._candidates(pl_module):
+            syn = syn.detach_clone().to(pl_module.device)  # train on the module's device
+            accs = self.evaluate(syn) if trainer.is_global_zero else None
+            accs = trainer.strategy.broadcast(accs, src=0)
+            mean, std = summarize(accs)
+            metrics[f"{prefix}/acc_mean"] = mean
+            metrics[f"{prefix}/acc_std"] = std
+            self.history.append(
+                {"step": int(step), "source": prefix, "accs": [float(a) for a in accs],
+                 "mean": mean, "std": std}
+            )
+            if self.best_accuracy is None or mean > self.best_accuracy:
+                improved = True
+                self.best_accuracy, self.best_std = mean, std
+                self.best_step, self.best_source = int(step), prefix
+                best = syn.to("cpu")
+                best.meta.pop("path", None)
+                best.meta.update(
+                    {"iteration": int(step), "selected_by": "validation accuracy",
+                     "selected_from": "ema" if prefix == "val_ema" else "current",
+                     "val_acc_mean": mean, "val_acc_std": std}
+                )
+                self.best_synthetic_set = best
+        assert self.best_accuracy is not None
+        metrics["val/best_acc"] = self.best_accuracy
+        self.last_eval_step = int(step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=int(step))
+        for k, v in metrics.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+        if improved and self.best_path is not None and trainer.is_global_zero:
+            assert self.best_synthetic_set is not None
+            self.best_synthetic_set.save(self.best_path, to_pixels=self.to_pixels)
+        return metrics
+
+    # ------------------------------------------------------------------ hooks
+    @staticmethod
+    def _iteration(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """Outer iterations completed: ``pl_module.iteration`` when the module keeps one
+        (DistillationModule does, in its checkpointed state), else the fit loop's count of
+        training batches (which also survives a resume from a Lightning checkpoint).
+
+        ``trainer.global_step`` is not used: under manual optimisation it counts optimizer
+        steps (one per optimizer per iteration, none when an iteration is skipped).
+        """
+        it = getattr(pl_module, "iteration", None)
+        if it is not None:
+            return int(it)
+        return int(trainer.fit_loop.epoch_loop.total_batch_idx) + 1
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = self._iteration(trainer, pl_module)
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_eval_step:
+            self.run_evaluation(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._iteration(trainer, pl_module)
+        if self.at_train_end and step > 0 and step != self.last_eval_step:
+            self.run_evaluation(trainer, pl_module, step)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best_synthetic_set
+        return {
+            "best_accuracy": self.best_accuracy,
+            "best_std": self.best_std,
+            "best_step": self.best_step,
+            "best_source": self.best_source,
+            "best_set": None if best is None else best.to_dict(),
+            "last_eval_step": self.last_eval_step,
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_accuracy = state_dict.get("best_accuracy")
+        self.best_std = state_dict.get("best_std")
+        self.best_step = state_dict.get("best_step")
+        self.best_source = state_dict.get("best_source")
+        payload = state_dict.get("best_set")
+        self.best_synthetic_set = None if payload is None else SyntheticSet(
+            payload["images"], payload["labels"], payload["lr"], dict(payload.get("meta") or {})
+        )
+        self.last_eval_step = state_dict.get("last_eval_step")
+        self.history = [dict(h) for h in state_dict.get("history", [])]

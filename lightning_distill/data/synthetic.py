@@ -1,0 +1,464 @@
+"""SyntheticSet: a distilled data set on disk (ARCHITECTURE.md, "File formats").
+
+A synthetic set is the product of distillation and the input of evaluation:
+
+- ``images`` [N, C, H, W] float, in the model's INPUT space (normalised, or ZCA
+  whitened: REFERENCE section 2), so a network trains on them as they are;
+- ``labels``: [N] int64 class ids (hard), or [N, K] float logits (DATM soft labels,
+  REFERENCE 5.2; the training target is ``softmax(labels)``);
+- ``lr``: the learned step size alpha (syn_lr), the evaluation learning rate
+  (REFERENCE section 6);
+- ``meta``: plain metadata: ``dataset``, ``ipc``, ``num_classes``, ``channels``,
+  ``image_size``, ``input_space`` (a dict naming the normalisation, e.g.
+  ``{"dataset": "cifar10", "normalization": "zca", "zca_fingerprint": "..."}`` or
+  ``{"normalization": "meanstd", "mean": [...], "std": [...]}``), ``source_store``,
+  ``iteration``, ``created``, ...
+
+File format (``format_version`` 1): ONE ``.pt`` file holding a plain dict
+``{"format_version": 1, "kind": "lightning_distill.SyntheticSet", "images": Tensor,
+"labels": Tensor, "lr": float, "meta": dict}`` (tensors and plain containers only, so
+``torch.load(path, weights_only=True)`` reads it), written atomically, plus a PNG grid
+next to it (same stem, ``.png``): one row per class, pixels from ``to_pixels`` (e.g.
+de-normalisation or inverse ZCA) or a per-image min-max scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..io import atomic_open, atomic_save
+
+__all__ = ["FORMAT_VERSION", "SyntheticSet", "input_spaces_match"]
+
+#: version written by :meth:`SyntheticSet.save`; :meth:`SyntheticSet.load` reads <= this
+FORMAT_VERSION = 1
+_KIND = "lightning_distill.SyntheticSet"
+_REQUIRED = ("images", "labels", "lr")
+#: input-space keys that must agree when both sides define them
+_SPACE_KEYS = ("normalization", "zca_fingerprint", "zca_regularization", "mean", "std")
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Convert metadata to tensors / plain containers (loadable with weights_only=True)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"SyntheticSet meta{where}: key {k!r} must be a str or int")
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(
+        f"SyntheticSet meta{where}: {type(value).__name__} cannot be stored in a weights_only "
+        "file; use numbers, strings, lists, dicts or tensors"
+    )
+
+
+def _as_floats(v: Any) -> list[float] | None:
+    try:
+        return [float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        return None
+
+
+def input_spaces_match(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """True unless ``a`` and ``b`` disagree on a key both define.
+
+    Compared keys: ``normalization``, ``zca_fingerprint``, ``zca_regularization``
+    (exactly), ``mean`` and ``std`` (numerically, rtol 1e-5). Missing dicts or keys are
+    not a mismatch (there is nothing to compare).
+    """
+    if not a or not b:
+        return True
+    for key in _SPACE_KEYS:
+        if key not in a or key not in b or a[key] is None or b[key] is None:
+            continue
+        if key in ("mean", "std"):
+            x, y = _as_floats(a[key]), _as_floats(b[key])
+            if x is None or y is None or len(x) != len(y):
+                if a[key] != b[key]:
+                    return False
+            elif not np.allclose(x, y, rtol=1e-5, atol=1e-8):
+                return False
+        elif a[key] != b[key]:
+            return False
+    return True
+
+
+def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    hw = tuple(int(s) for s in image_size)
+    if len(hw) != 2:
+        raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
+    return hw  # type: ignore[return-value]
+
+
+@dataclass
+class SyntheticSet:
+    """A distilled (or baseline) training set: images, labels, learned lr and metadata.
+
+    Args:
+        images: [N, C, H, W] floating tensor in the model's input space.
+        labels: [N] int64 class ids, or [N, K] floating logits (soft labels).
+        lr: evaluation learning rate (the learned syn_lr alpha; REFERENCE 5 and 6).
+        meta: plain metadata (see the module docstring).
+    """
+
+    images: Tensor
+    labels: Tensor
+    lr: float = 0.01
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, Tensor) or self.images.dim() != 4:
+            shape = tuple(self.images.shape) if isinstance(self.images, Tensor) else None
+            raise ValueError(f"SyntheticSet images must be a [N, C, H, W] tensor, got {shape}")
+        if not self.images.is_floating_point():
+            raise ValueError(
+                f"SyntheticSet images must be floating point (input space), got {self.images.dtype}"
+            )
+        if not isinstance(self.labels, Tensor):
+            raise ValueError(f"SyntheticSet labels must be a tensor, got {type(self.labels)}")
+        if self.labels.is_floating_point():
+            if self.labels.dim() != 2:
+                raise ValueError(
+                    "SyntheticSet soft labels must be [N, K] logits, got shape "
+                    f"{tuple(self.labels.shape)}"
+                )
+        else:
+            if self.labels.dim() != 1:
+                raise ValueError(
+                    "SyntheticSet hard labels must be [N] class ids, got shape "
+                    f"{tuple(self.labels.shape)}"
+                )
+            self.labels = self.labels.long()
+        if self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(
+                f"SyntheticSet has {self.images.shape[0]} images but {self.labels.shape[0]} "
+                "labels; give one label per image"
+            )
+        self.lr = float(self.lr.item() if isinstance(self.lr, Tensor) else self.lr)
+        self.meta = dict(self.meta or {})
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def soft(self) -> bool:
+        """True for soft labels ([N, K] logits)."""
+        return self.labels.is_floating_point()
+
+    @property
+    def class_ids(self) -> Tensor:
+        """[N] int64 class of each image: the labels, or ``labels.argmax(1)`` when soft."""
+        return self.labels.argmax(1) if self.soft else self.labels
+
+    @property
+    def num_classes(self) -> int:
+        """``meta["num_classes"]``, else K for soft labels, else max class id + 1."""
+        if self.meta.get("num_classes") is not None:
+            return int(self.meta["num_classes"])
+        if self.soft:
+            return int(self.labels.shape[1])
+        return int(self.labels.max().item()) + 1 if len(self) else 0
+
+    @property
+    def ipc(self) -> int:
+        """Images per class: ``meta["ipc"]``, else N // num_classes."""
+        if self.meta.get("ipc") is not None:
+            return int(self.meta["ipc"])
+        k = self.num_classes
+        return len(self) // k if k else 0
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W)."""
+        return (int(self.images.shape[2]), int(self.images.shape[3]))
+
+    @property
+    def input_space(self) -> dict[str, Any] | None:
+        return self.meta.get("input_space")
+
+    # ------------------------------------------------------------------ helpers
+    def to(self, device: torch.device | str) -> SyntheticSet:
+        """A copy with images and labels on ``device`` (meta shared by value)."""
+        return dataclasses.replace(
+            self, images=self.images.to(device), labels=self.labels.to(device),
+            meta=dict(self.meta),
+        )
+
+    def detach_clone(self) -> SyntheticSet:
+        """An independent copy (detached tensors; meta copied)."""
+        return dataclasses.replace(
+            self, images=self.images.detach().clone(), labels=self.labels.detach().clone(),
+            meta=_plain(self.meta, ""),
+        )
+
+    def check_compatible(
+        self,
+        *,
+        channels: int,
+        image_size: int | Sequence[int],
+        num_classes: int,
+        input_space: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Raise ``ValueError`` if this set cannot be used with the given data set.
+
+        Checks channels, image size (H, W), number of classes, and (when both sides
+        describe it) the input space: normalisation kind, mean/std, ZCA fingerprint.
+        """
+        name = self.meta.get("path") or "synthetic set"
+        if self.channels != int(channels):
+            raise ValueError(
+                f"{name}: channels mismatch: the synthetic images have {self.channels} "
+                f"channels, the data set has {int(channels)}; evaluate it on the data set "
+                "it was distilled from (meta dataset="
+                f"{self.meta.get('dataset')!r})"
+            )
+        hw = _hw(image_size)
+        if self.image_size != hw:
+            raise ValueError(
+                f"{name}: image size mismatch: the synthetic images are {self.image_size}, "
+                f"the data set's are {hw}; evaluate it on the data set it was distilled from "
+                f"(meta dataset={self.meta.get('dataset')!r}) at the same resolution"
+            )
+        k = self.num_classes
+        if k != int(num_classes) or (self.soft and self.labels.shape[1] != int(num_classes)):
+            got = self.labels.shape[1] if self.soft else k
+            raise ValueError(
+                f"{name}: classes mismatch: the synthetic set has {got} classes, the data "
+                f"set has {int(num_classes)}; evaluate it on the data set it was distilled "
+                f"from (meta dataset={self.meta.get('dataset')!r})"
+            )
+        if not input_spaces_match(self.input_space, input_space):
+            raise ValueError(
+                f"{name}: input space mismatch: the synthetic images live in "
+                f"{self.input_space}, the test data in {dict(input_space or {})}; transform "
+                "the test data the same way as the distillation data (same normalisation, "
+                "or the same fitted ZCA)"
+            )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_real(
+        cls,
+        images: Tensor,
+        labels: Tensor,
+        ipc: int,
+        num_classes: int,
+        generator: torch.Generator | None = None,
+        lr: float = 0.01,
+        meta: Mapping[str, Any] | None = None,
+    ) -> SyntheticSet:
+        """The "random real" baseline: ``ipc`` distinct random real images per class.
+
+        Images are ordered class by class (class 0 first); within a class the order is
+        the random draw (``torch.randperm`` with ``generator``, on the CPU).
+        """
+        if ipc < 1:
+            raise ValueError(f"from_real: ipc must be >= 1, got {ipc}")
+        labels = labels.long().reshape(-1)
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"from_real: {images.shape[0]} images but {labels.shape[0]} labels"
+            )
+        lab_cpu = labels.cpu()
+        chosen = []
+        for c in range(int(num_classes)):
+            idx = torch.nonzero(lab_cpu == c, as_tuple=False).reshape(-1)
+            if idx.numel() < ipc:
+                raise ValueError(
+                    f"from_real: class {c} has only {idx.numel()} images, fewer than ipc={ipc}; "
+                    "lower ipc or use a larger training split"
+                )
+            perm = torch.randperm(idx.numel(), generator=generator)
+            chosen.append(idx[perm[:ipc]])
+        sel = torch.cat(chosen).to(images.device)
+        m = {
+            "ipc": int(ipc),
+            "num_classes": int(num_classes),
+            "channels": int(images.shape[1]),
+            "image_size": [int(images.shape[2]), int(images.shape[3])],
+            "source": "random_real",
+        }
+        m.update(dict(meta or {}))
+        m["ipc"], m["num_classes"] = int(ipc), int(num_classes)
+        return cls(images[sel].detach().clone(), labels.to(images.device)[sel].clone(), lr, m)
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        """The plain payload written by :meth:`save`."""
+        meta = _plain(self.meta, "")
+        meta.pop("path", None)
+        meta.setdefault("num_classes", self.num_classes)
+        meta.setdefault("ipc", self.ipc)
+        meta.setdefault("channels", self.channels)
+        meta.setdefault("image_size", list(self.image_size))
+        meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": _KIND,
+            "images": self.images.detach().cpu().contiguous().clone(),
+            "labels": self.labels.detach().cpu().contiguous().clone(),
+            "lr": float(self.lr),
+            "meta": meta,
+        }
+
+    def save(
+        self,
+        path: str | os.PathLike,
+        to_pixels: Callable[[Tensor], Tensor] | None = None,
+        grid: bool = True,
+    ) -> Path:
+        """Write the ``.pt`` file atomically and (``grid``) a PNG grid with the same stem.
+
+        ``to_pixels`` maps input-space images to [0, 1] pixels (de-normalise, inverse
+        ZCA); without it each image is min-max scaled on its own. Returns the .pt path.
+        """
+        target = Path(path)
+        if target.suffix == "":
+            target = target.with_suffix(".pt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.to_dict(), target)
+        if grid:
+            self.save_grid(target.with_suffix(".png"), to_pixels=to_pixels)
+        return target
+
+    def grid_tensor(
+        self, to_pixels: Callable[[Tensor], Tensor] | None = None, padding: int = 2
+    ) -> Tensor:
+        """[3, H', W'] image grid in [0, 1]: one row per class, images in set order."""
+        from torchvision.utils import make_grid
+
+        with torch.no_grad():
+            x = self.images.detach().float().cpu()
+            if to_pixels is not None:
+                x = to_pixels(x).detach().float().cpu().clamp(0.0, 1.0)
+            else:
+                flat = x.reshape(x.shape[0], -1)
+                lo = flat.min(1).values.reshape(-1, 1, 1, 1)
+                hi = flat.max(1).values.reshape(-1, 1, 1, 1)
+                x = (x - lo) / (hi - lo).clamp_min(1e-12)
+            if x.shape[1] not in (1, 3):
+                x = x[:, :1]
+            cls_ids = self.class_ids.cpu()
+            k = max(self.num_classes, int(cls_ids.max().item()) + 1 if len(self) else 1)
+            rows = [torch.nonzero(cls_ids == c).reshape(-1) for c in range(k)]
+            ncol = max(1, max(int(r.numel()) for r in rows))
+            blank = torch.zeros_like(x[:1])
+            tiles = []
+            for r in rows:
+                tiles.extend(x[i : i + 1] for i in r.tolist())
+                tiles.extend(blank for _ in range(ncol - r.numel()))
+            return make_grid(torch.cat(tiles), nrow=ncol, padding=padding)
+
+    def save_grid(
+        self, path: str | os.PathLike, to_pixels: Callable[[Tensor], Tensor] | None = None
+    ) -> Path:
+        """Write :meth:`grid_tensor` as a PNG, atomically."""
+        from torchvision.utils import save_image
+
+        target = Path(path)
+        g = self.grid_tensor(to_pixels)
+        with atomic_open(target, "wb") as f:
+            save_image(g, f, format="png")
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> SyntheticSet:
+        """Read a file written by :meth:`save` (``weights_only=True``), with clear errors."""
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"synthetic set file {p} does not exist; run distillation first or pass the "
+                "path of a .pt file written by SyntheticSet.save"
+            )
+        if p.is_dir():
+            raise IsADirectoryError(
+                f"synthetic set path {p} is a directory; pass the .pt file inside it"
+            )
+        try:
+            payload = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any read failure becomes one clear error
+            raise ValueError(
+                f"cannot read synthetic set file {p}: {type(e).__name__}: {str(e)[:300]}. "
+                "The file is corrupt, truncated or not a torch file; re-create it "
+                "(distill again) or point to the right file"
+            ) from e
+        if not isinstance(payload, dict) or payload.get("kind", _KIND) != _KIND or (
+            "format_version" not in payload
+        ):
+            raise ValueError(
+                f"{p} is not a lightning_distill synthetic set (expected a dict with "
+                f"'format_version' and kind {_KIND!r}, got "
+                f"{type(payload).__name__}{' with keys ' + str(sorted(map(str, payload))) if isinstance(payload, dict) else ''}); "  # noqa: E501
+                "write synthetic sets with SyntheticSet.save"
+            )
+        version = payload["format_version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{p}: synthetic set format_version {version!r} is newer than this library "
+                f"reads ({FORMAT_VERSION}); upgrade lightning_distill"
+            )
+        missing = [k for k in _REQUIRED if k not in payload]
+        if missing:
+            raise ValueError(
+                f"{p}: synthetic set file is missing key(s) {missing}; re-create it with "
+                "SyntheticSet.save"
+            )
+        images, labels = payload["images"], payload["labels"]
+        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+            raise ValueError(f"{p}: 'images' and 'labels' must be tensors")
+        if labels.shape[:1] != images.shape[:1]:
+            raise ValueError(
+                f"{p}: label count mismatch: {images.shape[0] if images.dim() else '?'} images "
+                f"but {labels.shape[0] if labels.dim() else '?'} labels; the file is damaged, "
+                "re-create it"
+            )
+        lr = payload["lr"]
+        if isinstance(lr, Tensor):
+            lr = float(lr.item())
+        if not isinstance(lr, (int, float)) or not math.isfinite(float(lr)):
+            raise ValueError(f"{p}: lr must be a finite number, got {lr!r}")
+        meta = dict(payload.get("meta") or {})
+        try:
+            out = cls(images, labels, float(lr), meta)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from e
+        out.meta["path"] = str(p)
+        return out
+
+    def __repr__(self) -> str:
+        kind = f"soft[{self.labels.shape[1]}]" if self.soft else "hard"
+        return (
+            f"SyntheticSet(n={len(self)}, images={tuple(self.images.shape)}, labels={kind}, "
+            f"lr={self.lr:.6g}, dataset={self.meta.get('dataset')!r}, ipc={self.ipc})"
+        )

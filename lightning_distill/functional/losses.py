@@ -1,0 +1,49 @@
+"""Classification losses used in the inner loop and in evaluation.
+
+Hard labels (class ids) use the ordinary cross-entropy; DATM's learnable soft labels
+(logits) use the soft cross-entropy of REFERENCE section 5.2.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["classification_loss", "soft_cross_entropy"]
+
+
+def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """SoftCE(out, Y) = mean_b sum_k -log_softmax(out)_bk * softmax(Y)_bk (REFERENCE 5.2).
+
+    ``target_logits`` are raw logits (DATM stores learnable labels as logits); the
+    gradient flows into both arguments.
+    """
+    if logits.shape != target_logits.shape or logits.dim() != 2:
+        raise ValueError(
+            f"soft_cross_entropy: logits {tuple(logits.shape)} and target_logits "
+            f"{tuple(target_logits.shape)} must both be [B, K] with the same shape"
+        )
+    log_p = F.log_softmax(logits, dim=1)
+    q = F.softmax(target_logits.to(log_p.dtype), dim=1)
+    return -(q * log_p).sum(dim=1).mean()
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy dispatched on the labels.
+
+    Integer labels [B] -> ``F.cross_entropy`` (mean over the batch); floating labels
+    [B, K] -> :func:`soft_cross_entropy` with ``softmax(labels)`` as targets.
+    """
+    if not labels.is_floating_point():
+        if labels.dim() != 1:
+            raise ValueError(
+                f"classification_loss: hard labels must be [B] class ids, got shape "
+                f"{tuple(labels.shape)}"
+            )
+        return F.cross_entropy(logits, labels.long())
+    if labels.dim() != 2:
+        raise ValueError(
+            f"classification_loss: floating labels must be [B, K] logits, got shape "
+            f"{tuple(labels.shape)}; pass class ids as an integer tensor"
+        )
+    return soft_cross_entropy(logits, labels)

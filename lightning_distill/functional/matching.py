@@ -1,0 +1,501 @@
+"""Trajectory matching: the unrolled student and its normalised matching loss.
+
+One outer iteration of MTT / FTD / DATM (REFERENCE section 5): starting from an expert
+snapshot theta_0 = ``start``, the student takes N = ``len(batches)`` SGD steps on the
+synthetic set,
+
+    theta_{i+1} = theta_i - syn_lr * grad_theta loss(f(aug(X[idx_i]); theta_i), Y[idx_i]),
+
+and the loss is ||theta_N - target||^2 / ||start - target||^2. Its gradient w.r.t. the
+pixels X, the (soft) labels Y and the step size syn_lr is computed in one of three ways:
+
+- ``"full"``: the reference semantics; every step's graph is kept (create_graph), so
+  activation memory grows with N.
+- ``"recompute"``: the same exact gradient with activation memory independent of N. The
+  forward keeps only theta_0..theta_{N-1} (N x P floats) and the augmentation
+  parameters; the backward walks the steps in reverse, recomputes step i with a graph
+  and carries the adjoint lambda_i = dL/dtheta_i (REFERENCE 5.4, last paragraph):
+
+      lambda_N   = 2 (theta_N - target) / D
+      lambda_i   = lambda_{i+1} - syn_lr * (d g_i / d theta_i)^T lambda_{i+1}
+      dL/dX_i   += -syn_lr * (d g_i / d X_i)^T lambda_{i+1}      (same for Y_i)
+      dL/dsyn_lr += -<lambda_{i+1}, g_i>
+
+- ``"tesla"``: TESLA's constant-memory approximation (Cui et al., ICML 2023; REFERENCE
+  5.4). theta_N = theta_0 - syn_lr G with G = sum_i g_i, so dL/dg_i = c for every i with
+  c = -(2 syn_lr / D)(theta_N - target); pass 2 backpropagates c . g_i into each step's
+  pixels and labels. This DROPS the cross-step terms (later g_j depend on earlier pixels
+  through theta): it is APPROXIMATE (cosine with the exact gradient ~0.9997 at
+  syn_lr = 0.01, degrading at large syn_lr). The syn_lr gradient is TESLA's
+  (2/D)<theta_N - target, -G>: exact for L(syn_lr) = ||theta_0 - syn_lr G - target||^2 / D
+  with G held fixed, i.e. it too ignores how G depends on syn_lr through theta_i.
+  (REFERENCE 5.4 writes the pass-2 vector as (2/D)(syn_lr^2 G - syn_lr (target - theta_0));
+  differentiating the loss gives (2/D)(syn_lr^2 G - syn_lr (theta_0 - target)), used here.)
+
+The window rule of DATM (REFERENCE 5.1) and the synthetic minibatch sampler (REFERENCE 5
+step 2) live here too, as pure functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
+
+from lightning_distill.functional.losses import classification_loss
+from lightning_distill.models.params import ParamSpec, has_running_stats
+
+__all__ = [
+    "MATCHING_MODES",
+    "sample_minibatches",
+    "sample_start_epoch",
+    "trajectory_matching_loss",
+    "window_upper_bound",
+]
+
+MATCHING_MODES = ("full", "recompute", "tesla")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Augmenter:
+    """Applies the per-step augmentation and remembers how to replay it.
+
+    A DSA-like object (``sample(x, generator)`` + ``apply(x, params)``) is sampled once per
+    step in the first pass; later passes replay the stored parameters. Any other callable
+    is applied as ``augment(x)`` and assumed deterministic.
+    """
+
+    def __init__(self, augment: Any, generator: torch.Generator | None) -> None:
+        self.augment = augment
+        self.generator = generator
+        self.replayable = (
+            augment is not None
+            and callable(getattr(augment, "sample", None))
+            and callable(getattr(augment, "apply", None))
+        )
+        self.params: list[Any] = []
+
+    def sample_apply(self, x: Tensor) -> Tensor:
+        if self.augment is None:
+            return x
+        if self.replayable:
+            p = self.augment.sample(x, self.generator)
+            self.params.append(p)
+            return self.augment.apply(x, p)
+        return self.augment(x)
+
+    def replay(self, x: Tensor, step: int) -> Tensor:
+        if self.augment is None:
+            return x
+        if self.replayable:
+            return self.augment.apply(x, self.params[step])
+        return self.augment(x)
+
+
+@dataclass
+class _Problem:
+    """Everything an unroll needs besides the differentiable inputs (images, labels, syn_lr)."""
+
+    model: nn.Module
+    spec: ParamSpec
+    loss_fn: LossFn
+    batches: list[Tensor]
+    start: Tensor
+    target: Tensor
+    denom: float
+    aug: _Augmenter
+
+    def inner_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(self.model, self.spec.unflatten(theta), (x,))
+        return self.loss_fn(out, y)
+
+    def grad_no_graph(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """g = grad_theta loss, no graph kept (pixels and labels treated as constants)."""
+        with torch.enable_grad():
+            th = theta.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.inner_loss(th, x, y), th)
+        return g
+
+    def forward_unroll(self, images: Tensor, labels: Tensor, lr: Tensor, traj: Tensor | None):
+        """Graph-free unroll: returns (theta_N, G = sum g_i); fills ``traj[i] = theta_i``."""
+        theta = self.start.clone()
+        gsum = torch.zeros_like(theta)
+        for i, idx in enumerate(self.batches):
+            if traj is not None:
+                traj[i].copy_(theta)
+            x = self.aug.sample_apply(images[idx])
+            g = self.grad_no_graph(theta, x, labels[idx])
+            gsum.add_(g)
+            theta.sub_(lr * g)
+        return theta, gsum
+
+
+def _scalar_lr(syn_lr: Tensor, dtype: torch.dtype) -> Tensor:
+    return syn_lr.reshape(()).to(dtype)
+
+
+# ------------------------------------------------------------------ autograd functions
+
+
+class _RecomputeMatching(torch.autograd.Function):
+    """Exact matching-loss gradient by reverse-mode adjoints over recomputed steps."""
+
+    @staticmethod
+    def forward(ctx, images: Tensor, labels: Tensor, syn_lr: Tensor, prob: _Problem) -> Tensor:
+        images_d, labels_d = images.detach(), labels.detach()
+        lr = _scalar_lr(syn_lr.detach(), images.dtype)
+        traj = images.new_empty(len(prob.batches), prob.spec.total)
+        theta_n, _ = prob.forward_unroll(images_d, labels_d, lr, traj)
+        diff = theta_n - prob.target
+        ctx.prob = prob
+        ctx.save_for_backward(images, labels, syn_lr, traj, diff)
+        return diff.square().sum() / prob.denom
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        images, labels, syn_lr, traj, diff = ctx.saved_tensors
+        prob: _Problem = ctx.prob
+        need_x, need_y, need_lr = ctx.needs_input_grad[:3]
+        lr = _scalar_lr(syn_lr.detach(), images.dtype)
+        lam = diff * (2.0 / prob.denom) * grad_loss.to(diff.dtype)
+        gx = torch.zeros_like(images) if need_x else None
+        gy = torch.zeros_like(labels) if need_y else None
+        glr = torch.zeros((), dtype=diff.dtype, device=diff.device)
+        for i in reversed(range(len(prob.batches))):
+            idx = prob.batches[i]
+            with torch.enable_grad():
+                th = traj[i].detach().requires_grad_(True)
+                xb = images[idx].detach().requires_grad_(need_x)
+                yb = labels[idx].detach().requires_grad_(need_y)
+                loss_i = prob.inner_loss(th, prob.aug.replay(xb, i), yb)
+                (g,) = torch.autograd.grad(loss_i, th, create_graph=i > 0 or need_x or need_y)
+                # lambda_0 = dL/dstart is not needed (start is data): skip that VJP at i = 0
+                inputs = (
+                    ([th] if i > 0 else []) + ([xb] if need_x else []) + ([yb] if need_y else [])
+                )
+                vjp = [None] if i == 0 else []
+                if inputs:
+                    vjp += torch.autograd.grad(g, inputs, grad_outputs=lam, allow_unused=True)
+            if need_lr:
+                glr -= torch.dot(lam, g.detach())
+            k = 1
+            if need_x:
+                if vjp[k] is not None:
+                    gx.index_add_(0, idx, vjp[k] * -lr)
+                k += 1
+            if need_y and vjp[k] is not None:
+                gy.index_add_(0, idx, vjp[k] * -lr)
+            if vjp[0] is not None:
+                lam = lam - lr * vjp[0]
+        glr_out = glr.reshape(syn_lr.shape).to(syn_lr) if need_lr else None
+        return gx, gy, glr_out, None
+
+
+class _TeslaMatching(torch.autograd.Function):
+    """TESLA constant-memory approximation (drops cross-step terms; REFERENCE 5.4)."""
+
+    @staticmethod
+    def forward(ctx, images: Tensor, labels: Tensor, syn_lr: Tensor, prob: _Problem) -> Tensor:
+        lr = _scalar_lr(syn_lr.detach(), images.dtype)
+        theta_n, gsum = prob.forward_unroll(images.detach(), labels.detach(), lr, None)
+        diff = theta_n - prob.target
+        ctx.prob = prob
+        ctx.save_for_backward(images, labels, syn_lr, gsum, diff)
+        return diff.square().sum() / prob.denom
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        images, labels, syn_lr, gsum, diff = ctx.saved_tensors
+        prob: _Problem = ctx.prob
+        need_x, need_y, need_lr = ctx.needs_input_grad[:3]
+        lr = _scalar_lr(syn_lr.detach(), images.dtype)
+        scale = (2.0 / prob.denom) * grad_loss.to(diff.dtype)
+        glr = None
+        if need_lr:
+            glr = (-scale * torch.dot(diff, gsum)).reshape(syn_lr.shape).to(syn_lr)
+        gx = torch.zeros_like(images) if need_x else None
+        gy = torch.zeros_like(labels) if need_y else None
+        if need_x or need_y:
+            c = -lr * scale * diff  # dL/dg_i, the same for every step
+            theta = prob.start.clone()
+            for i, idx in enumerate(prob.batches):
+                with torch.enable_grad():
+                    th = theta.detach().requires_grad_(True)
+                    xb = images[idx].detach().requires_grad_(need_x)
+                    yb = labels[idx].detach().requires_grad_(need_y)
+                    loss_i = prob.inner_loss(th, prob.aug.replay(xb, i), yb)
+                    (g,) = torch.autograd.grad(loss_i, th, create_graph=True)
+                    inputs = ([xb] if need_x else []) + ([yb] if need_y else [])
+                    vjp = torch.autograd.grad(g, inputs, grad_outputs=c, allow_unused=True)
+                if need_x and vjp[0] is not None:
+                    gx.index_add_(0, idx, vjp[0])
+                if need_y and vjp[-1] is not None:
+                    gy.index_add_(0, idx, vjp[-1])
+                theta.sub_(lr * g.detach())
+        return gx, gy, glr, None
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def trajectory_matching_loss(
+    model: nn.Module,
+    start: Tensor,
+    target: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    syn_lr: Tensor | float,
+    batches: Sequence[Tensor],
+    augment: Any = None,
+    mode: str = "full",
+    *,
+    loss: str | LossFn = "auto",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Normalised trajectory-matching loss ||theta_N - target||^2 / ||start - target||^2.
+
+    REFERENCE section 5 (MTT, Cazenavette et al. 2022, eq. 2-3). ``model`` is used only
+    as a function through :func:`torch.func.functional_call` with weights
+    ``ParamSpec.of(model).unflatten(theta)``; its own parameters are neither read nor
+    modified. Networks with running statistics (BatchNorm) are refused.
+
+    The unroll must be deterministic for ``"recompute"``/``"tesla"`` to be exact (no
+    dropout in training mode; augmentation replayed through ``sample``/``apply``).
+
+    Args:
+        model: the student architecture (no BatchNorm running statistics, deterministic).
+        start: flat expert snapshot theta_0 [P] (data: no gradient flows into it).
+        target: flat expert snapshot theta* [P], M epochs after ``start``.
+        images: synthetic pixels [N, ...] (may require grad). Sets the dtype/device.
+        labels: [N] int64 class ids (cross-entropy) or [N, K] float logits (soft
+            cross-entropy against softmax(labels), REFERENCE 5.2; may require grad).
+        syn_lr: the student's step size, a one-element tensor (may require grad).
+        batches: one 1-D index tensor per inner step (see :func:`sample_minibatches`).
+        augment: None; a DSA-like object with ``sample(x, generator)`` and
+            ``apply(x, params)`` (sampled once per step, replayed exactly by the
+            recompute/tesla backward); or any deterministic callable ``augment(x)``.
+        mode: ``"full"`` (graph kept, exact), ``"recompute"`` (exact, activation memory
+            independent of the number of steps) or ``"tesla"`` (constant memory,
+            approximate pixel/label gradient, exact syn_lr gradient).
+        loss: ``"auto"`` (:func:`classification_loss`) or a callable ``(logits, labels)``.
+        generator: random generator handed to ``augment.sample``.
+
+    Returns:
+        A scalar tensor; ``.backward()`` fills the gradients of ``images``, ``labels`` and
+        ``syn_lr`` (those requiring grad) in every mode, also inside a larger graph.
+    """
+    if mode not in MATCHING_MODES:
+        raise ValueError(
+            f"trajectory_matching_loss: mode={mode!r}, expected one of {MATCHING_MODES}"
+        )
+    prob, images, labels, syn_lr = _prepare(
+        model, start, target, images, labels, syn_lr, batches, augment, loss, generator
+    )
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (images, labels, syn_lr))
+    if not wants_grad:
+        with torch.no_grad():
+            lr = _scalar_lr(syn_lr, images.dtype)
+            theta_n, _ = prob.forward_unroll(images.detach(), labels.detach(), lr, None)
+            return (theta_n - prob.target).square().sum() / prob.denom
+    if mode == "full":
+        return _full_unroll(prob, images, labels, syn_lr)
+    if mode == "recompute":
+        return _RecomputeMatching.apply(images, labels, syn_lr, prob)
+    return _TeslaMatching.apply(images, labels, syn_lr, prob)
+
+
+def _full_unroll(prob: _Problem, images: Tensor, labels: Tensor, syn_lr: Tensor) -> Tensor:
+    """Reference semantics: unroll with create_graph, one flat theta per step."""
+    lr = _scalar_lr(syn_lr, images.dtype)
+    theta = prob.start.detach().requires_grad_(True)
+    for idx in prob.batches:
+        x = prob.aug.sample_apply(images[idx])
+        (g,) = torch.autograd.grad(prob.inner_loss(theta, x, labels[idx]), theta, create_graph=True)
+        theta = theta - lr * g
+    return (theta - prob.target).square().sum() / prob.denom
+
+
+def _prepare(model, start, target, images, labels, syn_lr, batches, augment, loss, generator):
+    name = "trajectory_matching_loss"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
+    if has_running_stats(model):
+        raise ValueError(
+            f"{name}: the model keeps BatchNorm running statistics, which the functional inner "
+            "loop cannot update correctly; use a network without them (e.g. ConvNet with "
+            "norm='instancenorm', or BatchNorm with track_running_stats=False)"
+        )
+    if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() < 2:
+        raise ValueError(f"{name}: images must be a floating tensor [N, ...]")
+    dtype, device = images.dtype, images.device
+    n = images.shape[0]
+    if not torch.is_tensor(labels):
+        raise TypeError(f"{name}: labels must be a tensor ([N] class ids or [N, K] logits)")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"{name}: labels have {labels.shape[0]} rows but images have {n}; pass one label "
+            "per synthetic image"
+        )
+    if labels.is_floating_point():
+        if labels.dim() != 2:
+            raise ValueError(
+                f"{name}: soft labels must be [N, K] logits, got {tuple(labels.shape)}"
+            )
+    elif labels.dim() != 1:
+        raise ValueError(f"{name}: hard labels must be [N] class ids, got {tuple(labels.shape)}")
+    spec = ParamSpec.of(model)
+    for what, vec in (("start", start), ("target", target)):
+        if not torch.is_tensor(vec) or vec.dim() != 1 or vec.numel() != spec.total:
+            shape = tuple(vec.shape) if torch.is_tensor(vec) else type(vec).__name__
+            raise ValueError(
+                f"{name}: {what} must be a flat parameter vector [{spec.total}] for this model "
+                f"(named_parameters order), got {shape}"
+            )
+    start = start.detach().to(device=device, dtype=dtype)
+    target = target.detach().to(device=device, dtype=dtype)
+    denom = float((start - target).square().sum())
+    if not denom > 0:
+        raise ValueError(f"{name}: start and target coincide (||start - target||^2 = {denom})")
+    if not torch.is_tensor(syn_lr):
+        syn_lr = torch.tensor(float(syn_lr), dtype=dtype, device=device)
+    if syn_lr.numel() != 1 or not syn_lr.is_floating_point():
+        raise ValueError(f"{name}: syn_lr must be a one-element floating tensor")
+    if len(batches) == 0:
+        raise ValueError(f"{name}: batches is empty; pass one index tensor per inner step")
+    idxs = []
+    for i, b in enumerate(batches):
+        b = torch.as_tensor(b, device=device)
+        if b.dim() != 1 or b.numel() == 0 or b.is_floating_point() or b.dtype == torch.bool:
+            raise ValueError(f"{name}: batches[{i}] must be a non-empty 1-D integer index tensor")
+        idxs.append(b.long())
+    flat = torch.cat(idxs)
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{name}: batch indices span [{lo}, {hi}] but there are {n} images")
+    if loss == "auto":
+        loss_fn = classification_loss
+    elif callable(loss):
+        loss_fn = loss
+    else:
+        raise ValueError(f"{name}: loss must be 'auto' or a callable (logits, labels) -> scalar")
+    prob = _Problem(
+        model=model,
+        spec=spec,
+        loss_fn=loss_fn,
+        batches=idxs,
+        start=start,
+        target=target,
+        denom=denom,
+        aug=_Augmenter(augment, generator),
+    )
+    return prob, images, labels, syn_lr
+
+
+# ----------------------------------------------------------------- window and batches
+
+
+def window_upper_bound(
+    iteration: int,
+    min_start_epoch: int,
+    current_max_start_epoch: int,
+    max_start_epoch: int,
+    expansion_end: int,
+    sequential: bool = True,
+) -> int:
+    """Exclusive upper bound UB of the start-epoch window (DATM, REFERENCE 5.1).
+
+    UB = min(T+, T + floor((T+ - T) * it / expansion_end)) with sequential generation, else
+    T+; T- = ``min_start_epoch``, T = ``current_max_start_epoch``, T+ = ``max_start_epoch``.
+    """
+    _check_window(
+        iteration,
+        min_start_epoch,
+        current_max_start_epoch,
+        max_start_epoch,
+        expansion_end,
+        sequential,
+    )
+    if not sequential:
+        return max_start_epoch
+    t, tp = current_max_start_epoch, max_start_epoch
+    return min(tp, t + (tp - t) * iteration // expansion_end)
+
+
+def sample_start_epoch(
+    iteration: int,
+    min_start_epoch: int,
+    current_max_start_epoch: int,
+    max_start_epoch: int,
+    expansion_end: int,
+    sequential: bool = True,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Start epoch t ~ uniform{T-, ..., UB - 1} with UB from :func:`window_upper_bound`."""
+    ub = window_upper_bound(
+        iteration,
+        min_start_epoch,
+        current_max_start_epoch,
+        max_start_epoch,
+        expansion_end,
+        sequential,
+    )
+    return int(torch.randint(min_start_epoch, ub, (1,), generator=generator))
+
+
+def _check_window(it, t_min, t_cur, t_max, expansion_end, sequential):
+    where = "matching window"
+    if it < 0:
+        raise ValueError(f"{where}: iteration must be >= 0, got {it}")
+    if t_min < 0:
+        raise ValueError(f"{where}: min_start_epoch must be >= 0, got {t_min}")
+    if t_max <= t_min:
+        raise ValueError(
+            f"{where}: max_start_epoch ({t_max}) must exceed min_start_epoch ({t_min})"
+        )
+    if sequential:
+        if not t_min < t_cur <= t_max:
+            raise ValueError(
+                f"{where}: need min_start_epoch < current_max_start_epoch <= max_start_epoch, "
+                f"got {t_min}, {t_cur}, {t_max}"
+            )
+        if expansion_end <= 0:
+            raise ValueError(f"{where}: expansion_end must be > 0, got {expansion_end}")
+
+
+def sample_minibatches(
+    num_images: int,
+    batch_size: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """Index tensors for ``steps`` inner steps (REFERENCE 5, step 2).
+
+    Consecutive chunks of ``batch_size`` from a fresh random permutation of
+    ``range(num_images)``; a new permutation is drawn when one is exhausted (its last
+    chunk is shorter when ``batch_size`` does not divide ``num_images``).
+    """
+    if num_images <= 0 or batch_size <= 0 or steps <= 0:
+        raise ValueError(
+            f"sample_minibatches: num_images ({num_images}), batch_size ({batch_size}) and "
+            f"steps ({steps}) must be positive"
+        )
+    out: list[Tensor] = []
+    chunks: list[Tensor] = []
+    while len(out) < steps:
+        if not chunks:
+            chunks = list(torch.randperm(num_images, generator=generator).split(batch_size))
+            chunks.reverse()
+        out.append(chunks.pop().to(device) if device is not None else chunks.pop())
+    return out
