@@ -287,7 +287,7 @@ def trajectory_matching_loss(
             recompute/tesla backward); or any deterministic callable ``augment(x)``.
         mode: ``"full"`` (graph kept, exact), ``"recompute"`` (exact, activation memory
             independent of the number of steps) or ``"tesla"`` (constant memory,
-            approximate pixel/label gradient, exact syn_lr gradient).
+            approximate gradients: cross-step terms dropped, see the module docstring).
         loss: ``"auto"`` (:func:`classification_loss`) or a callable ``(logits, labels)``.
         generator: random generator handed to ``augment.sample``.
 
