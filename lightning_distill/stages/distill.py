@@ -167,7 +167,7 @@ def build_callbacks(cfg: DistillConfig, dm) -> list[Callback]:
         callbacks.append(PeriodicEvaluation(
             val_x, val_y, every_n_steps=ev.every_n_steps, model=ev.model, runs=ev.runs,
             epochs=ev.epochs, batch_size=ev.batch_size, seed=cfg.seed,
-            best_path=str(Path(cfg.output) / "best.pt")))
+            best_path=str(Path(cfg.output) / "best.pt"), to_pixels=dm.from_input_space))
     callbacks.append(IterationCheckpoint(Path(cfg.output) / "checkpoints",
                                          cfg.checkpoint_every_n_steps))
     return callbacks

@@ -66,11 +66,15 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     synthetic = []
     for r in cfg.runs:
         console.rule(f"[bold]2/3 distill {r.name}")
-        synthetic.append(str(distill(DistillConfig(
+        final = distill(DistillConfig(
             data=cfg.data, store=store, output=str(work / r.name), distill=r.distill,
             window=r.window, ema=r.ema, evaluation=r.evaluation, trainer=cfg.trainer,
             seed=cfg.seed, checkpoint_every_n_steps=cfg.checkpoint_every_n_steps,
-            image_every_n_steps=cfg.image_every_n_steps))))
+            image_every_n_steps=cfg.image_every_n_steps))
+        # With periodic evaluation on, the set chosen on the validation split is the one
+        # reported (never a choice made on the test set).
+        best = final.parent / "best.pt"
+        synthetic.append(str(best if r.evaluation.every_n_steps > 0 and best.exists() else final))
     console.rule("[bold]3/3 evaluate")
     ev = cfg.evaluate
     ev.data = cfg.data
