@@ -15,11 +15,17 @@ Trainers because training N experts or chaining stages is not a single ``fit``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 
@@ -59,11 +65,12 @@ def build_parser() -> ArgumentParser:
         description="Dataset distillation by trajectory matching (MTT, FTD, DATM).",
         env_prefix="LIGHTNING_DISTILL",
         default_env=False,
+        allow_abbrev=False,
     )
     subcommands = parser.add_subcommands(required=True, dest="stage")
     for name, stage in STAGES.items():
         sub = ArgumentParser(prog=f"lightning-distill {name}", description=stage.help,
-                             print_config="--print_config")
+                             print_config="--print_config", allow_abbrev=False)
         sub.add_argument("--config", action=ActionConfigFile,
                          help="YAML recipe; may be given several times")
         config_cls, _ = _load(stage)
@@ -73,21 +80,106 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    name = ns.stage
-    stage = STAGES[name]
-    config_cls, function = _load(stage)
+class ConfigError(ValueError):
+    """A recipe file holds a key the stage does not know."""
+
+
+def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[tuple[str, str, list[str]]]:
+    """(dotted key, bad name, valid names at that level) for every key of ``data`` that is
+    not a field of dataclass ``cls`` (recursing into nested dataclasses and lists of them)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in data.items():
+        if key not in names:
+            out.append((f"{prefix}{key}", str(key), names))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            out += _unknown_keys(hint, value, f"{prefix}{key}.")
+        elif typing.get_origin(hint) is list and isinstance(value, list):
+            (item,) = typing.get_args(hint) or (None,)
+            if dataclasses.is_dataclass(item):
+                for k, v in enumerate(value):
+                    if isinstance(v, dict):
+                        out += _unknown_keys(item, v, f"{prefix}{key}[{k}].")
+    return out
+
+
+def _config_files(argv: Sequence[str], name: str) -> list[str]:
+    """The ``--config`` files given to stage ``name`` in ``argv``."""
+    if name not in argv:
+        return []
+    rest = list(argv[list(argv).index(name) + 1 :])
+    files = []
+    for k, arg in enumerate(rest):
+        if arg == "--config" and k + 1 < len(rest):
+            files.append(rest[k + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_config_files(name: str, argv: Sequence[str]) -> None:
+    """Fail with the file, the key and a suggestion for a YAML key that stage ``name``
+    does not know (jsonargparse alone names neither the file nor a close match)."""
+    config_cls, _ = _load(STAGES[name])
     if config_cls is None:
-        print(f"lightning-distill {name}: not yet available in this version", file=sys.stderr)
-        return 2
+        return
+    for file in _config_files(argv, name):
+        try:
+            data: Any = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports unreadable files itself
+        if not isinstance(data, dict):
+            continue
+        bad = _unknown_keys(config_cls, data)
+        if bad:
+            dotted, key, names = bad[0]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"lightning-distill {name}: error: {file}: unknown key '{dotted}'{hint}; "
+                f"valid keys there: {', '.join(names)}. See `lightning-distill {name} --help`."
+            )
+
+
+def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
+    """Parse a command line (without the program name) into ``(stage, config dataclass)``.
+
+    Raises :class:`ConfigError` for an unknown key in a ``--config`` file, SystemExit (as
+    argparse does) for other errors, ``--help`` and ``--print_config``. The config is
+    None for a stage whose module is not available.
+    """
+    argv = list(argv)
+    stage_name = next((a for a in argv if a in STAGES), None)
+    if stage_name is not None:
+        check_config_files(stage_name, argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    name = ns.stage
+    config_cls, _ = _load(STAGES[name])
+    if config_cls is None:
+        return name, None
     sub_ns = ns[name]
     sub_ns.pop("config", None)
     sub_parser = parser._subcommands_action._name_parser_map[name]
     instantiate = getattr(sub_parser, "instantiate", None) or sub_parser.instantiate_classes
     init = instantiate(sub_ns)
-    cfg = config_cls(**{k: v for k, v in init.items() if k in config_cls.__dataclass_fields__})
+    fields = config_cls.__dataclass_fields__
+    return name, config_cls(**{k: v for k, v in init.items() if k in fields})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        name, cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if cfg is None:
+        print(f"lightning-distill {name}: not yet available in this version", file=sys.stderr)
+        return 2
+    _, function = _load(STAGES[name])
     function(cfg)
     return 0
 

@@ -63,6 +63,11 @@ class SyntheticEMA(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DistillationModule calls update() itself right after its image step (so every
+        # callback, e.g. a checkpoint, sees the EMA of the same step whatever the order);
+        # other modules holding ``images`` are updated here.
+        if getattr(pl_module, "synthetic_ema", None) is self:
+            return
         if getattr(pl_module, "last_step_taken", True):
             self.update(pl_module.images)
 

@@ -26,7 +26,12 @@ from torchvision.utils import make_grid
 def class_grid(
     images: Tensor, class_ids: Tensor, to_pixels=None, max_per_class: int = 10
 ) -> Tensor:
-    """A [3|1, H', W'] grid with one row per class (at most ``max_per_class`` images a row)."""
+    """A [3, H', W'] grid (grey images are repeated to RGB by make_grid), one row per class.
+
+    At most ``max_per_class`` images a row; shorter rows are filled with black cells.
+    With R classes and at most n images a row of [C, H, W] images, H' = R (H + 1) + 1 and
+    W' = n (W + 1) + 1 (1-pixel white padding).
+    """
     images = images.detach().float().cpu()
     if to_pixels is not None:
         pix = to_pixels(images)

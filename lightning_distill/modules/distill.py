@@ -14,15 +14,17 @@ DATM soft labels, else a fixed buffer) and the student step size syn_lr. Each st
    otherwise step SGD on X (lr_img, momentum 0.5), syn_lr (lr_lr, 0.5) and Y (lr_y, 0.9).
 
 Guards: a non-finite loss or gradient skips the iteration and is counted;
-``max_nonfinite`` consecutive ones stop training with an error. After each step syn_lr
-is clamped to [syn_lr_min, syn_lr_max] (a non-positive step size would make the
+``max_nonfinite`` consecutive iterations without a step and with a non-finite loss (on
+any rank) or gradient stop training with an error (on every rank at once). After each
+step syn_lr is clamped to [syn_lr_min, syn_lr_max] (a non-positive step size would make the
 student climb the loss; an exploding one diverges): each clamp is counted and logged.
 
 Multi-GPU (DDP): every rank samples its own expert, start epoch, minibatches and DSA
 draws (its generator is seeded from (seed, rank)), all ranks run one backward and
 DDP averages the gradients, so G GPUs match G trajectories per iteration. A rank
 whose loss is skipped contributes a zero gradient and the average is rescaled to the
-ranks that contributed; the iteration is skipped only when none did.
+ranks that contributed; the iteration is skipped only when none did (or when a
+gradient is non-finite: the all-reduce carries it to every rank).
 
 Example::
 
@@ -31,6 +33,10 @@ Example::
     module.initialize(datamodule)          # real / samples_predicted_correctly / noise
     trainer = pl.Trainer(max_epochs=1, callbacks=[MatchingWindow(0, 10, 20, 1000, True)])
     trainer.fit(module)
+
+One epoch of the module's loader is the remaining iterations, and training stops by
+itself after ``iterations`` whatever ``max_epochs`` (>= 1, or -1) says; to extend a
+finished run, resume it with a larger ``iterations`` and one more epoch.
 """
 
 from __future__ import annotations
@@ -56,16 +62,36 @@ LABEL_INITS = ("hard", "soft")
 
 
 class _Iterations(IterableDataset):
-    """Yields one item per remaining outer iteration (no sampler is ever injected)."""
+    """Yields the indices of the remaining outer iterations (no sampler is ever injected).
+
+    Its length is the TOTAL number of iterations: a run resumed mid-epoch restores
+    Lightning's batch counter (the iterations already done) and iterates the rest, so
+    the epoch ends when the iterator is exhausted. (With a length of "remaining
+    iterations", a 6-iteration run resumed after iteration 2 stopped at iteration 4.)
+    """
 
     def __init__(self, module: DistillationModule) -> None:
         self.module = module
 
     def __len__(self) -> int:
-        return max(self.module.hparams.iterations - int(self.module.iteration), 0)
+        return int(self.module.hparams.iterations)
 
     def __iter__(self) -> Iterator[int]:
-        yield from range(len(self))
+        yield from range(int(self.module.iteration), int(self.module.hparams.iterations))
+
+
+class _IterationLoader(DataLoader):
+    """A DataLoader over :class:`_Iterations` that Lightning treats as resumable.
+
+    Its position is the module's ``iteration`` buffer, restored with the module, so the
+    loader itself has no state of its own (``state_dict`` is empty).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class DistillationModule(pl.LightningModule):
@@ -141,6 +167,18 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(f"ipc must be >= 1, got {ipc}")
         if mode not in ("full", "recompute", "tesla"):
             raise ValueError(f"mode must be full, recompute or tesla, got {mode!r}")
+        if not 0.0 < syn_lr_min < syn_lr_max:
+            raise ValueError(f"need 0 < syn_lr_min < syn_lr_max, got syn_lr_min={syn_lr_min}, "
+                             f"syn_lr_max={syn_lr_max}")
+        if not syn_lr_min <= lr_teacher <= syn_lr_max:
+            raise ValueError(f"lr_teacher={lr_teacher} (the initial syn_lr) is outside "
+                             f"[syn_lr_min, syn_lr_max] = [{syn_lr_min}, {syn_lr_max}]")
+        if iterations < 0 or syn_steps < 1 or expert_epochs < 1 or max_start_epoch < 1:
+            raise ValueError("need iterations >= 0, syn_steps >= 1, expert_epochs >= 1 and "
+                             f"max_start_epoch >= 1, got {iterations}, {syn_steps}, "
+                             f"{expert_epochs}, {max_start_epoch}")
+        if max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {max_nonfinite}")
         self._store: TrajectoryStore | None = None
         st = self.store
         m = st.model
@@ -191,7 +229,7 @@ class DistillationModule(pl.LightningModule):
         if not self._experts:
             raise ValueError(f"trajectory store {st.path} holds no experts; run "
                              "`lightning-distill experts` first")
-        st.validate()
+        st.validate(deep=True)  # sizes, and every file's header (dtype, shape): no data read
         last_start = hp.max_start_epoch - 1
         if last_start + hp.expert_epochs > st.num_snapshots - 1:
             raise ValueError(
@@ -285,7 +323,7 @@ class DistillationModule(pl.LightningModule):
         if good.numel() < k:
             warnings.warn(f"samples_predicted_correctly: only {good.numel()} images of class "
                           f"{c} are classified correctly by expert {self.hparams.init_expert}; "
-                          "filling with misclassified ones", stacklevel=2)
+                          "filling with misclassified ones", stacklevel=4)
             rest = perm[~torch.isin(perm, good)][: k - good.numel()]
             good = torch.cat([good, rest])
         return good
@@ -293,11 +331,12 @@ class DistillationModule(pl.LightningModule):
     def _soft_label_init(self, images: Tensor) -> Tensor:
         """DATM: mean raw logits over the experts that classify each image correctly."""
         experts = self._experts[: self.hparams.label_experts]
-        total = torch.zeros(images.shape[0], self.num_classes)
-        count = torch.zeros(images.shape[0], 1)
+        dtype = self.labels.dtype
+        total = torch.zeros(images.shape[0], self.num_classes, dtype=dtype)
+        count = torch.zeros(images.shape[0], 1, dtype=dtype)
         fallback = torch.zeros_like(total)
         for e in experts:
-            logits = self._expert_logits(e, images).float().cpu()
+            logits = self._expert_logits(e, images).to("cpu", dtype)
             ok = (logits.argmax(1) == self._class_ids.cpu()).unsqueeze(1).float()
             total += logits * ok
             count += ok
@@ -305,7 +344,7 @@ class DistillationModule(pl.LightningModule):
         none = count.squeeze(1) == 0
         if none.any():
             warnings.warn(f"soft label init: {int(none.sum())} image(s) are classified "
-                          "correctly by no expert; using the mean over all experts", stacklevel=3)
+                          "correctly by no expert; using the mean over all experts", stacklevel=4)
         return torch.where(none.unsqueeze(1), fallback / len(experts), total / count.clamp_min(1))
 
     def _check_input_space(self, input_space: dict) -> None:
@@ -320,7 +359,7 @@ class DistillationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Iterations(self), batch_size=None)
+        return _IterationLoader(_Iterations(self), batch_size=None)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
@@ -331,17 +370,31 @@ class DistillationModule(pl.LightningModule):
         return opts
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and not bool(self.initialized):
-            if dm is None:
-                raise RuntimeError("DistillationModule is not initialised: call "
-                                   "module.initialize(datamodule) before fit, or fit with "
-                                   "datamodule=RealDataModule(...)")
-            self.initialize(dm)
         if self.matching_window is not None:
             self.check_window(self.matching_window.max_start_epoch)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and dm is not None:
+            # A datamodule passed to fit is only the real data for initialisation: the
+            # outer iterations still come from this module's loader, not its batches.
+            source = getattr(getattr(self.trainer, "fit_loop", None), "_data_source", None)
+            if source is None or not hasattr(source, "instance"):
+                raise RuntimeError("DistillationModule: cannot use the datamodule passed to "
+                                   "fit with this Lightning version; call "
+                                   "module.initialize(datamodule) and fit(module) without it")
+            source.instance, source.name = self, "train_dataloader"
 
     def on_fit_start(self) -> None:
+        # After a checkpoint restore (``initialized`` then comes from the checkpoint), so a
+        # resumed run needs no real data.
+        dm = getattr(self.trainer, "datamodule", None)
+        if not bool(self.initialized):
+            if dm is None:
+                raise RuntimeError("DistillationModule is not initialised: call "
+                                   "module.initialize(datamodule) before fit, fit with "
+                                   "datamodule=RealDataModule(...), or resume from a checkpoint")
+            self.initialize(dm)
+        elif self.to_pixels is None and getattr(dm, "from_input_space", None) is not None:
+            self.to_pixels = dm.from_input_space
         self.student.to(self.device)
         self.generator  # noqa: B018  (create it now, per rank)
 
@@ -421,13 +474,15 @@ class DistillationModule(pl.LightningModule):
             self.manual_backward(loss)
         else:  # every rank must take part in DDP's gradient all-reduce
             self.manual_backward(sum(p.sum() * 0.0 for p in self._trainables()))
-        grads_finite = all(torch.isfinite(p.grad).all() for p in self._trainables())
-        contrib = torch.tensor(float(accept and grads_finite), device=self.device)
+        # After DDP's all-reduce the gradients are the same on every rank, so is this:
+        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self._trainables())
+        # [ranks that contributed, ranks with a non-finite loss]: every rank must take the
+        # same decision (a rank raising alone would leave the others waiting forever)
+        votes = torch.tensor([float(accept), float(not finite)], device=self.device)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
-            contrib = self.trainer.strategy.reduce(contrib, reduce_op="sum")
-            grads_finite = all(torch.isfinite(p.grad).all() for p in self._trainables())
-        count = float(contrib)
+            votes = self.trainer.strategy.reduce(votes, reduce_op="sum")
+        count, nonfinite = float(votes[0]), float(votes[1]) > 0
         stats = {"loss": value, "syn_lr": float(self.syn_lr.detach()), **info}
         if count > 0 and grads_finite:
             if world > 1 and count < world:
@@ -442,10 +497,12 @@ class DistillationModule(pl.LightningModule):
             self._clamp_syn_lr()
             self.nonfinite_streak.zero_()
             self.last_step_taken = True
+            if self.synthetic_ema is not None:  # here, not in a hook: callback order is free
+                self.synthetic_ema.update(self.images)
         else:
             self.skipped += 1
             self.last_step_taken = False
-            if not (finite and grads_finite):
+            if nonfinite or not grads_finite:
                 self.nonfinite_streak += 1
                 if int(self.nonfinite_streak) >= hp.max_nonfinite:
                     raise RuntimeError(
@@ -454,6 +511,8 @@ class DistillationModule(pl.LightningModule):
                         f"syn_lr {float(self.syn_lr):.3g}); lower lr_img / lr_lr, or use a "
                         "smaller syn_steps, and resume from the last checkpoint")
         self.iteration += 1
+        if int(self.iteration) >= hp.iterations and self._trainer is not None:
+            self.trainer.should_stop = True  # the run is over whatever max_epochs says
         stats.update(skipped=float(self.skipped), syn_lr_clamps=float(self.syn_lr_clamps))
         if self.matching_window is not None:
             stats["window/upper_bound"] = float(self.matching_window.last_upper_bound)

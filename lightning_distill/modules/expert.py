@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -40,7 +41,12 @@ class ExpertTrajectoryModule(pl.LightningModule):
         lr, momentum, weight_decay: the SGD settings (defaults 0.01 / 0 / 0: REFERENCE 4).
         dsa: augment every training batch with DSA; ``dsa_strategy`` and ``dsa_flip``
             configure it (flip is dropped for digit data sets).
-        dsa_seed: seeds the DSA generator, so an expert's augmentations are reproducible.
+        dsa_seed: seeds the DSA generator (:attr:`dsa_generator`, on the CPU, saved in
+            checkpoints), so an expert's augmentations are reproducible.
+
+    Logged: ``train/loss_step`` (this rank), ``train/loss_epoch`` and ``train/acc``
+    (epoch means over all ranks; accuracy of the augmented batch before the step),
+    ``val/loss`` and ``val/acc`` (un-augmented validation split).
     """
 
     def __init__(
@@ -72,11 +78,18 @@ class ExpertTrajectoryModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    # -- DSA randomness: a generator on the module's device, saved in checkpoints ------
+    # -- DSA randomness: a CPU generator, saved in checkpoints ---------------------
     @property
     def dsa_generator(self) -> torch.Generator:
-        if self._dsa_generator is None or self._dsa_generator.device != self.device:
-            gen = torch.Generator(device=self.device)
+        """The generator of the DSA parameters, seeded with ``dsa_seed``.
+
+        It lives on the CPU whatever the module's device: the per-sample parameters
+        (a few floats per image) are drawn there and moved to the batch's device, where
+        the augmentation itself runs. So an expert sees the same augmentations on every
+        device, and the state saved in a checkpoint resumes on any device.
+        """
+        if self._dsa_generator is None:
+            gen = torch.Generator(device="cpu")
             if self._dsa_generator_state is not None:
                 gen.set_state(self._dsa_generator_state)
             else:
@@ -89,7 +102,13 @@ class ExpertTrajectoryModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("dsa_generator_state")
-        self._dsa_generator_state = state
+        if state is None:
+            warnings.warn(
+                "ExpertTrajectoryModule: the checkpoint has no 'dsa_generator_state'; the DSA "
+                f"stream restarts from dsa_seed={self.hparams.dsa_seed}",
+                stacklevel=2,
+            )
+        self._dsa_generator_state = None if state is None else state.to("cpu", torch.uint8)
         self._dsa_generator = None
 
     # -- steps ----------------------------------------------------------------------
@@ -102,8 +121,10 @@ class ExpertTrajectoryModule(pl.LightningModule):
         # Loss protocol for SAM/ASAM/GSAM: recompute on the SAME augmented batch.
         self.loss_closure = lambda: F.cross_entropy(self.net(x), y)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train/acc", acc, prog_bar=False, on_step=False, on_epoch=True)
+        # Per-step loss: this rank's (no communication); epoch means: over all ranks.
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/acc", acc, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:

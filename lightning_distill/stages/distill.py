@@ -3,7 +3,8 @@
 Writes, under ``output``: ``synthetic.pt`` (+ ``synthetic.png``; ``synthetic_ema.pt``
 with EMA), ``checkpoints/last.ckpt`` every ``checkpoint_every_n_steps`` iterations
 (atomically) and TensorBoard logs in ``logs/``. Re-running the same command resumes
-from ``checkpoints/last.ckpt``; a finished run is not repeated.
+from ``checkpoints/last.ckpt``; a finished run is not repeated, and a finished run rerun
+with a larger ``distill.iterations`` continues from its checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -121,7 +123,7 @@ class IterationCheckpoint(Callback):
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("iteration_checkpoint")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizers, callbacks
         if trainer.is_global_zero:
             os.replace(tmp, self.last)
         trainer.strategy.barrier("iteration_checkpoint_done")
@@ -196,17 +198,24 @@ def distill(cfg: DistillConfig) -> Path:
     callbacks = build_callbacks(cfg, dm)
     ckpt = Path(cfg.output) / "checkpoints" / "last.ckpt"
     ckpt_path = str(ckpt) if (cfg.resume and ckpt.exists()) else None
+    # The module stops by itself after cfg.distill.iterations; one more epoch than the
+    # checkpoint has finished lets a finished run be extended with more iterations.
+    max_epochs = 1
     if ckpt_path is None:
         module.initialize(dm)
     else:
         module.to_pixels = dm.from_input_space
-        console.print(f"Resuming from {ckpt_path}")
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        max_epochs = int(saved.get("epoch", 0)) + 1
+        console.print(f"Resuming from {ckpt_path} (iteration "
+                      f"{int(saved['state_dict']['iteration'])})")
+        del saved
     trainer = pl.Trainer(
-        max_epochs=1,
+        max_epochs=max_epochs,
         callbacks=make_callbacks(cfg.trainer, callbacks),
         logger=TensorBoardLogger(str(out), name="logs", version="", default_hp_metric=False),
         enable_checkpointing=False,
         **cfg.trainer.kwargs(),
     )
-    trainer.fit(module, ckpt_path=ckpt_path)
+    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
     return out / "synthetic.pt"

@@ -1,0 +1,154 @@
+"""ExpertTrajectoryModule: loss protocol, DSA generator checkpointing, exact SGD, logging."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_distill.modules.expert import ExpertTrajectoryModule
+
+MODEL = dict(model="ConvNet", channels=1, num_classes=3, image_size=8,
+             model_kwargs={"width": 4, "depth": 2})
+
+
+def _module(seed: int = 0, **kw) -> ExpertTrajectoryModule:
+    torch.manual_seed(seed)
+    opts = dict(MODEL, dsa_flip=False, dsa_seed=123)
+    opts.update(kw)
+    return ExpertTrajectoryModule(**opts)
+
+
+def _data(n: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _loader(x, y, batch: int = 4) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+
+
+def _trainer(**kw) -> pl.Trainer:
+    opts = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0)
+    opts.update(kw)
+    return pl.Trainer(**opts)
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_loss_closure_recomputes_the_same_augmented_batch():
+    m = _module()
+    x, y = _data(6)
+    gen = copy.deepcopy(m.dsa_generator)  # replay the augmentation by hand
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        loss = m.training_step((x, y), 0)
+    x_aug = m.augment.apply(x, m.augment.sample(x, generator=gen))
+    assert not torch.equal(x_aug, x)  # DSA is active
+    assert torch.equal(loss, F.cross_entropy(m.net(x_aug), y))
+    assert torch.equal(m.loss_closure(), loss)
+    assert torch.equal(m.loss_closure(), loss)  # repeatable: no new augmentation draw
+    # the closure uses the CURRENT parameters (GSAM evaluates it at w + e)
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(0.05)
+    moved = m.loss_closure()
+    assert torch.equal(moved, F.cross_entropy(m.net(x_aug), y))
+    assert moved.item() != loss.item()
+    # a second step draws a new augmentation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.training_step((x, y), 1)
+    assert not torch.equal(m.loss_closure(), moved)
+
+
+def test_dsa_generator_is_seeded_by_dsa_seed():
+    a, b, c = _module(dsa_seed=7), _module(dsa_seed=7), _module(dsa_seed=8)
+    ra = torch.rand(5, generator=a.dsa_generator)
+    assert torch.equal(ra, torch.rand(5, generator=b.dsa_generator))
+    assert not torch.equal(ra, torch.rand(5, generator=c.dsa_generator))
+    assert a.dsa_generator.device.type == "cpu"
+
+
+def test_dsa_generator_state_through_checkpoint_resumes_bit_identically(tmp_path: Path):
+    x, y = _data(12)
+    # uninterrupted: 2 epochs
+    full = _module(seed=3)
+    _trainer(max_epochs=2).fit(full, _loader(x, y))
+    # 1 epoch, checkpoint, resume to 2 epochs in a fresh module
+    first = _module(seed=3)
+    t1 = _trainer(max_epochs=1)
+    t1.fit(first, _loader(x, y))
+    ckpt = tmp_path / "epoch1.ckpt"
+    t1.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["dsa_generator_state"]
+    assert torch.equal(saved, first.dsa_generator.get_state())
+    resumed = _module(seed=99, dsa_seed=5)  # weights and DSA stream must come from the ckpt
+    _trainer(max_epochs=2).fit(resumed, _loader(x, y), ckpt_path=ckpt)
+    assert torch.equal(_flat(resumed.net), _flat(full.net))
+    assert torch.equal(resumed.dsa_generator.get_state(), full.dsa_generator.get_state())
+
+    # control: without the generator state the resumed run diverges (and warns)
+    state = torch.load(ckpt, weights_only=True)
+    del state["dsa_generator_state"]
+    torch.save(state, tmp_path / "nogen.ckpt")
+    blind = _module(seed=3)
+    with pytest.warns(UserWarning, match="dsa_generator_state"):
+        _trainer(max_epochs=2).fit(blind, _loader(x, y), ckpt_path=tmp_path / "nogen.ckpt")
+    assert not torch.equal(_flat(blind.net), _flat(full.net))
+
+
+def test_one_epoch_without_dsa_equals_hand_sgd_and_logs_metrics(tmp_path: Path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    x, y = _data(12)
+    xv, yv = _data(9, seed=2)
+    hp = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    m = _module(seed=5, dsa=False, **hp)
+    net = copy.deepcopy(m.net)
+    logger = TensorBoardLogger(tmp_path, name="expert", version=0, default_hp_metric=False)
+    trainer = _trainer(logger=logger, log_every_n_steps=1)
+    trainer.fit(m, _loader(x, y), _loader(xv, yv, batch=9))
+
+    # the hand-written loop on the same batches
+    opt = torch.optim.SGD(net.parameters(), **hp)
+    losses, correct = [], 0
+    for xb, yb in _loader(x, y):
+        opt.zero_grad()
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        correct += int((logits.argmax(1) == yb).sum())
+    assert torch.equal(_flat(m.net), _flat(net))
+    assert _flat(m.net).sub(_flat(_module(seed=5).net)).abs().max() > 1e-3  # it moved
+
+    logged = trainer.logged_metrics
+    assert logged["train/loss_epoch"].item() == pytest.approx(sum(losses) / 3, rel=1e-6)
+    assert logged["train/acc"].item() == pytest.approx(correct / 12, abs=1e-7)
+    with torch.no_grad():
+        logits_v = net(xv)
+    assert logged["val/acc"].item() == pytest.approx(
+        (logits_v.argmax(1) == yv).float().mean().item(), abs=1e-7)
+    assert logged["val/loss"].item() == pytest.approx(
+        F.cross_entropy(logits_v, yv).item(), rel=1e-6)
+
+    # ... and they reach TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(logger.log_dir))).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/acc", "val/loss"} <= tags
+    assert acc.Scalars("val/acc")[-1].value == pytest.approx(logged["val/acc"].item())
+    assert len(acc.Scalars("train/loss_step")) == 3

@@ -1,0 +1,119 @@
+"""`lightning-distill distill` (stages/distill.py) on a tiny digits store: outputs, skip of a
+finished run, exact resume of an interrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import lightning_distill.stages.distill as stage
+from lightning_distill.config import DataConfig, TrainerConfig, build_datamodule
+from lightning_distill.data.synthetic import SyntheticSet
+from lightning_distill.stages.distill import (
+    DistillConfig,
+    DistillSettings,
+    EMAConfig,
+    WindowConfig,
+    distill,
+)
+from tests.helpers import build_tiny_store
+
+DIGITS_MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": 8,
+                "width": 8, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """2 experts x 3 epochs of a width-8 depth-2 ConvNet, a few SGD steps on real digits."""
+    dm = build_datamodule(DataConfig(name="digits"))
+    dm.setup("fit")
+    path = tmp_path_factory.mktemp("digits") / "experts"
+    build_tiny_store(path, experts=2, epochs=3, model=DIGITS_MODEL, data=dm.train_set.tensors,
+                     steps_per_epoch=3, lr=0.05, dataset="digits", input_space=dm.input_space)
+    return path
+
+
+def config(store: Path, out: Path, iterations: int = 4, **kw) -> DistillConfig:
+    return DistillConfig(
+        data=DataConfig(name="digits"), store=str(store), output=str(out),
+        distill=DistillSettings(ipc=1, iterations=iterations, syn_steps=3, lr_img=10.0,
+                                lr_lr=1e-4, learn_labels=True),
+        window=WindowConfig(min_start_epoch=0, current_max_start_epoch=1, max_start_epoch=2,
+                            expansion_end=2, sequential=True),
+        ema=EMAConfig(enabled=True, decay=0.9),
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        seed=3, checkpoint_every_n_steps=2, image_every_n_steps=2, **kw)
+
+
+def test_distill_stage_writes_set_checkpoint_and_image_grids(digits_store, tmp_path):
+    out = tmp_path / "run"
+    path = distill(config(digits_store, out))
+    assert path == out / "synthetic.pt"
+    syn = SyntheticSet.load(path)
+    assert syn.images.shape == (10, 1, 8, 8) and syn.labels.shape == (10, 10)
+    assert syn.meta["iteration"] == 4 and syn.meta["dataset"] == "digits"
+    assert (out / "synthetic.png").exists() and (out / "synthetic_ema.pt").exists()
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(ckpt["state_dict"]["iteration"]) == 4
+    assert torch.equal(ckpt["state_dict"]["images"], syn.images)
+    assert "distill_generator_states" in ckpt
+    acc = EventAccumulator(str(out / "logs"), size_guidance={"images": 0}).Reload()
+    assert {"synthetic/images", "synthetic/ema_images"} <= set(acc.Tags()["images"])
+    grid = acc.Images("synthetic/images")[-1]
+    assert (grid.height, grid.width) == (10 * 9 + 1, 1 * 9 + 1)  # a row per class
+    for tag in ("distill/loss", "distill/syn_lr", "distill/window/upper_bound",
+                "distill/start_epoch", "distill/skipped", "distill/grad_norm/labels"):
+        assert tag in acc.Tags()["scalars"], tag
+    assert [e.value for e in acc.Scalars("distill/window/upper_bound")] == [1, 1, 2, 2]
+
+    # a rerun finds the finished set and does nothing
+    mtime = path.stat().st_mtime_ns
+    assert distill(config(digits_store, out)) == path
+    assert path.stat().st_mtime_ns == mtime
+
+
+class _Crash(Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if int(module.iteration) == 2:
+            raise KeyError("simulated crash")
+
+
+def test_interrupted_run_resumes_exactly(digits_store, tmp_path, monkeypatch):
+    straight = SyntheticSet.load(distill(config(digits_store, tmp_path / "a")))
+    original = stage.build_callbacks
+    monkeypatch.setattr(stage, "build_callbacks", lambda cfg, dm: [*original(cfg, dm), _Crash()])
+    with pytest.raises(KeyError, match="simulated crash"):
+        distill(config(digits_store, tmp_path / "b"))
+    monkeypatch.setattr(stage, "build_callbacks", original)
+    half = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(half["state_dict"]["iteration"]) == 2
+    assert SyntheticSet.load(tmp_path / "b" / "synthetic.pt").meta["iteration"] == 2
+    resumed = SyntheticSet.load(distill(config(digits_store, tmp_path / "b")))
+    assert resumed.meta["iteration"] == 4
+    assert torch.equal(resumed.images, straight.images)
+    assert torch.equal(resumed.labels, straight.labels)
+    assert resumed.lr == straight.lr
+    ema_a = SyntheticSet.load(tmp_path / "a" / "synthetic_ema.pt")
+    ema_b = SyntheticSet.load(tmp_path / "b" / "synthetic_ema.pt")
+    assert torch.equal(ema_a.images, ema_b.images)
+    # resume=False starts over (and gets the same result: everything is seeded)
+    again = SyntheticSet.load(distill(config(digits_store, tmp_path / "b", resume=False)))
+    assert torch.equal(again.images, straight.images)
+
+
+def test_finished_run_is_extended_and_lost_set_rewritten(digits_store, tmp_path):
+    out = tmp_path / "run"
+    four = SyntheticSet.load(distill(config(digits_store, out)))
+    # synthetic.pt lost after a finished run: the rerun restores it from the checkpoint
+    (out / "synthetic.pt").unlink()
+    again = SyntheticSet.load(distill(config(digits_store, out)))
+    assert again.meta["iteration"] == 4 and torch.equal(again.images, four.images)
+    # asking for more iterations continues the finished run: 4 + 2 equals 6 in one go
+    six = SyntheticSet.load(distill(config(digits_store, out, iterations=6)))
+    straight = SyntheticSet.load(distill(config(digits_store, tmp_path / "s6", iterations=6)))
+    assert six.meta["iteration"] == straight.meta["iteration"] == 6
+    assert torch.equal(six.images, straight.images) and torch.equal(six.labels, straight.labels)

@@ -1,0 +1,123 @@
+"""The ``lightning-distill`` command line: config files, overrides, --print_config, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_distill import cli
+from lightning_distill.cli import parse_config
+from lightning_distill.stages.experts import ExpertsConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "recipes" / "digits" / "experts.yaml")
+
+
+def _yaml(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_print_config_output_parses_back(tmp_path, capsys):
+    argv = ["experts", "--config", DIGITS, "--experts.epochs", "3", "--seed", "7",
+            "--model.kwargs", "{width: 16, depth: 2}"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--print_config"])
+    assert exc.value.code == 0
+    printed = _yaml(tmp_path, "printed.yaml", capsys.readouterr().out)
+    _, direct = parse_config(argv)
+    _, again = parse_config(["experts", "--config", printed])
+    assert isinstance(again, ExpertsConfig)
+    assert again == direct
+    assert (again.experts.epochs, again.seed, again.model.kwargs) == (3, 7, {"width": 16,
+                                                                             "depth": 2})
+
+
+def test_dotted_overrides(tmp_path):
+    _, cfg = parse_config(["experts", "--config", DIGITS, "--experts.num_experts", "3",
+                           "--trainer.devices", "2", "--sharpness.method", "sam",
+                           "--data.root", str(tmp_path), "--store", "somewhere",
+                           "--experts.dsa", "false"])
+    assert cfg.experts.num_experts == 3 and cfg.trainer.devices == 2
+    assert cfg.sharpness.method == "sam" and cfg.data.root == str(tmp_path)
+    assert cfg.store == "somewhere" and cfg.experts.dsa is False
+    _, base = parse_config(["experts", "--config", DIGITS])
+    assert cfg.experts.epochs == base.experts.epochs  # untouched keys keep the recipe's value
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    a = _yaml(tmp_path, "a.yaml", "experts:\n  num_experts: 5\n  epochs: 4\nseed: 3\n")
+    b = _yaml(tmp_path, "b.yaml", "experts:\n  epochs: 9\nseed: 4\n")
+    _, cfg = parse_config(["experts", "--config", DIGITS, "--config", a, "--config", b])
+    assert (cfg.experts.num_experts, cfg.experts.epochs, cfg.seed) == (5, 9, 4)
+    assert cfg.data.name == "digits"  # from the first file
+    # an override after the files wins; one before them is overridden
+    _, cfg = parse_config(["experts", "--seed", "1", "--config", a, "--config", b,
+                           "--experts.num_experts", "6"])
+    assert (cfg.seed, cfg.experts.num_experts) == (4, 6)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "suggestion"),
+    [("experts:\n  num_expert: 3\n", "experts.num_expert", "num_experts"),
+     ("stor: here\n", "stor", "store"),
+     ("trainer:\n  device: 2\n", "trainer.device", "devices")],
+)
+def test_unknown_key_in_a_config_file_names_the_file_and_the_key(tmp_path, capsys, text, key,
+                                                                   suggestion):
+    bad = _yaml(tmp_path, "bad.yaml", text)
+    assert cli.main(["experts", "--config", DIGITS, "--config", bad]) == 2
+    err = capsys.readouterr().err
+    assert bad in err and f"unknown key '{key}'" in err and f"did you mean '{suggestion}'" in err
+
+
+def test_unknown_nested_key_in_a_list_of_dataclasses(tmp_path):
+    bad = _yaml(tmp_path, "run.yaml", "runs:\n  - name: ipc1\n    distill:\n      ipcc: 1\n")
+    with pytest.raises(cli.ConfigError, match=r"runs\[0\]\.distill\.ipcc.*did you mean 'ipc'"):
+        parse_config(["run", "--config", bad])
+
+
+def test_unknown_or_abbreviated_command_line_options_fail(capsys):
+    for option in ("--experts.num_expert", "--experts.epoch"):  # typo; abbreviation
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["experts", "--config", DIGITS, option, "3"])
+        assert exc.value.code == 2
+        assert option.lstrip("-") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("stage", "key"), [("experts", "--sharpness.rho"),
+                                            ("distill", "--window.min_start_epoch"),
+                                            ("evaluate", "--synthetic"),
+                                            ("run", "--workdir")])
+def test_stage_help(stage, key, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([stage, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: lightning-distill [options] {stage}" in out and key in out
+
+
+def test_main_runs_the_stage_with_the_parsed_config(monkeypatch):
+    import lightning_distill.stages.experts as stage
+
+    seen = []
+    monkeypatch.setattr(stage, "train_experts", seen.append)
+    assert cli.main(["experts", "--config", DIGITS, "--experts.num_experts", "2"]) == 0
+    (cfg,) = seen
+    assert isinstance(cfg, ExpertsConfig) and cfg.experts.num_experts == 2
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("lightning-distill")
+    if not exe.exists():
+        pytest.skip("console script not installed")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([str(exe), "run", "--help"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--workdir" in out.stdout
