@@ -152,7 +152,7 @@ def build_module(cfg: DistillConfig) -> DistillationModule:
     )
 
 
-def build_callbacks(cfg: DistillConfig, dm) -> list[Callback]:
+def build_callbacks(cfg: DistillConfig, dm, store_model: dict | None = None) -> list[Callback]:
     w = cfg.window
     callbacks: list[Callback] = [
         MatchingWindow(w.min_start_epoch, w.current_max_start_epoch, w.max_start_epoch,
@@ -166,8 +166,14 @@ def build_callbacks(cfg: DistillConfig, dm) -> list[Callback]:
         from ..callbacks.evaluation import PeriodicEvaluation
 
         val_x, val_y = dm.val_set.tensors
+        # the experts' architecture keywords (width, depth, ...) when evaluating it
+        arch = dict(store_model or {})
+        same = arch.pop("name", None) == ev.model
+        kwargs = {k: v for k, v in arch.items()
+                  if k not in ("channels", "num_classes", "image_size")} if same else {}
         callbacks.append(PeriodicEvaluation(
-            val_x, val_y, every_n_steps=ev.every_n_steps, model=ev.model, runs=ev.runs,
+            val_x, val_y, every_n_steps=ev.every_n_steps, model=ev.model, model_kwargs=kwargs,
+            runs=ev.runs,
             epochs=ev.epochs, batch_size=ev.batch_size, seed=cfg.seed,
             best_path=str(Path(cfg.output) / "best.pt"), to_pixels=dm.from_input_space))
     callbacks.append(IterationCheckpoint(Path(cfg.output) / "checkpoints",
@@ -195,7 +201,7 @@ def distill(cfg: DistillConfig) -> Path:
     dm = build_datamodule(cfg.data)
     dm.setup("fit")
     module = build_module(cfg)
-    callbacks = build_callbacks(cfg, dm)
+    callbacks = build_callbacks(cfg, dm, module.store.model)
     ckpt = Path(cfg.output) / "checkpoints" / "last.ckpt"
     ckpt_path = str(ckpt) if (cfg.resume and ckpt.exists()) else None
     # The module stops by itself after cfg.distill.iterations; one more epoch than the

@@ -38,6 +38,7 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: ["ConvNet"])
+    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: int = 5
     epochs: int = 1000
     batch_size: int = 256
@@ -59,6 +60,26 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def architecture_kwargs(cfg: EvaluateConfig, sets: list[SyntheticSet]) -> dict[str, dict]:
+    """``build_model`` keywords per evaluated model name.
+
+    By default a model evaluated under the name the experts used (stored in the
+    synthetic set's ``meta["model"]``) is built with the experts' keywords (width,
+    depth, norm, ...); ``cfg.model_kwargs[name]`` overrides them.
+    """
+    out: dict[str, dict] = {}
+    for syn in sets:
+        model = dict(syn.meta.get("model") or {})
+        name = model.pop("name", None)
+        for key in ("channels", "num_classes", "image_size"):
+            model.pop(key, None)
+        if name is not None and name not in out:
+            out[name] = model
+    for name, kw in cfg.model_kwargs.items():
+        out[name] = {**out.get(name, {}), **kw}
+    return {name: kw for name, kw in out.items() if name in cfg.models}
+
+
 def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[str, Any]:
     return {"label": label, "kind": kind, "ipc": ipc, "results": res}
 
@@ -75,8 +96,6 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     dm.setup("test")
     test_x, test_y = dm.test_set.tensors
     device = _device(cfg.device)
-    common = dict(models=cfg.models, runs=cfg.runs, seed=cfg.seed, dsa=cfg.dsa,
-                  dsa_flip=dsa_flip_for(cfg.data.name), device=device)
     rows: list[dict[str, Any]] = []
     sets = []
     for path in cfg.synthetic:
@@ -84,6 +103,9 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         syn.check_compatible(channels=dm.channels, image_size=dm.image_size,
                              num_classes=dm.num_classes, input_space=dm.input_space)
         sets.append((path, syn))
+    common = dict(models=cfg.models, runs=cfg.runs, seed=cfg.seed, dsa=cfg.dsa,
+                  dsa_flip=dsa_flip_for(cfg.data.name), device=device,
+                  model_kwargs=architecture_kwargs(cfg, [syn for _, syn in sets]))
     if "random" in cfg.baselines:
         train_x, train_y = dm.train_set.tensors
         ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]

@@ -80,6 +80,8 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     ev.data = cfg.data
     ev.synthetic = synthetic
     ev.seed = cfg.seed
+    # the baselines train the experts' architecture too
+    ev.model_kwargs = {cfg.model.name: dict(cfg.model.kwargs), **ev.model_kwargs}
     if ev.output is None:
         ev.output = str(work / "results.json")
     return evaluate(ev)
