@@ -85,7 +85,9 @@ class _Crash(Callback):
 def test_interrupted_run_resumes_exactly(digits_store, tmp_path, monkeypatch):
     straight = SyntheticSet.load(distill(config(digits_store, tmp_path / "a")))
     original = stage.build_callbacks
-    monkeypatch.setattr(stage, "build_callbacks", lambda cfg, dm: [*original(cfg, dm), _Crash()])
+    monkeypatch.setattr(
+        stage, "build_callbacks", lambda cfg, dm, *a: [*original(cfg, dm, *a), _Crash()]
+    )
     with pytest.raises(KeyError, match="simulated crash"):
         distill(config(digits_store, tmp_path / "b"))
     monkeypatch.setattr(stage, "build_callbacks", original)
