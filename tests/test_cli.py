@@ -121,3 +121,52 @@ def test_console_script_help():
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--workdir" in out.stdout
+
+
+RECIPES = sorted((ROOT / "recipes").glob("*/*.yaml"))
+
+
+def _stage_of(path: Path) -> str:
+    if path.name.startswith("experts"):
+        return "experts"
+    if path.name.startswith("evaluate"):
+        return "evaluate"
+    if path.name == "quickstart.yaml":
+        return "run"
+    return "distill"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_parses_into_its_stage_config(path):
+    stage, cfg = parse_config([_stage_of(path), "--config", str(path)])
+    assert stage == _stage_of(path)
+    assert cfg.data.name == path.parent.name
+
+
+def test_distill_recipes_hold_the_published_datm_rows():
+    """Spot checks against REFERENCE section 7 (DATM) and the FTD/MTT variants."""
+    def load(name):
+        return parse_config(["distill", "--config", str(ROOT / "recipes" / name)])[1]
+
+    c = load("cifar10/ipc10.yaml")
+    d, w = c.distill, c.window
+    assert (d.syn_steps, d.expert_epochs, d.lr_img, d.lr_lr, d.lr_y, d.batch_syn) == (
+        80, 2, 100, 1e-5, 2, 100)
+    assert (w.min_start_epoch, w.current_max_start_epoch, w.max_start_epoch,
+            w.expansion_end, w.sequential) == (0, 10, 20, 1000, True)
+    assert (d.threshold, d.image_init, d.learn_labels, d.iterations) == (
+        1.0, "samples_predicted_correctly", True, 10000)
+    assert c.data.zca
+    c1 = load("cifar10/ipc1.yaml")
+    assert (c1.distill.threshold, c1.window.max_start_epoch, c1.window.sequential) == (1.1, 4, False)
+    c100 = load("cifar100/ipc50.yaml")
+    assert (c100.distill.image_init, c100.window.min_start_epoch, c100.distill.mode) == (
+        "real", 20, "recompute")
+    tiny = load("tiny_imagenet/ipc1.yaml")
+    assert (tiny.distill.lr_img, tiny.distill.lr_lr, tiny.window.current_max_start_epoch) == (
+        10000, 1e-4, 15)
+    ftd = load("cifar10/ftd_ipc10.yaml")
+    assert ftd.ema.enabled and ftd.ema.decay == 0.9995 and not ftd.distill.learn_labels
+    assert (ftd.distill.syn_steps, ftd.distill.lr_teacher, ftd.distill.iterations) == (30, 0.001, 5000)
+    mtt = load("cifar10/mtt_ipc50.yaml")
+    assert not mtt.data.zca and mtt.store.endswith("experts_mtt_nozca")
