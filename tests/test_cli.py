@@ -158,7 +158,8 @@ def test_distill_recipes_hold_the_published_datm_rows():
         1.0, "samples_predicted_correctly", True, 10000)
     assert c.data.zca
     c1 = load("cifar10/ipc1.yaml")
-    assert (c1.distill.threshold, c1.window.max_start_epoch, c1.window.sequential) == (1.1, 4, False)
+    assert (c1.distill.threshold, c1.window.max_start_epoch, c1.window.sequential) == (
+        1.1, 4, False)
     c100 = load("cifar100/ipc50.yaml")
     assert (c100.distill.image_init, c100.window.min_start_epoch, c100.distill.mode) == (
         "real", 20, "recompute")
@@ -167,6 +168,7 @@ def test_distill_recipes_hold_the_published_datm_rows():
         10000, 1e-4, 15)
     ftd = load("cifar10/ftd_ipc10.yaml")
     assert ftd.ema.enabled and ftd.ema.decay == 0.9995 and not ftd.distill.learn_labels
-    assert (ftd.distill.syn_steps, ftd.distill.lr_teacher, ftd.distill.iterations) == (30, 0.001, 5000)
+    assert (ftd.distill.syn_steps, ftd.distill.lr_teacher, ftd.distill.iterations) == (
+        30, 0.001, 5000)
     mtt = load("cifar10/mtt_ipc50.yaml")
     assert not mtt.data.zca and mtt.store.endswith("experts_mtt_nozca")
