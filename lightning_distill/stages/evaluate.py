@@ -37,8 +37,8 @@ class EvaluateConfig:
     """Everything ``lightning-distill evaluate`` needs; the keys of ``evaluate.yaml``."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    synthetic: list[str] = field(default_factory=list)
-    models: list[str] = field(default_factory=lambda: ["ConvNet"])
+    synthetic: list[str] | str = field(default_factory=list)
+    models: list[str] | str = field(default_factory=lambda: ["ConvNet"])
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: int = 5
     epochs: int = 1000
@@ -87,6 +87,11 @@ def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[st
 
 def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     """Evaluate the synthetic sets and baselines of ``cfg``; returns the table rows."""
+    # ``--synthetic FILE`` and ``--models NAME`` may name a single item
+    if isinstance(cfg.synthetic, str):
+        cfg.synthetic = [cfg.synthetic]
+    if isinstance(cfg.models, str):
+        cfg.models = [cfg.models]
     unknown = set(cfg.baselines) - {"random", "full"}
     if unknown:
         raise ValueError(f"baselines: unknown {sorted(unknown)}; use 'random' and/or 'full'")

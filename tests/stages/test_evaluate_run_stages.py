@@ -1,0 +1,135 @@
+"""`lightning-distill evaluate` and `run` (stages/evaluate.py, stages/run.py) on digits with
+tiny settings: the table's numbers, the baselines, the JSON output, and that `run`
+resumes every stage from what is on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_distill.cli import parse_config
+from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
+from lightning_distill.data.synthetic import SyntheticSet
+from lightning_distill.modules.evaluate import evaluate_synthetic
+from lightning_distill.stages import run as run_stage
+from lightning_distill.stages.distill import DistillSettings, WindowConfig
+from lightning_distill.stages.evaluate import EvaluateConfig, architecture_kwargs, evaluate
+from lightning_distill.stages.experts import ExpertTrainingConfig, SharpnessConfig
+from lightning_distill.stages.run import DistillRun, RunConfig
+
+SMALL = {"width": 8, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = build_datamodule(DataConfig(name="digits"))
+    dm.setup("fit")
+    return dm
+
+
+def _random_set(dm, ipc: int, seed: int = 0) -> SyntheticSet:
+    x, y = dm.train_set.tensors
+    return SyntheticSet.from_real(
+        x, y, ipc, 10, generator=torch.Generator().manual_seed(seed), lr=0.02,
+        meta={"dataset": "digits", "input_space": dm.input_space,
+              "model": {"name": "ConvNet", "channels": 1, "num_classes": 10,
+                        "image_size": [8, 8], **SMALL}})
+
+
+def test_evaluate_stage_rows_equal_direct_evaluation(digits, tmp_path):
+    syn_path = tmp_path / "syn.pt"
+    _random_set(digits, 2).save(syn_path)
+    out = tmp_path / "results.json"
+    cfg = EvaluateConfig(data=DataConfig(name="digits"), synthetic=str(syn_path),
+                         models="ConvNet", runs=2, epochs=4, batch_size=16,
+                         baselines=["random", "full"], full_epochs=1, full_batch_size=128,
+                         seed=5, device="cpu", output=str(out))
+    rows = evaluate(cfg)
+    assert [r["kind"] for r in rows] == ["random", "distilled", "full"]
+    assert rows[0]["ipc"] == 2 and rows[1]["ipc"] == 2 and rows[2]["ipc"] is None
+    # the distilled row is exactly evaluate_synthetic with the experts' architecture
+    test_x, test_y = digits.test_set.tensors
+    direct = evaluate_synthetic(SyntheticSet.load(syn_path), test_x, test_y, runs=2, epochs=4,
+                                batch_size=16, seed=5, device="cpu",
+                                model_kwargs={"ConvNet": SMALL})["ConvNet"]
+    got = rows[1]["results"]["ConvNet"]
+    assert got["accs"] == direct["accs"]
+    assert got["mean"] == pytest.approx(sum(direct["accs"]) / 2)
+    # random baseline: one subset per network, so the two networks saw different images
+    assert len(rows[0]["results"]["ConvNet"]["accs"]) == 2
+    saved = json.loads(out.read_text())
+    assert saved["rows"][1]["results"]["ConvNet"]["accs"] == direct["accs"]
+
+
+def test_random_baseline_draws_a_new_subset_per_network(digits, monkeypatch):
+    seen = []
+
+    def fake(real, *a, **kw):
+        seen.append(real.images.clone())
+        return {"ConvNet": {"accs": [0.5], "mean": 0.5, "std": 0.0}}
+
+    monkeypatch.setattr("lightning_distill.stages.evaluate.evaluate_synthetic", fake)
+    cfg = EvaluateConfig(data=DataConfig(name="digits"), runs=3, baselines=["random"],
+                         device="cpu")
+    rows = evaluate(cfg)
+    assert [r["ipc"] for r in rows] == [1, 10]
+    assert len(seen) == 6 and not torch.equal(seen[0], seen[1])
+    assert rows[0]["results"]["ConvNet"]["accs"] == [0.5, 0.5, 0.5]
+
+
+def test_evaluate_refuses_a_mismatched_synthetic_set(digits, tmp_path):
+    bad = SyntheticSet(images=torch.zeros(10, 3, 8, 8), labels=torch.arange(10), lr=0.01,
+                       meta={"dataset": "digits"})
+    bad.save(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="channels"):
+        evaluate(EvaluateConfig(data=DataConfig(name="digits"),
+                                synthetic=[str(tmp_path / "bad.pt")], device="cpu"))
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(EvaluateConfig(data=DataConfig(name="digits")))
+    with pytest.raises(ValueError, match="baselines"):
+        evaluate(EvaluateConfig(data=DataConfig(name="digits"), baselines=["best"]))
+
+
+def test_architecture_kwargs_come_from_the_set_and_can_be_overridden(digits):
+    syn = _random_set(digits, 1)
+    cfg = EvaluateConfig(models=["ConvNet", "AlexNet"])
+    assert architecture_kwargs(cfg, [syn]) == {"ConvNet": SMALL}
+    cfg.model_kwargs = {"ConvNet": {"width": 16}}
+    assert architecture_kwargs(cfg, [syn]) == {"ConvNet": {"width": 16, "depth": 2}}
+
+
+def test_cli_accepts_a_single_synthetic_file_and_model():
+    _, cfg = parse_config(["evaluate", "--synthetic", "a.pt", "--models", "AlexNet",
+                           "--runs", "3"])
+    assert (cfg.synthetic, cfg.models, cfg.runs) == ("a.pt", "AlexNet", 3)
+
+
+def test_run_chains_the_stages_and_resumes_from_disk(tmp_path):
+    cfg = RunConfig(
+        data=DataConfig(name="digits", batch_size=64),
+        model=ModelConfig(name="ConvNet", kwargs=dict(SMALL)),
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        workdir=str(tmp_path / "work"), seed=1,
+        experts=ExpertTrainingConfig(num_experts=2, epochs=3, lr=0.05),
+        sharpness=SharpnessConfig(method="gsam"),
+        runs=[DistillRun(name="ipc1",
+                         distill=DistillSettings(ipc=1, iterations=3, syn_steps=3,
+                                                 lr_img=10.0, lr_lr=1e-4, lr_teacher=0.05),
+                         window=WindowConfig(max_start_epoch=1))],
+        evaluate=EvaluateConfig(runs=1, epochs=3, baselines=["random"], device="cpu"),
+        checkpoint_every_n_steps=10, image_every_n_steps=10)
+    rows = run_stage.run(cfg)
+    work = tmp_path / "work"
+    assert sorted(p.name for p in (work / "experts").glob("expert_*.pt")) == [
+        "expert_00000.pt", "expert_00001.pt"]
+    syn = SyntheticSet.load(work / "ipc1" / "synthetic.pt")
+    assert syn.meta["iteration"] == 3
+    assert [r["kind"] for r in rows] == ["random", "distilled"]
+    assert json.loads((work / "results.json").read_text())["rows"][1]["ipc"] == 1
+    # second run: nothing is trained again, the evaluation gives the same numbers
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*.pt")}
+    again = run_stage.run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.pt")} == before
+    assert again[1]["results"] == rows[1]["results"]
