@@ -43,14 +43,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from ..data.synthetic import SyntheticSet
-from ..functional.evaluation import (
-    DEFAULT_DSA_STRATEGY,
-    make_dsa,
-    run_seeds,
-    seeded_model,
-    summarize,
-    train_and_evaluate,
-)
+from ..functional.evaluation import DEFAULT_DSA_STRATEGY, summarize
+from ..modules.evaluate import EvalProtocol, check_eval_data
 
 __all__ = ["PeriodicEvaluation"]
 
@@ -159,40 +153,28 @@ class PeriodicEvaluation(Callback):
         """
         if self.evaluate_fn is not None:
             return [float(a) for a in self.evaluate_fn(synthetic)]
-        synthetic.check_compatible(
-            channels=self.val_images.shape[1], image_size=tuple(self.val_images.shape[2:]),
-            num_classes=synthetic.num_classes,
-        )
-        if int(self.val_labels.max()) >= synthetic.num_classes:
-            raise ValueError(
-                f"PeriodicEvaluation: validation labels reach class {int(self.val_labels.max())}"
-                f" but the synthetic set has {synthetic.num_classes} classes"
-            )
+        check_eval_data(synthetic, self.val_images, self.val_labels, "PeriodicEvaluation",
+                        "validation")
         dev = synthetic.images.device
         val_x, val_y = self.val_images.to(dev), self.val_labels.to(dev)
-        augment = make_dsa(
-            synthetic.meta.get("dataset"), self.dsa, self.dsa_strategy, self.dsa_flip
-        )
-        accs = []
-        for r in range(self.runs):
-            init_seed, shuffle_seed, dsa_seed = run_seeds(self.seed + r)
-            net = seeded_model(
-                self.model, synthetic.channels, synthetic.num_classes, synthetic.image_size,
-                seed=init_seed, **self.model_kwargs,
-            ).to(dev)
-            out = train_and_evaluate(
-                net, synthetic.images, synthetic.labels,
-                lr=synthetic.lr if self.lr is None else self.lr,
-                epochs=self.epochs, batch_size=self.batch_size, momentum=self.momentum,
-                weight_decay=self.weight_decay, lr_decay_epoch=self.lr_decay_epoch,
-                augment=augment,
-                generator=torch.Generator().manual_seed(shuffle_seed),
-                augment_generator=torch.Generator(device=dev).manual_seed(dsa_seed),
-                test_images=val_x, test_labels=val_y,
-                test_batch_size=self.eval_batch_size,
+        protocol = self.protocol
+        augment = protocol.augment(synthetic)
+        return [
+            protocol.train_run(
+                synthetic, self.model, self.model_kwargs, self.seed + r, val_x, val_y,
+                self.eval_batch_size, dev, augment=augment,
             )
-            accs.append(out["accuracy"])
-        return accs
+            for r in range(self.runs)
+        ]
+
+    @property
+    def protocol(self) -> EvalProtocol:
+        """The current training settings (REFERENCE 6) as an :class:`EvalProtocol`."""
+        return EvalProtocol(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, lr_decay_epoch=self.lr_decay_epoch, dsa=self.dsa,
+            dsa_strategy=self.dsa_strategy, dsa_flip=self.dsa_flip,
+        )
 
     def _candidates(self, pl_module: pl.LightningModule) -> list[tuple[str, SyntheticSet]]:
         if not hasattr(pl_module, "synthetic_set"):

@@ -17,37 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
-from torch import Tensor
-from torchvision.utils import make_grid
 
+from ..data.synthetic import class_grid
 
-def class_grid(
-    images: Tensor, class_ids: Tensor, to_pixels=None, max_per_class: int = 10
-) -> Tensor:
-    """A [3, H', W'] grid (grey images are repeated to RGB by make_grid), one row per class.
-
-    At most ``max_per_class`` images a row; shorter rows are filled with black cells.
-    With R classes and at most n images a row of [C, H, W] images, H' = R (H + 1) + 1 and
-    W' = n (W + 1) + 1 (1-pixel white padding).
-    """
-    images = images.detach().float().cpu()
-    if to_pixels is not None:
-        pix = to_pixels(images)
-    else:
-        flat = images.flatten(1)
-        lo = flat.min(1).values.view(-1, 1, 1, 1)
-        hi = flat.max(1).values.view(-1, 1, 1, 1)
-        pix = (images - lo) / (hi - lo).clamp_min(1e-12)
-    pix = pix.clamp(0, 1)
-    class_ids = class_ids.detach().cpu()
-    classes = torch.unique(class_ids).tolist()
-    rows = [pix[class_ids == c][:max_per_class] for c in classes]
-    ncol = max(r.shape[0] for r in rows)
-    blank = torch.zeros_like(pix[:1])
-    padded = [torch.cat([r, blank.expand(ncol - r.shape[0], *r.shape[1:])]) for r in rows]
-    return make_grid(torch.cat(padded), nrow=ncol, padding=1, pad_value=1.0)
+__all__ = ["SyntheticImageLogger", "class_grid"]
 
 
 class SyntheticImageLogger(Callback):

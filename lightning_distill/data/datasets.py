@@ -357,6 +357,50 @@ def _missing(name: str, looked: Sequence[str], how: Sequence[str]) -> FileNotFou
     return FileNotFoundError("\n".join(lines))
 
 
+def _first_dir(
+    name: str, dirs: Sequence[Path], ok: Callable[[Path], bool], needs: str, how: str
+) -> Path:
+    """The first of ``dirs`` for which ``ok(dir)`` holds, else a :func:`_missing` error
+    listing every candidate with what it ``needs`` and ``how`` to get the data."""
+    d = next((d for d in dirs if ok(d)), None)
+    if d is None:
+        raise _missing(name, [f"{d}  (needs {needs})" for d in dirs], [how])
+    return d
+
+
+def _from_arrays(
+    name: str,
+    train: Sequence[tuple[np.ndarray, np.ndarray]],
+    test: Sequence[tuple[np.ndarray, np.ndarray]],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    class_names: tuple[str, ...],
+    source: Path,
+) -> RealDataset:
+    """A :class:`RealDataset` from uint8 [N, C, H, W] / int64 [N] numpy parts per split
+    (several parts are concatenated in order)."""
+
+    def join(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor]:
+        if len(parts) == 1:
+            x, y = parts[0]
+        else:
+            x, y = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+        return _uint8(x), torch.from_numpy(y)
+
+    (x_train, y_train), (x_test, y_test) = join(train), join(test)
+    return RealDataset(
+        name=name,
+        train_data=x_train,
+        train_labels=y_train,
+        test_data=x_test,
+        test_labels=y_test,
+        mean=mean,
+        std=std,
+        class_names=class_names,
+        source=str(source),
+    )
+
+
 def _uint8(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))
 
@@ -610,31 +654,18 @@ def load_cifar10(root: Path, download: bool = False) -> RealDataset:
     if download:
         _torchvision_download("CIFAR10", root, splits=[{"train": True}])
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    dirs = [root / "cifar-10-batches-py", root]
-    d = next((d for d in dirs if all((d / f).is_file() for f in files)), None)
-    if d is None:
-        raise _missing(
-            "cifar10",
-            [f"{d}  (needs {', '.join(files)})" for d in dirs],
-            [
-                f"get_dataset('cifar10', root=..., download=True) (torchvision), or "
-                f"download and untar {CIFAR10_URL} into root",
-            ],
-        )
-    train = [_cifar_batch(d / f, "labels") for f in files[:5]]
-    x_test, y_test = _cifar_batch(d / "test_batch", "labels")
-    names = _names(d / "batches.meta", "label_names") or CIFAR10_CLASSES
-    return RealDataset(
-        name="cifar10",
-        train_data=_uint8(np.concatenate([x for x, _ in train])),
-        train_labels=torch.from_numpy(np.concatenate([y for _, y in train])),
-        test_data=_uint8(x_test),
-        test_labels=torch.from_numpy(y_test),
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-        class_names=names,
-        source=str(d),
+    d = _first_dir(
+        "cifar10",
+        [root / "cifar-10-batches-py", root],
+        lambda d: all((d / f).is_file() for f in files),
+        ", ".join(files),
+        f"get_dataset('cifar10', root=..., download=True) (torchvision), or "
+        f"download and untar {CIFAR10_URL} into root",
     )
+    train = [_cifar_batch(d / f, "labels") for f in files[:5]]
+    test = _cifar_batch(d / "test_batch", "labels")
+    names = _names(d / "batches.meta", "label_names") or CIFAR10_CLASSES
+    return _from_arrays("cifar10", train, [test], CIFAR_MEAN, CIFAR_STD, names, d)
 
 
 @register_dataset("cifar100")
@@ -643,33 +674,20 @@ def load_cifar100(root: Path, download: bool = False, coarse: bool = False) -> R
     ``b'fine_labels'`` (100 classes; ``coarse=True``: ``b'coarse_labels'``, 20)."""
     if download:
         _torchvision_download("CIFAR100", root, splits=[{"train": True}])
-    dirs = [root / "cifar-100-python", root]
-    d = next((d for d in dirs if (d / "train").is_file() and (d / "test").is_file()), None)
-    if d is None:
-        raise _missing(
-            "cifar100",
-            [f"{d}  (needs train, test, meta)" for d in dirs],
-            [
-                f"get_dataset('cifar100', root=..., download=True) (torchvision), or "
-                f"download and untar {CIFAR100_URL} into root",
-            ],
-        )
+    d = _first_dir(
+        "cifar100",
+        [root / "cifar-100-python", root],
+        lambda d: (d / "train").is_file() and (d / "test").is_file(),
+        "train, test, meta",
+        f"get_dataset('cifar100', root=..., download=True) (torchvision), or "
+        f"download and untar {CIFAR100_URL} into root",
+    )
     kind = "coarse" if coarse else "fine"
-    x_train, y_train = _cifar_batch(d / "train", f"{kind}_labels")
-    x_test, y_test = _cifar_batch(d / "test", f"{kind}_labels")
+    train = _cifar_batch(d / "train", f"{kind}_labels")
+    test = _cifar_batch(d / "test", f"{kind}_labels")
     k = 20 if coarse else 100
     names = _names(d / "meta", f"{kind}_label_names") or tuple(str(i) for i in range(k))
-    return RealDataset(
-        name="cifar100",
-        train_data=_uint8(x_train),
-        train_labels=torch.from_numpy(y_train),
-        test_data=_uint8(x_test),
-        test_labels=torch.from_numpy(y_test),
-        mean=CIFAR_MEAN,
-        std=CIFAR_STD,
-        class_names=names,
-        source=str(d),
-    )
+    return _from_arrays("cifar100", [train], [test], CIFAR_MEAN, CIFAR_STD, names, d)
 
 
 # ----------------------------------------------------------------------------- SVHN
@@ -699,30 +717,17 @@ def load_svhn(root: Path, download: bool = False, extra: bool = False) -> RealDa
         splits = [{"split": "train"}, {"split": "test"}] + ([{"split": "extra"}] if extra else [])
         _torchvision_download("SVHN", root, splits=splits)
     files = ["train_32x32.mat", "test_32x32.mat"] + (["extra_32x32.mat"] if extra else [])
-    dirs = [root, root / "svhn", root / "SVHN"]
-    d = next((d for d in dirs if all((d / f).is_file() for f in files)), None)
-    if d is None:
-        raise _missing(
-            "svhn",
-            [f"{d}  (needs {', '.join(files)})" for d in dirs],
-            [
-                "get_dataset('svhn', root=..., download=True) (torchvision), or download "
-                f"the .mat files of 'Format 2' from {SVHN_URL} into root",
-            ],
-        )
+    d = _first_dir(
+        "svhn",
+        [root, root / "svhn", root / "SVHN"],
+        lambda d: all((d / f).is_file() for f in files),
+        ", ".join(files),
+        "get_dataset('svhn', root=..., download=True) (torchvision), or download "
+        f"the .mat files of 'Format 2' from {SVHN_URL} into root",
+    )
     parts = [_svhn_mat(d / f) for f in files]
     train = [parts[0]] + parts[2:]
-    return RealDataset(
-        name="svhn",
-        train_data=_uint8(np.concatenate([x for x, _ in train])),
-        train_labels=torch.from_numpy(np.concatenate([y for _, y in train])),
-        test_data=_uint8(parts[1][0]),
-        test_labels=torch.from_numpy(parts[1][1]),
-        mean=SVHN_MEAN,
-        std=SVHN_STD,
-        class_names=DIGIT_CLASSES,
-        source=str(d),
-    )
+    return _from_arrays("svhn", train, [parts[1]], SVHN_MEAN, SVHN_STD, DIGIT_CLASSES, d)
 
 
 # --------------------------------------------------------------------------- images
@@ -825,17 +830,14 @@ def load_tiny_imagenet(
 
         root.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(TINY_IMAGENET_URL, str(root))
-    dirs = [root / "tiny-imagenet-200", root]
-    d = next((d for d in dirs if (d / "wnids.txt").is_file() and (d / "train").is_dir()), None)
-    if d is None:
-        raise _missing(
-            "tiny_imagenet",
-            [f"{d}  (needs wnids.txt, train/, val/val_annotations.txt)" for d in dirs],
-            [
-                f"download {TINY_IMAGENET_URL} and unzip it into root (no reorganisation "
-                "needed), or get_dataset('tiny_imagenet', root=..., download=True)",
-            ],
-        )
+    d = _first_dir(
+        "tiny_imagenet",
+        [root / "tiny-imagenet-200", root],
+        lambda d: (d / "wnids.txt").is_file() and (d / "train").is_dir(),
+        "wnids.txt, train/, val/val_annotations.txt",
+        f"download {TINY_IMAGENET_URL} and unzip it into root (no reorganisation "
+        "needed), or get_dataset('tiny_imagenet', root=..., download=True)",
+    )
     wnids = sorted({w.strip() for w in (d / "wnids.txt").read_text().splitlines() if w.strip()})
     index = {w: i for i, w in enumerate(wnids)}
     words: dict[str, str] = {}

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..io import atomic_open, atomic_save
 
-__all__ = ["FORMAT_VERSION", "SyntheticSet", "input_spaces_match"]
+__all__ = ["FORMAT_VERSION", "SyntheticSet", "class_grid", "input_spaces_match"]
 
 #: version written by :meth:`SyntheticSet.save`; :meth:`SyntheticSet.load` reads <= this
 FORMAT_VERSION = 1
@@ -114,6 +114,54 @@ def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     if len(hw) != 2:
         raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
     return hw  # type: ignore[return-value]
+
+
+def class_grid(
+    images: Tensor,
+    class_ids: Tensor,
+    to_pixels: Callable[[Tensor], Tensor] | None = None,
+    max_per_class: int | None = 10,
+    *,
+    num_classes: int | None = None,
+    padding: int = 1,
+    pad_value: float = 1.0,
+) -> Tensor:
+    """A [3, H', W'] image grid in [0, 1], one row per class, images in set order.
+
+    Pixels: ``to_pixels(images)`` clamped to [0, 1], or, without it, per-image min-max
+    scaling (a constant image maps to 0). Grey images are repeated to RGB by ``make_grid``;
+    images with neither 1 nor 3 channels show their first channel.
+
+    Rows: the classes present in ``class_ids`` (sorted), or with ``num_classes`` every class
+    0..max(num_classes, max id + 1) - 1 (a class without images is a blank row). A row holds
+    at most ``max_per_class`` images (None: all); shorter rows are filled with black cells.
+    With R rows of at most n [C, H, W] images and padding p (of value ``pad_value``),
+    H' = R (H + p) + p and W' = n (W + p) + p.
+    """
+    from torchvision.utils import make_grid
+
+    with torch.no_grad():
+        x = images.detach().float().cpu()
+        if to_pixels is not None:
+            x = to_pixels(x).detach().float().cpu()
+        else:
+            flat = x.reshape(x.shape[0], -1)
+            lo = flat.min(1).values.reshape(-1, 1, 1, 1)
+            hi = flat.max(1).values.reshape(-1, 1, 1, 1)
+            x = (x - lo) / (hi - lo).clamp_min(1e-12)
+        x = x.clamp(0.0, 1.0)
+        if x.shape[1] not in (1, 3):
+            x = x[:, :1]
+        ids = class_ids.detach().cpu()
+        if num_classes is None:
+            classes = torch.unique(ids).tolist()
+        else:
+            classes = range(max(num_classes, int(ids.max().item()) + 1 if ids.numel() else 1))
+        rows = [x[ids == c][:max_per_class] for c in classes]
+        ncol = max(1, max(r.shape[0] for r in rows))
+        blank = torch.zeros_like(x[:1])
+        tiles = [torch.cat([r, blank.repeat(ncol - r.shape[0], 1, 1, 1)]) for r in rows]
+        return make_grid(torch.cat(tiles), nrow=ncol, padding=padding, pad_value=pad_value)
 
 
 @dataclass
@@ -355,30 +403,15 @@ class SyntheticSet:
     def grid_tensor(
         self, to_pixels: Callable[[Tensor], Tensor] | None = None, padding: int = 2
     ) -> Tensor:
-        """[3, H', W'] image grid in [0, 1]: one row per class, images in set order."""
-        from torchvision.utils import make_grid
+        """[3, H', W'] image grid in [0, 1]: one row per class, images in set order.
 
-        with torch.no_grad():
-            x = self.images.detach().float().cpu()
-            if to_pixels is not None:
-                x = to_pixels(x).detach().float().cpu().clamp(0.0, 1.0)
-            else:
-                flat = x.reshape(x.shape[0], -1)
-                lo = flat.min(1).values.reshape(-1, 1, 1, 1)
-                hi = flat.max(1).values.reshape(-1, 1, 1, 1)
-                x = (x - lo) / (hi - lo).clamp_min(1e-12)
-            if x.shape[1] not in (1, 3):
-                x = x[:, :1]
-            cls_ids = self.class_ids.cpu()
-            k = max(self.num_classes, int(cls_ids.max().item()) + 1 if len(self) else 1)
-            rows = [torch.nonzero(cls_ids == c).reshape(-1) for c in range(k)]
-            ncol = max(1, max(int(r.numel()) for r in rows))
-            blank = torch.zeros_like(x[:1])
-            tiles = []
-            for r in rows:
-                tiles.extend(x[i : i + 1] for i in r.tolist())
-                tiles.extend(blank for _ in range(ncol - r.numel()))
-            return make_grid(torch.cat(tiles), nrow=ncol, padding=padding)
+        :func:`class_grid` with a row for every class 0..num_classes - 1 (an empty class is
+        a blank row), no cap on the row length and black padding.
+        """
+        return class_grid(
+            self.images, self.class_ids, to_pixels, max_per_class=None,
+            num_classes=self.num_classes, padding=padding, pad_value=0.0,
+        )
 
     def save_grid(
         self, path: str | os.PathLike, to_pixels: Callable[[Tensor], Tensor] | None = None

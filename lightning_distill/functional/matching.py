@@ -125,6 +125,30 @@ class _Problem:
             (g,) = torch.autograd.grad(self.inner_loss(th, x, y), th)
         return g
 
+    def replay_step(
+        self,
+        step: int,
+        theta: Tensor,
+        images: Tensor,
+        labels: Tensor,
+        need_x: bool,
+        need_y: bool,
+        create_graph: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Recompute step ``step`` at ``theta`` with a graph (augmentation replayed).
+
+        Returns ``(g, th, xb, yb)``: g = grad_theta loss and the fresh leaves it was computed
+        from (``xb``/``yb`` require grad only when ``need_x``/``need_y``). Call it under
+        ``torch.enable_grad()`` (autograd-Function backwards run with grad disabled).
+        """
+        idx = self.batches[step]
+        th = theta.detach().requires_grad_(True)
+        xb = images[idx].detach().requires_grad_(need_x)
+        yb = labels[idx].detach().requires_grad_(need_y)
+        loss = self.inner_loss(th, self.aug.replay(xb, step), yb)
+        (g,) = torch.autograd.grad(loss, th, create_graph=create_graph)
+        return g, th, xb, yb
+
     def forward_unroll(self, images: Tensor, labels: Tensor, lr: Tensor, traj: Tensor | None):
         """Graph-free unroll: returns (theta_N, G = sum g_i); fills ``traj[i] = theta_i``."""
         theta = self.start.clone()
@@ -146,19 +170,38 @@ def _scalar_lr(syn_lr: Tensor, dtype: torch.dtype) -> Tensor:
 # ------------------------------------------------------------------ autograd functions
 
 
+def _unroll_and_save(
+    ctx: Any, images: Tensor, labels: Tensor, syn_lr: Tensor, prob: _Problem, keep_trajectory: bool
+) -> Tensor:
+    """Shared forward of the recompute/tesla Functions: graph-free unroll, loss D^-1 ||diff||^2.
+
+    Saves ``(images, labels, syn_lr, aux, diff)`` with diff = theta_N - target and aux the
+    trajectory theta_0..theta_{N-1} (``keep_trajectory``, recompute) or G = sum_i g_i (tesla).
+    """
+    lr = _scalar_lr(syn_lr.detach(), images.dtype)
+    traj = images.new_empty(len(prob.batches), prob.spec.total) if keep_trajectory else None
+    theta_n, gsum = prob.forward_unroll(images.detach(), labels.detach(), lr, traj)
+    diff = theta_n - prob.target
+    ctx.prob = prob
+    ctx.save_for_backward(images, labels, syn_lr, traj if keep_trajectory else gsum, diff)
+    return diff.square().sum() / prob.denom
+
+
+def _zero_input_grads(
+    images: Tensor, labels: Tensor, need_x: bool, need_y: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Zero accumulators for dL/dimages and dL/dlabels (None where not needed)."""
+    gx = torch.zeros_like(images) if need_x else None
+    gy = torch.zeros_like(labels) if need_y else None
+    return gx, gy
+
+
 class _RecomputeMatching(torch.autograd.Function):
     """Exact matching-loss gradient by reverse-mode adjoints over recomputed steps."""
 
     @staticmethod
     def forward(ctx, images: Tensor, labels: Tensor, syn_lr: Tensor, prob: _Problem) -> Tensor:
-        images_d, labels_d = images.detach(), labels.detach()
-        lr = _scalar_lr(syn_lr.detach(), images.dtype)
-        traj = images.new_empty(len(prob.batches), prob.spec.total)
-        theta_n, _ = prob.forward_unroll(images_d, labels_d, lr, traj)
-        diff = theta_n - prob.target
-        ctx.prob = prob
-        ctx.save_for_backward(images, labels, syn_lr, traj, diff)
-        return diff.square().sum() / prob.denom
+        return _unroll_and_save(ctx, images, labels, syn_lr, prob, keep_trajectory=True)
 
     @staticmethod
     @once_differentiable
@@ -167,18 +210,16 @@ class _RecomputeMatching(torch.autograd.Function):
         prob: _Problem = ctx.prob
         need_x, need_y, need_lr = ctx.needs_input_grad[:3]
         lr = _scalar_lr(syn_lr.detach(), images.dtype)
+        gx, gy = _zero_input_grads(images, labels, need_x, need_y)
         lam = diff * (2.0 / prob.denom) * grad_loss.to(diff.dtype)
-        gx = torch.zeros_like(images) if need_x else None
-        gy = torch.zeros_like(labels) if need_y else None
         glr = torch.zeros((), dtype=diff.dtype, device=diff.device)
         for i in reversed(range(len(prob.batches))):
             idx = prob.batches[i]
             with torch.enable_grad():
-                th = traj[i].detach().requires_grad_(True)
-                xb = images[idx].detach().requires_grad_(need_x)
-                yb = labels[idx].detach().requires_grad_(need_y)
-                loss_i = prob.inner_loss(th, prob.aug.replay(xb, i), yb)
-                (g,) = torch.autograd.grad(loss_i, th, create_graph=i > 0 or need_x or need_y)
+                keep = i > 0 or need_x or need_y
+                g, th, xb, yb = prob.replay_step(
+                    i, traj[i], images, labels, need_x, need_y, create_graph=keep
+                )
                 # lambda_0 = dL/dstart is not needed (start is data): skip that VJP at i = 0
                 inputs = (
                     ([th] if i > 0 else []) + ([xb] if need_x else []) + ([yb] if need_y else [])
@@ -206,12 +247,7 @@ class _TeslaMatching(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, images: Tensor, labels: Tensor, syn_lr: Tensor, prob: _Problem) -> Tensor:
-        lr = _scalar_lr(syn_lr.detach(), images.dtype)
-        theta_n, gsum = prob.forward_unroll(images.detach(), labels.detach(), lr, None)
-        diff = theta_n - prob.target
-        ctx.prob = prob
-        ctx.save_for_backward(images, labels, syn_lr, gsum, diff)
-        return diff.square().sum() / prob.denom
+        return _unroll_and_save(ctx, images, labels, syn_lr, prob, keep_trajectory=False)
 
     @staticmethod
     @once_differentiable
@@ -220,22 +256,19 @@ class _TeslaMatching(torch.autograd.Function):
         prob: _Problem = ctx.prob
         need_x, need_y, need_lr = ctx.needs_input_grad[:3]
         lr = _scalar_lr(syn_lr.detach(), images.dtype)
+        gx, gy = _zero_input_grads(images, labels, need_x, need_y)
         scale = (2.0 / prob.denom) * grad_loss.to(diff.dtype)
         glr = None
         if need_lr:
             glr = (-scale * torch.dot(diff, gsum)).reshape(syn_lr.shape).to(syn_lr)
-        gx = torch.zeros_like(images) if need_x else None
-        gy = torch.zeros_like(labels) if need_y else None
         if need_x or need_y:
             c = -lr * scale * diff  # dL/dg_i, the same for every step
             theta = prob.start.clone()
             for i, idx in enumerate(prob.batches):
                 with torch.enable_grad():
-                    th = theta.detach().requires_grad_(True)
-                    xb = images[idx].detach().requires_grad_(need_x)
-                    yb = labels[idx].detach().requires_grad_(need_y)
-                    loss_i = prob.inner_loss(th, prob.aug.replay(xb, i), yb)
-                    (g,) = torch.autograd.grad(loss_i, th, create_graph=True)
+                    g, _, xb, yb = prob.replay_step(
+                        i, theta, images, labels, need_x, need_y, create_graph=True
+                    )
                     inputs = ([xb] if need_x else []) + ([yb] if need_y else [])
                     vjp = torch.autograd.grad(g, inputs, grad_outputs=c, allow_unused=True)
                 if need_x and vjp[0] is not None:

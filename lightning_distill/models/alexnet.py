@@ -22,8 +22,30 @@ from .registry import register_model, to_hw
 __all__ = ["AlexNet"]
 
 
+class ConvFeaturesLinear(nn.Module):
+    """Base of the plain conv stacks (AlexNet, VGG): ``features`` -> flatten -> one Linear.
+
+    Subclasses build their conv layers and call :meth:`_set_head`, which sizes the
+    classifier from the final feature map ``(C, h, w)``.
+    """
+
+    def _set_head(
+        self, layers: list[nn.Module], feature_shape: tuple[int, int, int], num_classes: int
+    ) -> None:
+        c, h, w = feature_shape
+        self.features = nn.Sequential(*layers)
+        self.feature_shape = feature_shape
+        self.classifier = nn.Linear(c * h * w, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.embed(x))
+
+
 @register_model
-class AlexNet(nn.Module):
+class AlexNet(ConvFeaturesLinear):
     """DC/DSA AlexNet: 5 convs (128, 192, 256, 192, 192), ReLU, max-pool, linear head."""
 
     def __init__(self, channels: int, num_classes: int, image_size: int | Sequence[int]):
@@ -50,12 +72,4 @@ class AlexNet(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2))
                 h, w = h // 2, w // 2
             in_ch = out_ch
-        self.features = nn.Sequential(*layers)
-        self.feature_shape = (in_ch, h, w)
-        self.classifier = nn.Linear(in_ch * h * w, num_classes)
-
-    def embed(self, x: Tensor) -> Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, (in_ch, h, w), num_classes)

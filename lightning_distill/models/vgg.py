@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
+from .alexnet import ConvFeaturesLinear
 from .convnet import _check_choice, make_norm
 from .registry import register_model, to_hw
 
@@ -25,7 +26,7 @@ VGG_CFGS: dict[str, tuple[int | str, ...]] = {
 _VGG_NORMS = ("instancenorm", "batchnorm", "none")
 
 
-class VGG(nn.Module):
+class VGG(ConvFeaturesLinear):
     """VGG from a cfg of conv widths and ``"M"`` (max-pool) entries."""
 
     def __init__(
@@ -57,15 +58,7 @@ class VGG(nn.Module):
             layers += [nn.Conv2d(in_ch, int(v), 3, padding=pad), make_norm(norm, int(v)),
                        nn.ReLU()]
             in_ch = int(v)
-        self.features = nn.Sequential(*layers)
-        self.feature_shape = (in_ch, h, w)
-        self.classifier = nn.Linear(in_ch * h * w, num_classes)
-
-    def embed(self, x: Tensor) -> Tensor:
-        return self.features(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.embed(x))
+        self._set_head(layers, (in_ch, h, w), num_classes)
 
 
 @register_model

@@ -25,9 +25,11 @@ For K networks and several architectures use :func:`evaluate_synthetic`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -51,6 +53,90 @@ from ..functional.evaluation import (
 from ..functional.losses import classification_loss
 
 __all__ = ["EvalModule", "evaluate_synthetic"]
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """The training protocol of REFERENCE section 6 (defaults: the published one).
+
+    One place for the settings shared by :class:`EvalModule`, :func:`evaluate_synthetic`
+    and :class:`~lightning_distill.callbacks.PeriodicEvaluation`; ``lr=None`` means the
+    synthetic set's learned lr.
+    """
+
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_epoch: int | None = None
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
+    dsa_flip: bool | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as :class:`EvalModule` keywords."""
+        return dataclasses.asdict(self)
+
+    def augment(self, synthetic: SyntheticSet) -> Any:
+        """The DSA of the protocol for ``synthetic``'s data set (:func:`make_dsa`)."""
+        return make_dsa(synthetic.meta.get("dataset"), self.dsa, self.dsa_strategy, self.dsa_flip)
+
+    def train_run(
+        self,
+        synthetic: SyntheticSet,
+        model: str,
+        model_kwargs: Mapping[str, Any],
+        run_seed: int,
+        test_images: Tensor,
+        test_labels: Tensor,
+        test_batch_size: int,
+        device: torch.device,
+        augment: Any,
+    ) -> float:
+        """Test accuracy of one fresh ``model`` trained on ``synthetic`` with the plain loop.
+
+        Network init, batch order and DSA draws derive from ``run_seed`` (:func:`run_seeds`).
+        """
+        init_seed, shuffle_seed, dsa_seed = run_seeds(run_seed)
+        net = seeded_model(
+            model, synthetic.channels, synthetic.num_classes, synthetic.image_size,
+            seed=init_seed, **model_kwargs,
+        ).to(device)
+        out = train_and_evaluate(
+            net, synthetic.images, synthetic.labels,
+            lr=synthetic.lr if self.lr is None else self.lr,
+            epochs=self.epochs, batch_size=self.batch_size, momentum=self.momentum,
+            weight_decay=self.weight_decay, lr_decay_epoch=self.lr_decay_epoch,
+            augment=augment,
+            generator=torch.Generator().manual_seed(shuffle_seed),
+            augment_generator=torch.Generator(device=device).manual_seed(dsa_seed),
+            test_images=test_images, test_labels=test_labels, test_batch_size=test_batch_size,
+        )
+        return out["accuracy"]
+
+
+def check_eval_data(
+    synthetic: SyntheticSet,
+    images: Tensor,
+    labels: Tensor,
+    where: str,
+    what: str,
+    input_space: Mapping[str, Any] | None = None,
+    hint: str = "",
+) -> None:
+    """Raise ``ValueError`` unless ``images``/``labels`` can test a network trained on
+    ``synthetic``: same channels, image size (and input space, when given) and no label
+    beyond the set's classes. ``where``/``what`` name the caller and the data in messages."""
+    synthetic.check_compatible(
+        channels=images.shape[1], image_size=tuple(images.shape[2:]),
+        num_classes=synthetic.num_classes, input_space=input_space,
+    )
+    if labels.numel() and int(labels.max()) >= synthetic.num_classes:
+        raise ValueError(
+            f"{where}: {what} labels reach class {int(labels.max())} but the synthetic set "
+            f"has {synthetic.num_classes} classes{hint}"
+        )
 
 
 class _EpochPermutationSampler(Sampler[int]):
@@ -307,17 +393,12 @@ def evaluate_synthetic(
         raise ValueError(
             f"evaluate_synthetic: test_images must be [N, C, H, W], got {tuple(test_images.shape)}"
         )
-    synthetic.check_compatible(
-        channels=test_images.shape[1], image_size=tuple(test_images.shape[2:]),
-        num_classes=synthetic.num_classes, input_space=input_space,
+    check_eval_data(
+        synthetic, test_images, test_labels, "evaluate_synthetic", "test", input_space,
+        hint="; use the matching data set",
     )
-    if test_labels.numel() and int(test_labels.max()) >= synthetic.num_classes:
-        raise ValueError(
-            f"evaluate_synthetic: test labels reach class {int(test_labels.max())} but the "
-            f"synthetic set has {synthetic.num_classes} classes; use the matching data set"
-        )
     dev = torch.device(device) if device is not None else synthetic.images.device
-    kw = dict(
+    protocol = EvalProtocol(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, lr_decay_epoch=lr_decay_epoch, dsa=dsa,
         dsa_strategy=dsa_strategy, dsa_flip=dsa_flip,
@@ -330,49 +411,26 @@ def evaluate_synthetic(
             run_seed = int(seed) + r
             if use_trainer:
                 accs.append(_run_with_trainer(
-                    synthetic, name, mkw, run_seed, kw, test_images, test_labels,
+                    synthetic, name, mkw, run_seed, protocol, test_images, test_labels,
                     test_batch_size, dev,
                 ))
             else:
-                accs.append(_run_plain(
-                    synthetic, name, mkw, run_seed, kw, test_images, test_labels,
-                    test_batch_size, dev,
+                accs.append(protocol.train_run(
+                    synthetic, name, mkw, run_seed, test_images, test_labels,
+                    test_batch_size, dev, augment=protocol.augment(synthetic),
                 ))
         mean, std = summarize(accs)
         results[name] = {"accs": accs, "mean": mean, "std": std}
     return results
 
 
-def _run_plain(
-    synthetic: SyntheticSet, name: str, mkw: dict, run_seed: int, kw: dict,
-    test_images: Tensor, test_labels: Tensor, test_batch_size: int, dev: torch.device,
-) -> float:
-    init_seed, shuffle_seed, dsa_seed = run_seeds(run_seed)
-    net = seeded_model(
-        name, synthetic.channels, synthetic.num_classes, synthetic.image_size,
-        seed=init_seed, **mkw,
-    ).to(dev)
-    augment = make_dsa(
-        synthetic.meta.get("dataset"), kw["dsa"], kw["dsa_strategy"], kw["dsa_flip"]
-    )
-    out = train_and_evaluate(
-        net, synthetic.images, synthetic.labels,
-        lr=synthetic.lr if kw["lr"] is None else kw["lr"],
-        epochs=kw["epochs"], batch_size=kw["batch_size"], momentum=kw["momentum"],
-        weight_decay=kw["weight_decay"], lr_decay_epoch=kw["lr_decay_epoch"],
-        augment=augment,
-        generator=torch.Generator().manual_seed(shuffle_seed),
-        augment_generator=torch.Generator(device=dev).manual_seed(dsa_seed),
-        test_images=test_images, test_labels=test_labels, test_batch_size=test_batch_size,
-    )
-    return out["accuracy"]
-
-
 def _run_with_trainer(
-    synthetic: SyntheticSet, name: str, mkw: dict, run_seed: int, kw: dict,
+    synthetic: SyntheticSet, name: str, mkw: dict, run_seed: int, protocol: EvalProtocol,
     test_images: Tensor, test_labels: Tensor, test_batch_size: int, dev: torch.device,
 ) -> float:
-    module = EvalModule(synthetic, model=name, model_kwargs=mkw, seed=run_seed, **kw)
+    module = EvalModule(
+        synthetic, model=name, model_kwargs=mkw, seed=run_seed, **protocol.as_kwargs()
+    )
     test_loader = DataLoader(
         TensorDataset(test_images.detach().cpu(), test_labels.detach().cpu().long()),
         batch_size=test_batch_size,
