@@ -106,6 +106,12 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     sets = []
     for path in cfg.synthetic:
         syn = SyntheticSet.load(path)
+        source = syn.meta.get("dataset")
+        if source is not None and str(source) != cfg.data.name:
+            raise ValueError(
+                f"{path} was distilled from the data set {source!r}, but the evaluation "
+                f"uses data.name={cfg.data.name!r}; pass --data.name {source} (with the same "
+                "normalisation / ZCA settings as the distillation)")
         syn.check_compatible(channels=dm.channels, image_size=dm.image_size,
                              num_classes=dm.num_classes, input_space=dm.input_space)
         sets.append((path, syn))

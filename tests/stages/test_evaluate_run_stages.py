@@ -86,6 +86,12 @@ def test_evaluate_refuses_a_mismatched_synthetic_set(digits, tmp_path):
     with pytest.raises(ValueError, match="channels"):
         evaluate(EvaluateConfig(data=DataConfig(name="digits"),
                                 synthetic=[str(tmp_path / "bad.pt")], device="cpu"))
+    other = SyntheticSet(images=torch.zeros(10, 1, 8, 8), labels=torch.arange(10), lr=0.01,
+                         meta={"dataset": "mnist"})
+    other.save(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="--data.name mnist"):
+        evaluate(EvaluateConfig(data=DataConfig(name="digits"),
+                                synthetic=[str(tmp_path / "other.pt")], device="cpu"))
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(EvaluateConfig(data=DataConfig(name="digits")))
     with pytest.raises(ValueError, match="baselines"):
