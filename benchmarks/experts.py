@@ -6,8 +6,9 @@ SGD lr 0.01, DSA on every batch), for plain SGD and for GSAM (rho 0.01, alpha 0.
 adaptive; REFERENCE section 4):
 
 - ``ours``: the library path the ``experts`` stage runs: ``ExpertTrajectoryModule`` +
-  ``pytorch_lightning.Trainer`` (+ the ``GSAM`` callback), fed by a DataLoader over a
-  CPU ``TensorDataset`` (what ``RealDataModule`` serves), DSA on the batch's device with
+  ``pytorch_lightning.Trainer`` (+ the ``GSAM`` callback), fed by ``RealDataModule``'s
+  default ``"batched"`` loader (``TensorBatchLoader``: one ``index_select`` per batch from
+  the CPU tensors, pinned when CUDA is available, seeded shuffle), DSA on the batch's device with
   its per-sample parameters drawn from a CPU generator. No logger, progress bar or
   checkpointing (the stage adds TensorBoard every 10 steps).
 - ``reference``: a plain loop written here the way the public MTT/FTD/DATM expert
@@ -49,6 +50,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.callbacks.sharpness import GSAM
+from lightning_distill.data.datamodule import TensorBatchLoader
 from lightning_distill.modules.expert import ExpertTrajectoryModule
 
 RHO, ALPHA, LR = 0.01, 0.3, 0.01
@@ -279,15 +281,21 @@ def main(argv=None) -> None:
         return ExpertTrajectoryModule(**model_kw, lr=LR, dsa=dsa, dsa_seed=2)
 
     def loader(shuffle: bool = True, batch: int | None = None) -> DataLoader:
+        """The reference's loader: per-sample indexing and collation, no workers."""
         return DataLoader(dataset, batch_size=batch or args.batch_size, shuffle=shuffle,
                           num_workers=0)
+
+    def our_loader(shuffle: bool = True, batch: int | None = None) -> TensorBatchLoader:
+        """What ``RealDataModule(loader="batched").train_dataloader()`` returns."""
+        return TensorBatchLoader(x, y, batch or args.batch_size, shuffle=shuffle,
+                                 generator=torch.Generator().manual_seed(0))
 
     check = None
     if not args.no_check:  # same algorithm: 2 GSAM steps, DSA off, fixed order
         small = min(args.batch_size, 32)
         ours = fresh_module(False)
         ref_net = copy.deepcopy(ours.net).to(device)
-        our_stack(ours, loader(False, small), device, 2, 0, gsam=True)
+        our_stack(ours, our_loader(False, small), device, 2, 0, gsam=True)
         reference_loop(ref_net, loader(False, small), device, 2, 0, gsam=True, dsa=None)
         check = max((a.detach().cpu() - b.detach().cpu()).abs().max().item()
                     for a, b in zip(ours.net.parameters(), ref_net.parameters(), strict=True))
@@ -299,7 +307,7 @@ def main(argv=None) -> None:
             gsam = opt == "GSAM"
             module = fresh_module(not args.no_dsa)
             if impl == "ours":
-                t = our_stack(module, loader(), device, args.steps, args.warmup, gsam)
+                t = our_stack(module, our_loader(), device, args.steps, args.warmup, gsam)
             else:
                 net = module.net.to(device)
                 dsa = None if args.no_dsa else ReferenceDSA()

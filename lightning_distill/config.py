@@ -26,7 +26,10 @@ class DataConfig:
         zca: ZCA-whiten (CIFAR recipes) instead of mean/std normalisation.
         zca_regularization: the 0.1 added to the eigenvalues.
         split_seed: seeds the train/validation split (fixed across stages).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers (> 0 implies loader "dataloader").
+        loader: "batched" (one in-memory gather per batch, same batches as the DataLoader
+            for the same seed; RealDataModule's default) or "dataloader"
+            (torch DataLoader, per-sample indexing and collation).
         kwargs: extra keywords for the data set loader (e.g. image_size for image_folder).
     """
 
@@ -38,6 +41,7 @@ class DataConfig:
     zca_regularization: float = 0.1
     split_seed: int = 0
     num_workers: int = 0
+    loader: str = "batched"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,4 +102,5 @@ def build_datamodule(cfg: DataConfig, seed: int = 0):
         zca_regularization=cfg.zca_regularization,
         num_workers=cfg.num_workers,
         dataset_kwargs=dict(cfg.kwargs),
+        loader=cfg.loader,
     )

@@ -15,11 +15,19 @@ Example::
     dm.setup()
     x, y = next(iter(dm.train_dataloader()))        # whitened images, labels
     grid = dm.from_input_space(x[:16]).clamp(0, 1)  # back to [0, 1] for display
+
+Loaders (``loader=``): ``"batched"`` (default) serves each batch with one gather
+(``index_select``) from the in-memory tensors, see :class:`TensorBatchLoader`; it yields
+exactly the batches a ``DataLoader(shuffle=True, generator=...)`` over the same
+``TensorDataset`` yields for the same seed, without per-sample indexing and collation.
+``"dataloader"`` is the plain ``torch.utils.data.DataLoader`` (implied by ``num_workers > 0``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,9 +37,133 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.data.datasets import RealDataset, get_dataset
 
-__all__ = ["RealDataModule"]
+__all__ = ["RealDataModule", "TensorBatchLoader", "shard_indices"]
 
 _CHUNK = 4096
+_LOADERS = ("batched", "dataloader")
+
+
+def shard_indices(order: Tensor, rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s share of ``order``, as ``DistributedSampler(drop_last=False)`` cuts it.
+
+    ``order`` (length n) is padded by wrapping around to ``world * ceil(n / world)``
+    entries (``order`` repeated, then truncated) and the rank takes
+    ``padded[rank::world]``: every rank gets ``ceil(n / world)`` indices, the first
+    ``pad`` indices of ``order`` are seen twice per epoch.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard_indices: need 0 <= rank < world, got rank={rank}, world={world}")
+    n = order.numel()
+    total = math.ceil(n / world) * world
+    if total > n:
+        order = order.repeat(math.ceil(total / n))[:total]
+    return order[rank:total:world]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` outside one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class TensorBatchLoader:
+    """Batches of in-memory tensors, one gather per batch (the ``"batched"`` loader).
+
+    Per epoch (each ``iter()``), when shuffling: one int64 drawn from ``generator`` (the
+    base seed a ``DataLoader`` iterator draws; the workers' seed there, unused here) and
+    then ``order = randperm(n, generator=generator)``, the draw of ``RandomSampler``:
+    the batches are therefore identical, epoch after epoch, to those of
+    ``DataLoader(TensorDataset(images, labels), batch_size, shuffle=True,
+    generator=generator)``. Without shuffling ``order = arange(n)``. Batch ``b`` is
+    ``(images[i], labels[i])`` for ``i = order[b * batch_size : (b + 1) * batch_size]``,
+    the last batch partial (``drop_last=False``), gathered with ``index_select``
+    (into pinned memory when ``pin_memory``, for asynchronous host-to-device copies).
+
+    Under ``torch.distributed`` (initialised, world size > 1) every rank draws the same
+    ``order`` (same seed, same number of epochs) and keeps :func:`shard_indices` of it
+    (``DistributedSampler(shuffle, drop_last=False)`` sharding: pad by wrapping to a
+    multiple of the world size, take ``order[rank::world]``), so the ranks see disjoint
+    parts of the epoch, ``ceil(n / world)`` samples each. Rank and world size are read
+    at every ``iter()`` / ``len()``.
+
+    Args:
+        images: CPU tensor ``[N, ...]``.
+        labels: CPU tensor ``[N]``.
+        batch_size: samples per batch (>= 1).
+        shuffle: reshuffle every epoch.
+        generator: the CPU generator of the order (a fresh unseeded one if ``None``).
+        pin_memory: gather into page-locked memory (default: ``torch.cuda.is_available()``).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"TensorBatchLoader: images ({images.shape[0]}) and labels "
+                f"({labels.shape[0]}) must have the same length"
+            )
+        if batch_size < 1:
+            raise ValueError(f"TensorBatchLoader: batch_size must be >= 1, got {batch_size}")
+        self.tensors = (images, labels)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.generator = generator if generator is not None else torch.Generator()
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+
+    def _num_samples(self) -> int:
+        n = self.tensors[0].shape[0]
+        _, world = _dist_rank_world()
+        return math.ceil(n / world) if world > 1 else n
+
+    def __len__(self) -> int:
+        return math.ceil(self._num_samples() / self.batch_size)
+
+    def order(self) -> Tensor:
+        """This rank's sample order for one epoch (advances ``generator`` when shuffling)."""
+        n = self.tensors[0].shape[0]
+        if self.shuffle:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            order = torch.randperm(n, generator=self.generator)
+        else:
+            order = torch.arange(n)
+        rank, world = _dist_rank_world()
+        return shard_indices(order, rank, world) if world > 1 else order
+
+    def _gather(self, t: Tensor, idx: Tensor) -> Tensor:
+        if not self.pin_memory:
+            return t.index_select(0, idx)
+        out = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return torch.index_select(t, 0, idx, out=out)
+
+    def _trailing_draw(self) -> None:
+        # RandomSampler draws one more randperm(n) (and slices it to length 0) once its
+        # first permutation is exhausted; DataLoader reaches that point when it collects
+        # the last batch (partial) or looks for the next one (n divisible by batch_size).
+        if self.shuffle:
+            torch.randperm(self.tensors[0].shape[0], generator=self.generator)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.order()
+        x, y = self.tensors
+        n, bs = order.numel(), self.batch_size
+        for i in range(0, n, bs):
+            idx = order[i : i + bs]
+            if idx.numel() < bs:
+                self._trailing_draw()
+            yield self._gather(x, idx), self._gather(y, idx)
+        if n % bs == 0:
+            self._trailing_draw()
 
 
 class RealDataModule(pl.LightningDataModule):
@@ -49,9 +181,14 @@ class RealDataModule(pl.LightningDataModule):
             while the split stays fixed.
         zca: ZCA-whiten instead of mean/std normalisation.
         zca_regularization: eigenvalue shift of the ZCA transform (0.1 in MTT/DATM).
-        num_workers: dataloader worker processes.
+        num_workers: dataloader worker processes (``> 0`` implies ``loader="dataloader"``).
         dataset_kwargs: extra keywords for the data set loader (``download``,
             ``image_size``, ...).
+        loader: ``"batched"`` (:class:`TensorBatchLoader`: one ``index_select`` per batch
+            from the in-memory tensors, pinned when CUDA is available; same batches as
+            the DataLoader for the same seed; under ``torch.distributed`` it shards like
+            ``DistributedSampler``) or ``"dataloader"`` (``torch.utils.data.DataLoader``,
+            per-sample indexing and collation; Lightning injects its distributed sampler).
 
     After ``setup()``: ``real`` (the :class:`RealDataset`), ``train_idx`` / ``val_idx``
     (indices into ``real``'s training split), ``train_set`` / ``val_set`` / ``test_set``
@@ -71,8 +208,11 @@ class RealDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         dataset_kwargs: dict[str, Any] | None = None,
         shuffle_seed: int | None = None,
+        loader: str = "batched",
     ) -> None:
         super().__init__()
+        if loader not in _LOADERS:
+            raise ValueError(f"RealDataModule: loader must be one of {_LOADERS}, got {loader!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
@@ -87,6 +227,7 @@ class RealDataModule(pl.LightningDataModule):
         self.use_zca = bool(zca)
         self.zca_regularization = float(zca_regularization)
         self.num_workers = int(num_workers)
+        self.loader = "dataloader" if self.num_workers > 0 else loader
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.real: RealDataset | None = None
         self.zca: Any = None
@@ -196,28 +337,37 @@ class RealDataModule(pl.LightningDataModule):
         return x[idx]
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: TensorDataset | None, shuffle: bool
+    ) -> DataLoader | TensorBatchLoader:
         if dataset is None:
             raise RuntimeError("RealDataModule: call setup() first")
+        generator = (
+            torch.Generator().manual_seed(
+                self.seed if self.shuffle_seed is None else self.shuffle_seed
+            )
+            if shuffle
+            else None
+        )
+        if self.loader == "batched":
+            x, y = dataset.tensors
+            return TensorBatchLoader(x, y, self.batch_size, shuffle=shuffle, generator=generator)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            generator=torch.Generator().manual_seed(
-                self.seed if self.shuffle_seed is None else self.shuffle_seed
-            )
-            if shuffle
-            else None,
+            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order is seeded by ``shuffle_seed`` (or ``seed``)."""
+    def train_dataloader(self) -> DataLoader | TensorBatchLoader:
+        """Shuffled training batches; the order is seeded by ``shuffle_seed`` (or ``seed``),
+        a fresh generator per call (the same order for every new loader)."""
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorBatchLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorBatchLoader:
         return self._loader(self.test_set, shuffle=False)

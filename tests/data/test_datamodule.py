@@ -174,3 +174,145 @@ def test_fits_in_a_lightning_trainer(dm):
     )
     trainer.fit(probe, datamodule=dm)
     assert probe.shapes == [(100, 1, 8, 8), (100, 1, 8, 8)]
+
+
+# ------------------------------------------------------------- batched loader
+def _batches(loader, epochs: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [b for _ in range(epochs) for b in loader]
+
+
+def test_batched_loader_equals_dataloader_for_same_seed(dm):
+    from torch.utils.data import DataLoader
+
+    from lightning_distill.data.datamodule import TensorBatchLoader
+
+    assert dm.loader == "batched"
+    x, y = dm.train_set.tensors
+    n = x.shape[0]
+    assert n % 100 != 0  # a partial last batch is compared too
+    ours = dm.train_dataloader()
+    assert isinstance(ours, TensorBatchLoader) and len(ours) == math.ceil(n / 100)
+    ref = RealDataModule("digits", batch_size=100, val_fraction=0.1, seed=0, loader="dataloader")
+    ref.setup()
+    theirs = ref.train_dataloader()
+    assert isinstance(theirs, DataLoader) and len(theirs) == len(ours)
+    a, b = _batches(ours, 2), _batches(theirs, 2)  # generator advances across epochs
+    assert len(a) == len(b) == 2 * len(ours)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    epoch0 = torch.cat([yb for _, yb in a[: len(ours)]])
+    epoch1 = torch.cat([yb for _, yb in a[len(ours) :]])
+    assert not torch.equal(epoch0, epoch1)  # reshuffled
+    # shuffle_seed: a fresh generator per call, identical on both paths
+    dm.shuffle_seed = ref.shuffle_seed = 7
+    try:
+        for (xa, ya), (xb, yb) in zip(dm.train_dataloader(), ref.train_dataloader(), strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        g = torch.Generator().manual_seed(7)
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # DataLoader's base seed
+        first = torch.randperm(n, generator=g)[:100]
+        assert torch.equal(next(iter(dm.train_dataloader()))[1], y[first])
+    finally:
+        dm.shuffle_seed = ref.shuffle_seed = None
+
+
+def test_batched_val_test_in_order_and_lengths(dm):
+    val, test = dm.val_dataloader(), dm.test_dataloader()
+    nv, nt = len(dm.val_set), len(dm.test_set)
+    assert len(val) == math.ceil(nv / 100) and len(test) == math.ceil(nt / 100)
+    for loader, ds in ((val, dm.val_set), (test, dm.test_set)):
+        bs = list(loader)
+        assert [b[0].shape[0] for b in bs] == [min(100, len(ds) - 100 * i) for i in range(len(bs))]
+        assert torch.equal(torch.cat([b[0] for b in bs]), ds.tensors[0])
+        assert torch.equal(torch.cat([b[1] for b in bs]), ds.tensors[1])
+        assert not bs[0][0].is_pinned() or torch.cuda.is_available()
+
+
+def test_tensor_batch_loader_small_by_hand():
+    from lightning_distill.data.datamodule import TensorBatchLoader
+
+    x = torch.arange(7.0).view(7, 1)
+    y = torch.arange(7)
+    loader = TensorBatchLoader(x, y, batch_size=3, pin_memory=False)
+    assert len(loader) == 3
+    assert [b[1].tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [b[0].flatten().tolist() for b in loader][-1] == [6.0]
+    with pytest.raises(ValueError, match="same length"):
+        TensorBatchLoader(x, y[:3], batch_size=2)
+    with pytest.raises(ValueError, match="loader must be"):
+        RealDataModule("digits", loader="fast")
+    assert RealDataModule("digits", num_workers=2).loader == "dataloader"
+
+
+def test_shard_indices_match_distributed_sampler():
+    from torch.utils.data.distributed import DistributedSampler
+
+    from lightning_distill.data.datamodule import shard_indices
+
+    order = torch.tensor([4, 0, 3, 1, 2])
+    assert shard_indices(order, 0, 2).tolist() == [4, 3, 2]
+    assert shard_indices(order, 1, 2).tolist() == [0, 1, 4]  # padded by wrapping: 4
+    assert shard_indices(order, 2, 8).tolist() == [3]
+    assert shard_indices(order, 5, 8).tolist() == [4]  # 5 -> 8: order, then order[:3]
+    assert shard_indices(order, 7, 8).tolist() == [3]
+    assert torch.equal(shard_indices(order, 0, 1), order)
+    for n, world in ((10, 3), (5, 8), (12, 4), (1, 2)):
+        ds = list(range(n))
+        for rank in range(world):
+            s = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+            assert shard_indices(torch.arange(n), rank, world).tolist() == list(s)
+    with pytest.raises(ValueError, match="rank"):
+        shard_indices(order, 2, 2)
+
+
+def test_batched_loader_shards_under_fake_ddp(monkeypatch):
+    import lightning_distill.data.datamodule as mod
+
+    x = torch.arange(10.0).view(10, 1)
+    y = torch.arange(10)
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(mod, "_dist_rank_world", lambda r=rank: (r, 3))
+        loader = mod.TensorBatchLoader(x, y, 2, shuffle=True,
+                                       generator=torch.Generator().manual_seed(5))
+        assert len(loader) == 2  # ceil(10 / 3) = 4 samples -> 2 batches
+        seen.append(torch.cat([b[1] for b in loader]))
+    g = torch.Generator().manual_seed(5)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    perm = torch.randperm(10, generator=g)
+    padded = torch.cat([perm, perm[:2]])
+    for rank in range(3):
+        assert seen[rank].tolist() == padded[rank::3].tolist()
+    assert sorted(torch.cat(seen)[:10].tolist()) != [] and set(torch.cat(seen).tolist()) == set(
+        range(10))
+
+
+def test_data_config_loader_field_and_cli():
+    from lightning_distill.cli import parse_config
+    from lightning_distill.config import DataConfig, build_datamodule
+
+    assert DataConfig().loader == "batched"
+    assert build_datamodule(DataConfig()).loader == "batched"
+    assert build_datamodule(DataConfig(loader="dataloader")).loader == "dataloader"
+    assert build_datamodule(DataConfig(num_workers=1)).loader == "dataloader"
+    _, cfg = parse_config(["experts", "--data.loader", "dataloader"])
+    assert cfg.data.loader == "dataloader"
+    _, cfg = parse_config(["experts"])
+    assert cfg.data.loader == "batched"
+
+
+@pytest.mark.parametrize("n,batch", [(12, 4), (10, 4), (3, 5)])
+def test_tensor_batch_loader_equals_dataloader_over_epochs(n, batch):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_distill.data.datamodule import TensorBatchLoader
+
+    x, y = torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), torch.arange(n)
+    ours = TensorBatchLoader(x, y, batch, shuffle=True, generator=torch.Generator().manual_seed(9),
+                             pin_memory=False)
+    ref = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True,
+                     generator=torch.Generator().manual_seed(9))
+    assert len(ours) == len(ref) == math.ceil(n / batch)
+    a, b = _batches(ours, 3), _batches(ref, 3)
+    assert [t[1].tolist() for t in a] == [t[1].tolist() for t in b]
+    assert all(torch.equal(s[0], t[0]) for s, t in zip(a, b, strict=True))
