@@ -38,9 +38,10 @@ Parallelism, two ways:
   (e.g. a store directory that is not shared between nodes). Multi-node: launch the
   same command on every node with ``trainer.num_nodes: N`` and the usual
   ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` variables (or SLURM / torchrun, which
-  Lightning detects); the store must be on a file system all nodes see. Under DDP the
-  data order comes from Lightning's DistributedSampler (seeded with the expert's seed),
-  so a DDP store differs from a single-device one.
+  Lightning detects); the store must be on a file system all nodes see. Under DDP each
+  rank takes its shard of the expert's shuffled order (``data.loader: batched``, see
+  :func:`~lightning_distill.data.datamodule.shard_indices`; with ``loader: dataloader``
+  Lightning's DistributedSampler), so a DDP store differs from a single-device one.
 """
 
 from __future__ import annotations
