@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("jsonargparse")  # the CLI's engine (the GPU image lacks it)
+
 from lightning_distill import cli
 from lightning_distill.cli import parse_config
 from lightning_distill.stages.experts import ExpertsConfig

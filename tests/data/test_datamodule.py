@@ -288,6 +288,7 @@ def test_batched_loader_shards_under_fake_ddp(monkeypatch):
 
 
 def test_data_config_loader_field_and_cli():
+    pytest.importorskip("jsonargparse")
     from lightning_distill.cli import parse_config
     from lightning_distill.config import DataConfig, build_datamodule
 

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from lightning_distill.cli import parse_config
 from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.modules.evaluate import evaluate_synthetic
@@ -107,6 +106,9 @@ def test_architecture_kwargs_come_from_the_set_and_can_be_overridden(digits):
 
 
 def test_cli_accepts_a_single_synthetic_file_and_model():
+    pytest.importorskip("jsonargparse")
+    from lightning_distill.cli import parse_config
+
     _, cfg = parse_config(["evaluate", "--synthetic", "a.pt", "--models", "AlexNet",
                            "--runs", "3"])
     assert (cfg.synthetic, cfg.models, cfg.runs) == ("a.pt", "AlexNet", 3)

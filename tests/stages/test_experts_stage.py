@@ -191,6 +191,7 @@ def _write_yaml(cfg: ExpertsConfig, path: Path) -> Path:
 
 @pytest.mark.slow
 def test_killed_run_leaves_no_partial_file_and_rerun_completes_the_store(reference, tmp_path):
+    pytest.importorskip("jsonargparse")  # the CLI (not on the GPU image)
     _, ref = reference
     cfg = _cfg(tmp_path, "killed")
     config = _write_yaml(cfg, tmp_path / "experts.yaml")

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU-only measurement and check of this project in one command, for a session
+# that is lent a GPU (see the developers' guide: few, full device calls). Run from the
+# repository root on the GPU machine; results go to ${OUT:-benchmarks/out}/.
+#
+#   device run: bash benchmarks/gpu_session.sh
+#
+# The GPU image has torch, pytorch-lightning, torchmetrics, torchvision, tensorboard,
+# rich, scikit-learn, scipy and pytest, but not jsonargparse: the CLI tests are skipped
+# there (they run in CI). Record the tables in benchmarks/RESULTS.md with date, device,
+# commit and this command.
+set -uo pipefail
+out=${OUT:-benchmarks/out}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+{
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$out/device.txt"
+
+# 1. CUDA correctness: the suite (DSA's CUDA test runs here; CLI tests skip themselves).
+python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -n 30 \
+  | tee "$out/tests.txt"
+
+# 2. Trajectory matching (issue 4): CIFAR-10-shaped work, four modes + baseline.
+python3 benchmarks/matching.py --device cuda --batch-syn 100 --num-images 100 \
+  --syn-steps 10 20 40 80 --repeats 3 --warmup 2 2>&1 | tee "$out/matching.txt"
+
+# 3. Expert training throughput (issue 3): ours vs the reference-style loop, SGD and GSAM.
+python3 benchmarks/experts.py --device cuda --batch-size 256 --steps 20 --repeats 3 \
+  2>&1 | tee "$out/experts.txt"
