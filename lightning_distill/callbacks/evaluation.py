@@ -12,7 +12,9 @@ anything (the reference code selects by test accuracy, which inflates its number
 Evaluation runs plain torch loops, never a Trainer: starting a Trainer inside a running
 Trainer is unsupported (PL #15967). Each evaluation uses the same run seeds
 (``seed + r``), so successive evaluations are paired comparisons (same initialisations,
-batch orders and augmentations), which makes the selection less noisy.
+batch orders and augmentations), which makes the selection less noisy. Under several
+processes (DDP), the runs are shared out: rank ``k`` trains runs ``k, k + W, ...``, and
+every rank receives all accuracies, identical to a single-process evaluation.
 
 Logged (to every logger of the Trainer, at step = iteration): ``val/acc_mean``,
 ``val/acc_std``, ``val_ema/acc_mean``, ``val_ema/acc_std``, ``val/best_acc``; the same
@@ -146,12 +148,18 @@ class PeriodicEvaluation(Callback):
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, synthetic: SyntheticSet) -> list[float]:
-        """Validation accuracies of ``runs`` fresh networks trained on ``synthetic``.
+    def evaluate(self, synthetic: SyntheticSet, run_ids: Sequence[int] | None = None
+                 ) -> list[float]:
+        """Validation accuracies of fresh networks trained on ``synthetic``: runs
+        ``run_ids`` (default: all ``runs``), run ``r`` seeded with ``seed + r``, so a run's
+        accuracy does not depend on which process computes it.
 
         The networks train on ``synthetic.images.device`` (during fit: the module's device).
         """
         if self.evaluate_fn is not None:
+            if run_ids is not None:
+                raise ValueError("PeriodicEvaluation: evaluate_fn evaluates all runs at once; "
+                                 "run_ids cannot select some of them")
             return [float(a) for a in self.evaluate_fn(synthetic)]
         check_eval_data(synthetic, self.val_images, self.val_labels, "PeriodicEvaluation",
                         "validation")
@@ -164,8 +172,25 @@ class PeriodicEvaluation(Callback):
                 synthetic, self.model, self.model_kwargs, self.seed + r, val_x, val_y,
                 self.eval_batch_size, dev, augment=augment,
             )
-            for r in range(self.runs)
+            for r in (range(self.runs) if run_ids is None else run_ids)
         ]
+
+    def _evaluate_on_all_ranks(self, trainer: pl.Trainer, synthetic: SyntheticSet
+                               ) -> list[float]:
+        """All ``runs`` accuracies, on every rank. Under several processes, rank ``k``
+        trains runs ``k, k + W, ...`` and a sum-reduce assembles the list (each entry has
+        exactly one non-zero contribution, so the sum is exact): the same numbers as one
+        process, in 1/W of the time. ``evaluate_fn`` runs on rank 0 and is broadcast."""
+        world = trainer.world_size
+        if world == 1 or self.evaluate_fn is not None:
+            accs = self.evaluate(synthetic) if trainer.is_global_zero else None
+            return list(trainer.strategy.broadcast(accs, src=0))
+        mine = list(range(trainer.global_rank, self.runs, world))
+        local = torch.zeros(self.runs, dtype=torch.float64, device=synthetic.images.device)
+        for r, acc in zip(mine, self.evaluate(synthetic, mine), strict=True):
+            local[r] = acc
+        total = trainer.strategy.reduce(local, reduce_op="sum")
+        return [float(a) for a in total.cpu()]
 
     @property
     def protocol(self) -> EvalProtocol:
@@ -197,8 +222,7 @@ class PeriodicEvaluation(Callback):
         improved = False
         for prefix, syn in self._candidates(pl_module):
             syn = syn.detach_clone().to(pl_module.device)  # train on the module's device
-            accs = self.evaluate(syn) if trainer.is_global_zero else None
-            accs = trainer.strategy.broadcast(accs, src=0)
+            accs = self._evaluate_on_all_ranks(trainer, syn)
             mean, std = summarize(accs)
             metrics[f"{prefix}/acc_mean"] = mean
             metrics[f"{prefix}/acc_std"] = std
@@ -277,8 +301,7 @@ class PeriodicEvaluation(Callback):
         self.best_step = state_dict.get("best_step")
         self.best_source = state_dict.get("best_source")
         payload = state_dict.get("best_set")
-        self.best_synthetic_set = None if payload is None else SyntheticSet(
-            payload["images"], payload["labels"], payload["lr"], dict(payload.get("meta") or {})
-        )
+        self.best_synthetic_set = None if payload is None else SyntheticSet.from_dict(
+            payload, where="PeriodicEvaluation state 'best_set'")
         self.last_eval_step = state_dict.get("last_eval_step")
         self.history = [dict(h) for h in state_dict.get("history", [])]

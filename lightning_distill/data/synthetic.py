@@ -426,6 +426,53 @@ class SyntheticSet:
         return target
 
     @classmethod
+    def from_dict(cls, payload: Any, where: str = "synthetic set payload") -> SyntheticSet:
+        """The inverse of :meth:`to_dict`, validated; errors start with ``where`` (the file
+        name when called by :meth:`load`)."""
+        if not isinstance(payload, dict) or payload.get("kind", _KIND) != _KIND or (
+            "format_version" not in payload
+        ):
+            raise ValueError(
+                f"{where} is not a lightning_distill synthetic set (expected a dict with "
+                f"'format_version' and kind {_KIND!r}, got "
+                f"{type(payload).__name__}{' with keys ' + str(sorted(map(str, payload))) if isinstance(payload, dict) else ''}); "  # noqa: E501
+                "write synthetic sets with SyntheticSet.save"
+            )
+        version = payload["format_version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: synthetic set format_version {version!r} is newer than this "
+                f"library reads ({FORMAT_VERSION}); upgrade lightning_distill"
+            )
+        missing = [k for k in _REQUIRED if k not in payload]
+        if missing:
+            raise ValueError(
+                f"{where}: synthetic set file is missing key(s) {missing}; re-create it with "
+                "SyntheticSet.save"
+            )
+        images, labels = payload["images"], payload["labels"]
+        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+            raise ValueError(f"{where}: 'images' and 'labels' must be tensors")
+        if labels.shape[:1] != images.shape[:1]:
+            raise ValueError(
+                f"{where}: label count mismatch: "
+                f"{images.shape[0] if images.dim() else '?'} images but "
+                f"{labels.shape[0] if labels.dim() else '?'} labels; the file is damaged, "
+                "re-create it"
+            )
+        lr = payload["lr"]
+        if isinstance(lr, Tensor):
+            lr = float(lr.item())
+        if not isinstance(lr, (int, float)) or not math.isfinite(float(lr)):
+            raise ValueError(f"{where}: lr must be a finite number, got {lr!r}")
+        meta = dict(payload.get("meta") or {})
+        try:
+            out = cls(images, labels, float(lr), meta)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        return out
+
+    @classmethod
     def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> SyntheticSet:
         """Read a file written by :meth:`save` (``weights_only=True``), with clear errors."""
         p = Path(path)
@@ -446,46 +493,7 @@ class SyntheticSet:
                 "The file is corrupt, truncated or not a torch file; re-create it "
                 "(distill again) or point to the right file"
             ) from e
-        if not isinstance(payload, dict) or payload.get("kind", _KIND) != _KIND or (
-            "format_version" not in payload
-        ):
-            raise ValueError(
-                f"{p} is not a lightning_distill synthetic set (expected a dict with "
-                f"'format_version' and kind {_KIND!r}, got "
-                f"{type(payload).__name__}{' with keys ' + str(sorted(map(str, payload))) if isinstance(payload, dict) else ''}); "  # noqa: E501
-                "write synthetic sets with SyntheticSet.save"
-            )
-        version = payload["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
-                f"{p}: synthetic set format_version {version!r} is newer than this library "
-                f"reads ({FORMAT_VERSION}); upgrade lightning_distill"
-            )
-        missing = [k for k in _REQUIRED if k not in payload]
-        if missing:
-            raise ValueError(
-                f"{p}: synthetic set file is missing key(s) {missing}; re-create it with "
-                "SyntheticSet.save"
-            )
-        images, labels = payload["images"], payload["labels"]
-        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
-            raise ValueError(f"{p}: 'images' and 'labels' must be tensors")
-        if labels.shape[:1] != images.shape[:1]:
-            raise ValueError(
-                f"{p}: label count mismatch: {images.shape[0] if images.dim() else '?'} images "
-                f"but {labels.shape[0] if labels.dim() else '?'} labels; the file is damaged, "
-                "re-create it"
-            )
-        lr = payload["lr"]
-        if isinstance(lr, Tensor):
-            lr = float(lr.item())
-        if not isinstance(lr, (int, float)) or not math.isfinite(float(lr)):
-            raise ValueError(f"{p}: lr must be a finite number, got {lr!r}")
-        meta = dict(payload.get("meta") or {})
-        try:
-            out = cls(images, labels, float(lr), meta)
-        except ValueError as e:
-            raise ValueError(f"{p}: {e}") from e
+        out = cls.from_dict(payload, where=str(p))
         out.meta["path"] = str(p)
         return out
 

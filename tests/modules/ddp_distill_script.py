@@ -4,8 +4,11 @@ Usage: ``python tests/modules/ddp_distill_script.py STORE OUTDIR``. Lightning's 
 launcher re-runs this script once per extra rank (hence the ``__main__`` guard). Each rank
 saves its initial and final images, labels and syn_lr to ``OUTDIR/rank{r}.pt``; the run
 ends with a checkpoint ``OUTDIR/last.ckpt``. Rank 1's loss is NaN at iteration
-``NAN_ITERATION``, so that iteration steps with rank 0's gradient alone. The test imports
-``make_module`` / ``make_window`` for its single-process replay.
+``NAN_ITERATION``, so that iteration steps with rank 0's gradient alone. A
+``PeriodicEvaluation`` (``make_evaluation``) evaluates after iteration 2 and at the end,
+its runs shared out over the two ranks; each rank saves its history and final synthetic
+set. The test imports ``make_module`` / ``make_window`` / ``make_evaluation`` for its
+single-process replay.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def make_window():
     return MatchingWindow(0, 1, 3, 1, sequential=True)
 
 
+def make_evaluation(best_path=None):
+    from lightning_distill.callbacks.evaluation import PeriodicEvaluation
+    from tests.helpers import tiny_data
+
+    vx, vy = tiny_data(per_class=4, seed=5)
+    return PeriodicEvaluation(vx, vy, every_n_steps=2, runs=3, model_kwargs={"width": 4,
+                              "depth": 2}, epochs=4, batch_size=4, seed=3, evaluate_ema=False,
+                              best_path=best_path)
+
+
 def main(store: str, outdir: str) -> None:
     import pytorch_lightning as pl
 
@@ -55,16 +68,19 @@ def main(store: str, outdir: str) -> None:
     module.initialize(train_images=x, train_labels=y)
     init = {f"init_{k}": getattr(module, k).detach().clone() for k in ("images", "labels",
                                                                          "syn_lr")}
+    evaluation = make_evaluation(os.path.join(outdir, "best.pt"))
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=WORLD_SIZE, max_epochs=1,
-                         callbacks=[make_window()], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         callbacks=[make_window(), evaluation], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
     trainer.fit(module)
     trainer.save_checkpoint(os.path.join(outdir, "last.ckpt"))
     torch.save({**init, "images": module.images.detach().clone(),
                 "labels": module.labels.detach().clone(),
                 "syn_lr": module.syn_lr.detach().clone(), "iteration": int(module.iteration),
                 "skipped": int(module.skipped), "streak": int(module.nonfinite_streak),
-                "world_size": trainer.world_size},
+                "world_size": trainer.world_size, "history": evaluation.history,
+                "synthetic": module.synthetic_set().to("cpu").to_dict()},
                os.path.join(outdir, f"rank{trainer.global_rank}.pt"))
 
 

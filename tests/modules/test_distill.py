@@ -23,6 +23,7 @@ from lightning_distill.callbacks.ema import SyntheticEMA
 from lightning_distill.callbacks.matching_window import MatchingWindow
 from lightning_distill.config import derive_seed
 from lightning_distill.data.augment import DSA
+from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.functional.matching import sample_minibatches, trajectory_matching_loss
 from lightning_distill.models.params import ParamSpec
 from lightning_distill.modules.distill import DistillationModule
@@ -491,7 +492,6 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(store_dir):
 
 
 def test_export_writes_synthetic_set(store_dir, tmp_path):
-    from lightning_distill.data.synthetic import SyntheticSet
 
     out = tmp_path / "syn.pt"
     module = init(make_module(store_dir, iterations=2, learn_labels=True, export_path=str(out)))
@@ -571,3 +571,13 @@ def test_ddp_two_ranks_average_their_trajectory_gradients(tmp_path):
         assert torch.equal(states[r], gens[r].get_state())
     # averaging really happened: one rank's gradient alone gives something else
     assert not torch.allclose(grads[0][0], grads[1][0])
+
+    # PeriodicEvaluation (runs shared out over the ranks: rank 0 trains runs 0 and 2, rank 1
+    # run 1): both ranks hold every run's accuracy, evaluations after iterations 2 and 3,
+    # and the last one equals a single-process evaluation of the final set
+    assert r0["history"] == r1["history"]
+    assert [h["step"] for h in r0["history"]] == [2, s.ITERATIONS]
+    final = SyntheticSet.from_dict(r0["synthetic"])
+    torch.testing.assert_close(final.images, r0["images"], rtol=0, atol=0)
+    assert r0["history"][-1]["accs"] == s.make_evaluation().evaluate(final)
+    assert (tmp_path / "best.pt").exists()
