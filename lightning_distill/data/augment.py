@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DSA", "DSAParams", "FAMILIES"]
+__all__ = ["DSA", "DSAParams", "FAMILIES", "ResumableGenerator"]
 
 #: every family name accepted in a strategy string
 FAMILIES: tuple[str, ...] = (
@@ -330,6 +330,42 @@ class DSA:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Sample parameters for ``x`` and apply them (one random family per call)."""
         return self.apply(x, self.sample(x, generator))
+
+
+class ResumableGenerator:
+    """The DSA random stream of a module: a CPU ``torch.Generator`` seeded with ``seed``,
+    created on first use, whose state goes into checkpoints.
+
+    DSA draws its per-sample parameters (a few floats per image) from this CPU generator
+    and moves them to the batch's device, where the augmentation runs. So a seed gives
+    the same augmentations on every device, and a state saved on a GPU resumes on a CPU
+    and the other way round.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generator: torch.Generator | None = None
+        self._state: Tensor | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            gen = torch.Generator(device="cpu")
+            if self._state is None:
+                gen.manual_seed(self.seed)
+            else:
+                gen.set_state(self._state)
+            self._generator = gen
+        return self._generator
+
+    def state(self) -> Tensor:
+        """The current state (a CPU uint8 tensor) for a checkpoint."""
+        return self.generator.get_state()
+
+    def restore(self, state: Tensor | None) -> None:
+        """Continue from ``state`` (from :meth:`state`); ``None`` restarts from ``seed``."""
+        self._state = None if state is None else state.to("cpu", torch.uint8)
+        self._generator = None
 
 
 def _round(v: float) -> int:

@@ -39,6 +39,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from ..data.augment import ResumableGenerator
 from ..data.synthetic import SyntheticSet
 from ..functional.evaluation import (
     DEFAULT_DSA_STRATEGY,
@@ -110,7 +111,7 @@ class EvalProtocol:
             weight_decay=self.weight_decay, lr_decay_epoch=self.lr_decay_epoch,
             augment=augment,
             generator=torch.Generator().manual_seed(shuffle_seed),
-            augment_generator=torch.Generator(device=device).manual_seed(dsa_seed),
+            augment_generator=ResumableGenerator(dsa_seed).generator,
             test_images=test_images, test_labels=test_labels, test_batch_size=test_batch_size,
         )
         return out["accuracy"]
@@ -213,8 +214,7 @@ class EvalModule(pl.LightningModule):
         )
         self.augment = make_dsa(synthetic.meta.get("dataset"), dsa, dsa_strategy, dsa_flip)
         self._shuffle_generator = torch.Generator().manual_seed(self._shuffle_seed)
-        self._dsa_generator: torch.Generator | None = None
-        self._dsa_generator_state: Tensor | None = None
+        self._dsa_stream = ResumableGenerator(self._dsa_seed)
         self._counts: dict[str, list[int]] = {}
         self.val_accuracy: float | None = None
         self.test_accuracy: float | None = None
@@ -225,28 +225,22 @@ class EvalModule(pl.LightningModule):
     # -- randomness -------------------------------------------------------------------
     @property
     def dsa_generator(self) -> torch.Generator:
-        """The DSA generator, on the module's device, seeded from ``run_seeds(seed)[2]``."""
-        if self._dsa_generator is None or self._dsa_generator.device != self.device:
-            gen = torch.Generator(device=self.device)
-            if self._dsa_generator_state is not None:
-                gen.set_state(self._dsa_generator_state)
-            else:
-                gen.manual_seed(self._dsa_seed)
-            self._dsa_generator = gen
-        return self._dsa_generator
+        """The DSA generator, seeded from ``run_seeds(seed)[2]``; on the CPU whatever the
+        module's device (:class:`ResumableGenerator`), as in :meth:`EvalProtocol.train_run`,
+        so a checkpoint written on a GPU resumes on a CPU and vice versa."""
+        return self._dsa_stream.generator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["eval_generators"] = {
-            "dsa": self.dsa_generator.get_state(),
+            "dsa": self._dsa_stream.state(),
             "shuffle": self._shuffle_generator.get_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("eval_generators") or {}
         if "shuffle" in state:
-            self._shuffle_generator.set_state(state["shuffle"])
-        self._dsa_generator_state = state.get("dsa")
-        self._dsa_generator = None
+            self._shuffle_generator.set_state(state["shuffle"].to("cpu", torch.uint8))
+        self._dsa_stream.restore(state.get("dsa"))
 
     # -- data -------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.augment import DSA
+from ..data.augment import DSA, ResumableGenerator
 from ..models import build_model
 
 
@@ -71,8 +71,7 @@ class ExpertTrajectoryModule(pl.LightningModule):
             **(model_kwargs or {}),
         )
         self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
-        self._dsa_generator: torch.Generator | None = None
-        self._dsa_generator_state: Tensor | None = None
+        self._dsa_stream = ResumableGenerator(dsa_seed)
         self.loss_closure = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,24 +80,13 @@ class ExpertTrajectoryModule(pl.LightningModule):
     # -- DSA randomness: a CPU generator, saved in checkpoints ---------------------
     @property
     def dsa_generator(self) -> torch.Generator:
-        """The generator of the DSA parameters, seeded with ``dsa_seed``.
-
-        It lives on the CPU whatever the module's device: the per-sample parameters
-        (a few floats per image) are drawn there and moved to the batch's device, where
-        the augmentation itself runs. So an expert sees the same augmentations on every
-        device, and the state saved in a checkpoint resumes on any device.
-        """
-        if self._dsa_generator is None:
-            gen = torch.Generator(device="cpu")
-            if self._dsa_generator_state is not None:
-                gen.set_state(self._dsa_generator_state)
-            else:
-                gen.manual_seed(int(self.hparams.dsa_seed))
-            self._dsa_generator = gen
-        return self._dsa_generator
+        """The generator of the DSA parameters, seeded with ``dsa_seed``: on the CPU
+        whatever the module's device (:class:`ResumableGenerator`), so an expert sees the
+        same augmentations on every device and a checkpoint resumes on any device."""
+        return self._dsa_stream.generator
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dsa_generator_state"] = self.dsa_generator.get_state()
+        checkpoint["dsa_generator_state"] = self._dsa_stream.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("dsa_generator_state")
@@ -108,8 +96,7 @@ class ExpertTrajectoryModule(pl.LightningModule):
                 f"stream restarts from dsa_seed={self.hparams.dsa_seed}",
                 stacklevel=2,
             )
-        self._dsa_generator_state = None if state is None else state.to("cpu", torch.uint8)
-        self._dsa_generator = None
+        self._dsa_stream.restore(state)
 
     # -- steps ----------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_distill.data.augment import DSA, FAMILIES, DSAParams
+from lightning_distill.data.augment import DSA, FAMILIES, DSAParams, ResumableGenerator
 
 DEFAULT_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -305,3 +305,18 @@ def test_cpu_generator_with_cuda_input_matches_cpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     y = dsa(x.cuda(), g)
     assert y.device.type == "cuda"
+
+
+def test_resumable_generator_seeds_saves_and_restores():
+    a = ResumableGenerator(7)
+    assert a.generator.device.type == "cpu"
+    assert torch.equal(torch.rand(4, generator=a.generator),
+                       torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    state = a.state()
+    nxt = torch.rand(4, generator=a.generator)
+    b = ResumableGenerator(123)
+    b.restore(state)  # continues a's stream, not its own seed's
+    assert torch.equal(torch.rand(4, generator=b.generator), nxt)
+    b.restore(None)  # back to its own seed
+    assert torch.equal(torch.rand(4, generator=b.generator),
+                       torch.rand(4, generator=torch.Generator().manual_seed(123)))
