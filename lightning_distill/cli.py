@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -27,6 +29,8 @@ from typing import Any
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
+
+from .trajectories import TrajectoryStoreError
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,7 @@ STAGES: dict[str, Stage] = {
 
 
 def _load(stage: Stage):
-    try:
-        mod = importlib.import_module(stage.module)
-    except ModuleNotFoundError as err:
-        if err.name == stage.module:
-            return None, None
-        raise
+    mod = importlib.import_module(stage.module)
     return getattr(mod, stage.config), getattr(mod, stage.function)
 
 
@@ -74,8 +73,7 @@ def build_parser() -> ArgumentParser:
         sub.add_argument("--config", action=ActionConfigFile,
                          help="YAML recipe; may be given several times")
         config_cls, _ = _load(stage)
-        if config_cls is not None:
-            sub.add_class_arguments(config_cls, nested_key=None, as_group=False)
+        sub.add_class_arguments(config_cls, nested_key=None, as_group=False)
         subcommands.add_subcommand(name, sub, help=stage.help)
     return parser
 
@@ -124,8 +122,6 @@ def check_config_files(name: str, argv: Sequence[str]) -> None:
     """Fail with the file, the key and a suggestion for a YAML key that stage ``name``
     does not know (jsonargparse alone names neither the file nor a close match)."""
     config_cls, _ = _load(STAGES[name])
-    if config_cls is None:
-        return
     for file in _config_files(argv, name):
         try:
             data: Any = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
@@ -148,8 +144,7 @@ def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     """Parse a command line (without the program name) into ``(stage, config dataclass)``.
 
     Raises :class:`ConfigError` for an unknown key in a ``--config`` file, SystemExit (as
-    argparse does) for other errors, ``--help`` and ``--print_config``. The config is
-    None for a stage whose module is not available.
+    argparse does) for other errors, ``--help`` and ``--print_config``.
     """
     argv = list(argv)
     stage_name = next((a for a in argv if a in STAGES), None)
@@ -159,8 +154,6 @@ def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     ns = parser.parse_args(argv)
     name = ns.stage
     config_cls, _ = _load(STAGES[name])
-    if config_cls is None:
-        return name, None
     sub_ns = ns[name]
     sub_ns.pop("config", None)
     sub_parser = parser._subcommands_action._name_parser_map[name]
@@ -170,17 +163,53 @@ def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     return name, config_cls(**{k: v for k, v in init.items() if k in fields})
 
 
+#: what bad input raises in the library (each with a message naming the file or field and
+#: what to do): reported as one line, exit status 2, unless LIGHTNING_DISTILL_TRACEBACK=1
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
+                                                IsADirectoryError, TrajectoryStoreError)
+
+
+class _OnceFilter(logging.Filter):
+    """Pass each distinct INFO line once per process: a stage that starts one Trainer per
+    expert would otherwise repeat Lightning's banner lines ("GPU available ...") for every
+    expert. Warnings and errors always pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _quiet_repeated_lightning_info() -> None:
+    for handler in logging.getLogger("pytorch_lightning").handlers:
+        if not any(isinstance(f, _OnceFilter) for f in handler.filters):
+            handler.addFilter(_OnceFilter())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         name, cfg = parse_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    if cfg is None:
-        print(f"lightning-distill {name}: not yet available in this version", file=sys.stderr)
-        return 2
     _, function = _load(STAGES[name])
-    function(cfg)
+    _quiet_repeated_lightning_info()
+    try:
+        function(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"lightning-distill {name}: error: {type(err).__name__}: {err}\n"
+              "(set LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

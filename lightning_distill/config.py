@@ -88,11 +88,20 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1)[0] >> 1)
 
 
-def build_datamodule(cfg: DataConfig, seed: int = 0):
-    """A :class:`~lightning_distill.data.RealDataModule` for ``cfg`` (shuffle seeded by seed)."""
+def build_datamodule(cfg: DataConfig, setup: str | None = None):
+    """A :class:`~lightning_distill.data.RealDataModule` for ``cfg``; with ``setup`` (a
+    Lightning stage name: "fit", "test"), also ready to use: ``prepare_data()`` on global
+    rank 0 (downloads when ``cfg.kwargs`` has ``download: true``), then ``setup(setup)``.
+
+    Under DDP started by Lightning the other ranks start inside ``Trainer.fit``, after
+    this ran on rank 0; launchers that start all ranks at once (torchrun, SLURM) need the
+    data on disk first (run one process with ``download: true`` once).
+    """
+    from pytorch_lightning.utilities import rank_zero_only
+
     from .data.datamodule import RealDataModule
 
-    return RealDataModule(
+    dm = RealDataModule(
         name=cfg.name,
         root=cfg.root,
         batch_size=cfg.batch_size,
@@ -104,3 +113,8 @@ def build_datamodule(cfg: DataConfig, seed: int = 0):
         dataset_kwargs=dict(cfg.kwargs),
         loader=cfg.loader,
     )
+    if setup is not None:
+        if rank_zero_only.rank == 0:
+            dm.prepare_data()
+        dm.setup(setup)
+    return dm

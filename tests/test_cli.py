@@ -114,6 +114,36 @@ def test_main_runs_the_stage_with_the_parsed_config(monkeypatch):
     assert isinstance(cfg, ExpertsConfig) and cfg.experts.num_experts == 2
 
 
+def test_bad_input_in_a_stage_is_one_error_line_with_exit_status_2(tmp_path, capsys,
+                                                                     monkeypatch):
+    argv = ["experts", "--config", DIGITS, "--data.name", "cifar10", "--data.root",
+            str(tmp_path), "--store", str(tmp_path / "store")]
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lightning-distill experts: error:" in err and "cifar10" in err
+    assert str(tmp_path) in err and "Traceback" not in err
+    assert "LIGHTNING_DISTILL_TRACEBACK=1" in err
+    monkeypatch.setenv("LIGHTNING_DISTILL_TRACEBACK", "1")
+    with pytest.raises(cli.USER_ERRORS):
+        cli.main(argv)
+
+
+def test_repeated_lightning_info_lines_pass_once():
+    import logging
+
+    f = cli._OnceFilter()
+
+    def record(level, msg):
+        return logging.LogRecord("pytorch_lightning", level, __file__, 1, msg, None, None)
+
+    assert f.filter(record(logging.INFO, "GPU available: False"))
+    assert not f.filter(record(logging.INFO, "GPU available: False"))
+    assert f.filter(record(logging.INFO, "TPU available: False"))
+    assert f.filter(record(logging.WARNING, "careful"))
+    assert f.filter(record(logging.WARNING, "careful"))  # warnings are never dropped
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("lightning-distill")
     if not exe.exists():

@@ -354,6 +354,9 @@ def _missing(name: str, looked: Sequence[str], how: Sequence[str]) -> FileNotFou
     lines = [f"data set {name!r} not found. Looked in:"]
     lines += [f"  - {p}" for p in looked]
     lines += ["How to get it:"] + [f"  - {h}" for h in how]
+    lines += ["In a recipe or on the lightning-distill command line: point data.root at the "
+              "folder, or set data.kwargs: {download: true} where the loader can download "
+              "(--data.root DIR, --data.kwargs '{download: true}')."]
     return FileNotFoundError("\n".join(lines))
 
 

@@ -50,7 +50,6 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, IterableDataset
 
 from ..config import derive_seed
 from ..data.augment import DSA
@@ -61,13 +60,18 @@ IMAGE_INITS = ("real", "samples_predicted_correctly", "noise")
 LABEL_INITS = ("hard", "soft")
 
 
-class _Iterations(IterableDataset):
-    """Yields the indices of the remaining outer iterations (no sampler is ever injected).
+class _IterationLoader:
+    """The training "data": the indices of the remaining outer iterations.
 
     Its length is the TOTAL number of iterations: a run resumed mid-epoch restores
     Lightning's batch counter (the iterations already done) and iterates the rest, so
     the epoch ends when the iterator is exhausted. (With a length of "remaining
     iterations", a 6-iteration run resumed after iteration 2 stopped at iteration 4.)
+
+    A plain iterable, not a DataLoader: Lightning injects no (distributed) sampler into
+    it, so every rank runs every iteration. Its position is the module's ``iteration``
+    buffer, restored with the module, so it has no state of its own (``state_dict`` is
+    empty), which tells Lightning it resumes mid-epoch correctly.
     """
 
     def __init__(self, module: DistillationModule) -> None:
@@ -78,14 +82,6 @@ class _Iterations(IterableDataset):
 
     def __iter__(self) -> Iterator[int]:
         yield from range(int(self.module.iteration), int(self.module.hparams.iterations))
-
-
-class _IterationLoader(DataLoader):
-    """A DataLoader over :class:`_Iterations` that Lightning treats as resumable.
-
-    Its position is the module's ``iteration`` buffer, restored with the module, so the
-    loader itself has no state of its own (``state_dict`` is empty).
-    """
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -358,8 +354,8 @@ class DistillationModule(pl.LightningModule):
                     "use the data settings (normalisation / ZCA) the experts were trained with")
 
     # ------------------------------------------------------------------ Lightning
-    def train_dataloader(self) -> DataLoader:
-        return _IterationLoader(_Iterations(self), batch_size=None)
+    def train_dataloader(self) -> _IterationLoader:
+        return _IterationLoader(self)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams

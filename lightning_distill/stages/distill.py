@@ -198,8 +198,7 @@ def distill(cfg: DistillConfig) -> Path:
         console.print(f"[green]{out / 'synthetic.pt'} is complete; skipping distillation[/]")
         return out / "synthetic.pt"
     pl.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg.data)
-    dm.setup("fit")
+    dm = build_datamodule(cfg.data, setup="fit")
     module = build_module(cfg)
     callbacks = build_callbacks(cfg, dm, module.store.model)
     ckpt = Path(cfg.output) / "checkpoints" / "last.ckpt"

@@ -98,8 +98,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     if not cfg.synthetic and not cfg.baselines:
         raise ValueError("nothing to evaluate: give --synthetic FILE and/or --baselines")
     pl.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg.data)
-    dm.setup("test")
+    dm = build_datamodule(cfg.data, setup="test")
     test_x, test_y = dm.test_set.tensors
     device = _device(cfg.device)
     rows: list[dict[str, Any]] = []

@@ -189,10 +189,7 @@ def train_experts(
         raise ValueError(f"experts.num_experts must be >= 0 and experts.epochs >= 1; got "
                          f"{ex.num_experts} and {ex.epochs}")
     sharpness_callback(cfg.sharpness)  # validate the method name before any work
-    dm = build_datamodule(cfg.data)
-    if rank_zero_only.rank == 0:
-        dm.prepare_data()
-    dm.setup("fit")
+    dm = build_datamodule(cfg.data, setup="fit")
     real = dm.real
     net = build_model(cfg.model.name, channels=real.channels, num_classes=real.num_classes,
                       image_size=real.image_size, **cfg.model.kwargs)
