@@ -6,7 +6,8 @@
     lightning-distill run      --config recipes/digits/quickstart.yaml
 
 Each stage takes one or more ``--config FILE.yaml`` (later files override earlier
-ones), dotted overrides such as ``--data.root /data --trainer.devices 2`` and
+ones; a packaged recipe can be named instead of a file: ``--config digits/quickstart``),
+dotted overrides such as ``--data.root /data --trainer.devices 2`` and
 ``--print_config`` to show the merged configuration. The configuration of a stage is
 a dataclass (``lightning_distill.stages.*``), parsed with jsonargparse, the engine of
 Lightning's own LightningCLI; the stages are plain functions around Lightning
@@ -79,7 +80,7 @@ def build_parser() -> ArgumentParser:
 
 
 class ConfigError(ValueError):
-    """A recipe file holds a key the stage does not know."""
+    """A ``--config`` file is missing or holds a key the stage does not know."""
 
 
 def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[tuple[str, str, list[str]]]:
@@ -101,6 +102,42 @@ def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[tuple[str, st
                 for k, v in enumerate(value):
                     if isinstance(v, dict):
                         out += _unknown_keys(item, v, f"{prefix}{key}[{k}].")
+    return out
+
+
+#: the YAML recipes shipped inside the package (``recipes/`` in a checkout links here)
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """``{"digits/quickstart": path, ...}``: every recipe shipped with the package."""
+    return {f"{p.parent.name}/{p.stem}": p for p in sorted(RECIPES_DIR.glob("*/*.yaml"))}
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as a file path: an existing file as given, else a packaged
+    recipe named ``dataset/name`` (``.yaml`` and a leading ``recipes/`` optional), so a
+    pip-installed package runs ``--config cifar10/ipc10`` from any directory."""
+    if Path(value).expanduser().is_file():
+        return value
+    key = value.removeprefix("recipes/").removesuffix(".yaml")
+    recipes = packaged_recipes()
+    if key in recipes:
+        return str(recipes[key])
+    raise ConfigError(
+        f"lightning-distill: error: --config {value}: no such file, and no packaged recipe "
+        f"of that name. Packaged recipes (pass as --config NAME): {', '.join(recipes)}"
+    )
+
+
+def _resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``--config`` value passed through :func:`resolve_config`."""
+    out = list(argv)
+    for k, arg in enumerate(out):
+        if arg == "--config" and k + 1 < len(out):
+            out[k + 1] = resolve_config(out[k + 1])
+        elif arg.startswith("--config="):
+            out[k] = "--config=" + resolve_config(arg.split("=", 1)[1])
     return out
 
 
@@ -143,10 +180,11 @@ def check_config_files(name: str, argv: Sequence[str]) -> None:
 def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     """Parse a command line (without the program name) into ``(stage, config dataclass)``.
 
-    Raises :class:`ConfigError` for an unknown key in a ``--config`` file, SystemExit (as
-    argparse does) for other errors, ``--help`` and ``--print_config``.
+    ``--config`` takes a file or a packaged recipe name (:func:`resolve_config`).
+    Raises :class:`ConfigError` for a missing config file or an unknown key in one,
+    SystemExit (as argparse does) for other errors, ``--help`` and ``--print_config``.
     """
-    argv = list(argv)
+    argv = _resolve_config_args(argv)
     stage_name = next((a for a in argv if a in STAGES), None)
     if stage_name is not None:
         check_config_files(stage_name, argv)

@@ -144,6 +144,31 @@ def test_repeated_lightning_info_lines_pass_once():
     assert f.filter(record(logging.WARNING, "careful"))  # warnings are never dropped
 
 
+def test_config_names_a_packaged_recipe_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    recipes = cli.packaged_recipes()
+    assert "digits/quickstart" in recipes and "cifar10/ipc10" in recipes
+    # the checkout's recipes/ is the packaged folder
+    assert sorted(recipes) == sorted(f"{p.parent.name}/{p.stem}"
+                                     for p in (ROOT / "recipes").glob("*/*.yaml"))
+    for value in ("digits/experts", "digits/experts.yaml", "recipes/digits/experts.yaml"):
+        assert Path(cli.resolve_config(value)).samefile(ROOT / "recipes/digits/experts.yaml")
+    _, by_name = parse_config(["experts", "--config", "digits/experts"])
+    _, by_path = parse_config(["experts", f"--config={ROOT / 'recipes/digits/experts.yaml'}"])
+    assert by_name == by_path
+    # a local file wins over a packaged recipe of the same name
+    local = tmp_path / "digits" / "experts.yaml"
+    local.parent.mkdir()
+    local.write_text("seed: 99\n", encoding="utf-8")
+    assert cli.resolve_config("digits/experts.yaml") == "digits/experts.yaml"
+
+
+def test_missing_config_file_lists_the_packaged_recipes(tmp_path, capsys):
+    assert cli.main(["experts", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml: no such file" in err and "digits/quickstart" in err
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("lightning-distill")
     if not exe.exists():
