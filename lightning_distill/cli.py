@@ -130,6 +130,27 @@ def resolve_config(value: str) -> str:
     )
 
 
+#: the packaged recipe a stage reads when the command line names no ``--config``: the
+#: digits pipeline (scikit-learn's bundled data set, minutes on a CPU)
+DEFAULT_RECIPES: dict[str, str] = {
+    "experts": "digits/experts",
+    "distill": "digits/ipc10",
+    "evaluate": "digits/evaluate",
+    "run": "digits/quickstart",
+}
+
+
+def default_recipe(argv: Sequence[str]) -> str | None:
+    """The recipe :func:`parse_config` adds for a command line without ``--config``
+    (None when it has one, asks for help, or names no stage)."""
+    stage = next((a for a in argv if a in STAGES), None)
+    if stage is None or any(a in ("-h", "--help") for a in argv):
+        return None
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return None
+    return DEFAULT_RECIPES[stage]
+
+
 def _resolve_config_args(argv: Sequence[str]) -> list[str]:
     """``argv`` with every ``--config`` value passed through :func:`resolve_config`."""
     out = list(argv)
@@ -180,10 +201,16 @@ def check_config_files(name: str, argv: Sequence[str]) -> None:
 def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     """Parse a command line (without the program name) into ``(stage, config dataclass)``.
 
-    ``--config`` takes a file or a packaged recipe name (:func:`resolve_config`).
+    ``--config`` takes a file or a packaged recipe name (:func:`resolve_config`); without
+    any, the stage reads its :data:`DEFAULT_RECIPES` entry (the digits pipeline).
     Raises :class:`ConfigError` for a missing config file or an unknown key in one,
     SystemExit (as argparse does) for other errors, ``--help`` and ``--print_config``.
     """
+    argv = list(argv)
+    recipe = default_recipe(argv)
+    if recipe is not None:
+        k = next(i for i, a in enumerate(argv) if a in STAGES)
+        argv[k + 1 : k + 1] = ["--config", recipe]
     argv = _resolve_config_args(argv)
     stage_name = next((a for a in argv if a in STAGES), None)
     if stage_name is not None:
@@ -233,8 +260,13 @@ def _quiet_repeated_lightning_info() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = default_recipe(argv)
+    if recipe is not None and "--print_config" not in argv:
+        print(f"lightning-distill: no --config given: using the packaged recipe {recipe} "
+              f"({RECIPES_DIR / recipe}.yaml)", file=sys.stderr)
     try:
-        name, cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        name, cfg = parse_config(argv)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

@@ -163,6 +163,30 @@ def test_config_names_a_packaged_recipe_from_any_directory(tmp_path, monkeypatch
     assert cli.resolve_config("digits/experts.yaml") == "digits/experts.yaml"
 
 
+@pytest.mark.parametrize("stage", ["experts", "distill", "evaluate", "run"])
+def test_without_config_a_stage_reads_its_packaged_digits_recipe(stage, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = cli.DEFAULT_RECIPES[stage]
+    assert recipe.startswith("digits/")
+    assert parse_config([stage]) == parse_config([stage, "--config", recipe])
+    # overrides still apply on top of it
+    _, cfg = parse_config([stage, "--seed", "41"])
+    assert cfg.seed == 41
+    assert cli.default_recipe([stage, "--config", "x.yaml"]) is None
+    assert cli.default_recipe([stage, "--help"]) is None
+
+
+def test_main_says_which_recipe_it_uses_without_config(monkeypatch, capsys):
+    import lightning_distill.stages.run as stage
+
+    seen = []
+    monkeypatch.setattr(stage, "run", seen.append)
+    assert cli.main(["run"]) == 0
+    assert "packaged recipe digits/quickstart" in capsys.readouterr().err
+    assert seen[0].experts.num_experts == 8  # the quickstart's, not the dataclass default
+
+
 def test_missing_config_file_lists_the_packaged_recipes(tmp_path, capsys):
     assert cli.main(["experts", "--config", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
