@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.callbacks.sharpness import GSAM
 from lightning_distill.data.datamodule import TensorBatchLoader
+from lightning_distill.modules.evaluate import trainer_device_args
 from lightning_distill.modules.expert import ExpertTrajectoryModule
 
 RHO, ALPHA, LR = 0.01, 0.3, 0.01
@@ -226,8 +227,7 @@ def our_stack(module, loader, device, steps, warmup, gsam) -> float:
     timer = _Timer(warmup, device)
     callbacks = [timer] + ([GSAM(rho=RHO, alpha=ALPHA)] if gsam else [])
     trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-        max_steps=warmup + steps, callbacks=callbacks, logger=False,
+        **trainer_device_args(device), max_steps=warmup + steps, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )

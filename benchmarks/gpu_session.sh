@@ -20,14 +20,23 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$out/device.txt"
 
-# 1. CUDA correctness: the suite (DSA's CUDA test runs here; CLI tests skip themselves).
-python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -n 30 \
-  | tee "$out/tests.txt"
+# Each step has its own time limit, the measurements first, so that one slow step cannot
+# starve the others inside a 600 s device call (total of the limits: 570 s).
+
+# 1. CUDA checks against the CPU (tests/test_cuda.py: matching float64, DistillationModule
+#    on the GPU with checkpoint resume there and on the CPU, GSAM expert + recorder) and
+#    DSA's CUDA test.
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  tests/data/test_augment.py 2>&1 | tail -n 30 | tee "$out/cuda_tests.txt"
 
 # 2. Trajectory matching (issue 4): CIFAR-10-shaped work, four modes + baseline.
-python3 benchmarks/matching.py --device cuda --batch-syn 100 --num-images 100 \
+timeout 240 python3 benchmarks/matching.py --device cuda --batch-syn 100 --num-images 100 \
   --syn-steps 10 20 40 80 --repeats 3 --warmup 2 2>&1 | tee "$out/matching.txt"
 
 # 3. Expert training throughput (issue 3): ours vs the reference-style loop, SGD and GSAM.
-python3 benchmarks/experts.py --device cuda --batch-size 256 --steps 20 --repeats 3 \
-  2>&1 | tee "$out/experts.txt"
+timeout 120 python3 benchmarks/experts.py --device cuda --batch-size 256 --steps 20 \
+  --repeats 3 2>&1 | tee "$out/experts.txt"
+
+# 4. The whole suite on the GPU machine (CLI tests skip themselves there).
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -n 30 \
+  | tee "$out/tests.txt"

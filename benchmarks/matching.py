@@ -30,6 +30,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import platform
@@ -133,44 +134,52 @@ def make_problem(args, steps: int, device, dtype):
     else:
         labels = (torch.arange(n) % args.num_classes).to(device)
     syn_lr = torch.tensor(0.01, device=device, dtype=dtype, requires_grad=True)
-    batches = sample_minibatches(n, args.batch_syn, steps, torch.Generator().manual_seed(2))
-    batches = [b.to(device) for b in batches]
-    return model, start, target, images, labels, syn_lr, batches
+    # CPU index tensors, as DistillationModule passes them (checked on the CPU, moved in
+    # one copy); the baseline gets them already on the device (untimed), an advantage
+    cpu_batches = sample_minibatches(n, args.batch_syn, steps, torch.Generator().manual_seed(2))
+    dev_batches = [b.to(device) for b in cpu_batches]
+    return model, start, target, images, labels, syn_lr, (cpu_batches, dev_batches)
 
 
 def one_iteration(mode, problem, dsa, meter):
-    model, start, target, images, labels, syn_lr, batches = problem
-    for t in (images, labels, syn_lr):
-        t.grad = None
+    model, start, target, images, labels, syn_lr, (cpu_batches, dev_batches) = problem
     gen = torch.Generator().manual_seed(3)
-    with meter.hooks():
+    with meter.hooks() if meter is not None else contextlib.nullcontext():
         if mode == "baseline":
             loss = reference_style_loss(
-                model, start, target, images, labels, syn_lr, batches, dsa, gen
+                model, start, target, images, labels, syn_lr, dev_batches, dsa, gen
             )
         else:
             loss = trajectory_matching_loss(
-                model, start, target, images, labels, syn_lr, batches, dsa, mode, generator=gen
+                model, start, target, images, labels, syn_lr, cpu_batches, dsa, mode,
+                generator=gen,
             )
         loss.backward()
     return loss.detach()
 
 
 def measure(mode, problem, dsa, device):
-    """One timed outer iteration: (seconds, memory bytes, gradients of images/labels/syn_lr)."""
+    """One timed outer iteration: (seconds, memory bytes, gradients of images/labels/syn_lr).
+
+    Memory: on CUDA the allocator's peak above what was allocated before (previous
+    gradients freed first); on the CPU the peak of live autograd saved tensors (the hooks
+    cost Python time, so they are off on CUDA, where the allocator measures).
+    """
     cuda = device.type == "cuda"
+    for t in problem[3:6]:
+        t.grad = None
     gc.collect()
-    meter = SavedTensorMeter()
+    meter = None if cuda else SavedTensorMeter()
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     one_iteration(mode, problem, dsa, meter)
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    mem = torch.cuda.max_memory_allocated() - base if cuda else meter.peak
+    mem = torch.cuda.max_memory_allocated(device) - base if cuda else meter.peak
     grads = tuple(t.grad.detach().clone() if t.grad is not None else None for t in problem[3:6])
     return dt, mem, grads
 
@@ -196,7 +205,13 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--no-tf32", action="store_true",
+                   help="full-precision float32 convolutions on CUDA (PyTorch's default "
+                   "lets cuDNN use TF32, which shows in the gradient-difference column)")
     args = p.parse_args(argv)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     dsa = None if args.no_dsa else DSA()
@@ -205,6 +220,8 @@ def main(argv=None) -> None:
     print(
         f"# matching benchmark {datetime.date.today()} torch {torch.__version__} on "
         f"{device.type} ({dev_name}), threads {torch.get_num_threads()}, {args.dtype}"
+        + (f", cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, matmul "
+           f"TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}" if cuda else "")
     )
     print(
         f"# ConvNet-{args.depth} width {args.width}, {args.channels}x{args.image_size}x"

@@ -55,7 +55,12 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    """Keywords passed to every ``pytorch_lightning.Trainer`` a stage creates."""
+    """Keywords passed to every ``pytorch_lightning.Trainer`` a stage creates.
+
+    ``deterministic``: runs on the CPU are reproducible without it. On CUDA, ``true``
+    makes PyTorch refuse operations without a deterministic kernel, and the backward of
+    ``grid_sample`` (DSA's scale and rotate) is one: with DSA on a GPU use ``"warn"``.
+    """
 
     accelerator: str = "auto"
     devices: int | str | list[int] = 1

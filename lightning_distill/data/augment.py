@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional.device import to_device
+
 __all__ = ["DSA", "DSAParams", "FAMILIES", "ResumableGenerator"]
 
 #: every family name accepted in a strategy string
@@ -213,18 +215,16 @@ class DSA:
             return DSAParams(_IDENTITY)
 
         n, _, h, w = x.shape
-        dev = x.device
+        # draw (and derive the parameters) on the generator's device, then move them to
+        # the batch's in one go: pinned + non_blocking for CUDA, so a CPU generator costs
+        # no GPU synchronisation (a plain host-to-device copy waits for the GPU)
+        src = x.device if generator is None else generator.device
 
         def rand(*shape: int) -> Tensor:
-            if generator is None:
-                return torch.rand(shape, device=dev)
-            return torch.rand(shape, generator=generator, device=generator.device).to(dev)
+            return torch.rand(shape, generator=generator, device=src)
 
         def randint(low: int, high: int, *shape: int) -> Tensor:
-            if generator is None:
-                return torch.randint(low, high, shape, device=dev)
-            g = generator
-            return torch.randint(low, high, shape, generator=g, device=g.device).to(dev)
+            return torch.randint(low, high, shape, generator=generator, device=src)
 
         t: dict[str, Tensor] = {}
         if family == "scale":
@@ -250,7 +250,7 @@ class DSA:
             t["center"] = torch.stack(
                 [randint(0, h + 1 - ch % 2, n), randint(0, w + 1 - cw % 2, n)], dim=1
             )
-        return DSAParams(family, t)
+        return DSAParams(family, {k: to_device(v, x.device) for k, v in t.items()})
 
     # ------------------------------------------------------------------ applying
     def apply(self, x: Tensor, params: DSAParams) -> Tensor:

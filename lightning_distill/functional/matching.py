@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from lightning_distill.functional.device import to_device
 from lightning_distill.functional.losses import classification_loss
 from lightning_distill.models.params import ParamSpec, has_running_stats
 
@@ -387,6 +388,11 @@ def _prepare(model, start, target, images, labels, syn_lr, batches, augment, los
             )
     elif labels.dim() != 1:
         raise ValueError(f"{name}: hard labels must be [N] class ids, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(
+            f"{name}: labels are on {labels.device} but images on {device}; put both on the "
+            "same device"
+        )
     spec = ParamSpec.of(model)
     for what, vec in (("start", start), ("target", target)):
         if not torch.is_tensor(vec) or vec.dim() != 1 or vec.numel() != spec.total:
@@ -408,14 +414,17 @@ def _prepare(model, start, target, images, labels, syn_lr, batches, augment, los
         raise ValueError(f"{name}: batches is empty; pass one index tensor per inner step")
     idxs = []
     for i, b in enumerate(batches):
-        b = torch.as_tensor(b, device=device)
+        b = torch.as_tensor(b)
         if b.dim() != 1 or b.numel() == 0 or b.is_floating_point() or b.dtype == torch.bool:
             raise ValueError(f"{name}: batches[{i}] must be a non-empty 1-D integer index tensor")
         idxs.append(b.long())
-    flat = torch.cat(idxs)
-    lo, hi = int(flat.min()), int(flat.max())
+    # validate where the indices are (CPU batches: no GPU sync), then move all at once
+    flat = torch.cat([b.to(idxs[0].device) for b in idxs])
+    lo, hi = torch.aminmax(flat)
+    lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= n:
         raise ValueError(f"{name}: batch indices span [{lo}, {hi}] but there are {n} images")
+    idxs = list(to_device(flat, device).split([b.numel() for b in idxs]))
     if loss == "auto":
         loss_fn = classification_loss
     elif callable(loss):
@@ -483,7 +492,8 @@ def sample_start_epoch(
         expansion_end,
         sequential,
     )
-    return int(torch.randint(min_start_epoch, ub, (1,), generator=generator))
+    dev = None if generator is None else generator.device
+    return int(torch.randint(min_start_epoch, ub, (1,), generator=generator, device=dev))
 
 
 def _check_window(it, t_min, t_cur, t_max, expansion_end, sequential):
@@ -517,18 +527,23 @@ def sample_minibatches(
 
     Consecutive chunks of ``batch_size`` from a fresh random permutation of
     ``range(num_images)``; a new permutation is drawn when one is exhausted (its last
-    chunk is shorter when ``batch_size`` does not divide ``num_images``).
+    chunk is shorter when ``batch_size`` does not divide ``num_images``). Drawn on the
+    generator's device, then moved to ``device`` (if given) in one copy.
     """
     if num_images <= 0 or batch_size <= 0 or steps <= 0:
         raise ValueError(
             f"sample_minibatches: num_images ({num_images}), batch_size ({batch_size}) and "
             f"steps ({steps}) must be positive"
         )
+    src = None if generator is None else generator.device
     out: list[Tensor] = []
     chunks: list[Tensor] = []
     while len(out) < steps:
         if not chunks:
-            chunks = list(torch.randperm(num_images, generator=generator).split(batch_size))
+            perm = torch.randperm(num_images, generator=generator, device=src)
+            chunks = list(perm.split(batch_size))
             chunks.reverse()
-        out.append(chunks.pop().to(device) if device is not None else chunks.pop())
-    return out
+        out.append(chunks.pop())
+    if device is None:
+        return out
+    return list(to_device(torch.cat(out), device).split([b.numel() for b in out]))

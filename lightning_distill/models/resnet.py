@@ -115,13 +115,14 @@ class ResNet(nn.Module):
         self.layer3 = stages[2] if len(stages) > 2 else nn.Identity()
         self.layer4 = stages[3] if len(stages) > 3 else nn.Identity()
         self.feature_shape = (in_ch, h, w)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_ch, num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
         out = self.act1(self.norm1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.pool(out).flatten(1)
+        # global average pool as a mean: AdaptiveAvgPool2d's CUDA backward has no
+        # deterministic kernel (it fails under torch.use_deterministic_algorithms)
+        return out.mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.embed(x))

@@ -445,8 +445,9 @@ class DistillationModule(pl.LightningModule):
         target = self.store.snapshot(expert, start_epoch + hp.expert_epochs).to(
             device, dtype, non_blocking=True)
         n = self.images.shape[0]
-        batches = sample_minibatches(n, hp.batch_syn or n, hp.syn_steps, self.generator,
-                                     device=device)
+        # CPU index tensors: trajectory_matching_loss checks them on the CPU and moves
+        # them to the device in one copy
+        batches = sample_minibatches(n, hp.batch_syn or n, hp.syn_steps, self.generator)
         loss = trajectory_matching_loss(
             self.student, start, target, self.images, self.current_labels(), self.syn_lr,
             batches, augment=self.augment, mode=hp.mode, generator=self.generator)

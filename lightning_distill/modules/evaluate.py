@@ -331,10 +331,17 @@ class EvalModule(pl.LightningModule):
         self.test_accuracy = self._finish("test")
 
 
+def trainer_device_args(device: torch.device) -> dict[str, Any]:
+    """``accelerator`` / ``devices`` keywords for a one-device Trainer on ``device``
+    (``cuda:1`` -> ``accelerator="gpu", devices=[1]``: ``devices=1`` would mean cuda:0)."""
+    if device.type == "cuda":
+        return {"accelerator": "gpu", "devices": [device.index or 0]}
+    return {"accelerator": device.type, "devices": 1}
+
+
 def _quiet_trainer(epochs: int, device: torch.device) -> pl.Trainer:
-    accelerator = "gpu" if device.type == "cuda" else device.type
     return pl.Trainer(
-        max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+        max_epochs=epochs, **trainer_device_args(device), logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )

@@ -265,6 +265,10 @@ def test_errors():
         call(model, start, start, images, labels, syn_lr, batches)
     with pytest.raises(ValueError, match="soft labels must be"):
         call(model, start, target, images, labels[:, 0], syn_lr, batches)
+    with pytest.raises(ValueError, match="labels are on meta but images on cpu"):
+        call(model, start, target, images, labels.detach().to("meta"), syn_lr, batches)
+    with pytest.raises(ValueError, match=r"batches\[1\] must be a non-empty 1-D integer"):
+        call(model, start, target, images, labels, syn_lr, [batches[0], torch.tensor([0.5])])
 
 
 @pytest.mark.parametrize("mode", ["recompute", "tesla"])
