@@ -4,6 +4,8 @@ Every stage resumes from what is already on disk: experts present in the store a
 not retrained, a finished synthetic set is not distilled again (an unfinished one
 resumes from its last checkpoint), and the evaluation reruns only the networks (cheap).
 Files go under ``workdir``: ``experts/``, ``<run name>/synthetic.pt``, ``results.json``.
+Under DDP (``trainer.strategy: ddp``) every rank trains and distils; global rank 0 alone
+evaluates and writes the table.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pytorch_lightning.utilities import rank_zero_only
 
 from ..config import DataConfig, ModelConfig, TrainerConfig
 from ._common import console
@@ -75,6 +79,10 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
         # reported (never a choice made on the test set).
         best = final.parent / "best.pt"
         synthetic.append(str(best if r.evaluation.every_n_steps > 0 and best.exists() else final))
+    if rank_zero_only.rank != 0:
+        # under DDP every rank runs this function (Lightning's launcher re-runs the
+        # command); the evaluation is plain loops, so rank 0 alone does it
+        return []
     console.rule("[bold]3/3 evaluate")
     ev = cfg.evaluate
     ev.data = cfg.data

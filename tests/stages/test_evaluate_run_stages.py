@@ -141,3 +141,22 @@ def test_run_chains_the_stages_and_resumes_from_disk(tmp_path):
     again = run_stage.run(cfg)
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.pt")} == before
     assert again[1]["results"] == rows[1]["results"]
+
+
+def test_run_evaluates_on_global_rank_zero_only(monkeypatch, tmp_path):
+    """Under DDP every rank runs the pipeline; the evaluation (plain loops) runs once."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    import lightning_distill.stages.run as stage
+
+    calls = []
+    monkeypatch.setattr(stage, "train_experts", lambda cfg: calls.append("experts"))
+    monkeypatch.setattr(stage, "distill", lambda cfg: calls.append("distill")
+                        or stage.Path(cfg.output) / "synthetic.pt")
+    monkeypatch.setattr(stage, "evaluate", lambda cfg: calls.append("evaluate") or ["row"])
+    cfg = stage.RunConfig(workdir=str(tmp_path))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert stage.run(cfg) == [] and calls == ["experts", "distill"]
+    calls.clear()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert stage.run(cfg) == ["row"] and calls == ["experts", "distill", "evaluate"]
