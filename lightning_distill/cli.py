@@ -146,7 +146,7 @@ def default_recipe(argv: Sequence[str]) -> str | None:
     stage = next((a for a in argv if a in STAGES), None)
     if stage is None or any(a in ("-h", "--help") for a in argv):
         return None
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
+    if _config_values(argv):
         return None
     return DEFAULT_RECIPES[stage]
 
@@ -154,11 +154,20 @@ def default_recipe(argv: Sequence[str]) -> str | None:
 def _resolve_config_args(argv: Sequence[str]) -> list[str]:
     """``argv`` with every ``--config`` value passed through :func:`resolve_config`."""
     out = list(argv)
-    for k, arg in enumerate(out):
-        if arg == "--config" and k + 1 < len(out):
-            out[k + 1] = resolve_config(out[k + 1])
+    for k, value, eq_form in _config_values(out):
+        out[k] = ("--config=" if eq_form else "") + resolve_config(value)
+    return out
+
+
+def _config_values(argv: Sequence[str]) -> list[tuple[int, str, bool]]:
+    """Every ``--config`` value in ``argv``: (index of the token holding it, the value,
+    whether it is the ``--config=VALUE`` form)."""
+    out = []
+    for k, arg in enumerate(argv):
+        if arg == "--config" and k + 1 < len(argv):
+            out.append((k + 1, argv[k + 1], False))
         elif arg.startswith("--config="):
-            out[k] = "--config=" + resolve_config(arg.split("=", 1)[1])
+            out.append((k, arg.split("=", 1)[1], True))
     return out
 
 
@@ -166,14 +175,7 @@ def _config_files(argv: Sequence[str], name: str) -> list[str]:
     """The ``--config`` files given to stage ``name`` in ``argv``."""
     if name not in argv:
         return []
-    rest = list(argv[list(argv).index(name) + 1 :])
-    files = []
-    for k, arg in enumerate(rest):
-        if arg == "--config" and k + 1 < len(rest):
-            files.append(rest[k + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
+    return [v for _, v, _ in _config_values(list(argv)[list(argv).index(name) + 1 :])]
 
 
 def check_config_files(name: str, argv: Sequence[str]) -> None:

@@ -109,3 +109,47 @@ def quiet_trainer(**kw: Any) -> pl.Trainer:
                                 enable_model_summary=False)
     opts.update(kw)
     return pl.Trainer(**opts)
+
+
+# ------------------------------------------------------------------ distillation
+def make_distill_module(store: str | Path, **kw: Any):
+    """A tiny DistillationModule (ipc 2, 3 iterations of 3 steps, DSA on); ``kw``
+    overrides any argument, ``ipc`` included."""
+    from lightning_distill.modules.distill import DistillationModule
+
+    opts: dict[str, Any] = dict(iterations=3, syn_steps=3, expert_epochs=2, max_start_epoch=2,
+                                batch_syn=4, lr_img=10.0, lr_lr=1e-3, lr_y=2.0,
+                                lr_teacher=0.05, dsa=True, dsa_flip=False, seed=7)
+    opts.update(kw)
+    ipc = opts.pop("ipc", 2)
+    return DistillationModule(str(store), ipc, **opts)
+
+
+def init_distill_module(module):
+    """``module`` initialised from :func:`tiny_data` (returned for chaining)."""
+    x, y = tiny_data()
+    module.initialize(train_images=x, train_labels=y)
+    return module
+
+
+def distill_resume_setup(store: str | Path, iterations: int = 6, **kw: Any):
+    """(module, callbacks) of the resume tests: soft labels learned, a sequential window
+    and an EMA, so that every piece of state must survive a checkpoint."""
+    from lightning_distill.callbacks.ema import SyntheticEMA
+    from lightning_distill.callbacks.matching_window import MatchingWindow
+
+    module = make_distill_module(store, iterations=iterations, learn_labels=True,
+                                 max_start_epoch=3, **kw)
+    callbacks = [MatchingWindow(0, 1, 3, 4, sequential=True), SyntheticEMA(decay=0.8)]
+    return module, callbacks
+
+
+class CrashAt(pl.Callback):
+    """Raises ``KeyError("simulated crash")`` once the module's iteration reaches ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if int(module.iteration) == self.at:
+            raise KeyError("simulated crash")

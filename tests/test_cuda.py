@@ -18,8 +18,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_distill.callbacks.ema import SyntheticEMA
-from lightning_distill.callbacks.matching_window import MatchingWindow
 from lightning_distill.callbacks.sharpness import GSAM
 from lightning_distill.callbacks.trajectory import TrajectoryRecorder
 from lightning_distill.data.augment import DSA
@@ -28,12 +26,19 @@ from lightning_distill.functional import sample_minibatches, trajectory_matching
 from lightning_distill.functional.device import to_device
 from lightning_distill.models import build_model, flatten_parameters
 from lightning_distill.models.params import ParamSpec
-from lightning_distill.modules.distill import DistillationModule
-from lightning_distill.modules.evaluate import evaluate_synthetic
+from lightning_distill.modules.evaluate import evaluate_synthetic, trainer_device_args
 from lightning_distill.modules.expert import ExpertTrajectoryModule
 from lightning_distill.stages.distill import IterationCheckpoint
 from lightning_distill.trajectories import TrajectoryStore
-from tests.helpers import TINY_INPUT_SPACE, build_tiny_store, tiny_data
+from tests.helpers import (
+    TINY_INPUT_SPACE,
+    CrashAt,
+    build_tiny_store,
+    distill_resume_setup,
+    init_distill_module,
+    quiet_trainer,
+    tiny_data,
+)
 
 DEVICE = torch.device(os.environ.get("LIGHTNING_DISTILL_TEST_DEVICE")
                       or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -49,11 +54,8 @@ def _full_float32():
 
 
 def _trainer(**kw) -> pl.Trainer:
-    opts = dict(accelerator="gpu" if DEVICE.type == "cuda" else "cpu", devices=1,
-                max_epochs=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False)
-    opts.update(kw)
-    return pl.Trainer(**opts)
+    """A quiet one-device Trainer on DEVICE."""
+    return quiet_trainer(**trainer_device_args(DEVICE), **kw)
 
 
 def test_to_device_and_minibatches():
@@ -110,18 +112,6 @@ def test_matching_on_the_device_equals_the_cpu_in_float64(soft):
     assert float(cos) > 0.9
 
 
-def _distill_module(store, **kw):
-    opts = dict(iterations=4, syn_steps=3, expert_epochs=2, max_start_epoch=3, batch_syn=4,
-                lr_img=10.0, lr_lr=1e-3, lr_y=2.0, lr_teacher=0.05, learn_labels=True,
-                dsa=True, dsa_flip=False, seed=7)
-    opts.update(kw)
-    return DistillationModule(str(store), 2, **opts)
-
-
-def _callbacks():
-    return [MatchingWindow(0, 1, 3, 4, sequential=True), SyntheticEMA(decay=0.8)]
-
-
 class _Devices(pl.Callback):
     """The device types of the synthetic images during training."""
 
@@ -132,12 +122,6 @@ class _Devices(pl.Callback):
         self.types.add(module.images.device.type)
 
 
-class _Crash(pl.Callback):
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if int(module.iteration) == 2:
-            raise KeyError("simulated crash")
-
-
 def test_distillation_on_the_device_resumes_there_and_on_the_cpu(tmp_path):
     """4 iterations on the device == 2 + checkpoint + 2 resumed on the device, and the
     device checkpoint resumes on the CPU; all close to a CPU run."""
@@ -145,38 +129,32 @@ def test_distillation_on_the_device_resumes_there_and_on_the_cpu(tmp_path):
     build_tiny_store(store, experts=2, epochs=4)
     x, y = tiny_data()
 
-    def fresh():
-        m = _distill_module(store)
-        m.initialize(train_images=x, train_labels=y)
-        return m
+    def fresh(initialise=True):
+        module, callbacks = distill_resume_setup(store, iterations=4)
+        return (init_distill_module(module) if initialise else module), callbacks
 
-    cpu = fresh()
-    pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
-               enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=_callbacks()).fit(cpu)
-    straight = fresh()
+    cpu, callbacks = fresh()
+    quiet_trainer(callbacks=callbacks).fit(cpu)
+    straight, callbacks = fresh()
     seen = _Devices()
-    _trainer(callbacks=[*_callbacks(), seen]).fit(straight)  # (teardown moves it to the CPU)
+    _trainer(callbacks=[*callbacks, seen]).fit(straight)  # (teardown moves it to the CPU)
     assert int(straight.iteration) == 4 and seen.types == {DEVICE.type}
     tol = dict(rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(straight.images.detach().cpu(), cpu.images.detach(), **tol)
     torch.testing.assert_close(straight.syn_lr.detach().cpu(), cpu.syn_lr.detach(), **tol)
-    assert (cpu.images.detach() - fresh().images.detach()).abs().max() > 1e-3  # it trained
+    assert (cpu.images.detach() - fresh()[0].images.detach()).abs().max() > 1e-3  # trained
 
-    crashed = fresh()
+    crashed, callbacks = fresh()
     ckpt = IterationCheckpoint(tmp_path / "ckpt", every_n=2)
     with pytest.raises(KeyError, match="simulated crash"):
-        _trainer(callbacks=[*_callbacks(), ckpt, _Crash()]).fit(crashed)
-    resumed = _distill_module(store)
-    _trainer(callbacks=_callbacks()).fit(resumed, ckpt_path=str(ckpt.last))
+        _trainer(callbacks=[*callbacks, ckpt, CrashAt(2)]).fit(crashed)
+    resumed, callbacks = fresh(initialise=False)
+    _trainer(callbacks=callbacks).fit(resumed, ckpt_path=str(ckpt.last))
     assert int(resumed.iteration) == 4
     torch.testing.assert_close(resumed.images.detach().cpu(), straight.images.detach().cpu(),
                                rtol=1e-4, atol=1e-5)
-    on_cpu = _distill_module(store)
-    pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
-               enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=_callbacks()).fit(
-        on_cpu, ckpt_path=str(ckpt.last))
+    on_cpu, callbacks = fresh(initialise=False)
+    quiet_trainer(callbacks=callbacks).fit(on_cpu, ckpt_path=str(ckpt.last))
     assert int(on_cpu.iteration) == 4
     torch.testing.assert_close(on_cpu.images.detach(), cpu.images.detach(), **tol)
     # the synthetic set and its evaluation on the device
@@ -209,10 +187,8 @@ def test_gsam_expert_on_the_device_records_its_trajectory(tmp_path):
             dataset="tiny", input_space=TINY_INPUT_SPACE, hparams={"kind": "test"})
         loader = TensorBatchLoader(x, y, batch_size=8, shuffle=True,
                                    generator=torch.Generator().manual_seed(1))
-        trainer = pl.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=2,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0,
+        trainer = quiet_trainer(
+            **trainer_device_args(device), max_epochs=2, num_sanity_val_steps=0,
             callbacks=[GSAM(rho=0.05, alpha=0.3),
                        TrajectoryRecorder(store, expert_index=0, module_attr="net")])
         trainer.fit(module, loader)

@@ -74,8 +74,10 @@ class DSAParams:
     tensors: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> DSAParams:
-        """Return a copy with every tensor moved to ``device``."""
-        return DSAParams(self.family, {k: v.to(device) for k, v in self.tensors.items()})
+        """Return a copy with every tensor on ``device`` (:func:`to_device`: CPU -> CUDA
+        through pinned memory, without synchronising the GPU)."""
+        return DSAParams(self.family,
+                         {k: to_device(v, device) for k, v in self.tensors.items()})
 
     @property
     def batch_size(self) -> int | None:
@@ -250,7 +252,7 @@ class DSA:
             t["center"] = torch.stack(
                 [randint(0, h + 1 - ch % 2, n), randint(0, w + 1 - cw % 2, n)], dim=1
             )
-        return DSAParams(family, {k: to_device(v, x.device) for k, v in t.items()})
+        return DSAParams(family, t).to(x.device)
 
     # ------------------------------------------------------------------ applying
     def apply(self, x: Tensor, params: DSAParams) -> Tensor:

@@ -30,7 +30,11 @@ from lightning_distill.modules.distill import DistillationModule
 from lightning_distill.stages.distill import IterationCheckpoint
 from lightning_distill.trajectories import TrajectoryStoreError
 from tests.helpers import (
+    CrashAt,
     build_tiny_store,
+    distill_resume_setup,
+    init_distill_module,
+    make_distill_module,
     quiet_trainer,
     tiny_data,
     tiny_model,
@@ -51,22 +55,6 @@ def one_expert_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("store1") / "experts"
     build_tiny_store(path, experts=1, epochs=3, seed=3)
     return path
-
-
-def make_module(store, **kw) -> DistillationModule:
-    opts = dict(iterations=3, syn_steps=3, expert_epochs=2, max_start_epoch=2, batch_syn=4,
-                lr_img=10.0, lr_lr=1e-3, lr_y=2.0, lr_teacher=0.05, dsa=True, dsa_flip=False,
-                seed=7)
-    opts.update(kw)
-    ipc = opts.pop("ipc", 2)
-    module = DistillationModule(str(store), ipc, **opts)
-    return module
-
-
-def init(module: DistillationModule) -> DistillationModule:
-    x, y = tiny_data()
-    module.initialize(train_images=x, train_labels=y)
-    return module
 
 
 def replay_loss(module, generator, images, labels, syn_lr, window=None, it=0):
@@ -106,7 +94,8 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ exact first step
 @pytest.mark.parametrize("mode", ["full", "recompute", "tesla"])
 def test_first_iteration_is_minus_lr_times_grad(store_dir, mode):
-    module = init(make_module(store_dir, iterations=1, learn_labels=True, mode=mode))
+    module = init_distill_module(make_distill_module(store_dir, iterations=1, learn_labels=True,
+                                                     mode=mode))
     x0, y0, lr0 = (module.images.detach().double().clone(), module.labels.detach().double()
                    .clone(), module.syn_lr.detach().double().clone())
     quiet_trainer(precision="64-true").fit(module)
@@ -132,8 +121,9 @@ def test_first_iteration_is_minus_lr_times_grad(store_dir, mode):
 
 def test_first_iteration_single_trajectory_no_dsa(one_expert_dir):
     """One expert, one possible start epoch, no DSA: only the minibatches are random."""
-    module = init(make_module(one_expert_dir, iterations=1, max_start_epoch=1, dsa=False,
-                              batch_syn=None, learn_labels=True))
+    module = init_distill_module(make_distill_module(
+        one_expert_dir, iterations=1, max_start_epoch=1, dsa=False, batch_syn=None,
+        learn_labels=True))
     x0, y0, lr0 = (t.detach().double().clone() for t in (module.images, module.labels,
                                                            module.syn_lr))
     quiet_trainer(precision="64-true").fit(module)
@@ -163,7 +153,8 @@ def test_module_samples_from_callback_window(store_dir):
         return t
 
     window.sample = spy
-    module = init(make_module(store_dir, iterations=6, max_start_epoch=3, dsa=False))
+    module = init_distill_module(make_distill_module(store_dir, iterations=6, max_start_epoch=3,
+                                                     dsa=False))
     quiet_trainer(callbacks=[window]).fit(module)
     assert [c[0] for c in calls] == list(range(6))
     # UB = min(3, 2 + floor(1 * it / 4)): 2, 2, 2, 2, 3, 3
@@ -207,7 +198,7 @@ class _Snapshot(Callback):
 def test_threshold_skip_leaves_parameters_and_momentum_unchanged(store_dir):
     snap = _Snapshot(at=2, threshold=-1.0)
     ema = SyntheticEMA(decay=0.5)
-    module = init(make_module(store_dir, iterations=3, learn_labels=True))
+    module = init_distill_module(make_distill_module(store_dir, iterations=3, learn_labels=True))
     quiet_trainer(callbacks=[snap, ema]).fit(module)
     (sd0, opt0), (sd1, opt1) = snap.before, snap.after
     # two iterations stepped: momentum buffers exist for images, syn_lr and labels
@@ -286,21 +277,6 @@ def test_image_init_real_and_predicted_correctly(tmp_path):
 
 
 # ------------------------------------------------------------------------- resume
-class _Crash(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if int(module.iteration) == self.at:
-            raise KeyError("simulated crash")
-
-
-def _resume_setup(store_dir, **kw):
-    module = make_module(store_dir, iterations=6, learn_labels=True, max_start_epoch=3, **kw)
-    callbacks = [MatchingWindow(0, 1, 3, 4, sequential=True), SyntheticEMA(decay=0.8)]
-    return module, callbacks
-
-
 def _state(module, trainer, ema):
     return {"images": module.images.detach().clone(), "labels": module.labels.detach().clone(),
             "syn_lr": module.syn_lr.detach().clone(), "iteration": int(module.iteration),
@@ -316,23 +292,23 @@ def test_resume_six_equals_three_plus_three(store_dir, tmp_path, at, checkpoint_
     checkpoint_first puts the checkpoint callback before SyntheticEMA (the EMA must not
     depend on callback order); at=2 caught a loader whose length was the remaining
     iterations (the resumed run stopped at iteration 4)."""
-    module, callbacks = _resume_setup(store_dir)
-    init(module)
+    module, callbacks = distill_resume_setup(store_dir)
+    init_distill_module(module)
     trainer = quiet_trainer(callbacks=callbacks)
     trainer.fit(module)
     straight = _state(module, trainer, callbacks[1])
     assert straight["iteration"] == 6 and straight["ema_updates"] == 6
 
-    module, callbacks = _resume_setup(store_dir)
-    init(module)
+    module, callbacks = distill_resume_setup(store_dir)
+    init_distill_module(module)
     ckpt = IterationCheckpoint(tmp_path / "ckpt", every_n=at)
     with pytest.raises(KeyError, match="simulated crash"):
         order = [ckpt, *callbacks] if checkpoint_first else [*callbacks, ckpt]
-        quiet_trainer(callbacks=[*order, _Crash(at=at)]).fit(module)
+        quiet_trainer(callbacks=[*order, CrashAt(at=at)]).fit(module)
     assert ckpt.last.exists()
 
     # a fresh process: a new, NOT initialised module; everything comes from the checkpoint
-    module, callbacks = _resume_setup(store_dir)
+    module, callbacks = distill_resume_setup(store_dir)
     trainer = quiet_trainer(callbacks=callbacks)
     trainer.fit(module, ckpt_path=str(ckpt.last))
     resumed = _state(module, trainer, callbacks[1])
@@ -344,12 +320,12 @@ def test_resume_six_equals_three_plus_three(store_dir, tmp_path, at, checkpoint_
 
 
 def test_resume_refuses_a_different_window(store_dir, tmp_path):
-    module, callbacks = _resume_setup(store_dir)
-    init(module)
+    module, callbacks = distill_resume_setup(store_dir)
+    init_distill_module(module)
     ckpt = IterationCheckpoint(tmp_path / "ckpt", every_n=2)
     with pytest.raises(KeyError):
-        quiet_trainer(callbacks=[*callbacks, ckpt, _Crash(at=2)]).fit(module)
-    module, _ = _resume_setup(store_dir)
+        quiet_trainer(callbacks=[*callbacks, ckpt, CrashAt(at=2)]).fit(module)
+    module, _ = distill_resume_setup(store_dir)
     with pytest.raises(ValueError, match="resume with the same window"):
         quiet_trainer(callbacks=[MatchingWindow(0, 2, 3, 4, sequential=True)]).fit(
             module, ckpt_path=str(ckpt.last))
@@ -368,13 +344,13 @@ def test_fit_with_datamodule_initialises_and_runs_iterations(store_dir):
         def train_dataloader(self):  # real batches: must NOT drive the outer iterations
             return torch.utils.data.DataLoader(self.train_set, batch_size=9)
 
-    module = make_module(store_dir, iterations=4, dsa=False)
+    module = make_distill_module(store_dir, iterations=4, dsa=False)
     quiet_trainer().fit(module, datamodule=RealDM())
     assert bool(module.initialized) and int(module.iteration) == 4
-    reference = init(make_module(store_dir, iterations=0))
+    reference = init_distill_module(make_distill_module(store_dir, iterations=0))
     assert not torch.equal(module.images, reference.images)  # it trained
     with pytest.raises(RuntimeError, match="not initialised"):
-        quiet_trainer().fit(make_module(store_dir))
+        quiet_trainer().fit(make_distill_module(store_dir))
 
 
 # ------------------------------------------------------------------------- errors
@@ -384,13 +360,13 @@ def test_corrupt_store_fails_before_training(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:-40])  # the zip directory is gone, the data is still there
     with pytest.raises(TrajectoryStoreError, match="expert_00001.pt is truncated or corrupt"):
-        make_module(tmp_path / "s")
+        make_distill_module(tmp_path / "s")
     path.write_bytes(data[:200])
     with pytest.raises(TrajectoryStoreError, match="expert_00001.pt is truncated"):
-        make_module(tmp_path / "s")
+        make_distill_module(tmp_path / "s")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrajectoryStoreError, match="meta.json not found"):
-        make_module(tmp_path / "empty")
+        make_distill_module(tmp_path / "empty")
 
 
 def test_mismatched_store_fails_before_training(tmp_path, store_dir):
@@ -400,8 +376,8 @@ def test_mismatched_store_fails_before_training(tmp_path, store_dir):
     meta["model"]["width"] = 8  # the stored parameters are width 4
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(TrajectoryStoreError, match="does not match the trajectory store"):
-        make_module(tmp_path / "s")
-    module = make_module(store_dir)
+        make_distill_module(tmp_path / "s")
+    module = make_distill_module(store_dir)
     with pytest.raises(ValueError, match=r"real images have shape \(1, 9, 9\)"):
         module.initialize(train_images=torch.zeros(18, 1, 9, 9),
                           train_labels=torch.arange(3).repeat_interleave(6))
@@ -415,7 +391,7 @@ def test_mismatched_store_fails_before_training(tmp_path, store_dir):
 
 
 def test_ipc_larger_than_class_fails(store_dir):
-    module = make_module(store_dir, ipc=7, batch_syn=None)
+    module = make_distill_module(store_dir, ipc=7, batch_syn=None)
     x, y = tiny_data()
     with pytest.raises(ValueError, match="ipc=7 but class 0 has only 6 training images"):
         module.initialize(train_images=x, train_labels=y)
@@ -423,27 +399,27 @@ def test_ipc_larger_than_class_fails(store_dir):
 
 def test_window_past_snapshots_fails(store_dir):
     # 5 snapshots (0..4), M = 2: the last start epoch is 2, so T+ = 3 is the most allowed
-    make_module(store_dir, max_start_epoch=3)
+    make_distill_module(store_dir, max_start_epoch=3)
     with pytest.raises(ValueError, match="runs past the stored snapshots.*need snapshot 5"):
-        make_module(store_dir, max_start_epoch=4)
+        make_distill_module(store_dir, max_start_epoch=4)
     with pytest.raises(ValueError, match="runs past the stored snapshots.*needs snapshot 5"):
-        module = init(make_module(store_dir, max_start_epoch=3))
+        module = init_distill_module(make_distill_module(store_dir, max_start_epoch=3))
         quiet_trainer(callbacks=[MatchingWindow(0, 2, 4, 10, True)]).fit(module)
     assert int(module.iteration) == 0
 
 
 def test_syn_lr_bounds_are_validated(store_dir):
     with pytest.raises(ValueError, match="lr_teacher"):
-        make_module(store_dir, lr_teacher=20.0)
+        make_distill_module(store_dir, lr_teacher=20.0)
     with pytest.raises(ValueError, match="syn_lr_min"):
-        make_module(store_dir, syn_lr_min=0.0)
+        make_distill_module(store_dir, syn_lr_min=0.0)
     with pytest.raises(ValueError, match="syn_lr_min"):
-        make_module(store_dir, syn_lr_min=0.1, syn_lr_max=0.01)
+        make_distill_module(store_dir, syn_lr_min=0.1, syn_lr_max=0.01)
 
 
 def test_syn_lr_clamp(store_dir):
     """After a step syn_lr is clamped to [syn_lr_min, syn_lr_max] and the clamp counted."""
-    module = init(make_module(store_dir, iterations=1, lr_lr=1e4, dsa=False))
+    module = init_distill_module(make_distill_module(store_dir, iterations=1, lr_lr=1e4, dsa=False))
     lr0 = module.syn_lr.detach().clone()
     g = torch.Generator().manual_seed(derive_seed(7, 0x5EED, 0))
     x, y, lr = leaf(module.images), module.labels.clone(), leaf(lr0)
@@ -455,13 +431,13 @@ def test_syn_lr_clamp(store_dir):
     assert float(module.syn_lr) == pytest.approx(min(max(raw, 1e-6), 10.0), rel=1e-6)
     assert int(module.syn_lr_clamps) == 1
     # the clamp keeps later iterations finite
-    module = init(make_module(store_dir, iterations=3, lr_lr=1e4, dsa=False))
+    module = init_distill_module(make_distill_module(store_dir, iterations=3, lr_lr=1e4, dsa=False))
     quiet_trainer().fit(module)
     assert math.isfinite(float(module.syn_lr)) and int(module.syn_lr_clamps) >= 1
 
 
 def test_nonfinite_loss_is_skipped_counted_and_stops(store_dir):
-    module = init(make_module(store_dir, iterations=6, max_nonfinite=3))
+    module = init_distill_module(make_distill_module(store_dir, iterations=6, max_nonfinite=3))
     original = module.matching_loss
     bad = {1, 3, 4}  # iteration 2 succeeds and resets the streak
 
@@ -484,7 +460,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(store_dir):
     assert torch.isfinite(module.images).all()
 
     # NaN pixels make every loss non-finite: stop after max_nonfinite in a row
-    module = init(make_module(store_dir, iterations=10, max_nonfinite=3))
+    module = init_distill_module(make_distill_module(store_dir, iterations=10, max_nonfinite=3))
     module.images.data[0] = float("nan")
     with pytest.raises(RuntimeError, match="3 consecutive iterations with a non-finite"):
         quiet_trainer().fit(module)
@@ -494,7 +470,8 @@ def test_nonfinite_loss_is_skipped_counted_and_stops(store_dir):
 def test_export_writes_synthetic_set(store_dir, tmp_path):
 
     out = tmp_path / "syn.pt"
-    module = init(make_module(store_dir, iterations=2, learn_labels=True, export_path=str(out)))
+    module = init_distill_module(make_distill_module(store_dir, iterations=2, learn_labels=True,
+                                                     export_path=str(out)))
     ema = SyntheticEMA(decay=0.5)
     quiet_trainer(callbacks=[ema]).fit(module)
     syn = SyntheticSet.load(out)
