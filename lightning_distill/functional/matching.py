@@ -38,6 +38,7 @@ step 2) live here too, as pure functions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,13 +54,18 @@ from lightning_distill.models.params import ParamSpec, has_running_stats
 
 __all__ = [
     "MATCHING_MODES",
+    "MATCH_RULES",
+    "MatchResult",
+    "parameter_mask",
     "sample_minibatches",
     "sample_start_epoch",
+    "trajectory_matching",
     "trajectory_matching_loss",
     "window_upper_bound",
 ]
 
 MATCHING_MODES = ("full", "recompute", "tesla")
+MATCH_RULES = ("last", "closest")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -103,6 +109,21 @@ class _Augmenter:
 
 
 @dataclass
+class MatchResult:
+    """What one unroll matched: the loss and the student step it was computed at.
+
+    ``step`` is k, the number of student steps behind ``loss`` (N for ``match="last"``,
+    ATT's k* for ``match="closest"``); ``distances`` holds, for ``"closest"``, the L1
+    distance D_k = sum |theta_k - target| over the matched parameters for k = 1..N
+    (None for ``"last"``).
+    """
+
+    loss: Tensor
+    step: int
+    distances: Tensor | None = None
+
+
+@dataclass
 class _Problem:
     """Everything an unroll needs besides the differentiable inputs (images, labels, syn_lr)."""
 
@@ -112,8 +133,30 @@ class _Problem:
     batches: list[Tensor]
     start: Tensor
     target: Tensor
-    denom: float
     aug: _Augmenter
+    mask: Tensor | None = None  # bool [P]: the parameters that are matched (None: all)
+    match: str = "last"
+    denom: float = 0.0
+    # set by the forward unroll
+    matched_step: int = 0
+    distances: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.denom = float(self.masked(self.start - self.target).square().sum())
+
+    def masked(self, d: Tensor) -> Tensor:
+        """``d`` on the matched parameters, zero elsewhere (the identity without a mask)."""
+        if self.mask is None:
+            return d
+        return torch.where(self.mask, d, d.new_zeros(()))
+
+    def matching_value(self, theta: Tensor) -> Tensor:
+        """||theta - target||^2 / ||start - target||^2 over the matched parameters."""
+        return self.masked(theta - self.target).square().sum() / self.denom
+
+    def distance(self, theta: Tensor) -> Tensor:
+        """ATT's D_k = sum |theta_k - target| over the matched parameters (no graph)."""
+        return self.masked(theta.detach() - self.target).abs().sum()
 
     def inner_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(self.model, self.spec.unflatten(theta), (x,))
@@ -151,9 +194,12 @@ class _Problem:
         return g, th, xb, yb
 
     def forward_unroll(self, images: Tensor, labels: Tensor, lr: Tensor, traj: Tensor | None):
-        """Graph-free unroll: returns (theta_N, G = sum g_i); fills ``traj[i] = theta_i``."""
+        """Graph-free unroll of all N steps: returns (theta_k, G_k = sum_{i<k} g_i) at the
+        matched step k (N, or ATT's k*, see :class:`_Closest`); fills ``traj[i] = theta_i``
+        and sets :attr:`matched_step` (and :attr:`distances`)."""
         theta = self.start.clone()
         gsum = torch.zeros_like(theta)
+        closest = _Closest(self) if self.match == "closest" else None
         for i, idx in enumerate(self.batches):
             if traj is not None:
                 traj[i].copy_(theta)
@@ -161,7 +207,52 @@ class _Problem:
             g = self.grad_no_graph(theta, x, labels[idx])
             gsum.add_(g)
             theta.sub_(lr * g)
-        return theta, gsum
+            if closest is not None:
+                closest.update(i + 1, theta, gsum)
+        if closest is None:
+            self.matched_step = len(self.batches)
+            return theta, gsum
+        return closest.finish()
+
+
+class _Closest:
+    """ATT's automatic trajectory length (Liu et al., ECCV 2024): track, without a graph
+    and without a host synchronisation per step, the student step k in 1..N whose
+    parameters are closest (L1, over the matched parameters) to the target; ties go to
+    the later step, step 0 is never chosen."""
+
+    def __init__(self, prob: _Problem) -> None:
+        self.prob = prob
+        self.dists: list[Tensor] = []
+        self.best: Tensor | None = None
+        self.best_k: Tensor | None = None
+        self.theta: Tensor | None = None
+        self.gsum: Tensor | None = None
+
+    def update(self, k: int, theta: Tensor, gsum: Tensor | None = None) -> None:
+        d = self.prob.distance(theta)
+        self.dists.append(d)
+        if self.best is None:
+            self.best, self.best_k = d, torch.full((), k, device=d.device)
+            self.theta = theta.detach().clone()
+            self.gsum = None if gsum is None else gsum.clone()
+            return
+        better = d <= self.best  # ties to the later step
+        self.best = torch.where(better, d, self.best)
+        self.best_k = torch.where(better, torch.full_like(self.best_k, k), self.best_k)
+        self.theta = torch.where(better, theta.detach(), self.theta)
+        if gsum is not None:
+            self.gsum = torch.where(better, gsum, self.gsum)
+
+    def step(self) -> int:
+        """k* (one host synchronisation); also sets the problem's matched_step/distances."""
+        self.prob.matched_step = int(self.best_k)
+        self.prob.distances = torch.stack(self.dists)
+        return self.prob.matched_step
+
+    def finish(self) -> tuple[Tensor, Tensor | None]:
+        self.step()
+        return self.theta, self.gsum
 
 
 def _scalar_lr(syn_lr: Tensor, dtype: torch.dtype) -> Tensor:
@@ -176,13 +267,14 @@ def _unroll_and_save(
 ) -> Tensor:
     """Shared forward of the recompute/tesla Functions: graph-free unroll, loss D^-1 ||diff||^2.
 
-    Saves ``(images, labels, syn_lr, aux, diff)`` with diff = theta_N - target and aux the
-    trajectory theta_0..theta_{N-1} (``keep_trajectory``, recompute) or G = sum_i g_i (tesla).
+    Saves ``(images, labels, syn_lr, aux, diff)`` with diff = theta_k - target on the matched
+    parameters (k = N, or ATT's k*) and aux the trajectory theta_0..theta_{N-1}
+    (``keep_trajectory``, recompute) or G_k = sum_{i<k} g_i (tesla).
     """
     lr = _scalar_lr(syn_lr.detach(), images.dtype)
     traj = images.new_empty(len(prob.batches), prob.spec.total) if keep_trajectory else None
-    theta_n, gsum = prob.forward_unroll(images.detach(), labels.detach(), lr, traj)
-    diff = theta_n - prob.target
+    theta_k, gsum = prob.forward_unroll(images.detach(), labels.detach(), lr, traj)
+    diff = prob.masked(theta_k - prob.target)
     ctx.prob = prob
     ctx.save_for_backward(images, labels, syn_lr, traj if keep_trajectory else gsum, diff)
     return diff.square().sum() / prob.denom
@@ -214,7 +306,8 @@ class _RecomputeMatching(torch.autograd.Function):
         gx, gy = _zero_input_grads(images, labels, need_x, need_y)
         lam = diff * (2.0 / prob.denom) * grad_loss.to(diff.dtype)
         glr = torch.zeros((), dtype=diff.dtype, device=diff.device)
-        for i in reversed(range(len(prob.batches))):
+        # the loss depends on the first k steps only (k = N, or ATT's k*): start there
+        for i in reversed(range(prob.matched_step)):
             idx = prob.batches[i]
             with torch.enable_grad():
                 keep = i > 0 or need_x or need_y
@@ -265,7 +358,7 @@ class _TeslaMatching(torch.autograd.Function):
         if need_x or need_y:
             c = -lr * scale * diff  # dL/dg_i, the same for every step
             theta = prob.start.clone()
-            for i, idx in enumerate(prob.batches):
+            for i, idx in enumerate(prob.batches[: prob.matched_step]):
                 with torch.enable_grad():
                     g, _, xb, yb = prob.replay_step(
                         i, theta, images, labels, need_x, need_y, create_graph=True
@@ -296,13 +389,15 @@ def trajectory_matching_loss(
     *,
     loss: str | LossFn = "auto",
     generator: torch.Generator | None = None,
+    param_mask: Tensor | None = None,
+    match: str = "last",
 ) -> Tensor:
-    """Normalised trajectory-matching loss ||theta_N - target||^2 / ||start - target||^2.
+    """Normalised trajectory-matching loss ||theta_k - target||^2 / ||start - target||^2.
 
-    REFERENCE section 5 (MTT, Cazenavette et al. 2022, eq. 2-3). ``model`` is used only
-    as a function through :func:`torch.func.functional_call` with weights
-    ``ParamSpec.of(model).unflatten(theta)``; its own parameters are neither read nor
-    modified. Networks with running statistics (BatchNorm) are refused.
+    MTT (Cazenavette et al., CVPR 2022, eq. 2-3); docs/method.md, "Trajectory matching".
+    ``model`` is used only as a function through :func:`torch.func.functional_call` with
+    weights ``ParamSpec.of(model).unflatten(theta)``; its own parameters are neither read
+    nor modified. Networks with running statistics (BatchNorm) are refused.
 
     The unroll must be deterministic for ``"recompute"``/``"tesla"`` to be exact (no
     dropout in training mode; augmentation replayed through ``sample``/``apply``).
@@ -313,7 +408,7 @@ def trajectory_matching_loss(
         target: flat expert snapshot theta* [P], M epochs after ``start``.
         images: synthetic pixels [N, ...] (may require grad). Sets the dtype/device.
         labels: [N] int64 class ids (cross-entropy) or [N, K] float logits (soft
-            cross-entropy against softmax(labels), REFERENCE 5.2; may require grad).
+            cross-entropy against softmax(labels), DATM; may require grad).
         syn_lr: the student's step size, a one-element tensor (may require grad).
         batches: one 1-D index tensor per inner step (see :func:`sample_minibatches`).
         augment: None; a DSA-like object with ``sample(x, generator)`` and
@@ -324,43 +419,147 @@ def trajectory_matching_loss(
             approximate gradients: cross-step terms dropped, see the module docstring).
         loss: ``"auto"`` (:func:`classification_loss`) or a callable ``(logits, labels)``.
         generator: random generator handed to ``augment.sample``.
+        param_mask: PAD's parameter selection (Li et al., 2024): a boolean tensor [P] over
+            the flat parameters; the loss is taken over the masked entries only, the same
+            mask in numerator and denominator (see :func:`parameter_mask`). None: all.
+        match: ``"last"`` (theta_k = theta_N, the student's last step) or ``"closest"``
+            (ATT, Liu et al., ECCV 2024: the step k* in 1..N closest to the target in L1
+            over the matched parameters, ties to the later step; the gradient flows
+            through the first k* steps only; see :func:`trajectory_matching`).
 
     Returns:
         A scalar tensor; ``.backward()`` fills the gradients of ``images``, ``labels`` and
         ``syn_lr`` (those requiring grad) in every mode, also inside a larger graph.
     """
+    return trajectory_matching(
+        model, start, target, images, labels, syn_lr, batches, augment, mode, loss=loss,
+        generator=generator, param_mask=param_mask, match=match,
+    ).loss
+
+
+def trajectory_matching(
+    model: nn.Module,
+    start: Tensor,
+    target: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    syn_lr: Tensor | float,
+    batches: Sequence[Tensor],
+    augment: Any = None,
+    mode: str = "full",
+    *,
+    loss: str | LossFn = "auto",
+    generator: torch.Generator | None = None,
+    param_mask: Tensor | None = None,
+    match: str = "last",
+) -> MatchResult:
+    """:func:`trajectory_matching_loss` with the matched step: a :class:`MatchResult`.
+
+    With ``match="closest"`` (ATT) all N steps are unrolled; after each step k = 1..N the
+    distance D_k = sum |theta_k - target| (over the matched parameters) is taken without a
+    graph, k* = the last argmin, and the loss is ||theta_{k*} - target||^2 / ||start -
+    target||^2. k* is piecewise constant in the inputs, so the gradient is the gradient of
+    the k*-step unroll: ``"full"`` backpropagates from theta_{k*} only, ``"recompute"``
+    starts its reverse pass at step k* (it never replays a later step), and ``"tesla"``
+    applies its approximation to the first k* steps (G = sum_{i<k*} g_i), which is what
+    TESLA computes for a k*-step unroll.
+    """
     if mode not in MATCHING_MODES:
         raise ValueError(
             f"trajectory_matching_loss: mode={mode!r}, expected one of {MATCHING_MODES}"
         )
+    if match not in MATCH_RULES:
+        raise ValueError(
+            f"trajectory_matching_loss: match={match!r}, expected one of {MATCH_RULES}"
+        )
     prob, images, labels, syn_lr = _prepare(
-        model, start, target, images, labels, syn_lr, batches, augment, loss, generator
+        model, start, target, images, labels, syn_lr, batches, augment, loss, generator,
+        param_mask, match,
     )
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (images, labels, syn_lr))
     if not wants_grad:
         with torch.no_grad():
             lr = _scalar_lr(syn_lr, images.dtype)
-            theta_n, _ = prob.forward_unroll(images.detach(), labels.detach(), lr, None)
-            return (theta_n - prob.target).square().sum() / prob.denom
-    if mode == "full":
-        return _full_unroll(prob, images, labels, syn_lr)
-    if mode == "recompute":
-        return _RecomputeMatching.apply(images, labels, syn_lr, prob)
-    return _TeslaMatching.apply(images, labels, syn_lr, prob)
+            theta_k, _ = prob.forward_unroll(images.detach(), labels.detach(), lr, None)
+            value = prob.matching_value(theta_k)
+    elif mode == "full":
+        value = _full_unroll(prob, images, labels, syn_lr)
+    elif mode == "recompute":
+        value = _RecomputeMatching.apply(images, labels, syn_lr, prob)
+    else:
+        value = _TeslaMatching.apply(images, labels, syn_lr, prob)
+    return MatchResult(value, prob.matched_step, prob.distances)
 
 
 def _full_unroll(prob: _Problem, images: Tensor, labels: Tensor, syn_lr: Tensor) -> Tensor:
     """Reference semantics: unroll with create_graph, one flat theta per step."""
     lr = _scalar_lr(syn_lr, images.dtype)
     theta = prob.start.detach().requires_grad_(True)
+    closest = _Closest(prob) if prob.match == "closest" else None
+    thetas = []
     for idx in prob.batches:
         x = prob.aug.sample_apply(images[idx])
         (g,) = torch.autograd.grad(prob.inner_loss(theta, x, labels[idx]), theta, create_graph=True)
         theta = theta - lr * g
-    return (theta - prob.target).square().sum() / prob.denom
+        if closest is not None:
+            thetas.append(theta)
+            closest.update(len(thetas), theta)
+    if closest is None:
+        prob.matched_step = len(prob.batches)
+    else:  # backpropagate from theta_{k*}: the later steps' graphs are dropped unused
+        theta = thetas[closest.step() - 1]
+    return prob.matching_value(theta)
 
 
-def _prepare(model, start, target, images, labels, syn_lr, batches, augment, loss, generator):
+def parameter_mask(
+    model: nn.Module | ParamSpec,
+    *,
+    drop_ratio: float | None = None,
+    layers: Sequence[str] | None = None,
+) -> Tensor:
+    """PAD's parameter selection (Li et al., 2024) as a boolean mask over the flat parameters.
+
+    - ``drop_ratio=a``: flatten the parameters in registration order (shallow to deep) and
+      keep the indices [floor(a * P), P): the shallowest fraction a is dropped. The cut
+      counts parameters, not layers (it may fall inside a tensor), as PAD does.
+    - ``layers=[...]``: keep the parameters whose name equals an entry or lies below it as
+      a module path (``"classifier"`` keeps ``classifier.weight`` and ``classifier.bias``).
+
+    Exactly one of the two must be given. docs/method.md, "Parameter selection (PAD)".
+    """
+    spec = model if isinstance(model, ParamSpec) else ParamSpec.of(model)
+    if (drop_ratio is None) == (layers is None):
+        raise ValueError("parameter_mask: give exactly one of drop_ratio and layers")
+    total = spec.total
+    if drop_ratio is not None:
+        a = float(drop_ratio)
+        if not 0.0 <= a < 1.0:
+            raise ValueError(f"parameter_mask: drop_ratio must be in [0, 1), got {drop_ratio}")
+        mask = torch.zeros(total, dtype=torch.bool)
+        mask[math.floor(a * total):] = True
+        return mask
+    if isinstance(layers, str):
+        layers = [layers]
+    keep = [False] * len(spec.names)
+    for entry in layers:
+        hits = [i for i, n in enumerate(spec.names) if n == entry or n.startswith(entry + ".")]
+        if not hits:
+            modules = sorted({n.rsplit(".", 1)[0] for n in spec.names})
+            raise ValueError(
+                f"parameter_mask: {entry!r} names no parameter of this model; parameter names "
+                f"are {list(spec.names)} (modules: {modules})"
+            )
+        for i in hits:
+            keep[i] = True
+    return torch.cat(
+        [torch.full((n,), k, dtype=torch.bool) for n, k in zip(spec.numels, keep, strict=True)]
+    )
+
+
+def _prepare(
+    model, start, target, images, labels, syn_lr, batches, augment, loss, generator,
+    param_mask=None, match="last",
+):
     name = "trajectory_matching_loss"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
@@ -403,9 +602,20 @@ def _prepare(model, start, target, images, labels, syn_lr, batches, augment, los
             )
     start = start.detach().to(device=device, dtype=dtype)
     target = target.detach().to(device=device, dtype=dtype)
-    denom = float((start - target).square().sum())
-    if not denom > 0:
-        raise ValueError(f"{name}: start and target coincide (||start - target||^2 = {denom})")
+    if param_mask is not None:
+        if (
+            not torch.is_tensor(param_mask)
+            or param_mask.dtype != torch.bool
+            or param_mask.shape != (spec.total,)
+        ):
+            shape = tuple(param_mask.shape) if torch.is_tensor(param_mask) else param_mask
+            raise ValueError(
+                f"{name}: param_mask must be a boolean tensor [{spec.total}] over the flat "
+                f"parameters (see parameter_mask), got {shape}"
+            )
+        if not bool(param_mask.any()):
+            raise ValueError(f"{name}: param_mask selects no parameter")
+        param_mask = to_device(param_mask, device)
     if not torch.is_tensor(syn_lr):
         syn_lr = torch.tensor(float(syn_lr), dtype=dtype, device=device)
     if syn_lr.numel() != 1 or not syn_lr.is_floating_point():
@@ -438,9 +648,15 @@ def _prepare(model, start, target, images, labels, syn_lr, batches, augment, los
         batches=idxs,
         start=start,
         target=target,
-        denom=denom,
         aug=_Augmenter(augment, generator),
+        mask=param_mask,
+        match=match,
     )
+    if not prob.denom > 0:
+        where = "on the masked parameters " if param_mask is not None else ""
+        raise ValueError(
+            f"{name}: start and target coincide {where}(||start - target||^2 = {prob.denom})"
+        )
     return prob, images, labels, syn_lr
 
 
