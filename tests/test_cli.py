@@ -253,3 +253,42 @@ def test_distill_recipes_hold_the_published_datm_rows():
         30, 0.001, 5000)
     mtt = load("cifar10/mtt_ipc50.yaml")
     assert not mtt.data.zca and mtt.store.endswith("experts_mtt_nozca")
+
+
+def test_tiny_imagenet_recipes_use_zca_as_datm():
+    """Every DATM TinyImageNet config sets zca: True: experts, distillation, evaluation."""
+    for name in ("experts", "ipc1", "ipc10", "ipc50", "evaluate"):
+        path = ROOT / "recipes" / "tiny_imagenet" / f"{name}.yaml"
+        _, cfg = parse_config([_stage_of(path), "--config", str(path)])
+        assert cfg.data.zca, name
+
+
+def test_ftd_recipes_match_ftds_own_experts():
+    """FTD's buffers: GSAM alpha 0.4, 50 epochs; its distillation recipes read that store
+    and their windows (T+ - 1 + M) stay inside its 51 snapshots."""
+    for ds in ("cifar10", "cifar100"):
+        _, ex = parse_config(["experts", "--config", str(ROOT / f"recipes/{ds}/experts_ftd.yaml")])
+        assert (ex.sharpness.method, ex.sharpness.alpha, ex.sharpness.rho) == ("gsam", 0.4, 0.01)
+        assert ex.experts.epochs == 50 and ex.store == f"outputs/{ds}/experts_ftd"
+        for path in sorted((ROOT / "recipes" / ds).glob("ftd_ipc*.yaml")):
+            _, cfg = parse_config(["distill", "--config", str(path)])
+            assert cfg.store == ex.store, path.name
+            assert cfg.window.max_start_epoch - 1 + cfg.distill.expert_epochs <= ex.experts.epochs
+
+
+def test_pad_recipes_hold_pads_parameter_ratios_on_datm_rows():
+    ratios = {"cifar10": {1: 0, 10: 0.25, 50: 0.25, 500: 0.5, 1000: 0.75},
+              "cifar100": {1: 0, 10: 0.25, 50: 0.5, 100: 0.5},
+              "tiny_imagenet": {1: 0, 10: 0.25, 50: 0.5}}
+    for ds, rows in ratios.items():
+        for ipc, a in rows.items():
+            recipes = ROOT / "recipes" / ds
+            _, pad = parse_config(["distill", "--config", str(recipes / f"pad_ipc{ipc}.yaml")])
+            _, datm = parse_config(["distill", "--config", str(recipes / f"ipc{ipc}.yaml")])
+            assert pad.distill.param_drop_ratio == a and pad.distill.param_mask is None
+            assert pad.store == f"outputs/{ds}/experts_pad"
+            # everything else is DATM's row
+            for key in ("syn_steps", "expert_epochs", "lr_img", "lr_lr", "lr_y", "batch_syn",
+                        "threshold", "image_init", "learn_labels", "iterations", "mode"):
+                assert getattr(pad.distill, key) == getattr(datm.distill, key), (ds, ipc, key)
+            assert pad.window == datm.window and pad.data == datm.data

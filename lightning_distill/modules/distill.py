@@ -53,7 +53,18 @@ from torch.func import functional_call
 
 from ..config import derive_seed
 from ..data.augment import DSA
-from ..functional.matching import sample_minibatches, trajectory_matching_loss
+from ..functional.initialization import (
+    class_permutations,
+    correct_sample_indices,
+    soft_label_logits,
+)
+from ..functional.matching import (
+    MATCH_RULES,
+    MATCHING_MODES,
+    parameter_mask,
+    sample_minibatches,
+    trajectory_matching,
+)
 from ..trajectories import TrajectoryStore
 
 IMAGE_INITS = ("real", "samples_predicted_correctly", "noise")
@@ -107,10 +118,19 @@ class DistillationModule(pl.LightningModule):
         label_init: "hard" (class ids) or "soft" (DATM: mean logits of the experts that
             classify the image correctly).
         learn_labels: make the labels learnable logits (implies soft labels).
-        label_experts: number of experts averaged for the soft-label initialisation.
-        init_expert: the expert whose final snapshot selects correctly classified images.
+        label_experts: number of experts averaged for the soft-label initialisation
+            (None: every expert of the store, as DATM does).
+        init_expert: the expert whose final snapshot selects correctly classified images
+            first; the following experts of the store are tried when it classifies fewer
+            than ``ipc`` images of a class correctly (DATM).
         threshold: DATM skip threshold (None: never skip).
         mode: "full", "recompute" or "tesla" (see trajectory_matching_loss).
+        match: "last" (match the student's last step) or "closest" (ATT, Liu et al.,
+            ECCV 2024: the step closest to the target; see trajectory_matching).
+        param_mask: PAD's parameter selection (Li et al., 2024) by name: match only
+            these parameters or modules (e.g. ``["features.6", "classifier"]``).
+        param_drop_ratio: PAD's parameter selection by depth: drop the shallowest fraction
+            of the flattened parameters from the loss (0: match all; PAD uses 0.25-0.75).
         dsa, dsa_strategy, dsa_flip: DSA in the inner loop.
         max_nonfinite: consecutive non-finite iterations before training stops.
         syn_lr_min, syn_lr_max: the syn_lr clamp.
@@ -139,10 +159,13 @@ class DistillationModule(pl.LightningModule):
         image_init: str = "real",
         label_init: str = "hard",
         learn_labels: bool = False,
-        label_experts: int = 10,
+        label_experts: int | None = None,
         init_expert: int = 0,
         threshold: float | None = None,
         mode: str = "full",
+        match: str = "last",
+        param_mask: list[str] | None = None,
+        param_drop_ratio: float = 0.0,
         dsa: bool = True,
         dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
         dsa_flip: bool = True,
@@ -161,8 +184,15 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(f"label_init must be one of {LABEL_INITS}, got {label_init!r}")
         if ipc < 1:
             raise ValueError(f"ipc must be >= 1, got {ipc}")
-        if mode not in ("full", "recompute", "tesla"):
-            raise ValueError(f"mode must be full, recompute or tesla, got {mode!r}")
+        if mode not in MATCHING_MODES:
+            raise ValueError(f"mode must be one of {MATCHING_MODES}, got {mode!r}")
+        if match not in MATCH_RULES:
+            raise ValueError(f"match must be one of {MATCH_RULES}, got {match!r}")
+        if param_mask is not None and param_drop_ratio:
+            raise ValueError("give param_mask (parameter names) or param_drop_ratio (a depth "
+                             "ratio), not both")
+        if label_experts is not None and label_experts < 1:
+            raise ValueError(f"label_experts must be >= 1 or None (all), got {label_experts}")
         if not 0.0 < syn_lr_min < syn_lr_max:
             raise ValueError(f"need 0 < syn_lr_min < syn_lr_max, got syn_lr_min={syn_lr_min}, "
                              f"syn_lr_max={syn_lr_max}")
@@ -198,6 +228,13 @@ class DistillationModule(pl.LightningModule):
         self.register_buffer("skipped", torch.tensor(0, dtype=torch.long))
         self.register_buffer("syn_lr_clamps", torch.tensor(0, dtype=torch.long))
         self._student = [st.build_model()]  # a list: not a submodule, not a parameter
+        mask = None
+        if param_mask is not None:
+            mask = parameter_mask(st.spec, layers=list(param_mask))
+        elif param_drop_ratio:
+            mask = parameter_mask(st.spec, drop_ratio=param_drop_ratio)
+        # moves with the module; not in checkpoints (it follows from the hyperparameters)
+        self.register_buffer("param_mask", mask, persistent=False)
         self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
         self.matching_window = None  # set by the MatchingWindow callback
         self.synthetic_ema = None  # set by the SyntheticEMA callback
@@ -226,13 +263,7 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(f"trajectory store {st.path} holds no experts; run "
                              "`lightning-distill experts` first")
         st.validate(deep=True)  # sizes, and every file's header (dtype, shape): no data read
-        last_start = hp.max_start_epoch - 1
-        if last_start + hp.expert_epochs > st.num_snapshots - 1:
-            raise ValueError(
-                f"matching window runs past the stored snapshots: start epochs up to "
-                f"{last_start} plus expert_epochs={hp.expert_epochs} need snapshot "
-                f"{last_start + hp.expert_epochs}, but {st.path} has epochs 0..."
-                f"{st.num_snapshots - 1}; lower max_start_epoch or train longer experts")
+        self.check_window(hp.max_start_epoch)
         if hp.init_expert not in self._experts:
             raise ValueError(f"init_expert={hp.init_expert} is not in {st.path} "
                              f"(experts present: {self._experts[:10]}...)")
@@ -248,7 +279,9 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(
                 f"matching window runs past the stored snapshots: max_start_epoch="
                 f"{max_start_epoch} with expert_epochs={self.hparams.expert_epochs} needs "
-                f"snapshot {need}, but {self.store.path} has 0..{self.store.num_snapshots - 1}")
+                f"snapshot {need}, but {self.store.path} has epochs 0.."
+                f"{self.store.num_snapshots - 1}; lower max_start_epoch or train longer "
+                "experts")
 
     # ------------------------------------------------------------- initialisation
     def _expert_logits(self, expert: int, x: Tensor, batch: int = 512) -> Tensor:
@@ -282,17 +315,16 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(f"real images have shape {tuple(train_images.shape[1:])}, the "
                              f"store's model expects {tuple(self.images.shape[1:])}")
         g = torch.Generator().manual_seed(derive_seed(hp.seed, 0x1D17))
-        chosen = []
-        for c in range(self.num_classes):
-            idx = (train_labels == c).nonzero().flatten()
-            if idx.numel() < hp.ipc:
-                raise ValueError(f"ipc={hp.ipc} but class {c} has only {idx.numel()} "
-                                 "training images; lower ipc")
-            perm = idx[torch.randperm(idx.numel(), generator=g)]
-            if hp.image_init == "samples_predicted_correctly":
-                chosen.append(self._first_correct(train_images, perm, c, hp.ipc))
-            else:
-                chosen.append(perm[:hp.ipc])
+        perms = class_permutations(train_labels, self.num_classes, hp.ipc, g)
+        if hp.image_init == "samples_predicted_correctly":
+            # init_expert first, then the following experts of the store (DATM)
+            at = self._experts.index(hp.init_expert)
+            order = self._experts[at:] + self._experts[:at]
+            chosen = [correct_sample_indices(train_images, perm, c, hp.ipc, order,
+                                             self._expert_logits)[0]
+                      for c, perm in enumerate(perms)]
+        else:
+            chosen = [perm[:hp.ipc] for perm in perms]
         chosen = torch.cat(chosen)
         if hp.image_init == "noise":
             images = torch.randn(self.images.shape, generator=g)
@@ -300,48 +332,12 @@ class DistillationModule(pl.LightningModule):
             images = train_images[chosen].to(self.images.dtype)
         self.images.data.copy_(images)
         if hp.label_init == "soft" or hp.learn_labels:
-            self.labels.data.copy_(self._soft_label_init(self.images.data))
+            n = hp.label_experts
+            experts = self._experts if n is None else self._experts[:n]
+            self.labels.data.copy_(soft_label_logits(self.images.data, self._class_ids,
+                                                     experts, self._expert_logits,
+                                                     dtype=self.labels.dtype))
         self.initialized.fill_(True)
-
-    def _first_correct(self, images: Tensor, perm: Tensor, c: int, k: int) -> Tensor:
-        """The first k images of ``perm`` (class c) that the init expert classifies right."""
-        keep: list[Tensor] = []
-        found = 0
-        for s in range(0, perm.numel(), 256):
-            part = perm[s:s + 256]
-            pred = self._expert_logits(self.hparams.init_expert, images[part]).argmax(1)
-            good = part[pred == c]
-            keep.append(good)
-            found += good.numel()
-            if found >= k:
-                break
-        good = torch.cat(keep)[:k]
-        if good.numel() < k:
-            warnings.warn(f"samples_predicted_correctly: only {good.numel()} images of class "
-                          f"{c} are classified correctly by expert {self.hparams.init_expert}; "
-                          "filling with misclassified ones", stacklevel=4)
-            rest = perm[~torch.isin(perm, good)][: k - good.numel()]
-            good = torch.cat([good, rest])
-        return good
-
-    def _soft_label_init(self, images: Tensor) -> Tensor:
-        """DATM: mean raw logits over the experts that classify each image correctly."""
-        experts = self._experts[: self.hparams.label_experts]
-        dtype = self.labels.dtype
-        total = torch.zeros(images.shape[0], self.num_classes, dtype=dtype)
-        count = torch.zeros(images.shape[0], 1, dtype=dtype)
-        fallback = torch.zeros_like(total)
-        for e in experts:
-            logits = self._expert_logits(e, images).to("cpu", dtype)
-            ok = (logits.argmax(1) == self._class_ids.cpu()).unsqueeze(1).float()
-            total += logits * ok
-            count += ok
-            fallback += logits
-        none = count.squeeze(1) == 0
-        if none.any():
-            warnings.warn(f"soft label init: {int(none.sum())} image(s) are classified "
-                          "correctly by no expert; using the mean over all experts", stacklevel=4)
-        return torch.where(none.unsqueeze(1), fallback / len(experts), total / count.clamp_min(1))
 
     def _check_input_space(self, input_space: dict) -> None:
         mine = {k: v for k, v in (self.input_space or {}).items()}
@@ -448,10 +444,14 @@ class DistillationModule(pl.LightningModule):
         # CPU index tensors: trajectory_matching_loss checks them on the CPU and moves
         # them to the device in one copy
         batches = sample_minibatches(n, hp.batch_syn or n, hp.syn_steps, self.generator)
-        loss = trajectory_matching_loss(
+        res = trajectory_matching(
             self.student, start, target, self.images, self.current_labels(), self.syn_lr,
-            batches, augment=self.augment, mode=hp.mode, generator=self.generator)
-        return loss, {"expert": float(expert), "start_epoch": float(start_epoch)}
+            batches, augment=self.augment, mode=hp.mode, generator=self.generator,
+            param_mask=self.param_mask, match=hp.match)
+        info = {"expert": float(expert), "start_epoch": float(start_epoch)}
+        if hp.match == "closest":
+            info["matched_step"] = float(res.step)
+        return res.loss, info
 
     def _trainables(self) -> list[Tensor]:
         return [p for p in (self.images, self.syn_lr, self.labels) if p.requires_grad]
@@ -473,13 +473,7 @@ class DistillationModule(pl.LightningModule):
             self.manual_backward(sum(p.sum() * 0.0 for p in self._trainables()))
         # After DDP's all-reduce the gradients are the same on every rank, so is this:
         grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in self._trainables())
-        # [ranks that contributed, ranks with a non-finite loss]: every rank must take the
-        # same decision (a rank raising alone would leave the others waiting forever)
-        votes = torch.tensor([float(accept), float(not finite)], device=self.device)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            votes = self.trainer.strategy.reduce(votes, reduce_op="sum")
-        count, nonfinite = float(votes[0]), float(votes[1]) > 0
+        count, world, nonfinite = self._vote(accept, finite)
         stats = {"loss": value, "syn_lr": float(self.syn_lr.detach()), **info}
         if count > 0 and grads_finite:
             if world > 1 and count < world:
@@ -515,6 +509,16 @@ class DistillationModule(pl.LightningModule):
             stats["window/upper_bound"] = float(self.matching_window.last_upper_bound)
         self._log_stats(stats, it)
         return loss.detach()
+
+    def _vote(self, accept: bool, finite: bool) -> tuple[float, int, bool]:
+        """The DDP-consistent step decision: ``(ranks that contributed, world size, any
+        rank with a non-finite loss)``, summed over the ranks so that every rank decides
+        the same (a rank raising alone would leave the others waiting forever)."""
+        votes = torch.tensor([float(accept), float(not finite)], device=self.device)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            votes = self.trainer.strategy.reduce(votes, reduce_op="sum")
+        return float(votes[0]), world, float(votes[1]) > 0
 
     @torch.no_grad()
     def _clamp_syn_lr(self) -> None:

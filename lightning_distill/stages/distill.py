@@ -44,9 +44,13 @@ class DistillSettings:
     image_init: str = "real"
     label_init: str = "hard"
     learn_labels: bool = False
-    label_experts: int = 10
+    label_experts: int | None = None
+    init_expert: int = 0
     threshold: float | None = None
     mode: str = "full"
+    match: str = "last"
+    param_mask: list[str] | None = None
+    param_drop_ratio: float = 0.0
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     syn_lr_min: float = 1e-6
@@ -144,8 +148,10 @@ def build_module(cfg: DistillConfig) -> DistillationModule:
         expert_epochs=d.expert_epochs, max_start_epoch=cfg.window.max_start_epoch,
         batch_syn=d.batch_syn, lr_img=d.lr_img, lr_lr=d.lr_lr, lr_y=d.lr_y,
         lr_teacher=d.lr_teacher, image_init=d.image_init, label_init=d.label_init,
-        learn_labels=d.learn_labels, label_experts=d.label_experts, threshold=d.threshold,
-        mode=d.mode, dsa=d.dsa, dsa_strategy=d.dsa_strategy,
+        learn_labels=d.learn_labels, label_experts=d.label_experts,
+        init_expert=d.init_expert, threshold=d.threshold, mode=d.mode, match=d.match,
+        param_mask=d.param_mask, param_drop_ratio=d.param_drop_ratio,
+        dsa=d.dsa, dsa_strategy=d.dsa_strategy,
         dsa_flip=dsa_flip_for(cfg.data.name), max_nonfinite=d.max_nonfinite,
         syn_lr_min=d.syn_lr_min, syn_lr_max=d.syn_lr_max, seed=cfg.seed,
         export_path=str(Path(cfg.output) / "synthetic.pt"),

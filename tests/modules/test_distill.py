@@ -24,7 +24,11 @@ from lightning_distill.callbacks.matching_window import MatchingWindow
 from lightning_distill.config import derive_seed
 from lightning_distill.data.augment import DSA
 from lightning_distill.data.synthetic import SyntheticSet
-from lightning_distill.functional.matching import sample_minibatches, trajectory_matching_loss
+from lightning_distill.functional.matching import (
+    parameter_mask,
+    sample_minibatches,
+    trajectory_matching_loss,
+)
 from lightning_distill.models.params import ParamSpec
 from lightning_distill.modules.distill import DistillationModule
 from lightning_distill.stages.distill import IterationCheckpoint
@@ -57,8 +61,9 @@ def one_expert_dir(tmp_path_factory):
     return path
 
 
-def replay_loss(module, generator, images, labels, syn_lr, window=None, it=0):
-    """One iteration's matching loss, drawing from ``generator`` in the module's order."""
+def replay_loss(module, generator, images, labels, syn_lr, window=None, it=0, **kw):
+    """One iteration's matching loss, drawing from ``generator`` in the module's order
+    (``kw``: param_mask / match for trajectory_matching_loss)."""
     hp = module.hparams
     experts = module.store.expert_indices()
     expert = experts[int(torch.randint(len(experts), (1,), generator=generator))]
@@ -74,7 +79,7 @@ def replay_loss(module, generator, images, labels, syn_lr, window=None, it=0):
     aug = DSA(hp.dsa_strategy, flip=hp.dsa_flip) if hp.dsa else None
     net = tiny_model(module.store.model)
     return trajectory_matching_loss(net, theta0, target, images, labels, syn_lr, batches,
-                                    augment=aug, mode=hp.mode, generator=generator), start
+                                    augment=aug, mode=hp.mode, generator=generator, **kw), start
 
 
 @contextlib.contextmanager
@@ -117,6 +122,63 @@ def test_first_iteration_is_minus_lr_times_grad(store_dir, mode):
     assert x.grad.abs().max() > 0 and y.grad.abs().max() > 0 and lr.grad.abs() > 0
     # the generator advanced exactly as in the replay
     assert torch.equal(module.generator.get_state(), g.get_state())
+
+
+@pytest.mark.parametrize("mode", ["full", "recompute", "tesla"])
+@pytest.mark.parametrize("selection", [dict(param_drop_ratio=0.5),
+                                       dict(param_mask=["classifier"]),
+                                       dict(match="closest"),
+                                       dict(match="closest", param_drop_ratio=0.3)])
+def test_first_iteration_with_pad_and_att_options(store_dir, mode, selection):
+    """The module's options reach trajectory_matching_loss: its first update equals
+    -lr * grad of the loss with the same mask / match rule, computed by hand."""
+    module = init_distill_module(make_distill_module(store_dir, iterations=1, learn_labels=True,
+                                                     mode=mode, syn_steps=4, **selection))
+    x0, y0, lr0 = (t.detach().double().clone() for t in (module.images, module.labels,
+                                                           module.syn_lr))
+    seen = {}
+    original = module.matching_loss
+
+    def spy(it):
+        loss, info = original(it)
+        seen.update(info)
+        return loss, info
+
+    module.matching_loss = spy
+    quiet_trainer(precision="64-true").fit(module)
+    net = tiny_model(module.store.model)
+    kw = {"match": selection.get("match", "last")}
+    if "param_mask" in selection:
+        kw["param_mask"] = parameter_mask(net, layers=selection["param_mask"])
+    elif "param_drop_ratio" in selection:
+        kw["param_mask"] = parameter_mask(net, drop_ratio=selection["param_drop_ratio"])
+    g = torch.Generator().manual_seed(derive_seed(7, 0x5EED, 0))
+    x, y, lr = leaf(x0), leaf(y0), leaf(lr0)
+    with default_dtype(torch.float64):
+        loss, _ = replay_loss(module, g, x, y, lr, **kw)
+    loss.backward()
+    hp = module.hparams
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(module.images.detach(), x0 - hp.lr_img * x.grad, **tol)
+    torch.testing.assert_close(module.labels.detach(), y0 - hp.lr_y * y.grad, **tol)
+    torch.testing.assert_close(module.syn_lr.detach(), lr0 - hp.lr_lr * lr.grad, **tol)
+    assert ("matched_step" in seen) == (kw["match"] == "closest")
+    if "matched_step" in seen:
+        assert 1 <= seen["matched_step"] <= hp.syn_steps
+
+
+def test_selection_options_are_validated(store_dir):
+    with pytest.raises(ValueError, match="not both"):
+        make_distill_module(store_dir, param_mask=["classifier"], param_drop_ratio=0.5)
+    with pytest.raises(ValueError, match="match must be one of"):
+        make_distill_module(store_dir, match="nearest")
+    with pytest.raises(ValueError, match="names no parameter"):
+        make_distill_module(store_dir, param_mask=["head"])
+    with pytest.raises(ValueError, match=r"drop_ratio must be in \[0, 1\)"):
+        make_distill_module(store_dir, param_drop_ratio=1.5)
+    module = make_distill_module(store_dir, param_drop_ratio=0.25)
+    assert module.param_mask.dtype == torch.bool and "param_mask" not in module.state_dict()
+    assert make_distill_module(store_dir).param_mask is None
 
 
 def test_first_iteration_single_trajectory_no_dsa(one_expert_dir):
@@ -267,7 +329,7 @@ def test_image_init_real_and_predicted_correctly(tmp_path):
         assert match.numel() == 1 and int(y[match]) == int(c)
     spc = DistillationModule(str(tmp_path / "s"), 2, max_start_epoch=1, seed=3,
                              image_init="samples_predicted_correctly")
-    with pytest.warns(UserWarning, match="only 0 images of class 0"):
+    with pytest.warns(UserWarning, match="classifies 2 images of class 0 correctly .at most 0"):
         spc.initialize(train_images=x, train_labels=y)
     # class 1 is always right, the others are filled in permutation order: same as real
     assert torch.equal(spc.images, real.images)
@@ -400,7 +462,7 @@ def test_ipc_larger_than_class_fails(store_dir):
 def test_window_past_snapshots_fails(store_dir):
     # 5 snapshots (0..4), M = 2: the last start epoch is 2, so T+ = 3 is the most allowed
     make_distill_module(store_dir, max_start_epoch=3)
-    with pytest.raises(ValueError, match="runs past the stored snapshots.*need snapshot 5"):
+    with pytest.raises(ValueError, match="runs past the stored snapshots.*needs snapshot 5"):
         make_distill_module(store_dir, max_start_epoch=4)
     with pytest.raises(ValueError, match="runs past the stored snapshots.*needs snapshot 5"):
         module = init_distill_module(make_distill_module(store_dir, max_start_epoch=3))
@@ -558,3 +620,49 @@ def test_ddp_two_ranks_average_their_trajectory_gradients(tmp_path):
     torch.testing.assert_close(final.images, r0["images"], rtol=0, atol=0)
     assert r0["history"][-1]["accs"] == s.make_evaluation().evaluate(final)
     assert (tmp_path / "best.pt").exists()
+
+
+def test_soft_label_init_defaults_to_every_expert_of_the_store(tmp_path):
+    """DATM averages over all experts of its buffers: with 12 experts where only the last
+    two predict class 2, the default (label_experts=None) must use them (a default of 10
+    experts would fall back to the unfiltered mean for class 2)."""
+    biases = [[3.0, 1.0, 0.0] if i % 2 else [0.0, 2.0, 1.0] for i in range(10)]
+    biases += [[0.0, 0.0, 1.0], [1.0, 0.0, 4.0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_store(tmp_path / "s", [_crafted_expert(b) for b in biases])
+    b = torch.tensor(biases)
+    x, y = tiny_data()
+    module = DistillationModule(str(tmp_path / "s"), 2, max_start_epoch=1, learn_labels=True)
+    module.initialize(train_images=x, train_labels=y)
+    expected = torch.stack([b[1:10:2].mean(0), b[0:10:2].mean(0), b[10:].mean(0)])
+    torch.testing.assert_close(module.labels.detach(), expected.repeat_interleave(2, 0),
+                               rtol=0, atol=1e-6)
+
+
+def test_predicted_correctly_goes_on_to_the_next_expert(tmp_path):
+    """Expert 0 classifies no image of classes 0 and 2 correctly: DATM's fallback takes
+    the next experts (1 predicts class 0, 2 predicts class 2) instead of padding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_store(tmp_path / "s", [_crafted_expert([0.0, 2.0, 1.0]),   # predicts 1
+                                     _crafted_expert([2.0, 0.0, 1.0]),   # predicts 0
+                                     _crafted_expert([0.0, 1.0, 2.0])])  # predicts 2
+    x, y = tiny_data()
+    module = DistillationModule(str(tmp_path / "s"), 2, max_start_epoch=1,
+                                image_init="samples_predicted_correctly")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no padding with misclassified images
+        module.initialize(train_images=x, train_labels=y)
+    used = []
+    for c in range(3):
+        logits = torch.stack([module._expert_logits(e, module.images.detach()[2 * c:2 * c + 2])
+                              for e in range(3)])
+        used.append([e for e in range(3) if bool((logits[e].argmax(1) == c).all())])
+    assert used == [[1], [0], [2]]
+    # starting at init_expert=2 wraps around the store: class 1 comes from expert 0
+    module = DistillationModule(str(tmp_path / "s"), 2, max_start_epoch=1, init_expert=2,
+                                image_init="samples_predicted_correctly")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.initialize(train_images=x, train_labels=y)
