@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._version import __version__
 from .io import atomic_save, atomic_write_json
 from .models.params import ParamSpec
 
@@ -68,12 +69,6 @@ def _jsonable(x: Any) -> Any:
         return json.loads(json.dumps(x))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serialisable: {x!r} ({e})") from e
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _spec_mismatch(expected: ParamSpec, got: ParamSpec) -> str | None:
@@ -150,7 +145,7 @@ class TrajectoryStore:
             "input_space": _jsonable(dict(input_space or {})),
             "hparams": _jsonable(dict(hparams or {})),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "library_version": _library_version(),
+            "library_version": __version__,
             "torch_version": torch.__version__,
         }
         root = Path(path)
@@ -213,7 +208,7 @@ class TrajectoryStore:
         if meta["format_version"] != FORMAT_VERSION:
             raise TrajectoryStoreError(
                 f"{meta_path}: format_version {meta['format_version']} is not supported by "
-                f"lightning_distill {_library_version()} (expects {FORMAT_VERSION})"
+                f"lightning_distill {__version__} (expects {FORMAT_VERSION})"
             )
         try:
             spec = ParamSpec.from_json(meta["spec"])

@@ -43,7 +43,17 @@ from torch import Tensor
 
 from ..functional.device import to_device
 
-__all__ = ["DSA", "DSAParams", "FAMILIES", "ResumableGenerator"]
+__all__ = [
+    "DEFAULT_DSA_STRATEGY",
+    "DSA",
+    "DSAParams",
+    "FAMILIES",
+    "ResumableGenerator",
+    "dsa_flip_for",
+]
+
+#: the strategy of MTT, FTD and DATM: one of these families per call
+DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 #: every family name accepted in a strategy string
 FAMILIES: tuple[str, ...] = (
@@ -125,7 +135,7 @@ class DSA:
 
     def __init__(
         self,
-        strategy: str = "color_crop_cutout_flip_scale_rotate",
+        strategy: str = DEFAULT_DSA_STRATEGY,
         *,
         flip: bool = True,
         scale: float = 1.2,
@@ -153,17 +163,10 @@ class DSA:
         self.families: tuple[str, ...] = _parse_strategy(strategy, self.flip)
 
     @classmethod
-    def for_dataset(
-        cls, name: str, strategy: str = "color_crop_cutout_flip_scale_rotate", **kwargs
-    ) -> DSA:
-        """DSA with the DC/DSA convention for data set ``name``: no flip for digit data sets.
-
-        Flip is dropped for MNIST-like digit/character sets (any name containing "mnist"
-        except Fashion-MNIST), sklearn ``digits``, SVHN and USPS; kept otherwise.
-        """
-        n = name.lower().replace("-", "_")
-        digits = ("mnist" in n and "fashion" not in n) or n in ("digits", "svhn", "usps")
-        kwargs.setdefault("flip", not digits)
+    def for_dataset(cls, name: str, strategy: str = DEFAULT_DSA_STRATEGY, **kwargs) -> DSA:
+        """DSA with the DC/DSA convention for data set ``name``: flip as :func:`dsa_flip_for`
+        says (an explicit ``flip=`` keyword wins)."""
+        kwargs.setdefault("flip", dsa_flip_for(name))
         return cls(strategy, **kwargs)
 
     @property
@@ -368,6 +371,19 @@ class ResumableGenerator:
         """Continue from ``state`` (from :meth:`state`); ``None`` restarts from ``seed``."""
         self._state = None if state is None else state.to("cpu", torch.uint8)
         self._generator = None
+
+
+def dsa_flip_for(dataset: str) -> bool:
+    """Whether DSA keeps the flip family for data set ``dataset``.
+
+    A mirrored digit is another digit or none, so flip is dropped for MNIST-like
+    digit/character sets (any name containing "mnist" except Fashion-MNIST), sklearn
+    ``digits``, SVHN and USPS, and kept otherwise (docs/method.md, section
+    'Differentiable siamese augmentation').
+    """
+    n = str(dataset).lower().replace("-", "_")
+    digits = ("mnist" in n and "fashion" not in n) or n in ("digits", "svhn", "usps")
+    return not digits
 
 
 def _round(v: float) -> int:

@@ -51,9 +51,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config import derive_seed
 from ..data.augment import DSA
 from ..functional.matching import sample_minibatches, trajectory_matching_loss
+from ..seeding import derive_seed
 from ..trajectories import TrajectoryStore
 
 IMAGE_INITS = ("real", "samples_predicted_correctly", "noise")

@@ -23,9 +23,9 @@ from ..callbacks.ema import SyntheticEMA
 from ..callbacks.images import SyntheticImageLogger
 from ..callbacks.matching_window import MatchingWindow
 from ..config import DataConfig, TrainerConfig, build_datamodule
+from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
 from ..modules.distill import DistillationModule
 from ._common import console, make_callbacks
-from .experts import dsa_flip_for
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DistillSettings:
     threshold: float | None = None
     mode: str = "full"
     dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
     syn_lr_min: float = 1e-6
     syn_lr_max: float = 10.0
     max_nonfinite: int = 10

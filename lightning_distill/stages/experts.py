@@ -56,10 +56,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..callbacks.trajectory import TrajectoryRecorder
-from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule, derive_seed
-from ..data.augment import DSA
+from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
+from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
 from ..models import ParamSpec, build_model
 from ..modules.expert import ExpertTrajectoryModule
+from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
 from ._common import console, make_callbacks
 
@@ -84,7 +85,7 @@ class ExpertTrainingConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
     check_val_every_n_epoch: int = 1
 
 
@@ -127,21 +128,6 @@ def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
     if method == "gsam":
         return GSAM(rho=cfg.rho, alpha=cfg.alpha)
     raise ValueError(f"sharpness.method must be none, sam, asam or gsam; got {cfg.method!r}")
-
-
-def dsa_flip_for(dataset: str) -> bool:
-    """Flip is dropped for digit data sets (REFERENCE section 3; :meth:`DSA.for_dataset`)."""
-    return DSA.for_dataset(dataset).flip
-
-
-def expert_seeds(seed: int, index: int) -> dict[str, int]:
-    """The seeds of expert ``index``: ``init`` (global RNGs: initialisation, and the
-    DistributedSampler under DDP), ``data`` (training order), ``dsa`` (augmentation)."""
-    return {
-        "init": derive_seed(seed, index),
-        "data": derive_seed(seed, index, 1),
-        "dsa": derive_seed(seed, index, 2),
-    }
 
 
 class _SameExpertOnAllRanks(Callback):
