@@ -8,7 +8,8 @@ from ._version import __version__
 from .data import DSA, ZCA, RealDataModule, SyntheticSet
 from .models import build_model
 from .modules import DistillationModule, EvalModule, ExpertTrajectoryModule
-from .trajectories import TrajectoryStore, import_replay_buffers
+from .replay_buffers import import_replay_buffers
+from .trajectories import TrajectoryStore
 
 __all__ = [
     "DSA",
