@@ -9,10 +9,8 @@ with a larger ``distill.iterations`` continues from its checkpoint.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -21,6 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from ..callbacks.ema import SyntheticEMA
 from ..callbacks.images import SyntheticImageLogger
+from ..callbacks.iteration_checkpoint import IterationCheckpoint
 from ..callbacks.matching_window import MatchingWindow
 from ..config import DataConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
@@ -101,40 +100,6 @@ class DistillConfig:
     checkpoint_every_n_steps: int = 100
     image_every_n_steps: int = 100
     resume: bool = True
-
-
-class IterationCheckpoint(Callback):
-    """Save ``dirpath/last.ckpt`` every ``every_n`` outer iterations and at the end.
-
-    The file is written under a temporary name and renamed, so a crash never leaves a
-    truncated ``last.ckpt``.
-    """
-
-    def __init__(self, dirpath: str | os.PathLike, every_n: int) -> None:
-        self.dirpath = Path(dirpath)
-        self.every_n = int(every_n)
-
-    @property
-    def last(self) -> Path:
-        return self.dirpath / "last.ckpt"
-
-    def save(self, trainer: pl.Trainer) -> None:
-        tmp = self.dirpath / ".last.ckpt.tmp"
-        if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.strategy.barrier("iteration_checkpoint")
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizers, callbacks
-        if trainer.is_global_zero:
-            os.replace(tmp, self.last)
-        trainer.strategy.barrier("iteration_checkpoint_done")
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n > 0 and int(pl_module.iteration) % self.every_n == 0:
-            self.save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer)
 
 
 def build_module(cfg: DistillConfig) -> DistillationModule:

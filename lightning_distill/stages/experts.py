@@ -55,6 +55,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ..callbacks.same_expert import SameExpertOnAllRanks
 from ..callbacks.trajectory import TrajectoryRecorder
 from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
@@ -130,27 +131,6 @@ def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
     raise ValueError(f"sharpness.method must be none, sam, asam or gsam; got {cfg.method!r}")
 
 
-class _SameExpertOnAllRanks(Callback):
-    """Under DDP, fail on every rank at once if the ranks disagree on the expert to train
-    or on the experts still missing (e.g. a store directory not shared between nodes)."""
-
-    def __init__(self, index: int, todo: Sequence[int]) -> None:
-        self.plan = [int(index), *map(int, todo)]
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.world_size <= 1:
-            return
-        reference = trainer.strategy.broadcast(self.plan, src=0)
-        agree = trainer.strategy.reduce_boolean_decision(reference == self.plan, all=True)
-        if not agree:
-            raise RuntimeError(
-                f"lightning-distill experts: the {trainer.world_size} ranks disagree on the "
-                f"experts to train (rank {trainer.global_rank}: {self.plan[:8]}, rank 0: "
-                f"{reference[:8]}; [current, remaining...]). Every rank must see the same "
-                "store directory: put it on a file system shared by all nodes."
-            )
-
-
 def _say(message: str, rule: bool = False) -> None:
     if rank_zero_only.rank == 0:
         (console.rule if rule else console.print)(message)
@@ -212,7 +192,7 @@ def train_experts(
             momentum=ex.momentum, weight_decay=ex.weight_decay, dsa=ex.dsa,
             dsa_strategy=ex.dsa_strategy, dsa_flip=flip, dsa_seed=seeds["dsa"],
         )
-        cbs: list[Callback] = [_SameExpertOnAllRanks(i, todo[n:]),
+        cbs: list[Callback] = [SameExpertOnAllRanks(i, todo[n:]),
                                TrajectoryRecorder(store, expert_index=i, module_attr="net")]
         sharp = sharpness_callback(cfg.sharpness)
         if sharp is not None:
