@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data.input_space import InputSpace
 from .models.params import ParamSpec
 from .trajectories import TrajectoryStore, TrajectoryStoreError
 
@@ -111,7 +112,7 @@ def import_replay_buffers(
     *,
     model: dict,
     dataset: str,
-    input_space: dict | None = None,
+    input_space: InputSpace | dict | None = None,
     hparams: dict | None = None,
     spec: ParamSpec | None = None,
     truncate: bool = False,

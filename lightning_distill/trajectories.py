@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ._version import __version__
+from .data.input_space import InputSpace
 from .io import atomic_save, atomic_write_json
 from .models.params import ParamSpec
 
@@ -69,6 +70,17 @@ def _jsonable(x: Any) -> Any:
         return json.loads(json.dumps(x))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serialisable: {x!r} ({e})") from e
+
+
+def _same_identity(field: str, stored: Any, new: Any) -> bool:
+    """Whether a store's identity ``field`` equals this run's (input spaces as InputSpace:
+    the same fields, however an older file spelled them)."""
+    if field == "input_space":
+        try:
+            return InputSpace.from_dict(stored) == InputSpace.from_dict(new)
+        except ValueError:
+            return False
+    return stored == new
 
 
 def _spec_mismatch(expected: ParamSpec, got: ParamSpec) -> str | None:
@@ -116,7 +128,7 @@ class TrajectoryStore:
         num_snapshots: int,
         model: dict,
         dataset: str,
-        input_space: dict | None = None,
+        input_space: InputSpace | dict | None = None,
         hparams: dict | None = None,
         exist_ok: bool = True,
     ) -> TrajectoryStore:
@@ -124,11 +136,12 @@ class TrajectoryStore:
 
         ``model`` is the keyword dict of :func:`lightning_distill.models.build_model`
         (``name``, ``channels``, ``num_classes``, ``image_size``, extra kwargs);
-        ``input_space`` identifies the model's input space (normalisation, ZCA
-        fingerprint); ``hparams`` records the training hyperparameters. An existing
-        store must agree on spec, num_snapshots, model, dataset and input_space
-        (otherwise :class:`TrajectoryStoreError` names the field), so a resumed run
-        can never mix experts of two configurations. Differing ``hparams`` only warn.
+        ``input_space`` identifies the model's input space (an :class:`InputSpace` or its
+        dict; None: unknown); ``hparams`` records the training hyperparameters. An
+        existing store must agree on spec, num_snapshots, model, dataset and input_space
+        (the latter as equal :class:`InputSpace` fields; otherwise
+        :class:`TrajectoryStoreError` names the field), so a resumed run can never mix
+        experts of two configurations. Differing ``hparams`` only warn.
         """
         if int(num_snapshots) < 1:
             raise ValueError(f"num_snapshots must be >= 1 (epochs + 1), got {num_snapshots}")
@@ -142,7 +155,7 @@ class TrajectoryStore:
             "num_params": spec.total,
             "num_snapshots": int(num_snapshots),
             "dtype": "float32",
-            "input_space": _jsonable(dict(input_space or {})),
+            "input_space": _jsonable(InputSpace.coerce(input_space).to_dict()),
             "hparams": _jsonable(dict(hparams or {})),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "library_version": __version__,
@@ -158,7 +171,7 @@ class TrajectoryStore:
                 )
             store = cls.open(root)
             for field in _IDENTITY_FIELDS:
-                if store.meta[field] != meta[field]:
+                if not _same_identity(field, store.meta[field], meta[field]):
                     raise TrajectoryStoreError(
                         f"{meta_path}: field '{field}' differs from this run "
                         f"(store: {json.dumps(store.meta[field])[:300]}, "
@@ -242,8 +255,9 @@ class TrajectoryStore:
         return dict(self.meta["model"])
 
     @property
-    def input_space(self) -> dict:
-        return dict(self.meta["input_space"])
+    def input_space(self) -> InputSpace:
+        """The experts' input space (``meta.json``'s ``input_space``, read as an InputSpace)."""
+        return InputSpace.from_dict(self.meta["input_space"])
 
     @property
     def hparams(self) -> dict:

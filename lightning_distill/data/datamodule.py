@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.data.datasets import RealDataset, get_dataset
+from lightning_distill.data.input_space import InputSpace
 
 __all__ = ["RealDataModule", "TensorBatchLoader", "shard_indices"]
 
@@ -193,7 +194,7 @@ class RealDataModule(pl.LightningDataModule):
     After ``setup()``: ``real`` (the :class:`RealDataset`), ``train_idx`` / ``val_idx``
     (indices into ``real``'s training split), ``train_set`` / ``val_set`` / ``test_set``
     (CPU :class:`TensorDataset` of float32 transformed images and int64 labels), ``zca``
-    (the fitted transform or ``None``) and ``input_space`` (metadata dict).
+    (the fitted transform or ``None``) and ``input_space`` (an :class:`InputSpace`).
     """
 
     def __init__(
@@ -291,18 +292,15 @@ class RealDataModule(pl.LightningDataModule):
         return self._real().denormalize(x)
 
     @property
-    def input_space(self) -> dict[str, Any]:
-        """Identity of the input space, for metadata of trajectory stores and synthetic sets."""
+    def input_space(self) -> InputSpace:
+        """Identity of the input space, for metadata of trajectory stores and synthetic sets
+        (its dict form is what files hold: docs/formats.md, section 'Input space')."""
         real = self._real()
-        zca = self.use_zca
-        return {
-            "dataset": real.name,
-            "normalization": "zca" if zca else "meanstd",
-            "mean": None if zca else list(real.mean),
-            "std": None if zca else list(real.std),
-            "zca_fingerprint": self.zca.fingerprint if zca else None,
-            "zca_regularization": self.zca_regularization if zca else None,
-        }
+        if self.use_zca:
+            if self.zca is None:
+                raise RuntimeError("RealDataModule: call setup() first (ZCA is not fitted)")
+            return InputSpace.zca(real.name, self.zca.fingerprint, self.zca_regularization)
+        return InputSpace.meanstd(real.name, real.mean, real.std)
 
     # ----------------------------------------------------------------- shape facts
     @property
