@@ -18,7 +18,8 @@ __all__ = ["DataConfig", "ModelConfig", "TrainerConfig", "build_datamodule", "de
 
 @dataclass
 class DataConfig:
-    """The real data set and its input space (REFERENCE section 2).
+    """The real data set and its input space (docs/method.md, section 'ZCA whitening and
+    normalisation').
 
     Attributes:
         name: a registered data set (digits, fashion_mnist, mnist, cifar10, cifar100,

@@ -1,9 +1,12 @@
-"""TrajectoryStore: expert trajectories on disk, read lazily (REFERENCE section 4).
+"""TrajectoryStore: expert trajectories on disk, read lazily.
+
+The experts of MTT (Cazenavette et al., CVPR 2022); docs/method.md, section 'Expert
+trajectories', and docs/formats.md, section 'Trajectory store'.
 
 An expert trajectory is the sequence theta_0, theta_1, ..., theta_E of an expert
 network's flat parameter vector at initialisation and after every epoch (E+1
 snapshots). Trajectory matching (MTT section 3) samples theta_t and theta_{t+M}
-from it. The on-disk format (ARCHITECTURE.md, "File formats") is a directory::
+from it. The on-disk format (docs/formats.md) is a directory::
 
     meta.json           format_version, dataset, model (build_model kwargs), param spec,
                         num_snapshots, num_params, hparams, input_space, created, versions
@@ -13,7 +16,7 @@ from it. The on-disk format (ARCHITECTURE.md, "File formats") is a directory::
 Each expert file is written atomically (:mod:`lightning_distill.io`), so a present
 ``expert_*.pt`` is complete and an interrupted run resumes at :meth:`first_missing`.
 Reads memory-map the files (``torch.load(mmap=True)``): a 13 GB DATM store for
-CIFAR-10 (100 experts x 101 snapshots, REFERENCE section 9) costs only the rows read.
+CIFAR-10 (100 experts x 101 snapshots) costs only the rows read.
 
 :func:`lightning_distill.replay_buffers.import_replay_buffers` (also
 ``lightning_distill.import_replay_buffers``) converts MTT/DATM ``replay_buffer_*.pt``

@@ -1,4 +1,5 @@
-"""Differentiable Siamese Augmentation (DSA), REFERENCE section 3.
+"""Differentiable Siamese Augmentation (DSA): docs/method.md, section 'Differentiable siamese
+augmentation'.
 
 Zhao & Bilen, "Dataset Condensation with Differentiable Siamese Augmentation" (ICML 2021),
 as used by MTT / FTD / DATM. Each call picks ONE family at random from the strategy and
@@ -28,8 +29,8 @@ Families and parameter ranges (u ~ U[0, 1] per sample):
 ``brightness``, ``saturation`` and ``contrast`` are also accepted as families on their own.
 Every operation is affine in the pixels for fixed parameters, hence differentiable (no
 in-place writes into the input). Flip must be dropped for digit data sets (MNIST, sklearn
-digits, SVHN): a mirrored digit is a different (or no) digit; use ``flip=False`` or
-:meth:`DSA.for_dataset`.
+digits, SVHN): a mirrored digit is a different (or no) digit; use ``flip=False``,
+:func:`dsa_flip_for` or :meth:`DSA.for_dataset`.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _parse_strategy(strategy: str, flip: bool) -> tuple[str, ...]:
 
 
 class DSA:
-    """Differentiable Siamese Augmentation (REFERENCE section 3).
+    """Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021).
 
     Args:
         strategy: families joined by ``"_"`` (``"color"`` counts as one family);

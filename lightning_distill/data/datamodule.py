@@ -3,7 +3,7 @@
 ``setup()`` loads the data set (:func:`~lightning_distill.data.datasets.get_dataset`),
 holds out a seeded, class-stratified validation split of the training set, and maps every
 split into the input space the experts, the distillation and the evaluation all share
-(REFERENCE section 2):
+(docs/method.md, section 'ZCA whitening and normalisation'):
 
 - ``zca=False``: ``x -> (x - mean) / std`` per channel, with the data set's constants;
 - ``zca=True``: ZCA whitening of the [0, 1] images (no mean/std normalisation), fitted on

@@ -1,13 +1,14 @@
-"""SyntheticSet: a distilled data set on disk (ARCHITECTURE.md, "File formats").
+"""SyntheticSet: a distilled data set on disk (docs/formats.md, section 'Synthetic set').
 
 A synthetic set is the product of distillation and the input of evaluation:
 
 - ``images`` [N, C, H, W] float, in the model's INPUT space (normalised, or ZCA
-  whitened: REFERENCE section 2), so a network trains on them as they are;
-- ``labels``: [N] int64 class ids (hard), or [N, K] float logits (DATM soft labels,
-  REFERENCE 5.2; the training target is ``softmax(labels)``);
+  whitened: docs/method.md, section 'ZCA whitening and normalisation'), so a network
+  trains on them as they are;
+- ``labels``: [N] int64 class ids (hard), or [N, K] float logits (DATM's soft labels;
+  the training target is ``softmax(labels)``);
 - ``lr``: the learned step size alpha (syn_lr), the evaluation learning rate
-  (REFERENCE section 6);
+  (docs/method.md, section 'Evaluation protocol');
 - ``meta``: plain metadata: ``dataset``, ``ipc``, ``num_classes``, ``channels``,
   ``image_size``, ``input_space`` (a dict naming the normalisation, e.g.
   ``{"dataset": "cifar10", "normalization": "zca", "zca_fingerprint": "..."}`` or
@@ -144,7 +145,7 @@ class SyntheticSet:
     Args:
         images: [N, C, H, W] floating tensor in the model's input space.
         labels: [N] int64 class ids, or [N, K] floating logits (soft labels).
-        lr: evaluation learning rate (the learned syn_lr alpha; REFERENCE 5 and 6).
+        lr: evaluation learning rate (the learned syn_lr alpha).
         meta: plain metadata (see the module docstring).
     """
 

@@ -29,7 +29,7 @@ from ._common import console, make_callbacks
 
 @dataclass
 class DistillSettings:
-    """REFERENCE section 5 / 7 hyperparameters (DATM column names)."""
+    """Matching hyperparameters, named as DATM's configurations name them (docs/recipes.md)."""
 
     ipc: int = 10
     iterations: int = 1000
@@ -55,7 +55,8 @@ class DistillSettings:
 
 @dataclass
 class WindowConfig:
-    """The start-epoch window T-, T, T+ and sequential generation (REFERENCE 5.1)."""
+    """The start-epoch window T-, T, T+ and sequential generation (DATM; docs/method.md,
+    section 'Matching window')."""
 
     min_start_epoch: int = 0
     current_max_start_epoch: int | None = None
@@ -66,7 +67,7 @@ class WindowConfig:
 
 @dataclass
 class EMAConfig:
-    """FTD's EMA of the synthetic images (REFERENCE 5.3)."""
+    """FTD's EMA of the synthetic images (docs/method.md, 'EMA of the synthetic images')."""
 
     enabled: bool = False
     decay: float = 0.999
