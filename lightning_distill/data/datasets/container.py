@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-__all__ = ["DatasetFormatError", "RealDataset", "mean_std", "stratified_split"]
+__all__ = ["DatasetFormatError", "RealDataset", "draw_indices", "mean_std", "stratified_split"]
 
 
 class DatasetFormatError(ValueError):
@@ -48,6 +48,18 @@ def stratified_split(
     mask = torch.ones(labels.numel(), dtype=torch.bool)
     mask[held_idx] = False
     return torch.nonzero(mask).flatten(), held_idx
+
+
+def draw_indices(
+    index: Tensor, n: int | None, generator: torch.Generator | None, asked: str
+) -> Tensor:
+    """``n`` distinct entries of ``index``, ``index[randperm(len, generator)[:n]]`` (all of
+    them, in order, for ``n=None``); too few raise ``ValueError("<asked> has only <len>")``."""
+    if n is None:
+        return index
+    if n > index.numel():
+        raise ValueError(f"{asked} has only {index.numel()}")
+    return index[torch.randperm(index.numel(), generator=generator)[:n]]
 
 
 @dataclass(eq=False)
@@ -193,14 +205,8 @@ class RealDataset:
         ``n=None`` returns all of them in index order. The draw is
         ``torch.randperm(count, generator=generator)[:n]``.
         """
-        idx = self.indices_of_class(c, split)
-        if n is not None:
-            if n > idx.numel():
-                raise ValueError(
-                    f"{self.name}: asked for {n} images of class {c} but the {split} split "
-                    f"has only {idx.numel()}"
-                )
-            idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]
+        idx = draw_indices(self.indices_of_class(c, split), n, generator,
+                           f"{self.name}: asked for {n} images of class {c} but the {split} split")
         return self.images(split, idx)
 
     def split_validation(self, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:

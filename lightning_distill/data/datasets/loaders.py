@@ -170,17 +170,11 @@ def _load_idx_dataset(
                 f"{files[f'{split}_images']} / {files[f'{split}_labels']}: expected images "
                 f"[N, H, W] and labels [N], got {img.shape} and {lab.shape}"
             )
-    return RealDataset(
-        name=name,
-        train_data=_uint8(arrays["train_images"][:, None]),
-        train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
-        test_data=_uint8(arrays["test_images"][:, None]),
-        test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
-        mean=mean,
-        std=std,
-        class_names=classes,
-        source=str(d),
+    train, test = (
+        [(arrays[f"{split}_images"][:, None], arrays[f"{split}_labels"].astype(np.int64))]
+        for split in ("train", "test")
     )
+    return _from_arrays(name, train, test, mean, std, classes, d)
 
 
 def _torchvision_download(cls_name: str, root: Path, splits: Sequence[dict[str, Any]]) -> None:
