@@ -4,16 +4,17 @@ MTT (match expert trajectories), FTD (flat GSAM experts, EMA images) and DATM
 (difficulty-aligned windows, soft labels) as Lightning modules and callbacks.
 """
 
+from ._version import __version__
 from .data import DSA, ZCA, RealDataModule, SyntheticSet
 from .models import build_model
 from .modules import DistillationModule, EvalModule, ExpertTrajectoryModule
-from .trajectories import TrajectoryStore, import_replay_buffers
-
-__version__ = "0.1.0.dev0"
+from .replay_buffers import import_replay_buffers
+from .trajectories import TrajectoryStore
 
 __all__ = [
     "DSA",
     "ZCA",
+    "__version__",
     "DistillationModule",
     "EvalModule",
     "ExpertTrajectoryModule",

@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+# derive_seed lives in lightning_distill.seeding; re-exported for older imports
+from .seeding import derive_seed
+
+__all__ = ["DataConfig", "ModelConfig", "TrainerConfig", "build_datamodule", "derive_seed"]
 
 
 @dataclass
 class DataConfig:
-    """The real data set and its input space (REFERENCE section 2).
+    """The real data set and its input space (docs/method.md, section 'ZCA whitening and
+    normalisation').
 
     Attributes:
         name: a registered data set (digits, fashion_mnist, mnist, cifar10, cifar100,
@@ -82,15 +86,6 @@ class TrainerConfig:
             "enable_progress_bar": self.enable_progress_bar,
             "deterministic": self.deterministic,
         }
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 31-bit seed derived from ``(seed, *keys)``: expert i uses derive_seed(seed, i).
-
-    Independent streams for different keys (numpy's SeedSequence hashing), and the same
-    value on every platform and run.
-    """
-    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1)[0] >> 1)
 
 
 def build_datamodule(cfg: DataConfig, setup: str | None = None):

@@ -5,7 +5,7 @@ to a temporary file in the target's directory (same file system), is flushed and
 ``fsync``-ed, then renamed over the target with :func:`os.replace`, which is atomic
 on POSIX and Windows. A crash or an exception midway leaves the previous target (or
 none) and removes the temporary file, so an interrupted run never leaves a partial
-expert or synthetic set for a resumed run to trust (ARCHITECTURE.md, "File formats").
+expert or synthetic set for a resumed run to trust (docs/formats.md).
 
 Temporary files are named ``.<target name>.<random>.tmp`` so that directory scans
 looking for ``expert_*.pt`` and the like never pick them up.

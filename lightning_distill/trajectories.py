@@ -1,9 +1,12 @@
-"""TrajectoryStore: expert trajectories on disk, read lazily (REFERENCE section 4).
+"""TrajectoryStore: expert trajectories on disk, read lazily.
+
+The experts of MTT (Cazenavette et al., CVPR 2022); docs/method.md, section 'Expert
+trajectories', and docs/formats.md, section 'Trajectory store'.
 
 An expert trajectory is the sequence theta_0, theta_1, ..., theta_E of an expert
 network's flat parameter vector at initialisation and after every epoch (E+1
 snapshots). Trajectory matching (MTT section 3) samples theta_t and theta_{t+M}
-from it. The on-disk format (ARCHITECTURE.md, "File formats") is a directory::
+from it. The on-disk format (docs/formats.md) is a directory::
 
     meta.json           format_version, dataset, model (build_model kwargs), param spec,
                         num_snapshots, num_params, hparams, input_space, created, versions
@@ -13,11 +16,11 @@ from it. The on-disk format (ARCHITECTURE.md, "File formats") is a directory::
 Each expert file is written atomically (:mod:`lightning_distill.io`), so a present
 ``expert_*.pt`` is complete and an interrupted run resumes at :meth:`first_missing`.
 Reads memory-map the files (``torch.load(mmap=True)``): a 13 GB DATM store for
-CIFAR-10 (100 experts x 101 snapshots, REFERENCE section 9) costs only the rows read.
+CIFAR-10 (100 experts x 101 snapshots) costs only the rows read.
 
-:func:`import_replay_buffers` converts MTT/DATM ``replay_buffer_*.pt`` files (a list
-of experts, each a list of snapshots, each a list of parameter tensors in the
-network's parameter order) into a store.
+:func:`lightning_distill.replay_buffers.import_replay_buffers` (also
+``lightning_distill.import_replay_buffers``) converts MTT/DATM ``replay_buffer_*.pt``
+files into a store.
 
 Example::
 
@@ -36,17 +39,19 @@ import re
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._version import __version__
+from .data.input_space import InputSpace
 from .io import atomic_save, atomic_write_json
 from .models.params import ParamSpec
 
-__all__ = ["TrajectoryStore", "TrajectoryStoreError", "import_replay_buffers"]
+__all__ = ["TrajectoryStore", "TrajectoryStoreError"]
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -70,10 +75,15 @@ def _jsonable(x: Any) -> Any:
         raise TypeError(f"value is not JSON-serialisable: {x!r} ({e})") from e
 
 
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
+def _same_identity(field: str, stored: Any, new: Any) -> bool:
+    """Whether a store's identity ``field`` equals this run's (input spaces as InputSpace:
+    the same fields, however an older file spelled them)."""
+    if field == "input_space":
+        try:
+            return InputSpace.from_dict(stored) == InputSpace.from_dict(new)
+        except ValueError:
+            return False
+    return stored == new
 
 
 def _spec_mismatch(expected: ParamSpec, got: ParamSpec) -> str | None:
@@ -121,7 +131,7 @@ class TrajectoryStore:
         num_snapshots: int,
         model: dict,
         dataset: str,
-        input_space: dict | None = None,
+        input_space: InputSpace | dict | None = None,
         hparams: dict | None = None,
         exist_ok: bool = True,
     ) -> TrajectoryStore:
@@ -129,11 +139,12 @@ class TrajectoryStore:
 
         ``model`` is the keyword dict of :func:`lightning_distill.models.build_model`
         (``name``, ``channels``, ``num_classes``, ``image_size``, extra kwargs);
-        ``input_space`` identifies the model's input space (normalisation, ZCA
-        fingerprint); ``hparams`` records the training hyperparameters. An existing
-        store must agree on spec, num_snapshots, model, dataset and input_space
-        (otherwise :class:`TrajectoryStoreError` names the field), so a resumed run
-        can never mix experts of two configurations. Differing ``hparams`` only warn.
+        ``input_space`` identifies the model's input space (an :class:`InputSpace` or its
+        dict; None: unknown); ``hparams`` records the training hyperparameters. An
+        existing store must agree on spec, num_snapshots, model, dataset and input_space
+        (the latter as equal :class:`InputSpace` fields; otherwise
+        :class:`TrajectoryStoreError` names the field), so a resumed run can never mix
+        experts of two configurations. Differing ``hparams`` only warn.
         """
         if int(num_snapshots) < 1:
             raise ValueError(f"num_snapshots must be >= 1 (epochs + 1), got {num_snapshots}")
@@ -147,10 +158,10 @@ class TrajectoryStore:
             "num_params": spec.total,
             "num_snapshots": int(num_snapshots),
             "dtype": "float32",
-            "input_space": _jsonable(dict(input_space or {})),
+            "input_space": _jsonable(InputSpace.coerce(input_space).to_dict()),
             "hparams": _jsonable(dict(hparams or {})),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "library_version": _library_version(),
+            "library_version": __version__,
             "torch_version": torch.__version__,
         }
         root = Path(path)
@@ -163,7 +174,7 @@ class TrajectoryStore:
                 )
             store = cls.open(root)
             for field in _IDENTITY_FIELDS:
-                if store.meta[field] != meta[field]:
+                if not _same_identity(field, store.meta[field], meta[field]):
                     raise TrajectoryStoreError(
                         f"{meta_path}: field '{field}' differs from this run "
                         f"(store: {json.dumps(store.meta[field])[:300]}, "
@@ -213,7 +224,7 @@ class TrajectoryStore:
         if meta["format_version"] != FORMAT_VERSION:
             raise TrajectoryStoreError(
                 f"{meta_path}: format_version {meta['format_version']} is not supported by "
-                f"lightning_distill {_library_version()} (expects {FORMAT_VERSION})"
+                f"lightning_distill {__version__} (expects {FORMAT_VERSION})"
             )
         try:
             spec = ParamSpec.from_json(meta["spec"])
@@ -247,8 +258,9 @@ class TrajectoryStore:
         return dict(self.meta["model"])
 
     @property
-    def input_space(self) -> dict:
-        return dict(self.meta["input_space"])
+    def input_space(self) -> InputSpace:
+        """The experts' input space (``meta.json``'s ``input_space``, read as an InputSpace)."""
+        return InputSpace.from_dict(self.meta["input_space"])
 
     @property
     def hparams(self) -> dict:
@@ -450,164 +462,3 @@ class TrajectoryStore:
         net = build_model(**kwargs)
         self.check_model(net)
         return net
-
-
-# ------------------------------------------------------------------ replay buffers
-def _natural_key(path: Path) -> tuple:
-    return tuple(int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name))
-
-
-def _expand_buffer_files(files: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    out: list[Path] = []
-    for f in files:
-        p = Path(f)
-        if p.is_dir():
-            found = sorted(p.glob("replay_buffer_*.pt"), key=_natural_key)
-            if not found:
-                raise FileNotFoundError(f"no replay_buffer_*.pt files in directory {p}")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"replay buffer file {p} not found")
-    return out
-
-
-def _load_buffer(path: Path) -> list:
-    try:
-        try:
-            buf = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            buf = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-    except Exception as e:
-        raise TrajectoryStoreError(
-            f"{path}: cannot load replay buffer ({type(e).__name__}: {str(e)[:200]}); it must "
-            "be an MTT/DATM replay_buffer_*.pt (a list of experts, each a list of snapshots, "
-            "each a list of parameter tensors)"
-        ) from e
-    if not isinstance(buf, (list, tuple)):
-        raise TrajectoryStoreError(
-            f"{path}: a replay buffer holds a list of experts, found {type(buf).__name__}"
-        )
-    for j, expert in enumerate(buf):
-        if not isinstance(expert, (list, tuple)) or not expert:
-            raise TrajectoryStoreError(
-                f"{path}: expert {j} must be a non-empty list of snapshots, "
-                f"found {type(expert).__name__}"
-            )
-    return list(buf)
-
-
-def _flatten_snapshot(snap: Any, spec: ParamSpec, where: str) -> Tensor:
-    """Check one snapshot (list of parameter tensors, or an already flat [P]) and flatten it."""
-    if isinstance(snap, Tensor) and snap.dim() == 1 and snap.numel() == spec.total:
-        return snap.to(torch.float32)
-    if not isinstance(snap, (list, tuple)):
-        raise TrajectoryStoreError(
-            f"{where}: expected a list of {len(spec.names)} parameter tensors, "
-            f"found {type(snap).__name__}"
-        )
-    if len(snap) != len(spec.names):
-        raise TrajectoryStoreError(
-            f"{where}: {len(snap)} parameter tensors, the model has {len(spec.names)} "
-            f"({', '.join(spec.names[:4])}{', ...' if len(spec.names) > 4 else ''}); "
-            "wrong model for this buffer?"
-        )
-    for k, (t, name, shape) in enumerate(zip(snap, spec.names, spec.shapes, strict=True)):
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-            got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise TrajectoryStoreError(
-                f"{where}: parameter #{k} ({name}) has shape {got}, the model expects "
-                f"{list(shape)}; wrong model kwargs (width/depth/norm/image size) for this buffer?"
-            )
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in snap])
-
-
-def import_replay_buffers(
-    files: Sequence[str | os.PathLike] | str | os.PathLike,
-    store_path: str | os.PathLike,
-    *,
-    model: dict,
-    dataset: str,
-    input_space: dict | None = None,
-    hparams: dict | None = None,
-    spec: ParamSpec | None = None,
-    truncate: bool = False,
-) -> TrajectoryStore:
-    """Convert MTT/DATM ``replay_buffer_*.pt`` files into a :class:`TrajectoryStore`.
-
-    Each file holds a list of experts; an expert is a list of snapshots; a snapshot a
-    list of parameter tensors in the network's parameter order (as the reference
-    ``buffer.py`` saves ``[p.detach().cpu() for p in net.parameters()]``). Experts are
-    numbered in file order, then list order; a directory in ``files`` expands to its
-    ``replay_buffer_*.pt`` in numeric order. ``spec`` defaults to the parameters of
-    ``build_model(**model)``; every tensor's shape is checked against it. All experts
-    must have the same number of snapshots, unless ``truncate=True`` keeps the first
-    ``min`` snapshots of each. Resumable: experts already in the store are skipped.
-    ``input_space`` should describe the buffers' input space (e.g. ZCA, which DATM's
-    CIFAR buffers use); an empty dict means "unknown".
-    """
-    paths = _expand_buffer_files(files)
-    if spec is None:
-        from .models import build_model
-
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
-        spec = ParamSpec.of(build_model(**kwargs))
-
-    # Pass 1 (memory-mapped, cheap): structure and snapshot counts of every expert.
-    counts: list[tuple[Path, int, int]] = []  # (file, expert in file, snapshots)
-    per_file: list[int] = []
-    for path in paths:
-        buf = _load_buffer(path)
-        counts.extend((path, j, len(expert)) for j, expert in enumerate(buf))
-        per_file.append(len(buf))
-        del buf
-    if not counts:
-        raise TrajectoryStoreError(f"the replay buffers {[str(p) for p in paths]} hold no experts")
-    lengths = sorted({n for _, _, n in counts})
-    num_snapshots = lengths[0]
-    if len(lengths) > 1 and not truncate:
-        longest = next(c for c in counts if c[2] == lengths[-1])
-        shortest = next(c for c in counts if c[2] == lengths[0])
-        raise TrajectoryStoreError(
-            f"experts have different numbers of snapshots ({lengths}): e.g. {shortest[0]} "
-            f"expert {shortest[1]} has {shortest[2]}, {longest[0]} expert {longest[1]} has "
-            f"{longest[2]}; pass truncate=True to keep the first {lengths[0]} of each"
-        )
-
-    meta_hparams = {
-        **(hparams or {}),
-        "imported_from": [p.name for p in paths],
-    }
-    store = TrajectoryStore.create(
-        store_path,
-        spec=spec,
-        num_snapshots=num_snapshots,
-        model=model,
-        dataset=dataset,
-        input_space=input_space,
-        hparams=meta_hparams,
-    )
-    present = set(store.expert_indices())
-    index = 0
-    for path, n_here in zip(paths, per_file, strict=True):
-        todo = [j for j in range(n_here) if index + j not in present]
-        if todo:
-            buf = _load_buffer(path)
-            for j in todo:
-                expert = buf[j]
-                rows = [
-                    _flatten_snapshot(
-                        expert[s], spec, f"{path}: expert {j} (store index {index + j}), "
-                        f"snapshot {s}"
-                    )
-                    for s in range(num_snapshots)
-                ]
-                store.write_expert(index + j, torch.stack(rows))
-            del buf
-        index += n_here
-    return store

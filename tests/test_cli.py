@@ -226,7 +226,7 @@ def test_every_recipe_parses_into_its_stage_config(path):
 
 
 def test_distill_recipes_hold_the_published_datm_rows():
-    """Spot checks against REFERENCE section 7 (DATM) and the FTD/MTT variants."""
+    """Spot checks against docs/method.md, 'Published settings' (DATM) and the FTD/MTT variants."""
     def load(name):
         return parse_config(["distill", "--config", str(ROOT / "recipes" / name)])[1]
 

@@ -3,6 +3,7 @@
 from .ema import SyntheticEMA
 from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
+from .iteration_checkpoint import IterationCheckpoint
 from .matching_window import MatchingWindow
 from .sharpness import ASAM, GSAM, SAM, SharpnessAware
 from .trajectory import TrajectoryRecorder
@@ -10,6 +11,7 @@ from .trajectory import TrajectoryRecorder
 __all__ = [
     "ASAM",
     "GSAM",
+    "IterationCheckpoint",
     "SAM",
     "MatchingWindow",
     "PeriodicEvaluation",

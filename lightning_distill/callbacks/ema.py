@@ -1,4 +1,6 @@
-"""SyntheticEMA: exponential moving average of the synthetic images (FTD, REFERENCE 5.3).
+"""SyntheticEMA: exponential moving average of the synthetic images (FTD).
+
+Du et al., CVPR 2023; docs/method.md, section 'EMA of the synthetic images'.
 
 After each image step, E <- d E + (1 - d) X, E starting at the initial X (the FTD
 reference). With ``bias_correction=True`` the average starts from zero instead and

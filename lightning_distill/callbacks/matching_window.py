@@ -1,4 +1,6 @@
-"""MatchingWindow: the difficulty-aligned start-epoch window (DATM, REFERENCE 5.1).
+"""MatchingWindow: the difficulty-aligned start-epoch window (DATM).
+
+Guo et al., ICLR 2024; docs/method.md, section 'Matching window'.
 
 The start epoch t of each outer iteration is uniform on {T-, ..., UB-1}. With
 sequential generation, UB = min(T+, T + floor((T+ - T) * it / expansion_end)): early
@@ -62,7 +64,7 @@ class MatchingWindow(Callback):
                 self.expansion_end, self.sequential)
 
     def upper_bound(self, iteration: int) -> int:
-        """Exclusive upper bound UB at ``iteration`` (REFERENCE 5.1)."""
+        """Exclusive upper bound UB at ``iteration``."""
         return window_upper_bound(iteration, *self._args())
 
     def sample(self, iteration: int, generator: torch.Generator | None = None) -> int:

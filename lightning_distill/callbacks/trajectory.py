@@ -1,4 +1,6 @@
-"""TrajectoryRecorder: record an expert trajectory into a TrajectoryStore (REFERENCE section 4).
+"""TrajectoryRecorder: record an expert trajectory into a TrajectoryStore.
+
+MTT (Cazenavette et al., CVPR 2022); docs/method.md, section 'Expert trajectories'.
 
 An expert trajectory is theta_0 (initialisation), theta_1, ..., theta_E: the flat
 parameter vector (``named_parameters()`` order) at the start of training and after

@@ -1,4 +1,5 @@
-"""Differentiable Siamese Augmentation (DSA), REFERENCE section 3.
+"""Differentiable Siamese Augmentation (DSA): docs/method.md, section 'Differentiable siamese
+augmentation'.
 
 Zhao & Bilen, "Dataset Condensation with Differentiable Siamese Augmentation" (ICML 2021),
 as used by MTT / FTD / DATM. Each call picks ONE family at random from the strategy and
@@ -28,8 +29,8 @@ Families and parameter ranges (u ~ U[0, 1] per sample):
 ``brightness``, ``saturation`` and ``contrast`` are also accepted as families on their own.
 Every operation is affine in the pixels for fixed parameters, hence differentiable (no
 in-place writes into the input). Flip must be dropped for digit data sets (MNIST, sklearn
-digits, SVHN): a mirrored digit is a different (or no) digit; use ``flip=False`` or
-:meth:`DSA.for_dataset`.
+digits, SVHN): a mirrored digit is a different (or no) digit; use ``flip=False``,
+:func:`dsa_flip_for` or :meth:`DSA.for_dataset`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ from torch import Tensor
 
 from ..functional.device import to_device
 
-__all__ = ["DSA", "DSAParams", "FAMILIES", "ResumableGenerator"]
+__all__ = [
+    "DEFAULT_DSA_STRATEGY",
+    "DSA",
+    "DSAParams",
+    "FAMILIES",
+    "ResumableGenerator",
+    "dsa_flip_for",
+]
+
+#: the strategy of MTT, FTD and DATM: one of these families per call
+DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 #: every family name accepted in a strategy string
 FAMILIES: tuple[str, ...] = (
@@ -106,7 +117,7 @@ def _parse_strategy(strategy: str, flip: bool) -> tuple[str, ...]:
 
 
 class DSA:
-    """Differentiable Siamese Augmentation (REFERENCE section 3).
+    """Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021).
 
     Args:
         strategy: families joined by ``"_"`` (``"color"`` counts as one family);
@@ -125,7 +136,7 @@ class DSA:
 
     def __init__(
         self,
-        strategy: str = "color_crop_cutout_flip_scale_rotate",
+        strategy: str = DEFAULT_DSA_STRATEGY,
         *,
         flip: bool = True,
         scale: float = 1.2,
@@ -153,17 +164,10 @@ class DSA:
         self.families: tuple[str, ...] = _parse_strategy(strategy, self.flip)
 
     @classmethod
-    def for_dataset(
-        cls, name: str, strategy: str = "color_crop_cutout_flip_scale_rotate", **kwargs
-    ) -> DSA:
-        """DSA with the DC/DSA convention for data set ``name``: no flip for digit data sets.
-
-        Flip is dropped for MNIST-like digit/character sets (any name containing "mnist"
-        except Fashion-MNIST), sklearn ``digits``, SVHN and USPS; kept otherwise.
-        """
-        n = name.lower().replace("-", "_")
-        digits = ("mnist" in n and "fashion" not in n) or n in ("digits", "svhn", "usps")
-        kwargs.setdefault("flip", not digits)
+    def for_dataset(cls, name: str, strategy: str = DEFAULT_DSA_STRATEGY, **kwargs) -> DSA:
+        """DSA with the DC/DSA convention for data set ``name``: flip as :func:`dsa_flip_for`
+        says (an explicit ``flip=`` keyword wins)."""
+        kwargs.setdefault("flip", dsa_flip_for(name))
         return cls(strategy, **kwargs)
 
     @property
@@ -368,6 +372,19 @@ class ResumableGenerator:
         """Continue from ``state`` (from :meth:`state`); ``None`` restarts from ``seed``."""
         self._state = None if state is None else state.to("cpu", torch.uint8)
         self._generator = None
+
+
+def dsa_flip_for(dataset: str) -> bool:
+    """Whether DSA keeps the flip family for data set ``dataset``.
+
+    A mirrored digit is another digit or none, so flip is dropped for MNIST-like
+    digit/character sets (any name containing "mnist" except Fashion-MNIST), sklearn
+    ``digits``, SVHN and USPS, and kept otherwise (docs/method.md, section
+    'Differentiable siamese augmentation').
+    """
+    n = str(dataset).lower().replace("-", "_")
+    digits = ("mnist" in n and "fashion" not in n) or n in ("digits", "svhn", "usps")
+    return not digits
 
 
 def _round(v: float) -> int:

@@ -3,7 +3,7 @@
 ``setup()`` loads the data set (:func:`~lightning_distill.data.datasets.get_dataset`),
 holds out a seeded, class-stratified validation split of the training set, and maps every
 split into the input space the experts, the distillation and the evaluation all share
-(REFERENCE section 2):
+(docs/method.md, section 'ZCA whitening and normalisation'):
 
 - ``zca=False``: ``x -> (x - mean) / std`` per channel, with the data set's constants;
 - ``zca=True``: ZCA whitening of the [0, 1] images (no mean/std normalisation), fitted on
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -36,6 +36,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.data.datasets import RealDataset, get_dataset
+from lightning_distill.data.datasets.container import draw_indices
+from lightning_distill.data.input_space import InputSpace
 
 __all__ = ["RealDataModule", "TensorBatchLoader", "shard_indices"]
 
@@ -193,7 +195,7 @@ class RealDataModule(pl.LightningDataModule):
     After ``setup()``: ``real`` (the :class:`RealDataset`), ``train_idx`` / ``val_idx``
     (indices into ``real``'s training split), ``train_set`` / ``val_set`` / ``test_set``
     (CPU :class:`TensorDataset` of float32 transformed images and int64 labels), ``zca``
-    (the fitted transform or ``None``) and ``input_space`` (metadata dict).
+    (the fitted transform or ``None``) and ``input_space`` (an :class:`InputSpace`).
     """
 
     def __init__(
@@ -276,33 +278,30 @@ class RealDataModule(pl.LightningDataModule):
     # ---------------------------------------------------------------- input space
     def to_input_space(self, x01: Tensor) -> Tensor:
         """[0, 1] images -> model input: ``zca.transform(x)`` or ``(x - mean) / std``."""
-        if self.use_zca:
-            if self.zca is None:
-                raise RuntimeError("RealDataModule: call setup() first (ZCA is not fitted)")
-            return self.zca.transform(x01)
-        return self._real().normalize(x01)
+        return self._transform(inverse=False)(x01)
 
     def from_input_space(self, x: Tensor) -> Tensor:
         """Inverse of :meth:`to_input_space` (inverse ZCA or ``x * std + mean``), for display."""
+        return self._transform(inverse=True)(x)
+
+    def _transform(self, inverse: bool) -> Callable[[Tensor], Tensor]:
         if self.use_zca:
             if self.zca is None:
                 raise RuntimeError("RealDataModule: call setup() first (ZCA is not fitted)")
-            return self.zca.inverse(x)
-        return self._real().denormalize(x)
+            return self.zca.inverse if inverse else self.zca.transform
+        real = self._real()
+        return real.denormalize if inverse else real.normalize
 
     @property
-    def input_space(self) -> dict[str, Any]:
-        """Identity of the input space, for metadata of trajectory stores and synthetic sets."""
+    def input_space(self) -> InputSpace:
+        """Identity of the input space, for metadata of trajectory stores and synthetic sets
+        (its dict form is what files hold: docs/formats.md, section 'Input space')."""
         real = self._real()
-        zca = self.use_zca
-        return {
-            "dataset": real.name,
-            "normalization": "zca" if zca else "meanstd",
-            "mean": None if zca else list(real.mean),
-            "std": None if zca else list(real.std),
-            "zca_fingerprint": self.zca.fingerprint if zca else None,
-            "zca_regularization": self.zca_regularization if zca else None,
-        }
+        if self.use_zca:
+            if self.zca is None:
+                raise RuntimeError("RealDataModule: call setup() first (ZCA is not fitted)")
+            return InputSpace.zca(real.name, self.zca.fingerprint, self.zca_regularization)
+        return InputSpace.meanstd(real.name, real.mean, real.std)
 
     # ----------------------------------------------------------------- shape facts
     @property
@@ -326,14 +325,8 @@ class RealDataModule(pl.LightningDataModule):
         real = self._real()
         assert self.train_set is not None
         x, y = self.train_set.tensors
-        idx = torch.nonzero(y == real._check_class(c)).flatten()
-        if n is not None:
-            if n > idx.numel():
-                raise ValueError(
-                    f"{real.name}: asked for {n} images of class {c} but the training part "
-                    f"has only {idx.numel()}"
-                )
-            idx = idx[torch.randperm(idx.numel(), generator=generator)[:n]]
+        idx = draw_indices(torch.nonzero(y == real._check_class(c)).flatten(), n, generator,
+                           f"{real.name}: asked for {n} images of class {c} but the training part")
         return x[idx]
 
     # ------------------------------------------------------------------ loaders

@@ -1,13 +1,14 @@
-"""SyntheticSet: a distilled data set on disk (ARCHITECTURE.md, "File formats").
+"""SyntheticSet: a distilled data set on disk (docs/formats.md, section 'Synthetic set').
 
 A synthetic set is the product of distillation and the input of evaluation:
 
 - ``images`` [N, C, H, W] float, in the model's INPUT space (normalised, or ZCA
-  whitened: REFERENCE section 2), so a network trains on them as they are;
-- ``labels``: [N] int64 class ids (hard), or [N, K] float logits (DATM soft labels,
-  REFERENCE 5.2; the training target is ``softmax(labels)``);
+  whitened: docs/method.md, section 'ZCA whitening and normalisation'), so a network
+  trains on them as they are;
+- ``labels``: [N] int64 class ids (hard), or [N, K] float logits (DATM's soft labels;
+  the training target is ``softmax(labels)``);
 - ``lr``: the learned step size alpha (syn_lr), the evaluation learning rate
-  (REFERENCE section 6);
+  (docs/method.md, section 'Evaluation protocol');
 - ``meta``: plain metadata: ``dataset``, ``ipc``, ``num_classes``, ``channels``,
   ``image_size``, ``input_space`` (a dict naming the normalisation, e.g.
   ``{"dataset": "cifar10", "normalization": "zca", "zca_fingerprint": "..."}`` or
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_open, atomic_save
+from .input_space import InputSpace
 
 __all__ = ["FORMAT_VERSION", "SyntheticSet", "class_grid", "input_spaces_match"]
 
@@ -45,8 +47,6 @@ __all__ = ["FORMAT_VERSION", "SyntheticSet", "class_grid", "input_spaces_match"]
 FORMAT_VERSION = 1
 _KIND = "lightning_distill.SyntheticSet"
 _REQUIRED = ("images", "labels", "lr")
-#: input-space keys that must agree when both sides define them
-_SPACE_KEYS = ("normalization", "zca_fingerprint", "zca_regularization", "mean", "std")
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -76,35 +76,9 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _as_floats(v: Any) -> list[float] | None:
-    try:
-        return [float(x) for x in np.asarray(v, dtype=np.float64).reshape(-1)]
-    except (TypeError, ValueError):
-        return None
-
-
 def input_spaces_match(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
-    """True unless ``a`` and ``b`` disagree on a key both define.
-
-    Compared keys: ``normalization``, ``zca_fingerprint``, ``zca_regularization``
-    (exactly), ``mean`` and ``std`` (numerically, rtol 1e-5). Missing dicts or keys are
-    not a mismatch (there is nothing to compare).
-    """
-    if not a or not b:
-        return True
-    for key in _SPACE_KEYS:
-        if key not in a or key not in b or a[key] is None or b[key] is None:
-            continue
-        if key in ("mean", "std"):
-            x, y = _as_floats(a[key]), _as_floats(b[key])
-            if x is None or y is None or len(x) != len(y):
-                if a[key] != b[key]:
-                    return False
-            elif not np.allclose(x, y, rtol=1e-5, atol=1e-8):
-                return False
-        elif a[key] != b[key]:
-            return False
-    return True
+    """:meth:`InputSpace.matches` for two input spaces or their dicts (None: unknown)."""
+    return InputSpace.coerce(a).matches(b)
 
 
 def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -171,7 +145,7 @@ class SyntheticSet:
     Args:
         images: [N, C, H, W] floating tensor in the model's input space.
         labels: [N] int64 class ids, or [N, K] floating logits (soft labels).
-        lr: evaluation learning rate (the learned syn_lr alpha; REFERENCE 5 and 6).
+        lr: evaluation learning rate (the learned syn_lr alpha).
         meta: plain metadata (see the module docstring).
     """
 
@@ -252,8 +226,10 @@ class SyntheticSet:
         return (int(self.images.shape[2]), int(self.images.shape[3]))
 
     @property
-    def input_space(self) -> dict[str, Any] | None:
-        return self.meta.get("input_space")
+    def input_space(self) -> InputSpace | None:
+        """``meta["input_space"]`` read as an :class:`InputSpace` (None when absent)."""
+        raw = self.meta.get("input_space")
+        return None if raw is None else InputSpace.coerce(raw)
 
     # ------------------------------------------------------------------ helpers
     def to(self, device: torch.device | str) -> SyntheticSet:
@@ -276,12 +252,13 @@ class SyntheticSet:
         channels: int,
         image_size: int | Sequence[int],
         num_classes: int,
-        input_space: Mapping[str, Any] | None = None,
+        input_space: InputSpace | Mapping[str, Any] | None = None,
     ) -> None:
         """Raise ``ValueError`` if this set cannot be used with the given data set.
 
-        Checks channels, image size (H, W), number of classes, and (when both sides
-        describe it) the input space: normalisation kind, mean/std, ZCA fingerprint.
+        Checks channels, image size (H, W), number of classes, and the input space with
+        :meth:`InputSpace.matches` (data set, normalisation, mean/std, ZCA fingerprint:
+        whatever both sides record).
         """
         name = self.meta.get("path") or "synthetic set"
         if self.channels != int(channels):
@@ -306,10 +283,11 @@ class SyntheticSet:
                 f"set has {int(num_classes)}; evaluate it on the data set it was distilled "
                 f"from (meta dataset={self.meta.get('dataset')!r})"
             )
-        if not input_spaces_match(self.input_space, input_space):
+        diff = InputSpace.coerce(self.input_space).mismatch(input_space)
+        if diff is not None:
             raise ValueError(
-                f"{name}: input space mismatch: the synthetic images live in "
-                f"{self.input_space}, the test data in {dict(input_space or {})}; transform "
+                f"{name}: input space mismatch ({diff}): the synthetic images live in "
+                f"{self.input_space}, the test data in {InputSpace.coerce(input_space)}; transform "
                 "the test data the same way as the distillation data (same normalisation, "
                 "or the same fitted ZCA)"
             )

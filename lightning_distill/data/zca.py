@@ -1,4 +1,6 @@
-"""ZCA whitening of images, REFERENCE section 2 (the transform used by all DATM CIFAR recipes).
+"""ZCA whitening of images (docs/method.md, section 'ZCA whitening and normalisation').
+
+The transform of MTT's CIFAR experiments and of every DATM configuration.
 
 Images in [0, 1] are flattened to X [N, D] (D = C*H*W). Fit:
 

@@ -1,7 +1,8 @@
 """Classification losses used in the inner loop and in evaluation.
 
 Hard labels (class ids) use the ordinary cross-entropy; DATM's learnable soft labels
-(logits) use the soft cross-entropy of REFERENCE section 5.2.
+(logits) use DATM's soft cross-entropy (Guo et al., ICLR 2024; docs/method.md, section
+'Soft labels and initialisation').
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ __all__ = ["classification_loss", "soft_cross_entropy"]
 
 
 def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
-    """SoftCE(out, Y) = mean_b sum_k -log_softmax(out)_bk * softmax(Y)_bk (REFERENCE 5.2).
+    """SoftCE(out, Y) = mean_b sum_k -log_softmax(out)_bk * softmax(Y)_bk (DATM soft labels).
 
     ``target_logits`` are raw logits (DATM stores learnable labels as logits); the
     gradient flows into both arguments.

@@ -1,4 +1,4 @@
-"""Network zoo (REFERENCE section 1) and flat-parameter helpers.
+"""Network zoo (docs/method.md, section 'Networks') and flat-parameter helpers.
 
 ``build_model(name, channels, num_classes, image_size, **kw)`` builds any of
 ``list_models()``: ConvNet, ConvNetD4, ConvNetD5, ConvNetBN, AlexNet, VGG11, VGG11BN,

@@ -1,4 +1,5 @@
-"""AlexNet in the DC/DSA benchmark flavour (REFERENCE section 1, cross-architecture nets).
+"""AlexNet in the DC/DSA benchmark flavour (cross-architecture nets;
+docs/method.md, section 'Networks').
 
 Five convs, ReLU, no normalisation, 2x2 max-pool after conv1, conv2 and conv5::
 

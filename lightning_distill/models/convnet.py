@@ -1,4 +1,4 @@
-"""ConvNet, the distillation network of DC/DSA/MTT/FTD/DATM (REFERENCE section 1).
+"""ConvNet, the distillation network of DC/DSA/MTT/FTD/DATM (docs/method.md, section 'Networks').
 
 Per block d = 0..D-1::
 
@@ -97,7 +97,7 @@ class ConvBlock(nn.Module):
 
 @register_model
 class ConvNet(nn.Module):
-    """ConvNet-D of DC/DSA/MTT (REFERENCE section 1).
+    """ConvNet-D of DC/DSA/MTT (Zhao et al., ICLR 2021; docs/method.md, section 'Networks').
 
     Args:
         channels: input channels.

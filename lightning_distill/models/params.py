@@ -1,7 +1,7 @@
 """Flat parameter vectors in ``named_parameters()`` order.
 
 Trajectory stores and the matching loss treat a network's parameters as one flat
-vector theta (REFERENCE section 1: conv.weight, conv.bias, norm.weight, norm.bias
+vector theta (docs/method.md, section 'Networks': conv.weight, conv.bias, norm.weight, norm.bias
 per block, then fc.weight, fc.bias). These helpers convert between a module and
 that vector, and build the ``{name: tensor}`` dict that
 :func:`torch.func.functional_call` takes.

@@ -1,4 +1,4 @@
-"""A small timm-style model registry (ARCHITECTURE.md "timm" anchor, REFERENCE section 1).
+"""A small timm-style model registry (docs/design.md, section 'Decisions').
 
 Every entry is a callable ``(channels, num_classes, image_size, **kw) -> nn.Module``
 (usually a class), so a model is fully described by a config dict::

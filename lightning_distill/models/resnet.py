@@ -1,4 +1,5 @@
-"""ResNet18 variants of the DC/DSA benchmark (REFERENCE section 1, cross-architecture nets).
+"""ResNet18 variants of the DC/DSA benchmark (cross-architecture nets;
+docs/method.md, section 'Networks').
 
 BasicBlock ``[2, 2, 2, 2]`` with widths 64, 128, 256, 512; stem = 3x3 conv, stride 1,
 64 channels -> norm -> ReLU (no max-pool). A block computes

@@ -1,4 +1,5 @@
-"""VGG11 of the DC/DSA benchmark (REFERENCE section 1, cross-architecture nets).
+"""VGG11 of the DC/DSA benchmark (cross-architecture nets; docs/method.md,
+section 'Networks').
 
 cfg ``64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M``; each number is
 ``Conv2d(in, c, 3, padding=1) -> norm -> ReLU`` (padding 3 on the first conv for 28x28

@@ -51,8 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config import derive_seed
 from ..data.augment import DSA
+from ..data.input_space import InputSpace
 from ..functional.initialization import (
     class_permutations,
     correct_sample_indices,
@@ -65,6 +65,7 @@ from ..functional.matching import (
     sample_minibatches,
     trajectory_matching,
 )
+from ..seeding import derive_seed
 from ..trajectories import TrajectoryStore
 
 IMAGE_INITS = ("real", "samples_predicted_correctly", "noise")
@@ -340,14 +341,12 @@ class DistillationModule(pl.LightningModule):
         self.initialized.fill_(True)
 
     def _check_input_space(self, input_space: dict) -> None:
-        mine = {k: v for k, v in (self.input_space or {}).items()}
-        theirs = dict(input_space)
-        for key in ("dataset", "normalization", "zca_fingerprint"):
-            if key in mine and key in theirs and mine[key] != theirs[key]:
-                raise ValueError(
-                    f"the real data's input space differs from the trajectory store's: "
-                    f"{key} = {theirs[key]!r} vs {mine[key]!r} in {self.store.path}/meta.json; "
-                    "use the data settings (normalisation / ZCA) the experts were trained with")
+        diff = InputSpace.coerce(input_space).mismatch(self.input_space)
+        if diff is not None:
+            raise ValueError(
+                f"the real data's input space differs from the trajectory store's: "
+                f"{diff} in {self.store.path}/meta.json; "
+                "use the data settings (normalisation / ZCA) the experts were trained with")
 
     # ------------------------------------------------------------------ Lightning
     def train_dataloader(self) -> _IterationLoader:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.augment import DSA, ResumableGenerator
+from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator
 from ..models import build_model
 
 
@@ -60,7 +60,7 @@ class ExpertTrajectoryModule(pl.LightningModule):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         dsa: bool = True,
-        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
+        dsa_strategy: str = DEFAULT_DSA_STRATEGY,
         dsa_flip: bool = True,
         dsa_seed: int = 0,
     ) -> None:

@@ -9,10 +9,8 @@ with a larger ``distill.iterations`` continues from its checkpoint.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -21,16 +19,17 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from ..callbacks.ema import SyntheticEMA
 from ..callbacks.images import SyntheticImageLogger
+from ..callbacks.iteration_checkpoint import IterationCheckpoint
 from ..callbacks.matching_window import MatchingWindow
 from ..config import DataConfig, TrainerConfig, build_datamodule
+from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
 from ..modules.distill import DistillationModule
 from ._common import console, make_callbacks
-from .experts import dsa_flip_for
 
 
 @dataclass
 class DistillSettings:
-    """REFERENCE section 5 / 7 hyperparameters (DATM column names)."""
+    """Matching hyperparameters, named as DATM's configurations name them (docs/recipes.md)."""
 
     ipc: int = 10
     iterations: int = 1000
@@ -52,7 +51,7 @@ class DistillSettings:
     param_mask: list[str] | None = None
     param_drop_ratio: float = 0.0
     dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
     syn_lr_min: float = 1e-6
     syn_lr_max: float = 10.0
     max_nonfinite: int = 10
@@ -60,7 +59,8 @@ class DistillSettings:
 
 @dataclass
 class WindowConfig:
-    """The start-epoch window T-, T, T+ and sequential generation (REFERENCE 5.1)."""
+    """The start-epoch window T-, T, T+ and sequential generation (DATM; docs/method.md,
+    section 'Matching window')."""
 
     min_start_epoch: int = 0
     current_max_start_epoch: int | None = None
@@ -71,7 +71,7 @@ class WindowConfig:
 
 @dataclass
 class EMAConfig:
-    """FTD's EMA of the synthetic images (REFERENCE 5.3)."""
+    """FTD's EMA of the synthetic images (docs/method.md, 'EMA of the synthetic images')."""
 
     enabled: bool = False
     decay: float = 0.999
@@ -105,40 +105,6 @@ class DistillConfig:
     checkpoint_every_n_steps: int = 100
     image_every_n_steps: int = 100
     resume: bool = True
-
-
-class IterationCheckpoint(Callback):
-    """Save ``dirpath/last.ckpt`` every ``every_n`` outer iterations and at the end.
-
-    The file is written under a temporary name and renamed, so a crash never leaves a
-    truncated ``last.ckpt``.
-    """
-
-    def __init__(self, dirpath: str | os.PathLike, every_n: int) -> None:
-        self.dirpath = Path(dirpath)
-        self.every_n = int(every_n)
-
-    @property
-    def last(self) -> Path:
-        return self.dirpath / "last.ckpt"
-
-    def save(self, trainer: pl.Trainer) -> None:
-        tmp = self.dirpath / ".last.ckpt.tmp"
-        if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.strategy.barrier("iteration_checkpoint")
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizers, callbacks
-        if trainer.is_global_zero:
-            os.replace(tmp, self.last)
-        trainer.strategy.barrier("iteration_checkpoint_done")
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n > 0 and int(pl_module.iteration) % self.every_n == 0:
-            self.save(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer)
 
 
 def build_module(cfg: DistillConfig) -> DistillationModule:

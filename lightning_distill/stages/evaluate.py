@@ -23,13 +23,14 @@ import pytorch_lightning as pl
 import torch
 from rich.table import Table
 
-from ..config import DataConfig, build_datamodule, derive_seed
+from ..config import DataConfig, build_datamodule
+from ..data.augment import dsa_flip_for
 from ..data.synthetic import SyntheticSet
 from ..functional.evaluation import summarize
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
+from ..seeding import derive_seed
 from ._common import console
-from .experts import dsa_flip_for
 
 
 @dataclass

@@ -55,11 +55,13 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ..callbacks.same_expert import SameExpertOnAllRanks
 from ..callbacks.trajectory import TrajectoryRecorder
-from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule, derive_seed
-from ..data.augment import DSA
+from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
+from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
 from ..models import ParamSpec, build_model
 from ..modules.expert import ExpertTrajectoryModule
+from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
 from ._common import console, make_callbacks
 
@@ -84,7 +86,7 @@ class ExpertTrainingConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
     check_val_every_n_epoch: int = 1
 
 
@@ -127,42 +129,6 @@ def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
     if method == "gsam":
         return GSAM(rho=cfg.rho, alpha=cfg.alpha)
     raise ValueError(f"sharpness.method must be none, sam, asam or gsam; got {cfg.method!r}")
-
-
-def dsa_flip_for(dataset: str) -> bool:
-    """Flip is dropped for digit data sets (REFERENCE section 3; :meth:`DSA.for_dataset`)."""
-    return DSA.for_dataset(dataset).flip
-
-
-def expert_seeds(seed: int, index: int) -> dict[str, int]:
-    """The seeds of expert ``index``: ``init`` (global RNGs: initialisation, and the
-    DistributedSampler under DDP), ``data`` (training order), ``dsa`` (augmentation)."""
-    return {
-        "init": derive_seed(seed, index),
-        "data": derive_seed(seed, index, 1),
-        "dsa": derive_seed(seed, index, 2),
-    }
-
-
-class _SameExpertOnAllRanks(Callback):
-    """Under DDP, fail on every rank at once if the ranks disagree on the expert to train
-    or on the experts still missing (e.g. a store directory not shared between nodes)."""
-
-    def __init__(self, index: int, todo: Sequence[int]) -> None:
-        self.plan = [int(index), *map(int, todo)]
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.world_size <= 1:
-            return
-        reference = trainer.strategy.broadcast(self.plan, src=0)
-        agree = trainer.strategy.reduce_boolean_decision(reference == self.plan, all=True)
-        if not agree:
-            raise RuntimeError(
-                f"lightning-distill experts: the {trainer.world_size} ranks disagree on the "
-                f"experts to train (rank {trainer.global_rank}: {self.plan[:8]}, rank 0: "
-                f"{reference[:8]}; [current, remaining...]). Every rank must see the same "
-                "store directory: put it on a file system shared by all nodes."
-            )
 
 
 def _say(message: str, rule: bool = False) -> None:
@@ -226,7 +192,7 @@ def train_experts(
             momentum=ex.momentum, weight_decay=ex.weight_decay, dsa=ex.dsa,
             dsa_strategy=ex.dsa_strategy, dsa_flip=flip, dsa_seed=seeds["dsa"],
         )
-        cbs: list[Callback] = [_SameExpertOnAllRanks(i, todo[n:]),
+        cbs: list[Callback] = [SameExpertOnAllRanks(i, todo[n:]),
                                TrajectoryRecorder(store, expert_index=i, module_attr="net")]
         sharp = sharpness_callback(cfg.sharpness)
         if sharp is not None:

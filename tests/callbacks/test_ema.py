@@ -1,4 +1,5 @@
-"""SyntheticEMA (FTD, REFERENCE 5.3): the recursion, bias correction, state round trip."""
+"""SyntheticEMA (FTD; docs/method.md, 'EMA of the synthetic images'):
+the recursion, bias correction, state round trip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""MatchingWindow: DATM's difficulty-aligned start-epoch window (REFERENCE 5.1)."""
+"""MatchingWindow: DATM's difficulty-aligned start-epoch window
+(docs/method.md, 'Matching window')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for lightning_distill.data.augment (DSA, REFERENCE section 3)."""
+"""Tests for lightning_distill.data.augment (DSA: docs/method.md, section 'Differentiable siamese
+augmentation')."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import math
 import pytest
 import torch
 
-from lightning_distill.data.augment import DSA, FAMILIES, DSAParams, ResumableGenerator
+from lightning_distill.data.augment import (
+    DEFAULT_DSA_STRATEGY,
+    DSA,
+    FAMILIES,
+    DSAParams,
+    ResumableGenerator,
+    dsa_flip_for,
+)
 
 DEFAULT_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -24,6 +32,7 @@ def _gen(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------- construction
 def test_default_families_and_identity():
     assert DSA().families == DEFAULT_FAMILIES
+    assert DSA().strategy == DEFAULT_DSA_STRATEGY == "_".join(DEFAULT_FAMILIES)
     x = _images()
     for s in ("", "none", "None"):
         dsa = DSA(s)
@@ -48,6 +57,11 @@ def test_flip_dropped():
     assert DSA.for_dataset("fashion_mnist").flip
     assert DSA.for_dataset("FashionMNIST").flip
     assert DSA.for_dataset("cifar10").flip
+    assert DSA.for_dataset("mnist", flip=True).flip  # an explicit flip wins
+    for name in ("mnist", "EMNIST", "digits", "svhn", "usps"):
+        assert dsa_flip_for(name) is False, name
+    for name in ("fashion_mnist", "Fashion-MNIST", "cifar10", "tiny_imagenet", ""):
+        assert dsa_flip_for(name) is True, name
     x = _images(2, 1, 8, 8)
     dsa = DSA(flip=False)
     fams = {dsa.sample(x, _gen(s)).family for s in range(200)}

@@ -74,7 +74,7 @@ def test_zca_whitens_training_part_only(dmz):
     x01 = real.images("train", dmz.train_idx).reshape(-1, 64).double()
     xc = x01 - x01.mean(0)
     s, u = torch.linalg.eigh(xc.T @ xc / (x01.shape[0] - 1))
-    expected = (u * (s / (s + 0.1))) @ u.T  # REFERENCE 2: W S W = U diag(s/(s+0.1)) U^T
+    expected = (u * (s / (s + 0.1))) @ u.T  # docs/method.md, ZCA: W S W = U diag(s/(s+0.1)) U^T
     z = dmz.train_set.tensors[0].reshape(-1, 64).double()
     zc = z - z.mean(0)
     cov = zc.T @ zc / (z.shape[0] - 1)

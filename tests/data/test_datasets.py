@@ -122,7 +122,7 @@ def test_fashion_mnist_from_debian_package(fashion):
     assert fashion.num_classes == 10 and fashion.class_names[9] == "Ankle boot"
     assert fashion.train_labels.bincount().tolist() == [6000] * 10
     assert fashion.test_labels.bincount().tolist() == [1000] * 10
-    assert (fashion.mean, fashion.std) == ((0.2861,), (0.3530,))  # REFERENCE section 2
+    assert (fashion.mean, fashion.std) == ((0.2861,), (0.3530,))  # docs/method.md (normalisation)
     x = fashion.images("train", torch.arange(0, 60000, 7))
     assert x.mean().item() == pytest.approx(0.2861, abs=2e-3)
     assert x.std().item() == pytest.approx(0.3530, abs=2e-3)
@@ -130,7 +130,7 @@ def test_fashion_mnist_from_debian_package(fashion):
 
 def test_fashion_mnist_missing_names_paths_and_debian_package(tmp_path, monkeypatch):
     system = tmp_path / "usr-share-fashion"
-    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIRS", (str(system),))
+    monkeypatch.setattr(ds.loaders, "FASHION_MNIST_SYSTEM_DIRS", (str(system),))
     with pytest.raises(FileNotFoundError) as e:
         get_dataset("fashion_mnist", root=tmp_path / "data")
     msg = str(e.value)

@@ -1,4 +1,4 @@
-"""Tests for lightning_distill.data.zca (ZCA whitening, REFERENCE section 2)."""
+"""Tests for lightning_distill.data.zca (ZCA whitening, docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the soft / hard cross-entropy (REFERENCE section 5.2)."""
+"""Tests of the soft / hard cross-entropy (DATM soft labels, docs/method.md)."""
 
 from __future__ import annotations
 

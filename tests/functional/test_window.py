@@ -1,4 +1,5 @@
-"""Tests of the start-epoch window (REFERENCE 5.1) and the minibatch sampler (5, step 2)."""
+"""Tests of the start-epoch window (docs/method.md, 'Matching window') and the minibatch
+sampler ('Matching loss', step 2)."""
 
 from __future__ import annotations
 

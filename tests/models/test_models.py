@@ -1,4 +1,4 @@
-"""Network zoo: shapes, parameter counts and order, norms, registry (REFERENCE section 1)."""
+"""Network zoo: shapes, parameter counts and order, norms, registry (docs/method.md, 'Networks')."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flat parameter vectors (lightning_distill/models/params.py, REFERENCE section 1 order)."""
+"""Flat parameter vectors (lightning_distill/models/params.py, docs/method.md 'Networks' order)."""
 
 from __future__ import annotations
 

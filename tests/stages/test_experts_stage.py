@@ -156,9 +156,9 @@ class _FakeTrainer:
 
 
 def test_rank_guard_fails_when_ranks_disagree_on_the_experts():
-    from lightning_distill.stages.experts import _SameExpertOnAllRanks
+    from lightning_distill.callbacks.same_expert import SameExpertOnAllRanks
 
-    guard = _SameExpertOnAllRanks(1, [2, 3])
+    guard = SameExpertOnAllRanks(1, [2, 3])
     guard.setup(_FakeTrainer([1, 2, 3]), None, "fit")  # agreement: nothing happens
     guard.setup(_FakeTrainer([0, 1, 2, 3], world_size=1), None, "fit")  # single process
     with pytest.raises(RuntimeError, match="disagree.*shared by all nodes"):

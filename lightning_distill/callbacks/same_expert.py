@@ -1,0 +1,48 @@
+"""SameExpertOnAllRanks: the guard of data-parallel expert training.
+
+``lightning-distill experts`` under DDP loops over one ``fit`` per expert, and every rank
+computes the list of missing experts on its own (from the store directory). If the
+ranks' lists differ (a store directory that is not shared between nodes), the ranks
+would train different experts and wait for each other forever; this callback compares
+the plans in ``setup`` and fails on every rank at once.
+
+Example::
+
+    trainer = pl.Trainer(strategy="ddp", devices=2,
+                         callbacks=[SameExpertOnAllRanks(index=3, todo=[4, 5])])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+__all__ = ["SameExpertOnAllRanks"]
+
+
+class SameExpertOnAllRanks(Callback):
+    """Under DDP, fail on every rank at once if the ranks disagree on the expert to train
+    or on the experts still missing (e.g. a store directory not shared between nodes).
+
+    Args:
+        index: the expert this rank is about to train.
+        todo: the experts this rank will train after it.
+    """
+
+    def __init__(self, index: int, todo: Sequence[int]) -> None:
+        self.plan = [int(index), *map(int, todo)]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size <= 1:
+            return
+        reference = trainer.strategy.broadcast(self.plan, src=0)
+        agree = trainer.strategy.reduce_boolean_decision(reference == self.plan, all=True)
+        if not agree:
+            raise RuntimeError(
+                f"lightning-distill experts: the {trainer.world_size} ranks disagree on the "
+                f"experts to train (rank {trainer.global_rank}: {self.plan[:8]}, rank 0: "
+                f"{reference[:8]}; [current, remaining...]). Every rank must see the same "
+                "store directory: put it on a file system shared by all nodes."
+            )
