@@ -1,6 +1,7 @@
 """Trajectory matching: the unrolled student and its normalised matching loss.
 
-One outer iteration of MTT / FTD / DATM (REFERENCE section 5): starting from an expert
+One outer iteration of MTT / FTD / DATM (MTT: Cazenavette et al., CVPR 2022; docs/method.md,
+section 'Matching loss'): starting from an expert
 snapshot theta_0 = ``start``, the student takes N = ``len(batches)`` SGD steps on the
 synthetic set,
 
@@ -14,26 +15,33 @@ pixels X, the (soft) labels Y and the step size syn_lr is computed in one of thr
 - ``"recompute"``: the same exact gradient with activation memory independent of N. The
   forward keeps only theta_0..theta_{N-1} (N x P floats) and the augmentation
   parameters; the backward walks the steps in reverse, recomputes step i with a graph
-  and carries the adjoint lambda_i = dL/dtheta_i (REFERENCE 5.4, last paragraph):
+  and carries the adjoint lambda_i = dL/dtheta_i (docs/method.md, 'Exact recompute mode'):
 
       lambda_N   = 2 (theta_N - target) / D
       lambda_i   = lambda_{i+1} - syn_lr * (d g_i / d theta_i)^T lambda_{i+1}
       dL/dX_i   += -syn_lr * (d g_i / d X_i)^T lambda_{i+1}      (same for Y_i)
       dL/dsyn_lr += -<lambda_{i+1}, g_i>
 
-- ``"tesla"``: TESLA's constant-memory approximation (Cui et al., ICML 2023; REFERENCE
-  5.4). theta_N = theta_0 - syn_lr G with G = sum_i g_i, so dL/dg_i = c for every i with
-  c = -(2 syn_lr / D)(theta_N - target); pass 2 backpropagates c . g_i into each step's
-  pixels and labels. This DROPS the cross-step terms (later g_j depend on earlier pixels
-  through theta): it is APPROXIMATE (cosine with the exact gradient ~0.9997 at
+- ``"tesla"``: TESLA's constant-memory approximation (Cui et al., ICML 2023; docs/method.md,
+  'TESLA approximation'). theta_N = theta_0 - syn_lr G with G = sum_i g_i, so dL/dg_i = c
+  for every i with c = -(2 syn_lr / D)(theta_N - target); pass 2 backpropagates c . g_i
+  into each step's pixels and labels. This DROPS the cross-step terms (later g_j depend on
+  earlier pixels through theta): it is APPROXIMATE (cosine with the exact gradient ~0.9997 at
   syn_lr = 0.01, degrading at large syn_lr). The syn_lr gradient is TESLA's
   (2/D)<theta_N - target, -G>: exact for L(syn_lr) = ||theta_0 - syn_lr G - target||^2 / D
   with G held fixed, i.e. it too ignores how G depends on syn_lr through theta_i.
-  (REFERENCE 5.4 writes the pass-2 vector as (2/D)(syn_lr^2 G - syn_lr (target - theta_0));
-  differentiating the loss gives (2/D)(syn_lr^2 G - syn_lr (theta_0 - target)), used here.)
+  (The pass-2 vector is derived by differentiating the loss: (2/D)(syn_lr^2 G - syn_lr
+  (theta_0 - target)); docs/design.md, 'Deviations from the references'.)
 
-The window rule of DATM (REFERENCE 5.1) and the synthetic minibatch sampler (REFERENCE 5
-step 2) live here too, as pure functions.
+Two options change what is matched (docs/method.md, 'Beyond DATM'): ``param_mask``, PAD's
+parameter selection (Li et al., 2024: the loss over a subset of the flat parameters, the
+same subset in numerator and denominator; :func:`parameter_mask`), and ``match="closest"``,
+ATT's automatic trajectory length (Liu et al., ECCV 2024: the student step closest to the
+target is matched; :func:`trajectory_matching`). With neither, every mode computes exactly
+what it computed before they existed.
+
+The window rule of DATM (docs/method.md, 'Matching window') and the synthetic minibatch
+sampler ('Matching loss', step 2) live here too, as pure functions.
 """
 
 from __future__ import annotations
@@ -337,7 +345,8 @@ class _RecomputeMatching(torch.autograd.Function):
 
 
 class _TeslaMatching(torch.autograd.Function):
-    """TESLA constant-memory approximation (drops cross-step terms; REFERENCE 5.4)."""
+    """TESLA constant-memory approximation (drops cross-step terms; docs/method.md, 'TESLA
+    approximation')."""
 
     @staticmethod
     def forward(ctx, images: Tensor, labels: Tensor, syn_lr: Tensor, prob: _Problem) -> Tensor:
@@ -671,7 +680,8 @@ def window_upper_bound(
     expansion_end: int,
     sequential: bool = True,
 ) -> int:
-    """Exclusive upper bound UB of the start-epoch window (DATM, REFERENCE 5.1).
+    """Exclusive upper bound UB of the start-epoch window (DATM, Guo et al., ICLR 2024;
+    docs/method.md, 'Matching window').
 
     UB = min(T+, T + floor((T+ - T) * it / expansion_end)) with sequential generation, else
     T+; T- = ``min_start_epoch``, T = ``current_max_start_epoch``, T+ = ``max_start_epoch``.
@@ -739,7 +749,7 @@ def sample_minibatches(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> list[Tensor]:
-    """Index tensors for ``steps`` inner steps (REFERENCE 5, step 2).
+    """Index tensors for ``steps`` inner steps (docs/method.md, 'Matching loss', step 2).
 
     Consecutive chunks of ``batch_size`` from a fresh random permutation of
     ``range(num_images)``; a new permutation is drawn when one is exhausted (its last

@@ -1,10 +1,13 @@
 """DistillationModule: one outer trajectory-matching iteration per training step.
 
-REFERENCE section 5 (MTT, FTD, DATM). The module's parameters are the synthetic
-pixels X [N, C, H, W] (N = classes * ipc), the labels (learnable logits Y [N, K] for
-DATM soft labels, else a fixed buffer) and the student step size syn_lr. Each step:
+MTT (Cazenavette et al., CVPR 2022), FTD (Du et al., CVPR 2023) and DATM (Guo et al., ICLR
+2024); docs/method.md, sections 'Matching loss' to 'EMA of the synthetic images'; PAD's
+parameter selection and ATT's closest step as options ('Beyond DATM'). The module's
+parameters are the synthetic pixels X [N, C, H, W] (N = classes * ipc), the labels
+(learnable logits Y [N, K] for DATM soft labels, else a fixed buffer) and the student
+step size syn_lr. Each step:
 
-1. sample an expert and a start epoch t (the :class:`MatchingWindow`, 5.1);
+1. sample an expert and a start epoch t (the :class:`MatchingWindow`, 'Matching window');
 2. unroll a student from snapshot t for ``syn_steps`` steps on minibatches of the
    synthetic set (DSA on each) and compute
    ||theta_N - theta_{t+M}||^2 / ||theta_t - theta_{t+M}||^2 with

@@ -1,5 +1,6 @@
-"""Tests of trajectory_matching_loss (REFERENCE section 5, 5.4): gradients against central
-finite differences, recompute == full, TESLA's approximation, errors."""
+"""Tests of trajectory_matching_loss (docs/method.md, sections 'Matching loss' to 'TESLA
+approximation'): gradients against central finite differences, recompute == full,
+TESLA's approximation, errors."""
 
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def _cos(a, b):
 
 
 def test_tesla_close_at_small_lr_and_departs_at_large_lr():
-    """REFERENCE 5.4: TESLA drops cross-step terms; harmless at syn_lr = 0.01, not at 0.5."""
+    """TESLA drops cross-step terms (docs/method.md, 'TESLA approximation'): harmless at
+    syn_lr = 0.01, not at 0.5."""
     prob = _problem(lr=0.01, seed=3)
     exact = _grads(prob, "recompute", DSA())
     tesla = _grads(prob, "tesla", DSA())
@@ -160,7 +162,7 @@ def test_tesla_close_at_small_lr_and_departs_at_large_lr():
 
 
 def test_tesla_syn_lr_gradient_formula():
-    """dL/dsyn_lr = (2/D) <theta_N - target, -G>, G = sum_i g_i (REFERENCE 5.4), exactly."""
+    """TESLA's syn_lr gradient dL/dsyn_lr = (2/D) <theta_N - target, -G>, G = sum_i g_i."""
     prob = _problem(lr=0.1, seed=4)
     model, start, target, images, labels, syn_lr, batches = prob
     loss, _, _, glr = _grads(prob, "tesla")

@@ -1,4 +1,4 @@
-"""DistillationModule (REFERENCE section 5): exact steps, window, threshold, label init,
+"""DistillationModule (docs/method.md, 'Matching loss'): exact steps, window, threshold, label init,
 resume, errors before training, guards, and a 2-process DDP run."""
 
 from __future__ import annotations
