@@ -5,11 +5,12 @@ from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
 from .matching_window import MatchingWindow
 from .sharpness import ASAM, GSAM, SAM, SharpnessAware
-from .trajectory import TrajectoryRecorder
+from .trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 
 __all__ = [
     "ASAM",
     "GSAM",
+    "GroupTrajectoryRecorder",
     "SAM",
     "MatchingWindow",
     "PeriodicEvaluation",
