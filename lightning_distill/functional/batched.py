@@ -132,7 +132,12 @@ class StackedNetworks(nn.Module):
         self.members = len(nets)
         self.spec = spec
         self.channels_last = bool(channels_last)
+        modes = [net.training for net in nets]
+        for net in nets:  # stack_module_state wants one mode; the members' modes are kept
+            net.train()
         params, buffers = stack_module_state(nets)
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
         self.param_names: tuple[str, ...] = tuple(params)
         self.buffer_names: tuple[str, ...] = tuple(buffers)
         self.stacked = nn.ParameterList(
