@@ -171,7 +171,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--expert-scales", nargs="+", default=["digits", "mnist", "cifar"],
+    p.add_argument("--expert-scales", nargs="*", default=["digits", "mnist", "cifar"],
                    choices=sorted(SCALES))
     p.add_argument("--big-ks", type=int, nargs="+", default=None,
                    help="K values for the mnist / cifar expert scales (default: --ks)")
@@ -179,7 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--big-steps", type=int, default=10, help="timed steps (mnist, cifar)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--eval-scale", default="digits", choices=sorted(SCALES))
-    p.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 50])
+    p.add_argument("--ipcs", type=int, nargs="*", default=[1, 10, 50],
+                   help="evaluation set sizes (none: skip the evaluation table)")
     p.add_argument("--epochs", type=int, default=40, help="evaluation epochs per case")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=["grouped"], choices=["grouped", "vmap"])
@@ -211,8 +212,10 @@ def main(argv=None) -> None:
           f"{args.steps} timed steps (mnist/cifar {args.big_steps}) after {args.warmup} warm-up; "
           f"eval: {args.epochs} epochs, batch 256, momentum 0.9")
 
-    rows = []
+    header = ("scale", "backend", "K", "one at a time img/s", "group img/s (all members)",
+              "ratio (median)", "ratio (best)")
     for scale in args.expert_scales:
+        rows = []
         big = scale != "digits"
         ks = big_ks if big else args.ks
         steps = args.big_steps if big else args.steps
@@ -230,11 +233,9 @@ def main(argv=None) -> None:
             rows.append((f"{scale} ({c}x{s}x{s}, ConvNet-{width}-D{depth}, batch {batch})", b,
                          str(k), f"{statistics.median(single):.0f}", f"{statistics.median(v):.0f}",
                          f"{med:.2f}", f"{best:.2f}"))
-        print(f"[experts {scale} done]", flush=True)
-    if rows:
-        _table("Experts (GSAM + DSA, the experts stage's Lightning path): member images/s",
-               rows, ("scale", "backend", "K", "one at a time img/s", "group img/s (all members)",
-                      "ratio (median)", "ratio (best)"))
+        _table(f"Experts, {scale} (GSAM + DSA, the experts stage's Lightning path): member "
+               "images/s", rows, header)
+        print(flush=True)
 
     rows = []
     for ipc in args.ipcs:
