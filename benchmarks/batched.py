@@ -237,8 +237,9 @@ def main(argv=None) -> None:
                "images/s", rows, header)
         print(flush=True)
 
-    rows = []
+    c, s, width, depth, _ = SCALES[args.eval_scale]
     for ipc in args.ipcs:
+        rows = []
         single = []
         groups = {(b, k): [] for b in args.backends for k in args.ks}
         for _ in range(args.repeats):
@@ -252,13 +253,11 @@ def main(argv=None) -> None:
             rows.append((f"ipc {ipc} ({10 * ipc} images)", b, str(k),
                          f"{statistics.median(single):.0f}", f"{statistics.median(v):.0f}",
                          f"{med:.2f}", f"{best:.2f}"))
-        print(f"[eval ipc {ipc} done]", flush=True)
-    if rows:
-        c, s, width, depth, _ = SCALES[args.eval_scale]
-        _table(f"Evaluation runs ({args.eval_scale}: {c}x{s}x{s}, ConvNet-{width}-D{depth}, "
-               "REFERENCE 6 protocol): member images/s", rows,
+        _table(f"Evaluation runs, ipc {ipc} ({args.eval_scale}: {c}x{s}x{s}, "
+               f"ConvNet-{width}-D{depth}, REFERENCE 6 protocol): member images/s", rows,
                ("set", "backend", "K", "one at a time img/s", "group img/s (all members)",
                 "ratio (median)", "ratio (best)"))
+        print(flush=True)
 
 
 if __name__ == "__main__":

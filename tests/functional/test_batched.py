@@ -118,8 +118,8 @@ def test_float64_twenty_steps_of_a_group_equal_the_single_networks(float64, meth
         xg = augment_members(dsa, data_x[idx], dsa_group)
         ys, yg = [data_y[idx[k]] for k in range(3)], data_y[idx]
         for k, net in enumerate(nets):
-            def loss_k(net=net, k=k):
-                return F.cross_entropy(net(xs[k]), ys[k])
+            def loss_k(net=net, x=xs[k], y=ys[k]):
+                return F.cross_entropy(net(x), y)
             if method == "sgd":
                 opts[k].zero_grad()
                 loss_k().backward()
@@ -127,8 +127,8 @@ def test_float64_twenty_steps_of_a_group_equal_the_single_networks(float64, meth
             else:
                 _gsam_step(list(net.parameters()), loss_k, opts[k], *sharp[method], False)
 
-        def loss_group():
-            return member_losses(group(xg), yg).sum()
+        def loss_group(x=xg, y=yg):
+            return member_losses(group(x), y).sum()
         if method == "sgd":
             gopt.zero_grad()
             loss_group().backward()
