@@ -6,12 +6,13 @@ from .images import SyntheticImageLogger
 from .iteration_checkpoint import IterationCheckpoint
 from .matching_window import MatchingWindow
 from .sharpness import ASAM, GSAM, SAM, SharpnessAware
-from .trajectory import TrajectoryRecorder
+from .trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 
 __all__ = [
     "ASAM",
     "GSAM",
     "IterationCheckpoint",
+    "GroupTrajectoryRecorder",
     "SAM",
     "MatchingWindow",
     "PeriodicEvaluation",

@@ -3,18 +3,22 @@
 Every ``every_n_steps`` outer iterations (training batches) and at the end of training,
 the current synthetic set (``pl_module.synthetic_set()``) and, when an EMA is kept, the
 EMA set (``pl_module.ema_synthetic_set()``, FTD, REFERENCE 5.3) are evaluated with the
-protocol of REFERENCE section 6 (:func:`~lightning_distill.functional.train_and_evaluate`:
-``runs`` fresh ``model`` networks for ``epochs`` epochs) on a VALIDATION split of the
-training data. The best set by mean validation accuracy is kept (and saved to
-``best_path``). There is deliberately no test-data argument: the test set never chooses
-anything (the reference code selects by test accuracy, which inflates its numbers).
+protocol of REFERENCE section 6
+(:meth:`~lightning_distill.functional.evaluation.EvalProtocol.train_runs`: ``runs``
+fresh ``model`` networks for ``epochs`` epochs, ``group_size`` of them trained together
+as one vectorised model) on a VALIDATION split of the training data. The best set by
+mean validation accuracy is kept (and saved to ``best_path``). There is deliberately no
+test-data argument: the test set never chooses anything (the reference code selects by
+test accuracy, which inflates its numbers).
 
 Evaluation runs plain torch loops, never a Trainer: starting a Trainer inside a running
 Trainer is unsupported (PL #15967). Each evaluation uses the same run seeds
 (``seed + r``), so successive evaluations are paired comparisons (same initialisations,
 batch orders and augmentations), which makes the selection less noisy. Under several
 processes (DDP), the runs are shared out: rank ``k`` trains runs ``k, k + W, ...``, and
-every rank receives all accuracies, identical to a single-process evaluation.
+every rank receives all accuracies, identical to a single-process evaluation (each
+rank groups its own runs; a run's accuracy depends only on its seed, up to the
+last-bit rounding differences of batched arithmetic).
 
 Logged (to every logger of the Trainer, at step = iteration): ``val/acc_mean``,
 ``val/acc_std``, ``val_ema/acc_mean``, ``val_ema/acc_std``, ``val/best_acc``; the same
@@ -44,9 +48,10 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from ..data.augment import protocol_dsa
 from ..data.synthetic import SyntheticSet
-from ..functional.evaluation import DEFAULT_DSA_STRATEGY, summarize
-from ..modules.evaluate import EvalProtocol, check_eval_data
+from ..functional.evaluation import EvalProtocol, summarize
+from ..modules.evaluate import check_eval_data
 
 __all__ = ["PeriodicEvaluation"]
 
@@ -63,9 +68,12 @@ class PeriodicEvaluation(Callback):
             (``pl_module.iteration``, else training batches counted by the fit loop; both
             keep counting across a resume); 0 turns periodic evaluation off.
         at_train_end: also evaluate when training ends (unless that step was just done).
-        runs, model, model_kwargs, epochs, batch_size, lr, momentum, weight_decay,
-        lr_decay_epoch, dsa, dsa_strategy, dsa_flip, eval_batch_size: the protocol
-            (REFERENCE 6); ``lr=None`` uses the set's learned lr.
+        runs, model, model_kwargs, eval_batch_size: how many networks of which
+            architecture, and the batch size of the validation passes.
+        protocol: the training settings (:class:`EvalProtocol`, REFERENCE 6; ``lr=None``
+            uses the set's learned lr; ``group_size`` runs train together as one
+            vectorised model); keyword ``**overrides`` (``epochs=300``, ...) replace its
+            fields.
         seed: run ``r`` of every evaluation uses seed ``seed + r``.
         evaluate_ema: also evaluate ``pl_module.ema_synthetic_set()`` when it exists.
         best_path: if given, the best set is saved there (atomically, with its PNG grid)
@@ -85,22 +93,16 @@ class PeriodicEvaluation(Callback):
         runs: int = 5,
         model: str = "ConvNet",
         model_kwargs: Mapping[str, Any] | None = None,
-        epochs: int = 1000,
-        batch_size: int = 256,
-        lr: float | None = None,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        lr_decay_epoch: int | None = None,
-        dsa: bool = True,
-        dsa_strategy: str = DEFAULT_DSA_STRATEGY,
-        dsa_flip: bool | None = None,
+        protocol: EvalProtocol | None = None,
         eval_batch_size: int = 1024,
         seed: int = 0,
         evaluate_ema: bool = True,
         best_path: str | os.PathLike | None = None,
         to_pixels: Callable[[Tensor], Tensor] | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        **overrides: Any,
     ) -> None:
+        self.protocol = EvalProtocol.resolve(protocol, overrides, "PeriodicEvaluation")
         if val_images.dim() != 4 or val_labels.dim() != 1:
             raise ValueError(
                 "PeriodicEvaluation: val_images must be [N, C, H, W] and val_labels [N] class "
@@ -123,15 +125,6 @@ class PeriodicEvaluation(Callback):
         self.runs = int(runs)
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.lr_decay_epoch = lr_decay_epoch
-        self.dsa = dsa
-        self.dsa_strategy = dsa_strategy
-        self.dsa_flip = dsa_flip
         self.eval_batch_size = int(eval_batch_size)
         self.seed = int(seed)
         self.evaluate_ema = bool(evaluate_ema)
@@ -166,14 +159,13 @@ class PeriodicEvaluation(Callback):
         dev = synthetic.images.device
         val_x, val_y = self.val_images.to(dev), self.val_labels.to(dev)
         protocol = self.protocol
-        augment = protocol.augment(synthetic)
-        return [
-            protocol.train_run(
-                synthetic, self.model, self.model_kwargs, self.seed + r, val_x, val_y,
-                self.eval_batch_size, dev, augment=augment,
-            )
-            for r in (range(self.runs) if run_ids is None else run_ids)
-        ]
+        ids = range(self.runs) if run_ids is None else run_ids
+        return protocol.train_runs(
+            self.model, self.model_kwargs, [self.seed + r for r in ids], synthetic.images,
+            synthetic.labels, set_lr=synthetic.lr, num_classes=synthetic.num_classes,
+            test_images=val_x, test_labels=val_y, test_batch_size=self.eval_batch_size,
+            device=dev, augment=protocol_dsa(protocol, synthetic.meta.get("dataset")),
+        )
 
     def _evaluate_on_all_ranks(self, trainer: pl.Trainer, synthetic: SyntheticSet
                                ) -> list[float]:
@@ -193,13 +185,9 @@ class PeriodicEvaluation(Callback):
         return [float(a) for a in total.cpu()]
 
     @property
-    def protocol(self) -> EvalProtocol:
-        """The current training settings (REFERENCE 6) as an :class:`EvalProtocol`."""
-        return EvalProtocol(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, lr_decay_epoch=self.lr_decay_epoch, dsa=self.dsa,
-            dsa_strategy=self.dsa_strategy, dsa_flip=self.dsa_flip,
-        )
+    def epochs(self) -> int:
+        """``protocol.epochs``."""
+        return self.protocol.epochs
 
     def _candidates(self, pl_module: pl.LightningModule) -> list[tuple[str, SyntheticSet]]:
         if not hasattr(pl_module, "synthetic_set"):

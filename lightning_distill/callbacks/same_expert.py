@@ -27,12 +27,14 @@ class SameExpertOnAllRanks(Callback):
     or on the experts still missing (e.g. a store directory not shared between nodes).
 
     Args:
-        index: the expert this rank is about to train.
+        index: the expert this rank is about to train, or the members of the group.
         todo: the experts this rank will train after it.
     """
 
-    def __init__(self, index: int, todo: Sequence[int]) -> None:
-        self.plan = [int(index), *map(int, todo)]
+    def __init__(self, index: int | Sequence[int], todo: Sequence[int]) -> None:
+        # one expert: [index, remaining...]; a group: [members..., -1, remaining...]
+        current = [int(index)] if isinstance(index, int) else [*map(int, index), -1]
+        self.plan = [*current, *map(int, todo)]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size <= 1:
@@ -43,6 +45,6 @@ class SameExpertOnAllRanks(Callback):
             raise RuntimeError(
                 f"lightning-distill experts: the {trainer.world_size} ranks disagree on the "
                 f"experts to train (rank {trainer.global_rank}: {self.plan[:8]}, rank 0: "
-                f"{reference[:8]}; [current, remaining...]). Every rank must see the same "
+                f"{reference[:8]}; [current, (-1,) remaining...]). Every rank must see the same "
                 "store directory: put it on a file system shared by all nodes."
             )

@@ -36,6 +36,15 @@ What one optimizer step does (``on_before_optimizer_step``, which Lightning call
 5. ``p.grad = gsam_gradient(g, g', alpha)``; under DDP this final gradient is
    all-reduced (mean over ranks) once, so every rank steps identically.
 
+Groups of networks: a module whose ``stacked_members`` attribute is a positive K (e.g.
+:class:`~lightning_distill.modules.GroupExpertModule`, parameters
+``[K, ...]`` of a :class:`~lightning_distill.functional.batched.StackedNetworks`, loss =
+the sum of the members' losses) gets the update per member: every norm and inner
+product is over member k's parameters only (``per_member=True`` in
+:mod:`lightning_distill.functional.sharpness`), so member k steps exactly as a single
+network k would. The stacked running statistics are saved and restored like a norm
+layer's.
+
 Gradient clipping (``Trainer(gradient_clip_val=...)``) works unchanged: Lightning clips
 after this hook, i.e. it clips the final gradient. Refused with an error in ``setup``:
 mixed precision (``16-mixed`` gradients are loss-scaled and checked for overflow before
@@ -59,6 +68,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_distill.functional.batched import StackedNetworks
 from lightning_distill.functional.sharpness import gsam_gradient, perturbation
 
 __all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware"]
@@ -164,9 +174,10 @@ class SharpnessAware(Callback):
         if any(g.is_sparse for g in grads):
             raise RuntimeError(f"{name} does not support sparse gradients.")
 
+        per_member = int(getattr(pl_module, "stacked_members", 0) or 0) > 0
         with torch.no_grad():
             originals = [p.detach().clone() for p in params]
-            e = perturbation(originals, grads, self.rho, self.adaptive, self.eps)
+            e = perturbation(originals, grads, self.rho, self.adaptive, self.eps, per_member)
             for p, e_p in zip(params, e, strict=True):
                 p.add_(e_p)
             del e
@@ -184,7 +195,7 @@ class SharpnessAware(Callback):
         g_prime = [
             torch.zeros_like(p) if gp is None else gp for p, gp in zip(params, g_prime, strict=True)
         ]
-        final = gsam_gradient(grads, g_prime, self.alpha, self.eps)
+        final = gsam_gradient(grads, g_prime, self.alpha, self.eps, per_member)
         if trainer.world_size > 1 and _distributed():
             final = _all_reduce_mean(final)
         with torch.no_grad():
@@ -317,10 +328,13 @@ def _params_with_grad(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 def _save_running_stats(module: torch.nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """Clone the running statistics (mean, var, num_batches_tracked) of every norm layer."""
+    """Clone the running statistics (mean, var, num_batches_tracked) of every norm layer
+    (and the stacked buffers of a :class:`StackedNetworks`, which are exactly those)."""
     saved = []
     for m in module.modules():
-        if isinstance(m, _NormBase) and m.track_running_stats:
+        if isinstance(m, StackedNetworks):
+            saved.extend((buf, buf.detach().clone()) for buf in m.buffers(recurse=False))
+        elif isinstance(m, _NormBase) and m.track_running_stats:
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
                 if buf is not None:
                     saved.append((buf, buf.detach().clone()))

@@ -23,7 +23,7 @@ from ..io import atomic_save
 from ..models.params import flatten_parameters
 from ..trajectories import TrajectoryStore
 
-__all__ = ["TrajectoryRecorder"]
+__all__ = ["GroupTrajectoryRecorder", "TrajectoryRecorder"]
 
 
 class TrajectoryRecorder(Callback):
@@ -113,9 +113,13 @@ class TrajectoryRecorder(Callback):
             )
         return obj
 
+    def _flat(self, target: nn.Module) -> Tensor:
+        """The recorded vector of ``target``: its flat parameters [P]."""
+        return flatten_parameters(target)
+
     def _record(self, pl_module: pl.LightningModule, epoch: int) -> None:
         with torch.no_grad():
-            flat = flatten_parameters(self._target(pl_module)).detach()
+            flat = self._flat(self._target(pl_module)).detach()
         self._snapshots[epoch] = flat.to(device="cpu", dtype=torch.float32)
 
     def _points(self) -> list[int]:
@@ -134,7 +138,7 @@ class TrajectoryRecorder(Callback):
             return
         if self.store is None:
             self.store = TrajectoryStore.open(self._store_arg)
-        self.store.check_model(self._target(pl_module))
+        self._check_model(self._target(pl_module))
         max_epochs = trainer.max_epochs
         expected = (self.store.num_snapshots - 1) * self.every_n_epochs
         if max_epochs is not None and max_epochs != -1 and max_epochs != expected:
@@ -143,12 +147,21 @@ class TrajectoryRecorder(Callback):
                 f"{self.store.path} holds {self.store.num_snapshots} snapshots per expert "
                 f"(every_n_epochs={self.every_n_epochs}), i.e. max_epochs={expected}"
             )
-        if trainer.is_global_zero and self.store.expert_path(self.expert_index).exists():
-            warnings.warn(
-                f"{self.store.expert_path(self.expert_index)} exists and will be overwritten "
-                "when this expert finishes",
-                stacklevel=2,
-            )
+        for index in self._indices():
+            if trainer.is_global_zero and self.store.expert_path(index).exists():
+                warnings.warn(
+                    f"{self.store.expert_path(index)} exists and will be overwritten "
+                    "when this expert finishes",
+                    stacklevel=2,
+                )
+
+    def _check_model(self, target: nn.Module) -> None:
+        assert self.store is not None
+        self.store.check_model(target)
+
+    def _indices(self) -> list[int]:
+        """The store indices this recorder writes."""
+        return [self.expert_index]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -236,3 +249,102 @@ class TrajectoryRecorder(Callback):
         self._snapshots = {
             e: snaps[k].to("cpu", torch.float32).clone() for k, e in enumerate(epochs)
         }
+
+
+class GroupTrajectoryRecorder(TrajectoryRecorder):
+    """:class:`TrajectoryRecorder` for K experts trained as one group.
+
+    The recorded module (``module_attr``) is a
+    :class:`~lightning_distill.functional.batched.StackedNetworks`; each snapshot is its
+    ``flat_members()`` ``[K, P]`` (member k's ``named_parameters()`` order), and at the end
+    member k's trajectory ``[snapshots, P]`` is written as expert ``expert_indices[k]``, in
+    the same format, atomically, one file per member. Everything else (global rank 0
+    writes, the barrier, no partial file in the store, checkpointed state) is as for one
+    expert.
+
+    Args:
+        store: the store or its path.
+        expert_indices: the members' store indices, in member order.
+        every_n_epochs, module_attr, allow_partial: as :class:`TrajectoryRecorder`
+            (partial files: ``expert_XXXXX.partial.pt`` per member).
+    """
+
+    def __init__(
+        self,
+        store: TrajectoryStore | str | os.PathLike,
+        expert_indices: list[int] | tuple[int, ...],
+        every_n_epochs: int = 1,
+        module_attr: str | None = "net",
+        allow_partial: bool = False,
+    ) -> None:
+        indices = [int(i) for i in expert_indices]
+        if not indices or len(set(indices)) != len(indices):
+            raise ValueError(f"expert_indices must be distinct and non-empty, got {indices}")
+        super().__init__(store, indices[0], every_n_epochs, module_attr, allow_partial)
+        self.expert_indices = indices
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(expert_indices=tuple(self.expert_indices))
+
+    def _indices(self) -> list[int]:
+        return list(self.expert_indices)
+
+    def _flat(self, target: nn.Module) -> Tensor:
+        flat = target.flat_members()  # type: ignore[operator]
+        if flat.shape[0] != len(self.expert_indices):
+            raise ValueError(
+                f"GroupTrajectoryRecorder: the module has {flat.shape[0]} members but "
+                f"{len(self.expert_indices)} expert indices were given"
+            )
+        return flat
+
+    def _check_model(self, target: nn.Module) -> None:
+        assert self.store is not None
+        member = getattr(target, "member", None)
+        if member is None:
+            raise TypeError(
+                f"GroupTrajectoryRecorder: {type(target).__name__} is not a group of "
+                "networks (StackedNetworks); use TrajectoryRecorder for one expert"
+            )
+        self.store.check_model(member(0))
+
+    def _write(self) -> None:
+        assert self.store is not None
+        points = self._points()
+        missing = [p for p in points if p not in self._snapshots]
+        if missing:
+            msg = (
+                f"GroupTrajectoryRecorder: training of experts {self.expert_indices} ended with "
+                f"snapshots after epochs {self.recorded_epochs} but the store needs "
+                f"{len(points)} (missing {missing[:5]}{'...' if len(missing) > 5 else ''}); "
+            )
+            if self.allow_partial and self._snapshots:
+                epochs = self.recorded_epochs
+                snaps = torch.stack([self._snapshots[e] for e in epochs])  # [E, K, P]
+                for k, index in enumerate(self.expert_indices):
+                    atomic_save({"epochs": torch.tensor(epochs, dtype=torch.long),
+                                 "snapshots": snaps[:, k].clone()},
+                                self.store.path / f"expert_{index:05d}.partial.pt")
+                warnings.warn(msg + "the partial trajectories were saved next to the store",
+                              stacklevel=2)
+            else:
+                warnings.warn(msg + "nothing was written to the store", stacklevel=2)
+            return
+        snaps = torch.stack([self._snapshots[p] for p in points])  # [S, K, P]
+        for k, index in enumerate(self.expert_indices):
+            self.store.write_expert(index, snaps[:, k].clone())
+        self._snapshots.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["expert_indices"] = list(self.expert_indices)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if [int(i) for i in state_dict.get("expert_indices", [])] != self.expert_indices:
+            raise ValueError(
+                f"GroupTrajectoryRecorder state is for experts "
+                f"{state_dict.get('expert_indices')}, this recorder records {self.expert_indices}"
+            )
+        super().load_state_dict(state_dict)

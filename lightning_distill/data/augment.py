@@ -51,6 +51,8 @@ __all__ = [
     "FAMILIES",
     "ResumableGenerator",
     "dsa_flip_for",
+    "make_dsa",
+    "protocol_dsa",
 ]
 
 #: the strategy of MTT, FTD and DATM: one of these families per call
@@ -336,6 +338,31 @@ class DSA:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Sample parameters for ``x`` and apply them (one random family per call)."""
         return self.apply(x, self.sample(x, generator))
+
+
+def make_dsa(
+    dataset: str | None,
+    dsa: bool = True,
+    strategy: str = "color_crop_cutout_flip_scale_rotate",
+    flip: bool | None = None,
+) -> DSA | None:
+    """The evaluation's DSA (REFERENCE 3), or None when ``dsa`` is False.
+
+    ``flip=None`` follows the data set: flip is dropped for digit data sets
+    (:meth:`DSA.for_dataset`) and kept otherwise (also when ``dataset`` is unknown).
+    """
+    if not dsa:
+        return None
+    if flip is None:
+        return DSA.for_dataset(str(dataset or ""), strategy)
+    return DSA(strategy, flip=flip)
+
+
+def protocol_dsa(protocol, dataset: str | None) -> DSA | None:
+    """:func:`make_dsa` from the DSA settings of an
+    :class:`~lightning_distill.functional.evaluation.EvalProtocol` (``dsa``,
+    ``dsa_strategy``, ``dsa_flip``) for ``dataset``."""
+    return make_dsa(dataset, protocol.dsa, protocol.dsa_strategy, protocol.dsa_flip)
 
 
 class ResumableGenerator:

@@ -39,7 +39,7 @@ from lightning_distill.data.datasets import RealDataset, get_dataset
 from lightning_distill.data.datasets.container import draw_indices
 from lightning_distill.data.input_space import InputSpace
 
-__all__ = ["RealDataModule", "TensorBatchLoader", "shard_indices"]
+__all__ = ["MemberBatches", "RealDataModule", "TensorBatchLoader", "shard_indices"]
 
 _CHUNK = 4096
 _LOADERS = ("batched", "dataloader")
@@ -166,6 +166,28 @@ class TensorBatchLoader:
             yield self._gather(x, idx), self._gather(y, idx)
         if n % bs == 0:
             self._trailing_draw()
+
+
+class MemberBatches:
+    r"""K loaders walked in lockstep: batch b is ``(images [K, B, ...], labels [K, B])``,
+    member k's part being batch b of ``loaders[k]`` (for a group of experts trained as
+    one model, each member with its own seeded order). The loaders must yield batches
+    of the same sizes (same data, same batch size), which :class:`TensorBatchLoader`\ s
+    over one training set do, also under ``torch.distributed`` (each shards its own
+    order, :func:`shard_indices`).
+    """
+
+    def __init__(self, loaders: list) -> None:
+        if not loaders:
+            raise ValueError("MemberBatches: need at least one loader")
+        self.loaders = list(loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for parts in zip(*self.loaders, strict=True):
+            yield torch.stack([x for x, _ in parts]), torch.stack([y for _, y in parts])
 
 
 class RealDataModule(pl.LightningDataModule):
@@ -358,6 +380,19 @@ class RealDataModule(pl.LightningDataModule):
         """Shuffled training batches; the order is seeded by ``shuffle_seed`` (or ``seed``),
         a fresh generator per call (the same order for every new loader)."""
         return self._loader(self.train_set, shuffle=True)
+
+    def member_train_dataloader(self, shuffle_seeds: list[int]) -> MemberBatches:
+        """Training batches for a group of K members: member k's order is exactly that of
+        ``train_dataloader()`` with ``shuffle_seed = shuffle_seeds[k]`` under the
+        ``"batched"`` loader (:class:`TensorBatchLoader`, which also shards under
+        ``torch.distributed``), stacked to ``[K, B, ...]`` (:class:`MemberBatches`)."""
+        if self.train_set is None:
+            raise RuntimeError("RealDataModule: call setup() first")
+        x, y = self.train_set.tensors
+        return MemberBatches([
+            TensorBatchLoader(x, y, self.batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(int(s)))
+            for s in shuffle_seeds])
 
     def val_dataloader(self) -> DataLoader | TensorBatchLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -15,6 +15,16 @@ A synthetic set is worth the test accuracy of fresh networks trained on it:
 
 Mean +- std over K networks: :func:`summarize` (population std, as the papers' ``np.std``).
 
+K runs at once: :func:`train_and_evaluate_group` trains K fresh networks as one
+vectorised model (:class:`~lightning_distill.functional.batched.StackedNetworks`), each
+with its own initialisation, batch order, DSA draws and (random-real baseline) its own
+training set; :class:`EvalProtocol` bundles the settings, ``group_size`` included, and
+:meth:`EvalProtocol.train_runs` runs a list of seeds in groups of ``group_size``.
+
+The augmenter is an argument (``augment(x, generator=...)``, e.g.
+:class:`~lightning_distill.data.DSA`, built by :func:`lightning_distill.data.augment.make_dsa`
+from the protocol): this module is pure torch and imports nothing above it.
+
 This loop is used by :class:`~lightning_distill.callbacks.PeriodicEvaluation` during
 distillation, where no Trainer may be started inside the running Trainer (PL #15967).
 :class:`~lightning_distill.modules.EvalModule` is the same protocol inside ``trainer.fit``.
@@ -28,7 +38,9 @@ reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,42 +48,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batched import StackedNetworks, augment_members, chunks, gather_members, member_losses
 from .losses import classification_loss
 
 __all__ = [
     "DEFAULT_DSA_STRATEGY",
+    "DEFAULT_GROUP_SIZE",
     "evaluate_accuracy",
+    "EvalProtocol",
     "lr_at_epoch",
-    "make_dsa",
     "resolve_decay_epoch",
     "run_seeds",
     "seeded_model",
     "summarize",
     "train_and_evaluate",
+    "train_and_evaluate_group",
 ]
 
 
 DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-
-def make_dsa(
-    dataset: str | None,
-    dsa: bool = True,
-    strategy: str = DEFAULT_DSA_STRATEGY,
-    flip: bool | None = None,
-) -> Any:
-    """The evaluation's DSA (REFERENCE 3), or None when ``dsa`` is False.
-
-    ``flip=None`` follows the data set: flip is dropped for digit data sets
-    (:meth:`DSA.for_dataset`) and kept otherwise (also when ``dataset`` is unknown).
-    """
-    from ..data.augment import DSA
-
-    if not dsa:
-        return None
-    if flip is None:
-        return DSA.for_dataset(str(dataset or ""), strategy)
-    return DSA(strategy, flip=flip)
 
 
 def run_seeds(seed: int) -> tuple[int, int, int]:
@@ -265,3 +260,255 @@ def train_and_evaluate(
             train_loss = float(total) / n
     acc, test_loss = _test(net, test_images, test_labels, test_batch_size)
     return {"accuracy": acc, "loss": test_loss, "train_loss": train_loss}
+
+
+def train_and_evaluate_group(
+    nets: Sequence[nn.Module],
+    images: Tensor | Sequence[Tensor],
+    labels: Tensor | Sequence[Tensor],
+    *,
+    lr: float,
+    epochs: int = 1000,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    lr_decay_epoch: int | None = None,
+    augment: Callable[..., Tensor] | None = None,
+    generators: Sequence[torch.Generator],
+    augment_generators: Sequence[torch.Generator] | None = None,
+    test_images: Tensor,
+    test_labels: Tensor,
+    test_batch_size: int = 1024,
+    backend: str = "auto",
+) -> list[dict[str, float]]:
+    """:func:`train_and_evaluate` for K networks at once, as one vectorised model.
+
+    Member k is trained exactly as ``train_and_evaluate(nets[k], ..., generator=
+    generators[k], augment_generator=augment_generators[k])`` would train it (the same
+    batch order, DSA draws, SGD with momentum and weight decay, lr drop with the
+    optimizer re-created), up to floating-point rounding: the K networks are stacked
+    into a :class:`~lightning_distill.functional.batched.StackedNetworks` on ``nets[0]``'s
+    device and one SGD steps them all (SGD is element-wise, so it is per-member SGD on
+    the sum of the members' losses).
+
+    Args:
+        nets: K freshly initialised networks of one architecture (not modified).
+        images, labels: one training set for every member (``[N, ...]``) or one per
+            member (a sequence of K tensors of the same shape: the random-real
+            baseline's subsets).
+        generators: K generators of the batch orders (one ``randperm`` per epoch each).
+        augment_generators: K generators passed to ``augment`` (default: ``generators``).
+        backend: :class:`StackedNetworks` backend.
+
+    Returns:
+        one ``{"accuracy", "loss", "train_loss"}`` per member, as :func:`train_and_evaluate`.
+    """
+    k = len(nets)
+    if k < 1:
+        raise ValueError("train_and_evaluate_group: need at least one network")
+    if len(generators) != k:
+        raise ValueError(f"train_and_evaluate_group: {len(generators)} generators for {k} nets")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"train_and_evaluate_group: epochs and batch_size must be >= 1, got "
+                         f"{epochs} and {batch_size}")
+    if not float(lr) > 0:
+        raise ValueError(
+            f"train_and_evaluate_group: lr must be > 0, got {lr} (a learned syn_lr that went "
+            "negative means distillation diverged)"
+        )
+    aug_gens = list(generators if augment_generators is None else augment_generators)
+    if len(aug_gens) != k:
+        raise ValueError(f"train_and_evaluate_group: {len(aug_gens)} augment generators for "
+                         f"{k} nets")
+    dev = _device_of(nets[0])
+    shared = isinstance(images, Tensor)
+    if shared != isinstance(labels, Tensor):
+        raise ValueError("train_and_evaluate_group: images and labels must both be shared "
+                         "tensors or both per-member sequences")
+    if shared:
+        x_all = images.detach().to(dev)
+        y_all = labels.detach().to(dev)
+    else:
+        if len(images) != k or len(labels) != k:
+            raise ValueError(f"train_and_evaluate_group: {len(images)} training sets for {k} "
+                             "nets")
+        x_all = torch.stack([t.detach() for t in images]).to(dev)
+        y_all = torch.stack([t.detach() for t in labels]).to(dev)
+    n = int(x_all.shape[0 if shared else 1])
+    if int(y_all.shape[0 if shared else 1]) != n:
+        raise ValueError(f"training data: {n} images but {y_all.shape[0 if shared else 1]} labels")
+    group = StackedNetworks(nets, backend=backend).to(dev)
+    lr = float(lr)
+    decay = resolve_decay_epoch(epochs, lr_decay_epoch)
+
+    def make_optimizer(rate: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(group.parameters(), lr=rate, momentum=momentum,
+                               weight_decay=weight_decay)
+
+    opt = make_optimizer(lr)
+    train_loss = torch.full((k,), float("nan"))
+    with torch.enable_grad():
+        for epoch in range(epochs):
+            if decay is not None and epoch == decay:
+                opt = make_optimizer(lr_at_epoch(lr, epoch, decay))
+            group.train()
+            perm = torch.stack([
+                torch.randperm(n, generator=g, device=g.device).to(dev) for g in generators])
+            total = torch.zeros(k, device=dev)
+            for i in range(0, n, batch_size):
+                idx = perm[:, i : i + batch_size]
+                x = gather_members(x_all, idx, shared)
+                y = gather_members(y_all, idx, shared)
+                if augment is not None:
+                    x = augment_members(augment, x, aug_gens)
+                losses = member_losses(group(x), y)
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                opt.step()
+                total += losses.detach() * int(idx.shape[1])
+            train_loss = total.cpu() / n
+    accs, test_losses = _test_group(group, test_images, test_labels, test_batch_size)
+    return [{"accuracy": a, "loss": tl, "train_loss": float(t)}
+            for a, tl, t in zip(accs, test_losses, train_loss.tolist(), strict=True)]
+
+
+@torch.no_grad()
+def _test_group(group: StackedNetworks, images: Tensor, labels: Tensor, batch_size: int
+                ) -> tuple[list[float], list[float]]:
+    """Per-member (accuracy, mean cross-entropy) of a group in eval mode."""
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise ValueError("test data is empty")
+    dev = group.stacked[0].device
+    group.eval()
+    k = group.members
+    correct = torch.zeros(k, dtype=torch.long, device=dev)
+    loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
+    n = int(images.shape[0])
+    for i in range(0, n, batch_size):
+        x = images[i : i + batch_size].to(dev)
+        y = labels[i : i + batch_size].to(dev).long()
+        out = group.forward_shared(x)  # [K, b, classes]
+        correct += (out.argmax(2) == y.unsqueeze(0)).sum(dim=1)
+        ce = F.cross_entropy(out.flatten(0, 1), y.repeat(k), reduction="none")
+        loss_sum += ce.view(k, -1).sum(dim=1).double()
+    return [int(c) / n for c in correct.tolist()], [float(s) / n for s in loss_sum.tolist()]
+
+
+#: runs (or experts) trained as one vectorised model by default; chosen by measurement
+#: (benchmarks/RESULTS.md, "Training K networks as one")
+DEFAULT_GROUP_SIZE = 8
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """The training protocol of REFERENCE section 6 (defaults: the published one).
+
+    The one place for the settings shared by :class:`~lightning_distill.modules.EvalModule`,
+    :func:`~lightning_distill.modules.evaluate_synthetic` and
+    :class:`~lightning_distill.callbacks.PeriodicEvaluation`:
+
+    - ``epochs`` (1000), ``batch_size`` (256 MTT / 128 DATM);
+    - ``lr``: ``None`` means the synthetic set's learned lr;
+    - ``momentum`` 0.9, ``weight_decay`` 5e-4, ``lr_decay_epoch`` (default
+      ``epochs // 2``, :func:`resolve_decay_epoch`);
+    - ``dsa``, ``dsa_strategy``, ``dsa_flip`` (``None``: dropped for digit data sets),
+      turned into an augmenter by :func:`lightning_distill.data.augment.make_dsa`;
+    - ``group_size``: how many runs train together as one vectorised model
+      (:func:`train_and_evaluate_group`); 1 trains them one at a time.
+    """
+
+    epochs: int = 1000
+    batch_size: int = 256
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_epoch: int | None = None
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
+    dsa_flip: bool | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if int(self.epochs) < 1:
+            raise ValueError(f"EvalProtocol: epochs must be >= 1, got {self.epochs}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"EvalProtocol: batch_size must be >= 1, got {self.batch_size}")
+        if int(self.group_size) < 1:
+            raise ValueError(f"EvalProtocol: group_size must be >= 1, got {self.group_size}")
+
+    @classmethod
+    def resolve(cls, protocol: EvalProtocol | None, overrides: Mapping[str, Any],
+                where: str) -> EvalProtocol:
+        """``protocol`` (default: the published one) with the keyword ``overrides``
+        (field names of this class) applied; unknown keywords raise ``TypeError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"{where}: unknown keyword(s) {unknown}; the evaluation protocol "
+                            f"takes {sorted(names)}")
+        base = protocol if protocol is not None else cls()
+        return dataclasses.replace(base, **dict(overrides)) if overrides else base
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The settings as a dict of field values."""
+        return dataclasses.asdict(self)
+
+    def train_runs(
+        self,
+        model: str,
+        model_kwargs: Mapping[str, Any],
+        seeds: Sequence[int],
+        images: Tensor | Sequence[Tensor],
+        labels: Tensor | Sequence[Tensor],
+        *,
+        set_lr: float,
+        num_classes: int,
+        test_images: Tensor,
+        test_labels: Tensor,
+        test_batch_size: int = 1024,
+        device: torch.device | str = "cpu",
+        augment: Callable[..., Tensor] | None = None,
+    ) -> list[float]:
+        """Test accuracies of one fresh ``model`` per run seed, trained with this protocol.
+
+        Run ``s``'s network init, batch order and DSA draws derive from ``s``
+        (:func:`run_seeds`); the runs train ``group_size`` at a time as one vectorised
+        model (a group of one uses the plain loop, :func:`train_and_evaluate`).
+        ``images``/``labels``: one training set for all runs, or one per run (sequences
+        aligned with ``seeds``). ``set_lr`` is used when ``lr`` is None.
+        """
+        device = torch.device(device)
+        lr = set_lr if self.lr is None else self.lr
+        shared = isinstance(images, Tensor)
+        if not shared and len(images) != len(seeds):
+            raise ValueError(f"train_runs: {len(images)} training sets for {len(seeds)} runs")
+        first = images if shared else images[0]
+        channels, image_size = int(first.shape[1]), tuple(int(s) for s in first.shape[2:])
+        accs: list[float] = []
+        positions = list(range(len(seeds)))
+        for part in chunks(positions, int(self.group_size)):
+            streams = [run_seeds(seeds[i]) for i in part]
+            nets = [seeded_model(model, channels, num_classes, image_size, seed=init,
+                                 **dict(model_kwargs)).to(device) for init, _, _ in streams]
+            gens = [torch.Generator().manual_seed(shuffle) for _, shuffle, _ in streams]
+            dsa_gens = [torch.Generator().manual_seed(dsa) for _, _, dsa in streams]
+            common = dict(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
+                          momentum=self.momentum, weight_decay=self.weight_decay,
+                          lr_decay_epoch=self.lr_decay_epoch, augment=augment,
+                          test_images=test_images, test_labels=test_labels,
+                          test_batch_size=test_batch_size)
+            if len(part) == 1:
+                x = images if shared else images[part[0]]
+                y = labels if shared else labels[part[0]]
+                out = train_and_evaluate(nets[0], x, y, generator=gens[0],
+                                         augment_generator=dsa_gens[0], **common)
+                accs.append(out["accuracy"])
+                continue
+            x = images if shared else [images[i] for i in part]
+            y = labels if shared else [labels[i] for i in part]
+            outs = train_and_evaluate_group(nets, x, y, generators=gens,
+                                            augment_generators=dsa_gens, **common)
+            accs.extend(o["accuracy"] for o in outs)
+        return accs

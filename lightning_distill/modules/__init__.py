@@ -2,6 +2,12 @@
 
 from .distill import DistillationModule
 from .evaluate import EvalModule, evaluate_synthetic
-from .expert import ExpertTrajectoryModule
+from .expert import ExpertTrajectoryModule, GroupExpertModule
 
-__all__ = ["DistillationModule", "EvalModule", "ExpertTrajectoryModule", "evaluate_synthetic"]
+__all__ = [
+    "DistillationModule",
+    "EvalModule",
+    "ExpertTrajectoryModule",
+    "GroupExpertModule",
+    "evaluate_synthetic",
+]

@@ -23,6 +23,7 @@ from ..callbacks.iteration_checkpoint import IterationCheckpoint
 from ..callbacks.matching_window import MatchingWindow
 from ..config import DataConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
+from ..functional.evaluation import DEFAULT_GROUP_SIZE
 from ..modules.distill import DistillationModule
 from ._common import console, make_callbacks
 
@@ -80,13 +81,15 @@ class EMAConfig:
 
 @dataclass
 class PeriodicEvalConfig:
-    """Validation-split evaluation during distillation (0 steps: off)."""
+    """Validation-split evaluation during distillation (0 steps: off); ``group_size``
+    runs train together as one vectorised model."""
 
     every_n_steps: int = 0
     model: str = "ConvNet"
     runs: int = 1
     epochs: int = 300
     batch_size: int = 256
+    group_size: int = DEFAULT_GROUP_SIZE
 
 
 @dataclass
@@ -146,7 +149,7 @@ def build_callbacks(cfg: DistillConfig, dm, store_model: dict | None = None) -> 
         callbacks.append(PeriodicEvaluation(
             val_x, val_y, every_n_steps=ev.every_n_steps, model=ev.model, model_kwargs=kwargs,
             runs=ev.runs,
-            epochs=ev.epochs, batch_size=ev.batch_size, seed=cfg.seed,
+            epochs=ev.epochs, batch_size=ev.batch_size, group_size=ev.group_size, seed=cfg.seed,
             best_path=str(Path(cfg.output) / "best.pt"), to_pixels=dm.from_input_space))
     callbacks.append(IterationCheckpoint(Path(cfg.output) / "checkpoints",
                                          cfg.checkpoint_every_n_steps))

@@ -8,6 +8,11 @@ set and tests them on the real test set, in the input space the set was distille
 - ``full``: the whole training split (``full_epochs`` epochs, lr ``full_lr``, batch
   ``full_batch_size``), the lossless reference.
 
+The ``runs`` networks of a row train ``group_size`` at a time as one vectorised model
+(:func:`~lightning_distill.functional.evaluation.train_and_evaluate_group`), each with
+its own seed (and, for ``random``, its own subset); ``group_size: 1`` trains them one at
+a time.
+
 Prints a table (mean +- std, population std as in the papers) and writes it to
 ``output`` (JSON, atomically).
 """
@@ -26,7 +31,7 @@ from rich.table import Table
 from ..config import DataConfig, build_datamodule
 from ..data.augment import dsa_flip_for
 from ..data.synthetic import SyntheticSet
-from ..functional.evaluation import summarize
+from ..functional.evaluation import DEFAULT_GROUP_SIZE, EvalProtocol
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
 from ..seeding import derive_seed
@@ -46,6 +51,7 @@ class EvaluateConfig:
     batch_size: int = 256
     lr: float | None = None
     dsa: bool = True
+    group_size: int = DEFAULT_GROUP_SIZE
     baselines: list[str] = field(default_factory=list)
     random_lr: float = 0.01
     full_epochs: int = 50
@@ -115,20 +121,22 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
         syn.check_compatible(channels=dm.channels, image_size=dm.image_size,
                              num_classes=dm.num_classes, input_space=dm.input_space)
         sets.append((path, syn))
-    common = dict(models=cfg.models, runs=cfg.runs, seed=cfg.seed, dsa=cfg.dsa,
-                  dsa_flip=dsa_flip_for(cfg.data.name), device=device,
+    protocol = EvalProtocol(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                            dsa=cfg.dsa, dsa_flip=dsa_flip_for(cfg.data.name),
+                            group_size=cfg.group_size)
+    common = dict(models=cfg.models, runs=cfg.runs, seed=cfg.seed, device=device,
                   model_kwargs=architecture_kwargs(cfg, [syn for _, syn in sets]))
     if "random" in cfg.baselines:
         train_x, train_y = dm.train_set.tensors
         ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]
         for ipc in ipcs:
             console.print(f"evaluating random real ipc {ipc} ...")
-            res = _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, common)
+            res = _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, protocol,
+                               common)
             rows.append(_row(f"random real, ipc {ipc}", "random", ipc, res))
     for path, syn in sets:
         console.print(f"evaluating {path} (ipc {syn.ipc}, lr {syn.lr:.4g}) ...")
-        res = evaluate_synthetic(syn, test_x, test_y, epochs=cfg.epochs,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, **common)
+        res = evaluate_synthetic(syn, test_x, test_y, protocol=protocol, **common)
         rows.append(_row(f"distilled, ipc {syn.ipc} ({path})", "distilled", syn.ipc, res))
     if "full" in cfg.baselines:
         train_x, train_y = dm.train_set.tensors
@@ -136,7 +144,7 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
                             meta={"dataset": cfg.data.name, "input_space": dm.input_space,
                                   "num_classes": dm.num_classes})
         console.print(f"evaluating the full training set ({train_x.shape[0]} images) ...")
-        res = evaluate_synthetic(full, test_x, test_y, epochs=cfg.full_epochs,
+        res = evaluate_synthetic(full, test_x, test_y, protocol=protocol, epochs=cfg.full_epochs,
                                  batch_size=cfg.full_batch_size, lr=cfg.full_lr, **common)
         rows.append(_row("full training set", "full", None, res))
     print_table(rows, cfg.models, title=f"{cfg.data.name}: test accuracy (%), "
@@ -147,28 +155,22 @@ def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, common) -> dict[str, Any]:
+def _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, protocol, common
+                 ) -> dict[str, Any]:
     """Random-real baseline: network r trains on its own random subset r (seed + r).
 
     Averaging over subsets as well as initialisations measures the baseline, not one
-    lucky or unlucky draw (on digits, single ipc-10 draws range over ~3 points).
+    lucky or unlucky draw (on digits, single ipc-10 draws range over ~3 points). The
+    runs train as groups (one subset per member).
     """
-    accs: dict[str, list[float]] = {m: [] for m in cfg.models}
+    subsets = []
     for r in range(cfg.runs):
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, ipc, r))
-        real = SyntheticSet.from_real(
+        subsets.append(SyntheticSet.from_real(
             train_x, train_y, ipc, dm.num_classes, generator=g, lr=cfg.random_lr,
-            meta={"dataset": cfg.data.name, "input_space": dm.input_space})
-        one = {**common, "runs": 1, "seed": cfg.seed + r}
-        res = evaluate_synthetic(real, test_x, test_y, epochs=cfg.epochs,
-                                 batch_size=cfg.batch_size, lr=cfg.random_lr, **one)
-        for m in cfg.models:
-            accs[m].extend(res[m]["accs"])
-    out = {}
-    for m, a in accs.items():
-        mean, std = summarize(a)
-        out[m] = {"accs": a, "mean": mean, "std": std}
-    return out
+            meta={"dataset": cfg.data.name, "input_space": dm.input_space}))
+    return evaluate_synthetic(subsets[0], test_x, test_y, protocol=protocol, lr=cfg.random_lr,
+                              train_sets=[(s.images, s.labels) for s in subsets], **common)
 
 
 def print_table(rows: list[dict[str, Any]], models: list[str], title: str) -> None:

@@ -17,7 +17,27 @@ Resuming: an expert file is written atomically when the expert finishes (by
 leaves the finished experts and no trace of the interrupted one; running the same
 command again trains exactly the missing experts.
 
-Parallelism, two ways:
+Groups (``experts.group_size: K``, default :data:`DEFAULT_GROUP_SIZE`): the missing
+experts of this process are trained K at a time as ONE vectorised model
+(:class:`~lightning_distill.modules.GroupExpertModule` on a
+:class:`~lightning_distill.functional.batched.StackedNetworks`): member k of a group
+holding experts [i_1, ..., i_K] takes the seeds of expert i_k above (init, data order,
+DSA), SAM / ASAM / GSAM take their norms per member, and
+:class:`~lightning_distill.callbacks.GroupTrajectoryRecorder` writes one
+``expert_{i_k:05d}.pt`` per member, in the same format, when the group finishes. So
+member k IS expert i_k of a one-at-a-time run, up to floating-point rounding (batched
+kernels sum in another order: float32 stores agree to ~1e-4 relative after an epoch,
+not bit for bit); ``group_size: 1`` is the one-at-a-time path, bit-identical to
+earlier versions. Groups are formed from the list of MISSING experts, in index order,
+so resuming never retrains a finished expert: a group whose members are all present is
+never formed, and after an interrupted group (its files are written together at the
+end, so none of them exists) the rerun forms its groups from what is missing. Before a
+group trains, its memory is estimated (activations at the batch size + parameters and
+optimizer state, :func:`~lightning_distill.functional.batched.check_group_memory`);
+a group that would not fit is refused with the estimate and the largest group size
+that fits.
+
+Parallelism, two ways (both combine with groups):
 
 - Independent experts (the efficient way, no communication): start one process per GPU
   or node with ``shard_index: k`` and ``num_shards: n`` on the same store directory
@@ -42,6 +62,10 @@ Parallelism, two ways:
   rank takes its shard of the expert's shuffled order (``data.loader: batched``, see
   :func:`~lightning_distill.data.datamodule.shard_indices`; with ``loader: dataloader``
   Lightning's DistributedSampler), so a DDP store differs from a single-device one.
+  With groups, every rank trains the same group (the guard compares the groups); each
+  member's order is sharded over the ranks as the batched loader shards it (whatever
+  ``data.loader``), and DDP averages the stacked gradients, i.e. each member's gradient
+  over the ranks, exactly as for one expert.
 """
 
 from __future__ import annotations
@@ -51,16 +75,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..callbacks.same_expert import SameExpertOnAllRanks
-from ..callbacks.trajectory import TrajectoryRecorder
+from ..callbacks.trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
+from ..functional.batched import check_group_memory, chunks
+from ..functional.evaluation import DEFAULT_GROUP_SIZE
 from ..models import ParamSpec, build_model
-from ..modules.expert import ExpertTrajectoryModule
+from ..modules.expert import ExpertTrajectoryModule, GroupExpertModule
 from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
 from ._common import console, make_callbacks
@@ -78,7 +105,8 @@ __all__ = [
 
 @dataclass
 class ExpertTrainingConfig:
-    """How each expert trains (REFERENCE section 4: SGD 0.01, no momentum, DSA)."""
+    """How each expert trains (REFERENCE section 4: SGD 0.01, no momentum, DSA);
+    ``group_size`` experts train together as one vectorised model (1: one at a time)."""
 
     num_experts: int = 10
     epochs: int = 50
@@ -88,6 +116,7 @@ class ExpertTrainingConfig:
     dsa: bool = True
     dsa_strategy: str = DEFAULT_DSA_STRATEGY
     check_val_every_n_epoch: int = 1
+    group_size: int = DEFAULT_GROUP_SIZE
 
 
 @dataclass
@@ -168,7 +197,9 @@ def train_experts(
                **cfg.model.kwargs},
         dataset=cfg.data.name,
         input_space=dm.input_space,
-        hparams={"experts": asdict(ex), "sharpness": asdict(cfg.sharpness), "seed": cfg.seed,
+        # group_size does not change the experts (member k is expert k): not an hparam
+        hparams={"experts": {k: v for k, v in asdict(ex).items() if k != "group_size"},
+                 "sharpness": asdict(cfg.sharpness), "seed": cfg.seed,
                  "batch_size": cfg.data.batch_size},
     )
     done = set(store.expert_indices())
@@ -177,46 +208,114 @@ def train_experts(
     if not todo:
         _say(f"[green]{cfg.store}: all {ex.num_experts} experts{shard} present[/green]")
         return store
+    if ex.group_size < 1:
+        raise ValueError(f"experts.group_size must be >= 1, got {ex.group_size}")
+    groups = chunks(todo, ex.group_size)
     _say(f"Training {len(todo)} expert(s){shard} into {cfg.store} "
-         f"({len(done)} of {ex.num_experts} already present)")
+         f"({len(done)} of {ex.num_experts} already present"
+         f"{f'; {len(groups)} group(s) of up to {ex.group_size}' if ex.group_size > 1 else ''})")
     flip = dsa_flip_for(cfg.data.name)
     start = time.perf_counter()
-    for n, i in enumerate(todo, 1):
-        seeds = expert_seeds(cfg.seed, i)
-        _say(f"expert {i} ({n}/{len(todo)}), seed {seeds['init']}", rule=True)
-        pl.seed_everything(seeds["init"], workers=True, verbose=False)
-        dm.shuffle_seed = seeds["data"]
-        module = ExpertTrajectoryModule(
-            cfg.model.name, channels=real.channels, num_classes=real.num_classes,
-            image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs), lr=ex.lr,
-            momentum=ex.momentum, weight_decay=ex.weight_decay, dsa=ex.dsa,
-            dsa_strategy=ex.dsa_strategy, dsa_flip=flip, dsa_seed=seeds["dsa"],
-        )
-        cbs: list[Callback] = [SameExpertOnAllRanks(i, todo[n:]),
-                               TrajectoryRecorder(store, expert_index=i, module_attr="net")]
-        sharp = sharpness_callback(cfg.sharpness)
-        if sharp is not None:
-            cbs.append(sharp)
-        if callbacks is not None:
-            cbs.extend(callbacks(i))
-        trainer = pl.Trainer(
-            max_epochs=ex.epochs,
-            callbacks=make_callbacks(cfg.trainer, cbs),
-            logger=TensorBoardLogger(cfg.log_dir, name="experts", version=f"expert_{i:05d}",
-                                     default_hp_metric=False),
-            enable_checkpointing=False,
-            enable_model_summary=n == 1,
-            check_val_every_n_epoch=ex.check_val_every_n_epoch,
-            **cfg.trainer.kwargs(),
-        )
-        trainer.fit(module, datamodule=dm)
+    finished = 0
+    for n, group in enumerate(groups, 1):
+        remaining = [i for g in groups[n:] for i in g]
+        if len(group) == 1:
+            _train_one(cfg, dm, store, group[0], remaining, flip, callbacks, first=n == 1)
+        else:
+            _train_group(cfg, dm, store, group, remaining, flip, callbacks, first=n == 1)
+        finished += len(group)
+        elapsed = time.perf_counter() - start
+        left = len(todo) - finished
+        eta = f", about {elapsed / finished * left / 60:.1f} min left" if left else ""
+        what = f"expert {group[0]}" if len(group) == 1 else f"experts {group}"
+        _say(f"{what} written ({finished}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
+    return store
+
+
+def _trainer(cfg: ExpertsConfig, cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=cfg.experts.epochs,
+        callbacks=make_callbacks(cfg.trainer, cbs),
+        logger=TensorBoardLogger(cfg.log_dir, name="experts", version=version,
+                                 default_hp_metric=False),
+        enable_checkpointing=False,
+        enable_model_summary=first,
+        check_val_every_n_epoch=cfg.experts.check_val_every_n_epoch,
+        **cfg.trainer.kwargs(),
+    )
+
+
+def _extra_callbacks(cfg: ExpertsConfig, indices: Sequence[int],
+                     callbacks: Callable[[int], Sequence[Callback]] | None) -> list[Callback]:
+    out: list[Callback] = []
+    sharp = sharpness_callback(cfg.sharpness)
+    if sharp is not None:
+        out.append(sharp)
+    if callbacks is not None:
+        for i in indices:
+            out.extend(callbacks(i))
+    return out
+
+
+def _check_written(store: TrajectoryStore, indices: Sequence[int]) -> None:
+    for i in indices:
         if not store.expert_path(i).is_file():
             raise RuntimeError(
                 f"expert {i} finished training but {store.expert_path(i)} was not written "
                 "(training stopped before the last epoch?); see the warnings above"
             )
-        elapsed = time.perf_counter() - start
-        left = len(todo) - n
-        eta = f", about {elapsed / n * left / 60:.1f} min left" if left else ""
-        _say(f"expert {i} written ({n}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
-    return store
+
+
+def _train_one(cfg: ExpertsConfig, dm, store: TrajectoryStore, i: int, remaining: list[int],
+               flip: bool, callbacks, first: bool) -> None:
+    """Expert ``i`` on its own: :class:`ExpertTrajectoryModule` (``group_size: 1``)."""
+    ex, real = cfg.experts, dm.real
+    seeds = expert_seeds(cfg.seed, i)
+    _say(f"expert {i}, seed {seeds['init']}", rule=True)
+    pl.seed_everything(seeds["init"], workers=True, verbose=False)
+    dm.shuffle_seed = seeds["data"]
+    module = ExpertTrajectoryModule(
+        cfg.model.name, channels=real.channels, num_classes=real.num_classes,
+        image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs), lr=ex.lr,
+        momentum=ex.momentum, weight_decay=ex.weight_decay, dsa=ex.dsa,
+        dsa_strategy=ex.dsa_strategy, dsa_flip=flip, dsa_seed=seeds["dsa"],
+    )
+    cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
+                           TrajectoryRecorder(store, expert_index=i, module_attr="net"),
+                           *_extra_callbacks(cfg, [i], callbacks)]
+    _trainer(cfg, cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
+    _check_written(store, [i])
+
+
+def _group_device(cfg: TrainerConfig) -> torch.device:
+    """The device a group trains on (for the memory check): the CPU unless the trainer
+    may use CUDA and CUDA is available."""
+    if cfg.accelerator in ("cpu",) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _train_group(cfg: ExpertsConfig, dm, store: TrajectoryStore, group: list[int],
+                 remaining: list[int], flip: bool, callbacks, first: bool) -> None:
+    """Experts ``group`` as one vectorised model (:class:`GroupExpertModule`)."""
+    ex, real = cfg.experts, dm.real
+    seeds = [expert_seeds(cfg.seed, i) for i in group]
+    _say(f"experts {group} as one group, seeds {[s['init'] for s in seeds]}", rule=True)
+    module = GroupExpertModule(
+        cfg.model.name, channels=real.channels, num_classes=real.num_classes,
+        image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs),
+        init_seeds=[s["init"] for s in seeds], dsa_seeds=[s["dsa"] for s in seeds],
+        expert_indices=group, lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay,
+        dsa=ex.dsa, dsa_strategy=ex.dsa_strategy, dsa_flip=flip,
+    )
+    check_group_memory(module.net.member(0), (real.channels, *real.image_size),
+                       cfg.data.batch_size, len(group), _group_device(cfg.trainer),
+                       where=f"experts.group_size {ex.group_size}")
+    cbs: list[Callback] = [SameExpertOnAllRanks(group, remaining),
+                           GroupTrajectoryRecorder(store, group, module_attr="net"),
+                           *_extra_callbacks(cfg, group, callbacks)]
+    name = f"experts_{group[0]:05d}-{group[-1]:05d}"
+    _trainer(cfg, cbs, name, first).fit(
+        module, train_dataloaders=dm.member_train_dataloader([s["data"] for s in seeds]),
+        val_dataloaders=dm.val_dataloader())
+    _check_written(store, group)

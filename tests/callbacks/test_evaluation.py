@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.callbacks.evaluation import PeriodicEvaluation
+from lightning_distill.data.augment import make_dsa
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.functional.evaluation import (
-    make_dsa,
     run_seeds,
     seeded_model,
     summarize,

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_distill.data.augment import make_dsa
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.data.zca import ZCA
 from lightning_distill.functional.evaluation import (
     evaluate_accuracy,
-    make_dsa,
     resolve_decay_epoch,
     run_seeds,
     seeded_model,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_distill.data.augment import make_dsa
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.functional.evaluation import (
     evaluate_accuracy,
-    make_dsa,
     run_seeds,
     seeded_model,
     train_and_evaluate,

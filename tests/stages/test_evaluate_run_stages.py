@@ -65,9 +65,9 @@ def test_evaluate_stage_rows_equal_direct_evaluation(digits, tmp_path):
 def test_random_baseline_draws_a_new_subset_per_network(digits, monkeypatch):
     seen = []
 
-    def fake(real, *a, **kw):
-        seen.append(real.images.clone())
-        return {"ConvNet": {"accs": [0.5], "mean": 0.5, "std": 0.0}}
+    def fake(real, *a, train_sets=None, **kw):
+        seen.extend(x.clone() for x, _ in train_sets)  # one subset per network
+        return {"ConvNet": {"accs": [0.5] * len(train_sets), "mean": 0.5, "std": 0.0}}
 
     monkeypatch.setattr("lightning_distill.stages.evaluate.evaluate_synthetic", fake)
     cfg = EvaluateConfig(data=DataConfig(name="digits"), runs=3, baselines=["random"],

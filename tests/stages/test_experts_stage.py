@@ -30,12 +30,14 @@ from lightning_distill.trajectories import TrajectoryStore
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cfg(tmp: Path, name: str, **over) -> ExpertsConfig:
-    """Digits, ConvNet width 8 depth 2 (1026 parameters), 2 experts x 2 epochs, GSAM."""
+def _cfg(tmp: Path, name: str, group_size: int = 1, **over) -> ExpertsConfig:
+    """Digits, ConvNet width 8 depth 2 (1026 parameters), 2 experts x 2 epochs, GSAM;
+    one at a time unless ``group_size`` (the bit-identity tests below are about that
+    path; tests/stages/test_experts_groups.py covers groups)."""
     cfg = ExpertsConfig(
         data=DataConfig(name="digits", batch_size=256),
         model=ModelConfig("ConvNet", {"width": 8, "depth": 2}),
-        experts=ExpertTrainingConfig(num_experts=2, epochs=2),
+        experts=ExpertTrainingConfig(num_experts=2, epochs=2, group_size=group_size),
         sharpness=SharpnessConfig("gsam", rho=0.05, alpha=0.3),
         trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
         store=str(tmp / name),
@@ -104,7 +106,7 @@ def test_same_seed_gives_bit_identical_store(reference, tmp_path):
 def test_different_seed_gives_different_experts(reference, tmp_path):
     _, ref = reference
     other = _train(_cfg(tmp_path, "seed1", seed=1,
-                        experts=ExpertTrainingConfig(num_experts=1, epochs=2)))
+                        experts=ExpertTrainingConfig(num_experts=1, epochs=2, group_size=1)))
     a, b = other.load_expert(0), ref.load_expert(0)
     assert not torch.equal(a[0], b[0]) and not torch.equal(a[-1], b[-1])
 
@@ -232,10 +234,13 @@ def test_killed_run_leaves_no_partial_file_and_rerun_completes_the_store(referen
 
 # ------------------------------------------------------------------------- DDP
 @pytest.mark.slow
-def test_ddp_two_processes_write_one_store_with_identical_ranks(tmp_path):
+@pytest.mark.parametrize("group_size", [1, 2], ids=["one_at_a_time", "group_of_2"])
+def test_ddp_two_processes_write_one_store_with_identical_ranks(tmp_path, group_size):
+    """Both ranks hold the same parameters after every expert (DDP averages the
+    gradients, per member for a group) and rank 0's store holds them."""
     script = Path(__file__).with_name("ddp_experts_script.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(group_size)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "done_rank0").exists() and (tmp_path / "done_rank1").exists()
     store = TrajectoryStore.open(tmp_path / "store")

@@ -1,0 +1,112 @@
+"""The experts stage with ``group_size > 1``: the store equals the one-at-a-time store to
+float32 rounding, resume of a partial group retrains only the missing members, shards
+form their own groups, and a group that would not fit is refused before training."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
+from lightning_distill.functional import batched
+from lightning_distill.stages.experts import (
+    ExpertsConfig,
+    ExpertTrainingConfig,
+    SharpnessConfig,
+    train_experts,
+)
+from lightning_distill.trajectories import TrajectoryStore
+
+
+def _cfg(tmp: Path, name: str, group_size: int, num_experts: int = 4, **over) -> ExpertsConfig:
+    """Digits, ConvNet width 8 depth 2, 4 experts x 2 epochs, GSAM, batch 128."""
+    cfg = ExpertsConfig(
+        data=DataConfig(name="digits", batch_size=128),
+        model=ModelConfig("ConvNet", {"width": 8, "depth": 2}),
+        experts=ExpertTrainingConfig(num_experts=num_experts, epochs=2, group_size=group_size),
+        sharpness=SharpnessConfig("gsam", rho=0.05, alpha=0.3),
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        store=str(tmp / name), log_dir=str(tmp / f"{name}_logs"), seed=0,
+    )
+    return dataclasses.replace(cfg, **over)
+
+
+def _train(cfg: ExpertsConfig) -> TrajectoryStore:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_experts(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _max_rel(a: TrajectoryStore, b: TrajectoryStore) -> float:
+    assert a.expert_indices() == b.expert_indices()
+    worst = 0.0
+    for i in a.expert_indices():
+        x, y = a.load_expert(i, mmap=False).double(), b.load_expert(i, mmap=False).double()
+        assert not torch.equal(x[0], x[-1])  # trained
+        assert torch.equal(x[0], y[0])  # the same initialisation, bit for bit
+        worst = max(worst, float(((x - y).norm(dim=1) / x.norm(dim=1)).max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory) -> TrajectoryStore:
+    return _train(_cfg(tmp_path_factory.mktemp("groups"), "single", group_size=1))
+
+
+def test_a_group_store_equals_the_one_at_a_time_store(one_at_a_time, tmp_path):
+    """Measured: max relative difference ~2e-8 (float32 rounding of batched kernels)."""
+    grouped = _train(_cfg(tmp_path, "grouped", group_size=3))  # groups [0, 1, 2], [3]
+    assert _max_rel(one_at_a_time, grouped) < 1e-5
+    meta = grouped.meta["hparams"]["experts"]
+    assert "group_size" not in meta  # the grouping does not change the experts
+
+
+def test_resume_of_a_partial_group_retrains_only_the_missing_members(one_at_a_time, tmp_path):
+    store_dir = tmp_path / "partial"
+    shutil.copytree(one_at_a_time.path, store_dir)
+    for i in (1, 3):
+        (store_dir / f"expert_{i:05d}.pt").unlink()
+    kept = {i: (store_dir / f"expert_{i:05d}.pt").stat().st_mtime_ns for i in (0, 2)}
+    seen: list[list[int]] = []
+    original = batched.check_group_memory
+
+    def spy(net, shape, batch, members, device, **kw):
+        seen.append(members)
+        return original(net, shape, batch, members, device, **kw)
+
+    import lightning_distill.stages.experts as stage
+
+    stage.check_group_memory = spy
+    try:
+        store = _train(_cfg(tmp_path, "partial", group_size=4))
+    finally:
+        stage.check_group_memory = original
+    assert seen == [2]  # one group of the two missing experts
+    assert {i: (store_dir / f"expert_{i:05d}.pt").stat().st_mtime_ns for i in (0, 2)} == kept
+    assert _max_rel(one_at_a_time, store) < 1e-5
+    before = {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()}
+    _train(_cfg(tmp_path, "partial", group_size=4))  # every member present: skipped
+    assert {p.name: p.stat().st_mtime_ns for p in store.path.iterdir()} == before
+
+
+def test_shards_form_their_own_groups(one_at_a_time, tmp_path):
+    s1 = _train(_cfg(tmp_path, "sharded", group_size=2, shard_index=1, num_shards=2))
+    assert s1.expert_indices() == [1, 3]  # shard 1's group: experts 1 and 3
+    s0 = _train(_cfg(tmp_path, "sharded", group_size=2, shard_index=0, num_shards=2))
+    assert s0.expert_indices() == [0, 1, 2, 3]
+    assert _max_rel(one_at_a_time, s0) < 1e-5
+
+
+def test_a_group_that_would_not_fit_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(batched, "memory_budget", lambda device: 10_000)
+    with pytest.raises(batched.GroupMemoryError, match="experts.group_size 4: 4 networks at "
+                       "batch 128 need about .*MiB.*(use group_size|lower the batch size)"):
+        _train(_cfg(tmp_path, "refused", group_size=4))
+    assert TrajectoryStore.open(tmp_path / "refused").expert_indices() == []
