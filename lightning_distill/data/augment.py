@@ -343,7 +343,7 @@ class DSA:
 def make_dsa(
     dataset: str | None,
     dsa: bool = True,
-    strategy: str = "color_crop_cutout_flip_scale_rotate",
+    strategy: str | None = DEFAULT_DSA_STRATEGY,
     flip: bool | None = None,
 ) -> DSA | None:
     """The evaluation's DSA (REFERENCE 3), or None when ``dsa`` is False.
@@ -353,6 +353,7 @@ def make_dsa(
     """
     if not dsa:
         return None
+    strategy = strategy or DEFAULT_DSA_STRATEGY
     if flip is None:
         return DSA.for_dataset(str(dataset or ""), strategy)
     return DSA(strategy, flip=flip)

@@ -52,7 +52,6 @@ from .batched import StackedNetworks, augment_members, chunks, gather_members, m
 from .losses import classification_loss
 
 __all__ = [
-    "DEFAULT_DSA_STRATEGY",
     "DEFAULT_GROUP_SIZE",
     "evaluate_accuracy",
     "EvalProtocol",
@@ -66,7 +65,6 @@ __all__ = [
 ]
 
 
-DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
 def run_seeds(seed: int) -> tuple[int, int, int]:
@@ -413,8 +411,9 @@ class EvalProtocol:
     - ``lr``: ``None`` means the synthetic set's learned lr;
     - ``momentum`` 0.9, ``weight_decay`` 5e-4, ``lr_decay_epoch`` (default
       ``epochs // 2``, :func:`resolve_decay_epoch`);
-    - ``dsa``, ``dsa_strategy``, ``dsa_flip`` (``None``: dropped for digit data sets),
-      turned into an augmenter by :func:`lightning_distill.data.augment.make_dsa`;
+    - ``dsa``, ``dsa_strategy`` (``None``: DSA's default, the strategy of MTT / FTD /
+      DATM), ``dsa_flip`` (``None``: dropped for digit data sets), turned into an
+      augmenter by :func:`lightning_distill.data.augment.make_dsa`;
     - ``group_size``: how many runs train together as one vectorised model
       (:func:`train_and_evaluate_group`); 1 trains them one at a time.
     """
@@ -426,7 +425,7 @@ class EvalProtocol:
     weight_decay: float = 5e-4
     lr_decay_epoch: int | None = None
     dsa: bool = True
-    dsa_strategy: str = DEFAULT_DSA_STRATEGY
+    dsa_strategy: str | None = None
     dsa_flip: bool | None = None
     group_size: int = DEFAULT_GROUP_SIZE
 

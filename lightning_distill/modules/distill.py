@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..data.augment import DSA
+from ..data.augment import DEFAULT_DSA_STRATEGY, DSA
 from ..data.input_space import InputSpace
 from ..functional.initialization import (
     class_permutations,
@@ -171,7 +171,7 @@ class DistillationModule(pl.LightningModule):
         param_mask: list[str] | None = None,
         param_drop_ratio: float = 0.0,
         dsa: bool = True,
-        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
+        dsa_strategy: str = DEFAULT_DSA_STRATEGY,
         dsa_flip: bool = True,
         max_nonfinite: int = 10,
         syn_lr_min: float = 1e-6,

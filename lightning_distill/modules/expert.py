@@ -179,7 +179,7 @@ class GroupExpertModule(pl.LightningModule):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         dsa: bool = True,
-        dsa_strategy: str = "color_crop_cutout_flip_scale_rotate",
+        dsa_strategy: str = DEFAULT_DSA_STRATEGY,
         dsa_flip: bool = True,
         backend: str = "auto",
     ) -> None:
