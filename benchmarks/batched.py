@@ -9,11 +9,13 @@ for the two places where the library trains many small networks:
 - ``experts``: the path of ``lightning-distill experts``: ``ExpertTrajectoryModule`` +
   ``Trainer`` + ``GSAM`` (one expert) against ``GroupExpertModule`` + ``Trainer`` + ``GSAM``
   fed by ``MemberBatches`` (K experts as one ``StackedNetworks``), DSA on every batch,
-  SGD lr 0.01 (REFERENCE 4; GSAM rho 0.01, alpha 0.3). Scales (``--expert-scales``):
+  SGD lr 0.01 (docs/method.md, 'Expert trajectories'; GSAM rho 0.01, alpha 0.3). Scales
+  (``--expert-scales``):
   ``digits`` (the quickstart's ConvNet width 32 depth 2 on 1x8x8, batch 32),
   ``mnist`` (ConvNet-3 width 128 on 1x28x28, batch 256), ``cifar`` (ConvNet-3 width 128
   on 3x32x32, batch 256).
-- ``eval``: the evaluation protocol (REFERENCE 6: SGD momentum 0.9, weight decay 5e-4,
+- ``eval``: the evaluation protocol (docs/method.md, 'Evaluation protocol': SGD momentum 0.9,
+weight decay 5e-4,
   DSA, batch 256): ``train_and_evaluate`` (one run) against
   ``train_and_evaluate_group`` (K runs), on synthetic sets of ipc 1, 10 and 50
   (``--ipcs``) at the ``--eval-scale`` (``digits`` or ``cifar``).
@@ -254,7 +256,8 @@ def main(argv=None) -> None:
                          f"{statistics.median(single):.0f}", f"{statistics.median(v):.0f}",
                          f"{med:.2f}", f"{best:.2f}"))
         _table(f"Evaluation runs, ipc {ipc} ({args.eval_scale}: {c}x{s}x{s}, "
-               f"ConvNet-{width}-D{depth}, REFERENCE 6 protocol): member images/s", rows,
+               f"ConvNet-{width}-D{depth}, the protocol of docs/method.md, 'Evaluation "
+               "protocol'): member images/s", rows,
                ("set", "backend", "K", "one at a time img/s", "group img/s (all members)",
                 "ratio (median)", "ratio (best)"))
         print(flush=True)

@@ -3,7 +3,7 @@
 Side by side in one run, on the same model, batch and data shapes (default: CIFAR-shaped
 random data 3x32x32, 10 classes, ConvNet-3 width 128 with instance norm, batch 256,
 SGD lr 0.01, DSA on every batch), for plain SGD and for GSAM (rho 0.01, alpha 0.3,
-adaptive; REFERENCE section 4):
+adaptive; docs/method.md, 'Flat experts (FTD, GSAM)'):
 
 - ``ours``: the library path the ``experts`` stage runs: ``ExpertTrajectoryModule`` +
   ``pytorch_lightning.Trainer`` (+ the ``GSAM`` callback), fed by ``RealDataModule``'s

@@ -2,8 +2,8 @@
 
 Every ``every_n_steps`` outer iterations (training batches) and at the end of training,
 the current synthetic set (``pl_module.synthetic_set()``) and, when an EMA is kept, the
-EMA set (``pl_module.ema_synthetic_set()``, FTD, REFERENCE 5.3) are evaluated with the
-protocol of REFERENCE section 6
+EMA set (``pl_module.ema_synthetic_set()``, FTD: docs/method.md, 'EMA of the synthetic
+images') are evaluated with the protocol of docs/method.md, 'Evaluation protocol'
 (:meth:`~lightning_distill.functional.evaluation.EvalProtocol.train_runs`: ``runs``
 fresh ``model`` networks for ``epochs`` epochs, ``group_size`` of them trained together
 as one vectorised model) on a VALIDATION split of the training data. The best set by
@@ -70,7 +70,8 @@ class PeriodicEvaluation(Callback):
         at_train_end: also evaluate when training ends (unless that step was just done).
         runs, model, model_kwargs, eval_batch_size: how many networks of which
             architecture, and the batch size of the validation passes.
-        protocol: the training settings (:class:`EvalProtocol`, REFERENCE 6; ``lr=None``
+        protocol: the training settings (:class:`EvalProtocol`, docs/method.md, 'Evaluation
+        protocol'; ``lr=None``
             uses the set's learned lr; ``group_size`` runs train together as one
             vectorised model); keyword ``**overrides`` (``epochs=300``, ...) replace its
             fields.

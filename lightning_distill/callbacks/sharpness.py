@@ -1,4 +1,5 @@
-"""Sharpness-aware training callbacks: ``SAM``, ``ASAM`` and ``GSAM`` (REFERENCE section 4).
+"""Sharpness-aware training callbacks: ``SAM``, ``ASAM`` and ``GSAM`` (docs/method.md, 'Flat
+experts (FTD, GSAM)').
 
 FTD and DATM train their experts with GSAM (rho 0.01, alpha 0.3, weight-adaptive) on
 top of plain SGD: flatter expert trajectories distil better. These callbacks turn any
@@ -83,14 +84,16 @@ _PROTOCOL = (
 
 
 class SharpnessAware(Callback):
-    """Sharpness-aware update shared by SAM, ASAM and GSAM (REFERENCE section 4).
+    """Sharpness-aware update shared by SAM, ASAM and GSAM (docs/method.md, 'Flat experts (FTD,
+    GSAM)').
 
     Args:
         rho: perturbation radius (>= 0).
         alpha: GSAM weight of the gradient component orthogonal to ``g'``; 0 gives SAM/ASAM.
         adaptive: weight-adaptive perturbation ``e = rho w^2 g / || |w| g ||`` (ASAM, GSAM)
             instead of ``e = rho g / ||g||`` (SAM).
-        eps: the ``1e-12`` of REFERENCE section 4 in every denominator.
+        eps: the ``1e-12`` added to every denominator (docs/method.md, 'Flat experts (FTD,
+            GSAM)').
 
     Example::
 
@@ -260,7 +263,7 @@ class GSAM(SharpnessAware):
 
     Perturbation ``e = rho w^2 g / || |w| g ||`` (``adaptive=True``, the FTD/DATM
     default) or ``rho g / ||g||``; final gradient ``g' - alpha * g_perp`` with ``g_perp``
-    the component of ``g`` orthogonal to ``g'`` (REFERENCE section 4).
+    the component of ``g`` orthogonal to ``g'`` (docs/method.md, 'Flat experts (FTD, GSAM)').
 
     Example::
 

@@ -346,7 +346,8 @@ def make_dsa(
     strategy: str | None = DEFAULT_DSA_STRATEGY,
     flip: bool | None = None,
 ) -> DSA | None:
-    """The evaluation's DSA (REFERENCE 3), or None when ``dsa`` is False.
+    """The evaluation's DSA (Zhao & Bilen, ICML 2021; docs/method.md, 'Differentiable siamese
+    augmentation'), or None when ``dsa`` is False.
 
     ``flip=None`` follows the data set: flip is dropped for digit data sets
     (:meth:`DSA.for_dataset`) and kept otherwise (also when ``dataset`` is unknown).

@@ -270,7 +270,8 @@ def member_losses(logits: Tensor, labels: Tensor) -> Tensor:
     """``[K]``: member k's mean classification loss of ``logits[k]`` against ``labels[k]``.
 
     ``logits [K, B, classes]``; ``labels [K, B]`` class ids (cross-entropy) or
-    ``[K, B, classes]`` logits (soft cross-entropy, REFERENCE 5.2), as
+    ``[K, B, classes]`` logits (soft cross-entropy, DATM's soft labels, docs/method.md 'Soft
+    labels and initialisation'), as
     :func:`~lightning_distill.functional.classification_loss` per member.
     """
     k, b, c = logits.shape

@@ -1,4 +1,5 @@
-"""The evaluation protocol as a plain torch loop (REFERENCE section 6; no Lightning).
+"""The evaluation protocol as a plain torch loop (docs/method.md, 'Evaluation protocol'; no
+Lightning).
 
 A synthetic set is worth the test accuracy of fresh networks trained on it:
 
@@ -9,7 +10,8 @@ A synthetic set is worth the test accuracy of fresh networks trained on it:
   0.1 x lr and the optimizer is RE-CREATED, so its momentum buffers restart at zero
   (as the reference does);
 - loss: cross-entropy for hard labels, soft cross-entropy
-  ``mean_b sum_k -log_softmax(out)_bk softmax(Y)_bk`` for soft labels (REFERENCE 5.2);
+  ``mean_b sum_k -log_softmax(out)_bk softmax(Y)_bk`` for soft labels (DATM's soft labels,
+  docs/method.md 'Soft labels and initialisation');
 - one test at the end, ``net.eval()`` under ``no_grad``, on data that is ALREADY in the
   synthetic set's input space (normalised or ZCA whitened): nothing is transformed here.
 
@@ -184,7 +186,8 @@ def train_and_evaluate(
     test_batch_size: int = 1024,
     on_epoch_start: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, float]:
-    """Train ``net`` on (images, labels) with the protocol of REFERENCE 6, then test once.
+    """Train ``net`` on (images, labels) with the protocol of docs/method.md, 'Evaluation
+    protocol', then test once.
 
     Args:
         net: a freshly initialised network (trained in place, on its own device).
@@ -401,7 +404,7 @@ DEFAULT_GROUP_SIZE = 8
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """The training protocol of REFERENCE section 6 (defaults: the published one).
+    """The training protocol of docs/method.md, 'Evaluation protocol' (defaults: the published one).
 
     The one place for the settings shared by :class:`~lightning_distill.modules.EvalModule`,
     :func:`~lightning_distill.modules.evaluate_synthetic` and

@@ -1,8 +1,8 @@
 """Sharpness-aware updates: the SAM / ASAM / GSAM perturbation and gradient decomposition.
 
 Pure torch on lists of tensors (one entry per parameter), no Lightning. The callbacks in
-:mod:`lightning_distill.callbacks.sharpness` call these functions; REFERENCE section 4
-("One GSAM step on a batch") is the specification:
+:mod:`lightning_distill.callbacks.sharpness` call these functions. The specification is
+docs/method.md, 'Flat experts (FTD, GSAM)':
 
 1. ``g = grad L(w)``
 2. ``e = perturbation(w, g, rho, adaptive)``; ``w <- w + e``
@@ -68,7 +68,8 @@ def perturbation(
     eps: float = 1e-12,
     per_member: bool = False,
 ) -> list[Tensor]:
-    """Ascent step ``e`` added to the weights before the second pass (REFERENCE section 4, step 2).
+    """Ascent step ``e`` added to the weights before the second pass (docs/method.md, 'Flat
+    experts (FTD, GSAM)', step 2).
 
     - ``adaptive=False`` (SAM): ``e = rho * g / (||g|| + eps)``.
     - ``adaptive=True`` (ASAM / GSAM): ``n = || |w| * g ||_2`` and
@@ -100,7 +101,8 @@ def gsam_gradient(
     eps: float = 1e-12,
     per_member: bool = False,
 ) -> list[Tensor]:
-    """GSAM's final gradient (REFERENCE section 4, step 4; Zhuang et al. 2022, Algorithm 1).
+    """GSAM's final gradient (Zhuang et al., ICLR 2022, Algorithm 1; docs/method.md, 'Flat experts
+    (FTD, GSAM)', step 4).
 
     ``cos = <g, g'> / (||g|| ||g'|| + eps)``,
     ``g_perp = g - cos * ||g|| * g' / (||g'|| + eps)`` (the part of ``g`` orthogonal to

@@ -1,4 +1,5 @@
-"""EvalModule: train a fresh network on a synthetic set and test it (REFERENCE section 6).
+"""EvalModule: train a fresh network on a synthetic set and test it (docs/method.md, 'Evaluation
+protocol').
 
 The protocol every published number uses: SGD (momentum 0.9, weight decay 5e-4), lr =
 the set's learned alpha, ``epochs`` epochs (1000) of shuffled minibatches with DSA on
@@ -114,7 +115,8 @@ class _GroupEpochLoader:
 
 
 class EvalModule(pl.LightningModule):
-    """Train fresh ``build_model`` networks on a :class:`SyntheticSet` (REFERENCE 6).
+    """Train fresh ``build_model`` networks on a :class:`SyntheticSet` (docs/method.md,
+    'Evaluation protocol').
 
     Args:
         synthetic: the set, or the path of a file written by :meth:`SyntheticSet.save`.

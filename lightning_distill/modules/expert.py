@@ -1,4 +1,5 @@
-"""ExpertTrajectoryModule: train one expert network on real data (REFERENCE section 4).
+"""ExpertTrajectoryModule: train one expert network on real data (docs/method.md, 'Expert
+trajectories').
 
 MTT experts: SGD lr 0.01, momentum 0, weight decay 0, constant lr, batch 256, DSA on
 every real batch. FTD/DATM wrap the same SGD in GSAM: add the
@@ -47,7 +48,8 @@ class ExpertTrajectoryModule(pl.LightningModule):
         model: ``build_model`` name (ConvNet, ConvNetD4, ...).
         channels, num_classes, image_size: the data set's shape.
         model_kwargs: extra ``build_model`` keywords (width, depth, norm, ...).
-        lr, momentum, weight_decay: the SGD settings (defaults 0.01 / 0 / 0: REFERENCE 4).
+        lr, momentum, weight_decay: the SGD settings (defaults 0.01 / 0 / 0 as MTT:
+        docs/method.md, 'Expert trajectories').
         dsa: augment every training batch with DSA; ``dsa_strategy`` and ``dsa_flip``
             configure it (flip is dropped for digit data sets).
         dsa_seed: seeds the DSA generator (:attr:`dsa_generator`, on the CPU, saved in
@@ -143,7 +145,8 @@ class ExpertTrajectoryModule(pl.LightningModule):
 
 
 class GroupExpertModule(pl.LightningModule):
-    """K experts trained as ONE vectorised model (REFERENCE section 4, per member).
+    """K experts trained as ONE vectorised model (docs/method.md, 'Expert trajectories', per
+    member).
 
     Member k is expert k of a one-at-a-time run: its network is drawn from
     ``manual_seed(init_seeds[k])`` (what ``pl.seed_everything`` + :class:`ExpertTrajectoryModule`

@@ -1,4 +1,4 @@
-"""`lightning-distill evaluate`: the evaluation protocol of REFERENCE section 6.
+"""`lightning-distill evaluate`: the evaluation protocol of docs/method.md, 'Evaluation protocol'.
 
 Trains ``runs`` fresh networks of every architecture in ``models`` on each synthetic
 set and tests them on the real test set, in the input space the set was distilled in

@@ -1,8 +1,8 @@
 """`lightning-distill experts`: train N expert trajectories into a TrajectoryStore.
 
-REFERENCE section 4: each expert is a fresh network trained with SGD (+ DSA, + GSAM for
-FTD/DATM) for E epochs; its E+1 snapshots (initialisation and after every epoch) go to
-``expert_{i:05d}.pt`` of the store (ARCHITECTURE.md, "File formats").
+docs/method.md, 'Expert trajectories' and 'Flat experts (FTD, GSAM)': each expert is a fresh
+network trained with SGD (+ DSA, + GSAM for FTD/DATM) for E epochs; its E+1 snapshots
+(initialisation and after every epoch) go to ``expert_{i:05d}.pt`` of the store (docs/formats.md, 'Trajectory store').
 
 Reproducibility: expert i draws all its randomness from ``(seed, i)`` and from nothing
 else (:func:`expert_seeds`): the initialisation from the global RNGs seeded with
@@ -105,7 +105,8 @@ __all__ = [
 
 @dataclass
 class ExpertTrainingConfig:
-    """How each expert trains (REFERENCE section 4: SGD 0.01, no momentum, DSA);
+    """How each expert trains (MTT's experts: SGD 0.01, no momentum, DSA; docs/method.md, 'Expert
+    trajectories');
     ``group_size`` experts train together as one vectorised model (1: one at a time)."""
 
     num_experts: int = 10

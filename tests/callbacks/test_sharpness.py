@@ -1,4 +1,5 @@
-"""SAM / ASAM / GSAM callbacks inside a real pl.Trainer against hand-computed steps (REFERENCE 4).
+"""SAM / ASAM / GSAM callbacks inside a real pl.Trainer against hand-computed steps
+(docs/method.md, 'Flat experts (FTD, GSAM)').
 
 The reference steps below use explicit ``torch.autograd.grad`` calls in float64 and never
 the library's functional helpers, so the tests are independent of the implementation.
@@ -125,7 +126,8 @@ def _hand_final(g, gp, alpha):
 
 
 def _hand_step(net, flat_w, x, y, rho, alpha, adaptive, lr=LR):
-    """One SAM/ASAM/GSAM + SGD step of REFERENCE section 4 in float64; returns (w_new, final)."""
+    """One SAM/ASAM/GSAM + SGD step (docs/method.md, 'Flat experts (FTD, GSAM)') in
+    float64; returns (w_new, final)."""
     net = copy.deepcopy(net).double()
     w = flat_w.double()
     x = x.double()

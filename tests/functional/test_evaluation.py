@@ -1,4 +1,5 @@
-"""The plain evaluation loop (REFERENCE section 6): schedule, momentum reset, soft CE, ZCA."""
+"""The plain evaluation loop (docs/method.md, 'Evaluation protocol'): schedule, momentum reset,
+soft CE, ZCA."""
 
 from __future__ import annotations
 

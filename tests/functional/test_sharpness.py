@@ -1,4 +1,5 @@
-"""SAM / ASAM / GSAM math against element-by-element float64 hand computations (REFERENCE 4)."""
+"""SAM / ASAM / GSAM math against element-by-element float64 hand computations (docs/method.md,
+'Flat experts (FTD, GSAM)')."""
 
 import math
 
