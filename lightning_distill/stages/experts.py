@@ -2,7 +2,8 @@
 
 docs/method.md, 'Expert trajectories' and 'Flat experts (FTD, GSAM)': each expert is a fresh
 network trained with SGD (+ DSA, + GSAM for FTD/DATM) for E epochs; its E+1 snapshots
-(initialisation and after every epoch) go to ``expert_{i:05d}.pt`` of the store (docs/formats.md, 'Trajectory store').
+(initialisation and after every epoch) go to ``expert_{i:05d}.pt`` of the store
+(docs/formats.md, 'Trajectory store').
 
 Reproducibility: expert i draws all its randomness from ``(seed, i)`` and from nothing
 else (:func:`expert_seeds`): the initialisation from the global RNGs seeded with
