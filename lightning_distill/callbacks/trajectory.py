@@ -191,34 +191,42 @@ class TrajectoryRecorder(Callback):
             self._write()
         trainer.strategy.barrier("TrajectoryRecorder.on_train_end")
 
+    def _label(self) -> str:
+        return f"expert {self.expert_index}"
+
+    def _split(self, stacked: Tensor) -> list[tuple[int, Tensor]]:
+        """``(store index, [E, P] trajectory)`` of each recorded expert, from the snapshots
+        stacked along dim 0."""
+        return [(self.expert_index, stacked)]
+
     def _write(self) -> None:
         assert self.store is not None
         points = self._points()
         missing = [p for p in points if p not in self._snapshots]
         if missing:
             msg = (
-                f"TrajectoryRecorder: training of expert {self.expert_index} ended with "
+                f"{type(self).__name__}: training of {self._label()} ended with "
                 f"snapshots after epochs {self.recorded_epochs} but the store needs "
                 f"{len(points)} (epochs 0..{points[-1]}, missing {missing[:5]}"
                 f"{'...' if len(missing) > 5 else ''}); "
             )
             if self.allow_partial and self._snapshots:
-                path = self.store.path / f"expert_{self.expert_index:05d}.partial.pt"
                 epochs = self.recorded_epochs
-                atomic_save(
-                    {
-                        "epochs": torch.tensor(epochs, dtype=torch.long),
-                        "snapshots": torch.stack([self._snapshots[e] for e in epochs]),
-                    },
-                    path,
-                )
-                warnings.warn(msg + f"the partial trajectory was saved to {path}", stacklevel=2)
+                stacked = torch.stack([self._snapshots[e] for e in epochs])
+                paths = []
+                for index, trajectory in self._split(stacked):
+                    path = self.store.path / f"expert_{index:05d}.partial.pt"
+                    atomic_save({"epochs": torch.tensor(epochs, dtype=torch.long),
+                                 "snapshots": trajectory}, path)
+                    paths.append(str(path))
+                warnings.warn(msg + f"the partial trajectory was saved to {', '.join(paths)}",
+                              stacklevel=2)
             else:
                 warnings.warn(msg + "nothing was written to the store", stacklevel=2)
             return
-        self.store.write_expert(
-            self.expert_index, torch.stack([self._snapshots[p] for p in points])
-        )
+        stacked = torch.stack([self._snapshots[p] for p in points])
+        for index, trajectory in self._split(stacked):
+            self.store.write_expert(index, trajectory)
         self._snapshots.clear()
 
     # -------------------------------------------------------------------- state
@@ -309,32 +317,12 @@ class GroupTrajectoryRecorder(TrajectoryRecorder):
             )
         self.store.check_model(member(0))
 
-    def _write(self) -> None:
-        assert self.store is not None
-        points = self._points()
-        missing = [p for p in points if p not in self._snapshots]
-        if missing:
-            msg = (
-                f"GroupTrajectoryRecorder: training of experts {self.expert_indices} ended with "
-                f"snapshots after epochs {self.recorded_epochs} but the store needs "
-                f"{len(points)} (missing {missing[:5]}{'...' if len(missing) > 5 else ''}); "
-            )
-            if self.allow_partial and self._snapshots:
-                epochs = self.recorded_epochs
-                snaps = torch.stack([self._snapshots[e] for e in epochs])  # [E, K, P]
-                for k, index in enumerate(self.expert_indices):
-                    atomic_save({"epochs": torch.tensor(epochs, dtype=torch.long),
-                                 "snapshots": snaps[:, k].clone()},
-                                self.store.path / f"expert_{index:05d}.partial.pt")
-                warnings.warn(msg + "the partial trajectories were saved next to the store",
-                              stacklevel=2)
-            else:
-                warnings.warn(msg + "nothing was written to the store", stacklevel=2)
-            return
-        snaps = torch.stack([self._snapshots[p] for p in points])  # [S, K, P]
-        for k, index in enumerate(self.expert_indices):
-            self.store.write_expert(index, snaps[:, k].clone())
-        self._snapshots.clear()
+    def _label(self) -> str:
+        return f"experts {self.expert_indices}"
+
+    def _split(self, stacked: Tensor) -> list[tuple[int, Tensor]]:
+        # [E, K, P] -> member k's [E, P] (a copy: a view would save the whole group)
+        return [(index, stacked[:, k].clone()) for k, index in enumerate(self.expert_indices)]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -403,7 +403,7 @@ def trajectory_matching_loss(
 ) -> Tensor:
     """Normalised trajectory-matching loss ||theta_k - target||^2 / ||start - target||^2.
 
-    MTT (Cazenavette et al., CVPR 2022, eq. 2-3); docs/method.md, "Trajectory matching".
+    MTT (Cazenavette et al., CVPR 2022, eq. 2-3); docs/method.md, 'Matching loss'.
     ``model`` is used only as a function through :func:`torch.func.functional_call` with
     weights ``ParamSpec.of(model).unflatten(theta)``; its own parameters are neither read
     nor modified. Networks with running statistics (BatchNorm) are refused.

@@ -41,7 +41,24 @@ from ..models import build_model
 __all__ = ["ExpertTrajectoryModule", "GroupExpertModule"]
 
 
-class ExpertTrajectoryModule(pl.LightningModule):
+class _ExpertSteps(pl.LightningModule):
+    """What one expert and a group of experts share: the base SGD on ``self.net``
+    (hyperparameters ``lr``, ``momentum``, ``weight_decay``) and validation / test steps
+    through ``self._evaluate(batch, prefix)``."""
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
+
+
+class ExpertTrajectoryModule(_ExpertSteps):
     """One expert: a ``build_model`` network trained with SGD (+ DSA) on real data.
 
     Args:
@@ -132,19 +149,9 @@ class ExpertTrajectoryModule(pl.LightningModule):
         self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True,
                  sync_dist=True)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        return torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
-                               weight_decay=hp.weight_decay)
 
 
-class GroupExpertModule(pl.LightningModule):
+class GroupExpertModule(_ExpertSteps):
     """K experts trained as ONE vectorised model (docs/method.md, 'Expert trajectories', per
     member).
 
@@ -261,13 +268,3 @@ class GroupExpertModule(pl.LightningModule):
         for i, a in zip(self.expert_indices, accs, strict=True):
             self.log(f"{prefix}/acc_expert_{i:05d}", a, sync_dist=True, batch_size=y.shape[0])
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        return torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
-                               weight_decay=hp.weight_decay)
