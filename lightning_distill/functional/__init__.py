@@ -1,5 +1,15 @@
-"""Pure-torch math of trajectory matching (no Lightning): losses, unrolled matching, window."""
+"""Pure-torch math of trajectory matching (no Lightning): losses, unrolled matching, window,
+difficulty scores and PAD's data-selection schedule."""
 
+from .difficulty import (
+    PADSchedule,
+    PADSelection,
+    class_difficulty_order,
+    el2n_scores,
+    pad_selection,
+    pad_subset_bounds,
+    pad_subset_sizes,
+)
 from .losses import classification_loss, soft_cross_entropy
 from .matching import (
     MATCHING_MODES,
@@ -11,7 +21,14 @@ from .matching import (
 
 __all__ = [
     "MATCHING_MODES",
+    "PADSchedule",
+    "PADSelection",
+    "class_difficulty_order",
     "classification_loss",
+    "el2n_scores",
+    "pad_selection",
+    "pad_subset_bounds",
+    "pad_subset_sizes",
     "sample_minibatches",
     "sample_start_epoch",
     "soft_cross_entropy",
