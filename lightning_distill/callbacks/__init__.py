@@ -1,5 +1,6 @@
 """Lightning callbacks, one a file (Lightning's own convention)."""
 
+from .data_selection import DataSelection
 from .ema import SyntheticEMA
 from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
@@ -11,6 +12,7 @@ __all__ = [
     "ASAM",
     "GSAM",
     "SAM",
+    "DataSelection",
     "MatchingWindow",
     "PeriodicEvaluation",
     "SharpnessAware",
