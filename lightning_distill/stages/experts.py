@@ -42,6 +42,13 @@ Parallelism, two ways:
   rank takes its shard of the expert's shuffled order (``data.loader: batched``, see
   :func:`~lightning_distill.data.datamodule.shard_indices`; with ``loader: dataloader``
   Lightning's DistributedSampler), so a DDP store differs from a single-device one.
+
+Data selection (PAD, off by default; ``data_selection:``, see
+:mod:`~lightning_distill.stages.data_selection`): the EL2N scores are computed once into
+``<store>/difficulty_el2n.pt`` (before the first expert; later runs, shards and DDP ranks
+load the file) and every expert trains epoch ``e`` on the subset
+:class:`~lightning_distill.functional.PADSchedule` gives for ``e``; the settings go to the
+store's ``hparams["data_selection"]``.
 """
 
 from __future__ import annotations
@@ -62,8 +69,15 @@ from ..models import ParamSpec, build_model
 from ..modules.expert import ExpertTrajectoryModule
 from ..trajectories import TrajectoryStore
 from ._common import console, make_callbacks
+from .data_selection import (
+    DataSelectionConfig,
+    check_data_selection,
+    data_selection_callback,
+    data_selection_hparams,
+)
 
 __all__ = [
+    "DataSelectionConfig",
     "ExpertTrainingConfig",
     "ExpertsConfig",
     "SharpnessConfig",
@@ -111,6 +125,7 @@ class ExpertsConfig:
     seed: int = 0
     shard_index: int = 0
     num_shards: int = 1
+    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
 
 
 def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
@@ -189,6 +204,7 @@ def train_experts(
         raise ValueError(f"experts.num_experts must be >= 0 and experts.epochs >= 1; got "
                          f"{ex.num_experts} and {ex.epochs}")
     sharpness_callback(cfg.sharpness)  # validate the method name before any work
+    check_data_selection(cfg.data_selection)
     dm = build_datamodule(cfg.data, setup="fit")
     real = dm.real
     net = build_model(cfg.model.name, channels=real.channels, num_classes=real.num_classes,
@@ -203,7 +219,8 @@ def train_experts(
         dataset=cfg.data.name,
         input_space=dm.input_space,
         hparams={"experts": asdict(ex), "sharpness": asdict(cfg.sharpness), "seed": cfg.seed,
-                 "batch_size": cfg.data.batch_size},
+                 "batch_size": cfg.data.batch_size,
+                 **data_selection_hparams(cfg.data_selection)},
     )
     done = set(store.expert_indices())
     todo = [i for i in range(cfg.shard_index, ex.num_experts, cfg.num_shards) if i not in done]
@@ -213,6 +230,8 @@ def train_experts(
         return store
     _say(f"Training {len(todo)} expert(s){shard} into {cfg.store} "
          f"({len(done)} of {ex.num_experts} already present)")
+    selection = data_selection_callback(cfg.data_selection, dm, store=store, model=store.model,
+                                        trainer=cfg.trainer, batch_size=cfg.data.batch_size)
     flip = dsa_flip_for(cfg.data.name)
     start = time.perf_counter()
     for n, i in enumerate(todo, 1):
@@ -231,6 +250,8 @@ def train_experts(
         sharp = sharpness_callback(cfg.sharpness)
         if sharp is not None:
             cbs.append(sharp)
+        if selection is not None:
+            cbs.append(selection)
         if callbacks is not None:
             cbs.extend(callbacks(i))
         trainer = pl.Trainer(
