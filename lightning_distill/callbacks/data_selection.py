@@ -100,7 +100,8 @@ class DataSelection(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = self._datamodule(trainer)
         size = int(dm.selected_indices(trainer.current_epoch).numel())
-        pl_module.log("data/selected", float(size), on_step=False, on_epoch=True)
+        # the same on every rank; sync_dist only keeps Lightning from warning under DDP
+        pl_module.log("data/selected", float(size), on_step=False, on_epoch=True, sync_dist=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._previous is None:
