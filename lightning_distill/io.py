@@ -26,6 +26,7 @@ import torch
 __all__ = [
     "atomic_open",
     "atomic_save",
+    "atomic_save_new",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -107,6 +108,41 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_open(target, "wb") as f:
         torch.save(obj, f)
     return target
+
+
+def atomic_save_new(obj: Any, path: str | os.PathLike) -> bool:
+    """``torch.save(obj, path)`` only if ``path`` does not exist yet; True if this call wrote it.
+
+    First writer wins: the data goes to a temporary file that is then hard-linked to
+    ``path``, which fails when ``path`` exists, so of several processes publishing the same
+    file at once (experts shards computing the same cache) exactly one succeeds and all of
+    them can read back the one file. On a file system without hard links the fallback is
+    "replace unless it exists" (a narrow race left open there).
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {target}: directory {target.parent} does not exist (create it first)"
+        )
+    fd, tmp = _create_temp(target)
+    try:
+        with open(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError:
+            if target.exists():
+                return False
+            os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _fsync_dir(target.parent)
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

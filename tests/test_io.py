@@ -113,3 +113,25 @@ def test_permissions_follow_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "p.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_save_new_first_writer_wins(tmp_path, monkeypatch):
+    from lightning_distill.io import atomic_save_new
+
+    target = tmp_path / "scores.pt"
+    assert atomic_save_new(torch.arange(3), target) is True
+    assert atomic_save_new(torch.ones(3), target) is False  # exists: left alone
+    assert torch.equal(torch.load(target, weights_only=True), torch.arange(3))
+    assert _listing(tmp_path) == ["scores.pt"]  # no temporary file left
+    # a file system without hard links: replace-unless-exists
+    def no_link(src, dst):
+        raise PermissionError("no hard links here")
+
+    monkeypatch.setattr(io.os, "link", no_link)
+    other = tmp_path / "other.pt"
+    assert atomic_save_new(torch.zeros(2), other) is True
+    assert atomic_save_new(torch.ones(2), other) is False
+    assert torch.equal(torch.load(other, weights_only=True), torch.zeros(2))
+    assert _listing(tmp_path) == ["other.pt", "scores.pt"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_save_new(1, tmp_path / "missing" / "x.pt")

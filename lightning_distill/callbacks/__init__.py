@@ -1,5 +1,6 @@
 """Lightning callbacks, one a file (Lightning's own convention)."""
 
+from .data_selection import DataSelection
 from .ema import SyntheticEMA
 from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
@@ -14,6 +15,7 @@ __all__ = [
     "IterationCheckpoint",
     "GroupTrajectoryRecorder",
     "SAM",
+    "DataSelection",
     "MatchingWindow",
     "PeriodicEvaluation",
     "SharpnessAware",

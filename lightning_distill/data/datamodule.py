@@ -21,6 +21,12 @@ Loaders (``loader=``): ``"batched"`` (default) serves each batch with one gather
 exactly the batches a ``DataLoader(shuffle=True, generator=...)`` over the same
 ``TensorDataset`` yields for the same seed, without per-sample indexing and collation.
 ``"dataloader"`` is the plain ``torch.utils.data.DataLoader`` (implied by ``num_workers > 0``).
+
+Data selection (:attr:`RealDataModule.train_selection`, e.g. PAD's easy-to-hard schedule for
+the experts): a function ``epoch -> indices`` into the training split; when set,
+:meth:`RealDataModule.train_dataloader` serves only that epoch's subset. Use it through
+:class:`~lightning_distill.callbacks.DataSelection`, which also makes the Trainer request a
+new training loader every epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_distill.data.datasets import RealDataset, get_dataset
 from lightning_distill.data.datasets.container import draw_indices
@@ -90,6 +96,11 @@ class TensorBatchLoader:
     parts of the epoch, ``ceil(n / world)`` samples each. Rank and world size are read
     at every ``iter()`` / ``len()``.
 
+    With ``indices`` (a subset of the rows, e.g. one epoch of a data-selection schedule)
+    everything above applies to ``m = len(indices)`` positions instead of ``n`` rows: the
+    order is ``indices[randperm(m)]`` (``indices`` as given without shuffling), sharded
+    across ranks the same way; without ``indices`` the loader is exactly as described.
+
     Args:
         images: CPU tensor ``[N, ...]``.
         labels: CPU tensor ``[N]``.
@@ -97,6 +108,8 @@ class TensorBatchLoader:
         shuffle: reshuffle every epoch.
         generator: the CPU generator of the order (a fresh unseeded one if ``None``).
         pin_memory: gather into page-locked memory (default: ``torch.cuda.is_available()``).
+        indices: optional int64 ``[m]`` rows of ``images`` / ``labels`` to serve (each in
+            ``0..N-1``); ``None`` serves all ``N``.
     """
 
     def __init__(
@@ -107,6 +120,7 @@ class TensorBatchLoader:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         pin_memory: bool | None = None,
+        indices: Tensor | None = None,
     ) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
@@ -122,9 +136,19 @@ class TensorBatchLoader:
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        if indices is not None:
+            indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+            n = images.shape[0]
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+                raise ValueError(f"TensorBatchLoader: indices must lie in [0, {n})")
+        self.indices = indices
+
+    def _positions(self) -> int:
+        """How many positions an epoch covers before sharding: ``len(indices)`` or N."""
+        return self.tensors[0].shape[0] if self.indices is None else self.indices.numel()
 
     def _num_samples(self) -> int:
-        n = self.tensors[0].shape[0]
+        n = self._positions()
         _, world = _dist_rank_world()
         return math.ceil(n / world) if world > 1 else n
 
@@ -133,12 +157,14 @@ class TensorBatchLoader:
 
     def order(self) -> Tensor:
         """This rank's sample order for one epoch (advances ``generator`` when shuffling)."""
-        n = self.tensors[0].shape[0]
+        n = self._positions()
         if self.shuffle:
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)
             order = torch.randperm(n, generator=self.generator)
         else:
             order = torch.arange(n)
+        if self.indices is not None:
+            order = self.indices[order]
         rank, world = _dist_rank_world()
         return shard_indices(order, rank, world) if world > 1 else order
 
@@ -153,7 +179,7 @@ class TensorBatchLoader:
         # first permutation is exhausted; DataLoader reaches that point when it collects
         # the last batch (partial) or looks for the next one (n divisible by batch_size).
         if self.shuffle:
-            torch.randperm(self.tensors[0].shape[0], generator=self.generator)
+            torch.randperm(self._positions(), generator=self.generator)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.order()
@@ -218,6 +244,18 @@ class RealDataModule(pl.LightningDataModule):
     (indices into ``real``'s training split), ``train_set`` / ``val_set`` / ``test_set``
     (CPU :class:`TensorDataset` of float32 transformed images and int64 labels), ``zca``
     (the fitted transform or ``None``) and ``input_space`` (an :class:`InputSpace`).
+
+    ``train_selection`` (default ``None``): a function ``epoch -> indices`` into
+    ``train_set``. When set, :meth:`train_dataloader` serves only the subset of
+    ``trainer.current_epoch`` (epoch 0 without a Trainer), in an order drawn from a
+    generator seeded with ``derive_seed(shuffle_seed, epoch)`` (``seed`` when
+    ``shuffle_seed`` is None), so the batches of an epoch are a pure function of the epoch:
+    a resumed run sees the same ones. The Trainer must ask for a new loader every epoch
+    (``reload_dataloaders_every_n_epochs=1``, which
+    :class:`~lightning_distill.callbacks.DataSelection` sets). Under DDP the ``batched``
+    loader shards the subset like the full set (:func:`shard_indices`); with
+    ``loader="dataloader"`` the loader is over ``Subset(train_set, indices)`` and
+    Lightning's DistributedSampler shards it.
     """
 
     def __init__(
@@ -260,6 +298,7 @@ class RealDataModule(pl.LightningDataModule):
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
+        self.train_selection: Callable[[int], Tensor] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
@@ -378,8 +417,50 @@ class RealDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | TensorBatchLoader:
         """Shuffled training batches; the order is seeded by ``shuffle_seed`` (or ``seed``),
-        a fresh generator per call (the same order for every new loader)."""
-        return self._loader(self.train_set, shuffle=True)
+        a fresh generator per call (the same order for every new loader). With
+        :attr:`train_selection` set: the current epoch's subset (see the class docstring)."""
+        if self.train_selection is None:
+            return self._loader(self.train_set, shuffle=True)
+        return self._selected_loader()
+
+    def selected_indices(self, epoch: int) -> Tensor:
+        """``train_selection(epoch)`` as a checked int64 CPU tensor (indices into ``train_set``)."""
+        if self.train_selection is None:
+            raise RuntimeError("RealDataModule.selected_indices: train_selection is not set")
+        if self.train_set is None:
+            raise RuntimeError("RealDataModule: call setup() first")
+        n = len(self.train_set)
+        idx = torch.as_tensor(self.train_selection(int(epoch)), dtype=torch.long).flatten().cpu()
+        if idx.numel() == 0:
+            raise ValueError(
+                f"RealDataModule: the data selection keeps no training sample at epoch {epoch} "
+                f"(of {n}); raise its ratios or use a larger training split"
+            )
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise ValueError(f"RealDataModule: selected indices must lie in [0, {n})")
+        return idx
+
+    def _selected_loader(self) -> DataLoader | TensorBatchLoader:
+        from lightning_distill.seeding import derive_seed
+
+        trainer = getattr(self, "trainer", None)
+        epoch = int(trainer.current_epoch) if trainer is not None else 0
+        idx = self.selected_indices(epoch)
+        base = self.seed if self.shuffle_seed is None else self.shuffle_seed
+        generator = torch.Generator().manual_seed(derive_seed(base, epoch))
+        assert self.train_set is not None
+        if self.loader == "batched":
+            x, y = self.train_set.tensors
+            return TensorBatchLoader(x, y, self.batch_size, shuffle=True, generator=generator,
+                                     indices=idx)
+        return DataLoader(
+            Subset(self.train_set, idx.tolist()),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=False,  # a new loader (and workers) every epoch
+        )
 
     def member_train_dataloader(self, shuffle_seeds: list[int]) -> MemberBatches:
         """Training batches for a group of K members: member k's order is exactly that of

@@ -67,6 +67,15 @@ Parallelism, two ways (both combine with groups):
   member's order is sharded over the ranks as the batched loader shards it (whatever
   ``data.loader``), and DDP averages the stacked gradients, i.e. each member's gradient
   over the ranks, exactly as for one expert.
+
+Data selection (PAD, off by default; ``data_selection:``, see
+:mod:`~lightning_distill.stages.data_selection`): the EL2N scores are computed once into
+``<store>/difficulty_el2n.pt`` (before the first expert; later runs, shards and DDP ranks
+load the file) and every expert trains epoch ``e`` on the subset
+:class:`~lightning_distill.functional.PADSchedule` gives for ``e``; the settings go to the
+store's ``hparams["data_selection"]``. With data selection the experts train one at a time
+(``group_size`` falls back to 1, with a message): the schedule reaches the experts through
+the datamodule's per-epoch loader, which a group's per-member loader does not use yet.
 """
 
 from __future__ import annotations
@@ -92,8 +101,15 @@ from ..modules.expert import ExpertTrajectoryModule, GroupExpertModule
 from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
 from ._common import console, make_callbacks
+from .data_selection import (
+    DataSelectionConfig,
+    check_data_selection,
+    data_selection_callback,
+    data_selection_hparams,
+)
 
 __all__ = [
+    "DataSelectionConfig",
     "ExpertTrainingConfig",
     "ExpertsConfig",
     "SharpnessConfig",
@@ -144,6 +160,7 @@ class ExpertsConfig:
     seed: int = 0
     shard_index: int = 0
     num_shards: int = 1
+    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
 
 
 def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
@@ -186,6 +203,7 @@ def train_experts(
         raise ValueError(f"experts.num_experts must be >= 0 and experts.epochs >= 1; got "
                          f"{ex.num_experts} and {ex.epochs}")
     sharpness_callback(cfg.sharpness)  # validate the method name before any work
+    check_data_selection(cfg.data_selection)
     dm = build_datamodule(cfg.data, setup="fit")
     real = dm.real
     net = build_model(cfg.model.name, channels=real.channels, num_classes=real.num_classes,
@@ -202,7 +220,8 @@ def train_experts(
         # group_size does not change the experts (member k is expert k): not an hparam
         hparams={"experts": {k: v for k, v in asdict(ex).items() if k != "group_size"},
                  "sharpness": asdict(cfg.sharpness), "seed": cfg.seed,
-                 "batch_size": cfg.data.batch_size},
+                 "batch_size": cfg.data.batch_size,
+                 **data_selection_hparams(cfg.data_selection)},
     )
     done = set(store.expert_indices())
     todo = [i for i in range(cfg.shard_index, ex.num_experts, cfg.num_shards) if i not in done]
@@ -212,17 +231,26 @@ def train_experts(
         return store
     if ex.group_size < 1:
         raise ValueError(f"experts.group_size must be >= 1, got {ex.group_size}")
-    groups = chunks(todo, ex.group_size)
+    group_size = ex.group_size
+    if cfg.data_selection.enabled and group_size > 1:
+        # the schedule is applied through the datamodule's per-epoch loader, which a group
+        # (one loader per member) does not use yet
+        _say(f"data_selection: experts train one at a time (group_size {group_size} -> 1)")
+        group_size = 1
+    groups = chunks(todo, group_size)
     _say(f"Training {len(todo)} expert(s){shard} into {cfg.store} "
          f"({len(done)} of {ex.num_experts} already present"
-         f"{f'; {len(groups)} group(s) of up to {ex.group_size}' if ex.group_size > 1 else ''})")
+         f"{f'; {len(groups)} group(s) of up to {group_size}' if group_size > 1 else ''})")
+    selection = data_selection_callback(cfg.data_selection, dm, store=store, model=store.model,
+                                        trainer=cfg.trainer, batch_size=cfg.data.batch_size)
     flip = dsa_flip_for(cfg.data.name)
     start = time.perf_counter()
     finished = 0
     for n, group in enumerate(groups, 1):
         remaining = [i for g in groups[n:] for i in g]
         if len(group) == 1:
-            _train_one(cfg, dm, store, group[0], remaining, flip, callbacks, first=n == 1)
+            _train_one(cfg, dm, store, group[0], remaining, flip, callbacks, first=n == 1,
+                       selection=selection)
         else:
             _train_group(cfg, dm, store, group, remaining, flip, callbacks, first=n == 1)
         finished += len(group)
@@ -269,7 +297,7 @@ def _check_written(store: TrajectoryStore, indices: Sequence[int]) -> None:
 
 
 def _train_one(cfg: ExpertsConfig, dm, store: TrajectoryStore, i: int, remaining: list[int],
-               flip: bool, callbacks, first: bool) -> None:
+               flip: bool, callbacks, first: bool, selection: Callback | None = None) -> None:
     """Expert ``i`` on its own: :class:`ExpertTrajectoryModule` (``group_size: 1``)."""
     ex, real = cfg.experts, dm.real
     seeds = expert_seeds(cfg.seed, i)
@@ -284,6 +312,7 @@ def _train_one(cfg: ExpertsConfig, dm, store: TrajectoryStore, i: int, remaining
     )
     cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
+                           *([selection] if selection is not None else []),
                            *_extra_callbacks(cfg, [i], callbacks)]
     _trainer(cfg, cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
     _check_written(store, [i])

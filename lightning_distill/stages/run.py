@@ -27,7 +27,13 @@ from .distill import (
     distill,
 )
 from .evaluate import EvaluateConfig, evaluate
-from .experts import ExpertsConfig, ExpertTrainingConfig, SharpnessConfig, train_experts
+from .experts import (
+    DataSelectionConfig,
+    ExpertsConfig,
+    ExpertTrainingConfig,
+    SharpnessConfig,
+    train_experts,
+)
 
 
 @dataclass
@@ -53,6 +59,7 @@ class RunConfig:
     seed: int = 0
     experts: ExpertTrainingConfig = field(default_factory=ExpertTrainingConfig)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
     runs: list[DistillRun] = field(default_factory=lambda: [DistillRun()])
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     checkpoint_every_n_steps: int = 100
@@ -66,7 +73,8 @@ def run(cfg: RunConfig) -> list[dict[str, Any]]:
     console.rule("[bold]1/3 experts")
     train_experts(ExpertsConfig(
         data=cfg.data, model=cfg.model, experts=cfg.experts, sharpness=cfg.sharpness,
-        trainer=cfg.trainer, store=store, log_dir=str(work / "logs"), seed=cfg.seed))
+        trainer=cfg.trainer, store=store, log_dir=str(work / "logs"), seed=cfg.seed,
+        data_selection=cfg.data_selection))
     synthetic = []
     for r in cfg.runs:
         console.rule(f"[bold]2/3 distill {r.name}")

@@ -317,3 +317,91 @@ def test_tensor_batch_loader_equals_dataloader_over_epochs(n, batch):
     a, b = _batches(ours, 3), _batches(ref, 3)
     assert [t[1].tolist() for t in a] == [t[1].tolist() for t in b]
     assert all(torch.equal(s[0], t[0]) for s, t in zip(a, b, strict=True))
+
+
+# ------------------------------------------------------------- data selection
+@pytest.mark.parametrize("n,batch", [(12, 4), (10, 3)])
+def test_batched_loader_subset_equals_dataloader_over_the_subset(n, batch):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_distill.data.datamodule import TensorBatchLoader
+
+    x, y = torch.randn(n, 2, generator=torch.Generator().manual_seed(0)), torch.arange(n)
+    idx = torch.tensor([1, 2, 5, 7, 8, 9, 11]) if n == 12 else torch.tensor([0, 3, 4, 6, 9])
+    ours = TensorBatchLoader(x, y, batch, shuffle=True, generator=torch.Generator().manual_seed(3),
+                             pin_memory=False, indices=idx)
+    ref = DataLoader(TensorDataset(x[idx], y[idx]), batch_size=batch, shuffle=True,
+                     generator=torch.Generator().manual_seed(3))
+    assert len(ours) == len(ref) == math.ceil(idx.numel() / batch)
+    a, b = _batches(ours, 3), _batches(ref, 3)
+    assert [t[1].tolist() for t in a] == [t[1].tolist() for t in b]
+    assert all(torch.equal(s[0], t[0]) for s, t in zip(a, b, strict=True))
+    unshuffled = TensorBatchLoader(x, y, batch, pin_memory=False, indices=idx)
+    assert torch.cat([t[1] for t in unshuffled]).tolist() == idx.tolist()
+    with pytest.raises(ValueError, match="indices must lie"):
+        TensorBatchLoader(x, y, batch, indices=torch.tensor([0, n]))
+
+
+def test_batched_loader_shards_the_subset_under_fake_ddp(monkeypatch):
+    import lightning_distill.data.datamodule as mod
+
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    idx = torch.tensor([0, 2, 3, 5, 6, 9, 1])  # 7 of 10, any order
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(mod, "_dist_rank_world", lambda r=rank: (r, 2))
+        loader = mod.TensorBatchLoader(x, y, 3, shuffle=True, indices=idx,
+                                       generator=torch.Generator().manual_seed(5))
+        assert len(loader) == 2  # ceil(7 / 2) = 4 samples -> 2 batches of 3
+        seen.append(torch.cat([b[1] for b in loader]))
+    g = torch.Generator().manual_seed(5)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    order = idx[torch.randperm(7, generator=g)]
+    padded = torch.cat([order, order[:1]])
+    for rank in range(2):
+        assert seen[rank].tolist() == padded[rank::2].tolist()
+    assert set(torch.cat(seen).tolist()) == set(idx.tolist())
+
+
+@pytest.mark.parametrize("loader", ["batched", "dataloader"])
+def test_train_selection_serves_the_epochs_subset_in_an_epoch_seeded_order(loader):
+    from lightning_distill.config import derive_seed
+
+    m = RealDataModule("digits", batch_size=64, val_fraction=0.1, seed=0, loader=loader,
+                       shuffle_seed=11)
+    m.setup()
+    n = len(m.train_set)
+    _, y = m.train_set.tensors
+    m.train_selection = lambda e: torch.arange(e, n, 3)  # a different subset per epoch
+
+    class FakeTrainer:
+        current_epoch = 0
+
+    m.trainer = FakeTrainer()
+    try:
+        seen = {}
+        for e in (0, 1, 2):
+            FakeTrainer.current_epoch = e
+            batches = list(m.train_dataloader())
+            labels = torch.cat([b[1] for b in batches])
+            assert len(labels) == len(range(e, n, 3))
+            assert sorted(labels.tolist()) == sorted(y[e::3].tolist())
+            seen[e] = labels
+        # the order is a pure function of the epoch: the same loader again, epoch 1
+        FakeTrainer.current_epoch = 1
+        assert torch.equal(torch.cat([b[1] for b in m.train_dataloader()]), seen[1])
+        if loader == "batched":  # order = subset[randperm(m)] from derive_seed(11, epoch)
+            g = torch.Generator().manual_seed(derive_seed(11, 1))
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            sub = torch.arange(1, n, 3)
+            assert torch.equal(seen[1], y[sub[torch.randperm(sub.numel(), generator=g)]])
+        m.train_selection = lambda e: torch.empty(0, dtype=torch.long)
+        with pytest.raises(ValueError, match="keeps no training sample"):
+            m.train_dataloader()
+        m.train_selection = lambda e: torch.tensor([n])
+        with pytest.raises(ValueError, match="must lie in"):
+            m.train_dataloader()
+    finally:
+        m.trainer = None
+    m.train_selection = None  # off again: the plain loader
+    assert len(torch.cat([b[1] for b in m.train_dataloader()])) == n

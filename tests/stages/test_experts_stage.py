@@ -19,6 +19,7 @@ import yaml
 from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
 from lightning_distill.io import is_temp_file
 from lightning_distill.stages.experts import (
+    DataSelectionConfig,
     ExpertsConfig,
     ExpertTrainingConfig,
     SharpnessConfig,
@@ -257,8 +258,132 @@ def test_ddp_two_processes_write_one_store_with_identical_ranks(tmp_path, group_
     assert not torch.equal(store.load_expert(0)[0], store.load_expert(1)[0])
 
 
+@pytest.mark.slow
+def test_ddp_with_data_selection_shards_each_epochs_subset(tmp_path):
+    """Two ranks with PAD selection: the ranks stay identical, and per epoch their rows are
+    the two DistributedSampler-style shards of exactly that epoch's subset."""
+    import math
+
+    from lightning_distill.config import build_datamodule
+    from lightning_distill.difficulty import DIFFICULTY_FILE
+    from lightning_distill.functional import PADSelection
+    from lightning_distill.stages.data_selection import pad_schedule
+
+    script = Path(__file__).with_name("ddp_experts_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "pad"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    store = TrajectoryStore.open(tmp_path / "store")
+    assert store.expert_indices() == [0, 1] and store.hparams["data_selection"]["enabled"]
+    saved = torch.load(store.path / DIFFICULTY_FILE, weights_only=True)
+    ds = store.hparams["data_selection"]
+    dm = build_datamodule(DataConfig(name="digits", batch_size=128), setup="fit")
+    select = PADSelection(saved["scores"], dm.train_set.tensors[1],
+                          pad_schedule(DataSelectionConfig(**ds)), 10)
+    for i in (0, 1):
+        r0 = torch.load(tmp_path / f"rank0_expert{i}.pt")
+        r1 = torch.load(tmp_path / f"rank1_expert{i}.pt")
+        assert torch.equal(r0["final"], r1["final"])
+        assert torch.equal(store.load_expert(i, mmap=False)[-1], r0["final"])
+        for e in range(2):
+            subset = select(e).tolist()
+            a, b = r0["rows"][e], r1["rows"][e]
+            assert len(a) == len(b) == math.ceil(len(subset) / 2)
+            assert set(a) | set(b) == set(subset)  # padded by wrapping: <= 1 repeat
+        assert len(r0["rows"][0]) < len(r0["rows"][1])  # epoch 0: half of each class
+
+
+# --------------------------------------------------------------- data selection (PAD)
+def _pad(**over) -> DataSelectionConfig:
+    """Two scoring networks x 1 epoch; IR 0.5, AEE 1 and the easiest quarter dropped after
+    epoch 1: of 2 epochs, epoch 0 trains on half of each class and epoch 1 on all."""
+    opts = dict(enabled=True, num_models=2, score_epochs=1, score_lr=0.05, initial_ratio=0.5,
+                add_end_epoch=1, remove_epochs=[1, 1], remove_ratios=[0.25, 0.25])
+    opts.update(over)
+    return DataSelectionConfig(**opts)
+
+
+def test_data_selection_off_writes_the_same_store_and_meta(reference, tmp_path):
+    _, ref = reference
+    assert "data_selection" not in ref.hparams and DataSelectionConfig().enabled is False
+    # the section present but disabled (odd values, never read): the same store, same meta
+    off = _train(_cfg(tmp_path, "off", data_selection=DataSelectionConfig(
+        enabled=False, num_models=0, initial_ratio=5.0, score="grand")))
+    _assert_same_store(off, ref)
+    assert off.hparams == ref.hparams
+    assert sorted(p.name for p in off.path.iterdir()) == ["expert_00000.pt", "expert_00001.pt",
+                                                          "meta.json"]
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    import lightning_distill.difficulty as difficulty
+
+    calls = []
+    real = difficulty.train_and_evaluate
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(difficulty, "train_and_evaluate", counting)
+    return calls
+
+
+def test_data_selection_on_writes_a_valid_store_and_records_its_settings(
+        reference, tmp_path, count_training):
+    _, ref = reference
+    cfg = _cfg(tmp_path, "pad", data_selection=_pad())
+    store = _train(cfg)
+    assert count_training == [1, 1]  # two scoring networks, once
+    assert store.validate(deep=True) == [0, 1]
+    scores = store.path / "difficulty_el2n.pt"
+    assert scores.is_file()
+    assert store.hparams["data_selection"] == dataclasses.asdict(_pad())
+    assert {k: v for k, v in store.hparams.items() if k != "data_selection"} == ref.hparams
+    a, b = store.load_expert(0), ref.load_expert(0)
+    assert torch.equal(a[0], b[0])  # same initialisation
+    assert not torch.equal(a[1], b[1])  # trained on another subset
+    # shards: shard 1 alone, then shard 0 loads the scores (no training) -> the same store
+    sharded = dict(data_selection=_pad(cache=str(scores)))
+    s1 = _train(_cfg(tmp_path, "pad_sharded", shard_index=1, num_shards=2, **sharded))
+    assert s1.expert_indices() == [1]
+    s0 = _train(_cfg(tmp_path, "pad_sharded", shard_index=0, num_shards=2, **sharded))
+    assert count_training == [1, 1]
+    _assert_same_store(s0, store)
+    # a rerun after losing an expert loads the scores and retrains it bit for bit
+    store.expert_path(1).unlink()
+    again = _train(cfg)
+    assert count_training == [1, 1]
+    _assert_same_store(again, s0)
+
+
+def test_bad_data_selection_fails_before_training(tmp_path):
+    for bad, match in ((dict(score="grand"), "data_selection.score"),
+                       (dict(num_models=0), "num_models"),
+                       (dict(remove_epochs=[3, 1]), "remove_epochs"),
+                       (dict(initial_ratio=0.0), "initial_ratio")):
+        with pytest.raises(ValueError, match=match):
+            train_experts(_cfg(tmp_path, "bad", data_selection=_pad(**bad)))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_scores_of_other_data_are_refused(tmp_path):
+    from lightning_distill.difficulty import DifficultyScoresError
+
+    cache = str(tmp_path / "scores.pt")
+    _train(_cfg(tmp_path, "a", data_selection=_pad(cache=cache),
+                experts=ExpertTrainingConfig(num_experts=1, epochs=2)))
+    other = _cfg(tmp_path, "b", data_selection=_pad(cache=cache),
+                 experts=ExpertTrainingConfig(num_experts=1, epochs=2),
+                 data=DataConfig(name="digits", batch_size=256, split_seed=1))
+    with pytest.raises(DifficultyScoresError, match="identity.fingerprint"):
+        _train(other)
+
+
 # ----------------------------------------------------------------------- recipes
 RECIPES = sorted((ROOT / "recipes").glob("*/experts.yaml"))
+PAD_RECIPES = ("cifar10", "cifar100", "tiny_imagenet")
 
 
 def _parse_recipe(path: Path) -> ExpertsConfig:
@@ -295,3 +420,31 @@ def test_cifar_and_tiny_recipes_hold_the_published_settings(name):
     # every DATM config, TinyImageNet's included, sets zca: True
     assert cfg.data.zca is True
     assert cfg.model.name == ("ConvNetD4" if name == "tiny_imagenet" else "ConvNet")
+
+
+@pytest.mark.parametrize("name", PAD_RECIPES)
+def test_pad_recipes_are_the_datm_experts_with_the_published_schedule(name):
+    pad = _parse_recipe(ROOT / "recipes" / name / "experts_pad.yaml")
+    base = _parse_recipe(ROOT / "recipes" / name / "experts.yaml")
+    ds = pad.data_selection
+    assert ds.enabled and ds.score == "el2n" and (ds.num_models, ds.score_epochs) == (10, 10)
+    assert (ds.initial_ratio, ds.remove_epochs, ds.remove_ratios) == (0.75, [40, 60], [0.1, 0.2])
+    assert ds.add_end_epoch == (20 if name == "cifar10" else 40)
+    assert not base.data_selection.enabled
+    same = ("data", "model", "experts", "sharpness", "trainer", "seed")
+    assert all(getattr(pad, k) == getattr(base, k) for k in same)
+    assert pad.store == f"outputs/{name}/experts_pad" and pad.store != base.store
+    assert pad.log_dir != base.log_dir
+
+
+def test_unknown_data_selection_key_is_rejected_with_a_suggestion(tmp_path):
+    from lightning_distill.cli import ConfigError, parse_config
+
+    bad = tmp_path / "experts.yaml"
+    bad.write_text("data_selection:\n  enabled: true\n  add_end_epochs: 20\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"data_selection\.add_end_epochs.*did you mean "
+                                          r"'add_end_epoch'"):
+        parse_config(["experts", "--config", str(bad)])
+    _, cfg = parse_config(["experts", "--data_selection.enabled", "true",
+                           "--data_selection.remove_epochs", "[30, 50]"])
+    assert cfg.data_selection.enabled and cfg.data_selection.remove_epochs == [30, 50]
