@@ -45,7 +45,9 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+
+# the sibling script (its folder is on sys.path when this one runs): one timer for both
+from experts import _sync, _Timer
 
 from lightning_distill.callbacks.sharpness import GSAM
 from lightning_distill.data.augment import DSA
@@ -68,24 +70,6 @@ SCALES = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _Timer(Callback):
-    def __init__(self, warmup: int, device: torch.device) -> None:
-        self.warmup, self.device = warmup, device
-        self.start = self.end = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup and self.start is None:
-            _sync(self.device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        _sync(self.device)
-        self.end = time.perf_counter()
 
 
 def _fit(module, loader, device, steps, warmup) -> float:
