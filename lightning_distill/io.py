@@ -70,6 +70,21 @@ def _create_temp(target: Path) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temporary file next to {target}")
 
 
+def _check_parent(target: Path) -> None:
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {target}: directory {target.parent} does not exist (create it first)"
+        )
+
+
+def _write_synced(fd: int, mode: str, write: Any, **kwargs: Any) -> None:
+    """Open ``fd``, let ``write(f)`` fill it, flush and fsync it."""
+    with open(fd, mode, **kwargs) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` atomically when the block exits cleanly.
@@ -84,10 +99,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open supports mode 'w' or 'wb', got {mode!r}")
     target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {target}: directory {target.parent} does not exist (create it first)"
-        )
+    _check_parent(target)
     fd, tmp = _create_temp(target)
     try:
         with open(fd, mode, **kwargs) as f:
@@ -120,16 +132,10 @@ def atomic_save_new(obj: Any, path: str | os.PathLike) -> bool:
     "replace unless it exists" (a narrow race left open there).
     """
     target = Path(path)
-    if not target.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {target}: directory {target.parent} does not exist (create it first)"
-        )
+    _check_parent(target)
     fd, tmp = _create_temp(target)
     try:
-        with open(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(fd, "wb", lambda f: torch.save(obj, f))
         try:
             os.link(tmp, target)
         except FileExistsError:
