@@ -119,3 +119,20 @@ def test_finished_run_is_extended_and_lost_set_rewritten(digits_store, tmp_path)
     straight = SyntheticSet.load(distill(config(digits_store, tmp_path / "s6", iterations=6)))
     assert six.meta["iteration"] == straight.meta["iteration"] == 6
     assert torch.equal(six.images, straight.images) and torch.equal(six.labels, straight.labels)
+
+
+def test_distill_stage_with_pad_and_att_options(digits_store, tmp_path):
+    """The recipe keys reach the module: the PAD mask (by name) and ATT's matched step,
+    logged every iteration within 1..syn_steps."""
+    out = tmp_path / "opts"
+    cfg = config(digits_store, out)
+    cfg.distill.match = "closest"
+    cfg.distill.param_mask = ["classifier"]
+    distill(cfg)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = saved["hyper_parameters"]
+    assert (hp["match"], hp["param_mask"]) == ("closest", ["classifier"])
+    assert "param_mask" not in saved["state_dict"]  # rebuilt from the hyperparameters
+    acc = EventAccumulator(str(out / "logs")).Reload()
+    steps = [e.value for e in acc.Scalars("distill/matched_step")]
+    assert len(steps) == 4 and all(1 <= s <= cfg.distill.syn_steps for s in steps)
