@@ -97,6 +97,24 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ exact first step
+def _assert_first_step_is_minus_lr_grad(module, x0, y0, lr0, **kw):
+    """Replay the first iteration by hand (``kw`` for trajectory_matching_loss) and check
+    that the module's first update was -lr * grad (SGD with momentum, empty buffers).
+    Returns the replay's leaves and generator."""
+    g = torch.Generator().manual_seed(derive_seed(7, 0x5EED, 0))
+    x, y, lr = leaf(x0), leaf(y0), leaf(lr0)
+    # "64-true" runs the step with float64 as the default dtype, which DSA's draws follow
+    with default_dtype(torch.float64):
+        loss, _ = replay_loss(module, g, x, y, lr, **kw)
+    loss.backward()
+    hp = module.hparams
+    tol = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(module.images.detach(), x0 - hp.lr_img * x.grad, **tol)
+    torch.testing.assert_close(module.labels.detach(), y0 - hp.lr_y * y.grad, **tol)
+    torch.testing.assert_close(module.syn_lr.detach(), lr0 - hp.lr_lr * lr.grad, **tol)
+    return x, y, lr, g
+
+
 @pytest.mark.parametrize("mode", ["full", "recompute", "tesla"])
 def test_first_iteration_is_minus_lr_times_grad(store_dir, mode):
     module = init_distill_module(make_distill_module(store_dir, iterations=1, learn_labels=True,
@@ -107,18 +125,7 @@ def test_first_iteration_is_minus_lr_times_grad(store_dir, mode):
     assert int(module.iteration) == 1 and int(module.skipped) == 0
     assert module.images.dtype == torch.float64
 
-    g = torch.Generator().manual_seed(derive_seed(7, 0x5EED, 0))
-    x, y, lr = leaf(x0), leaf(y0), leaf(lr0)
-    # "64-true" runs the step with float64 as the default dtype, which DSA's draws follow
-    with default_dtype(torch.float64):
-        loss, _ = replay_loss(module, g, x, y, lr)
-    loss.backward()
-    hp = module.hparams
-    # SGD with momentum, empty buffers: the first update is -lr * grad
-    tol = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(module.images.detach(), x0 - hp.lr_img * x.grad, **tol)
-    torch.testing.assert_close(module.labels.detach(), y0 - hp.lr_y * y.grad, **tol)
-    torch.testing.assert_close(module.syn_lr.detach(), lr0 - hp.lr_lr * lr.grad, **tol)
+    x, y, lr, g = _assert_first_step_is_minus_lr_grad(module, x0, y0, lr0)
     assert x.grad.abs().max() > 0 and y.grad.abs().max() > 0 and lr.grad.abs() > 0
     # the generator advanced exactly as in the replay
     assert torch.equal(module.generator.get_state(), g.get_state())
@@ -152,16 +159,8 @@ def test_first_iteration_with_pad_and_att_options(store_dir, mode, selection):
         kw["param_mask"] = parameter_mask(net, layers=selection["param_mask"])
     elif "param_drop_ratio" in selection:
         kw["param_mask"] = parameter_mask(net, drop_ratio=selection["param_drop_ratio"])
-    g = torch.Generator().manual_seed(derive_seed(7, 0x5EED, 0))
-    x, y, lr = leaf(x0), leaf(y0), leaf(lr0)
-    with default_dtype(torch.float64):
-        loss, _ = replay_loss(module, g, x, y, lr, **kw)
-    loss.backward()
+    _assert_first_step_is_minus_lr_grad(module, x0, y0, lr0, **kw)
     hp = module.hparams
-    tol = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(module.images.detach(), x0 - hp.lr_img * x.grad, **tol)
-    torch.testing.assert_close(module.labels.detach(), y0 - hp.lr_y * y.grad, **tol)
-    torch.testing.assert_close(module.syn_lr.detach(), lr0 - hp.lr_lr * lr.grad, **tol)
     assert ("matched_step" in seen) == (kw["match"] == "closest")
     if "matched_step" in seen:
         assert 1 <= seen["matched_step"] <= hp.syn_steps
