@@ -61,6 +61,9 @@ class ModelConfig:
 class TrainerConfig:
     """Keywords passed to every ``pytorch_lightning.Trainer`` a stage creates.
 
+    ``log_every_n_steps``: None is the stage's own cadence (every iteration for a
+    distillation, whose iterations take seconds; 10 steps in the other stages).
+
     ``deterministic``: runs on the CPU are reproducible without it. On CUDA, ``true``
     makes PyTorch refuse operations without a deterministic kernel, and the backward of
     ``grid_sample`` (DSA's scale and rotate) is one: with DSA on a GPU use ``"warn"``.
@@ -71,18 +74,21 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    log_every_n_steps: int = 10
+    log_every_n_steps: int | None = None
     enable_progress_bar: bool = True
     deterministic: bool | str = False
 
-    def kwargs(self) -> dict[str, Any]:
+    def kwargs(self, log_every_n_steps: int = 10) -> dict[str, Any]:
+        """The Trainer keywords; ``log_every_n_steps`` is the stage's cadence, used when
+        the field is None."""
         return {
             "accelerator": self.accelerator,
             "devices": self.devices,
             "num_nodes": self.num_nodes,
             "strategy": self.strategy,
             "precision": self.precision,
-            "log_every_n_steps": self.log_every_n_steps,
+            "log_every_n_steps": (log_every_n_steps if self.log_every_n_steps is None
+                                  else self.log_every_n_steps),
             "enable_progress_bar": self.enable_progress_bar,
             "deterministic": self.deterministic,
         }
@@ -106,7 +112,7 @@ def build_datamodule(cfg: DataConfig, setup: str | None = None):
         root=cfg.root,
         batch_size=cfg.batch_size,
         val_fraction=cfg.val_fraction,
-        seed=cfg.split_seed,
+        split_seed=cfg.split_seed,
         zca=cfg.zca,
         zca_regularization=cfg.zca_regularization,
         num_workers=cfg.num_workers,

@@ -115,7 +115,7 @@ def data_identity(dm: Any) -> dict[str, Any]:
         "train_size": int(idx.numel()),
         "num_classes": int(real.num_classes),
         "class_sizes": torch.bincount(labels, minlength=real.num_classes).tolist(),
-        "split": {"val_fraction": float(dm.val_fraction), "seed": int(dm.seed)},
+        "split": {"val_fraction": float(dm.val_fraction), "seed": int(dm.split_seed)},
         "fingerprint": _sha(idx, labels.long(), real.train_data.index_select(0, idx)),
         "input_space": None if dm.input_space is None else dm.input_space.to_dict(),
     }

@@ -108,6 +108,8 @@ def quiet_trainer(**kw: Any) -> pl.Trainer:
                                 enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False)
     opts.update(kw)
+    if any(isinstance(c, pl.callbacks.Checkpoint) for c in opts.get("callbacks") or []):
+        opts["enable_checkpointing"] = True  # Lightning refuses a Checkpoint callback otherwise
     return pl.Trainer(**opts)
 
 
@@ -145,11 +147,13 @@ def distill_resume_setup(store: str | Path, iterations: int = 6, **kw: Any):
 
 
 class CrashAt(pl.Callback):
-    """Raises ``KeyError("simulated crash")`` once the module's iteration reaches ``at``."""
+    """Raises ``KeyError("simulated crash")`` at the start of the iteration after ``at``
+    (``at`` iterations done and their end-of-batch hooks run: Lightning runs Checkpoint
+    callbacks last, so the checkpoint of iteration ``at`` is on disk)."""
 
     def __init__(self, at: int) -> None:
         self.at = at
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if int(module.iteration) == self.at:
             raise KeyError("simulated crash")

@@ -86,8 +86,8 @@ class PeriodicEvaluation(Callback):
 
     def __init__(
         self,
-        val_images: Tensor,
-        val_labels: Tensor,
+        val_images: Tensor | None = None,
+        val_labels: Tensor | None = None,
         *,
         every_n_steps: int = 500,
         at_train_end: bool = True,
@@ -104,28 +104,23 @@ class PeriodicEvaluation(Callback):
         **overrides: Any,
     ) -> None:
         self.protocol = EvalProtocol.resolve(protocol, overrides, "PeriodicEvaluation")
-        if val_images.dim() != 4 or val_labels.dim() != 1:
-            raise ValueError(
-                "PeriodicEvaluation: val_images must be [N, C, H, W] and val_labels [N] class "
-                f"ids, got {tuple(val_images.shape)} and {tuple(val_labels.shape)}"
-            )
-        if val_images.shape[0] != val_labels.shape[0] or val_images.shape[0] == 0:
-            raise ValueError(
-                f"PeriodicEvaluation: {val_images.shape[0]} validation images but "
-                f"{val_labels.shape[0]} labels (need the same number, at least one)"
-            )
+        if (val_images is None) != (val_labels is None):
+            raise ValueError("PeriodicEvaluation: give both val_images and val_labels, or "
+                             "neither (then the validation split of trainer.datamodule)")
         if every_n_steps < 0 or runs < 1:
             raise ValueError(
                 f"PeriodicEvaluation: every_n_steps must be >= 0 and runs >= 1, got "
                 f"{every_n_steps} and {runs}"
             )
-        self.val_images = val_images.detach()
-        self.val_labels = val_labels.detach().long()
+        self.val_images: Tensor | None = None
+        self.val_labels: Tensor | None = None
+        if val_images is not None:
+            self._set_validation(val_images, val_labels)
         self.every_n_steps = int(every_n_steps)
         self.at_train_end = bool(at_train_end)
         self.runs = int(runs)
         self.model = model
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = None if model_kwargs is None else dict(model_kwargs)
         self.eval_batch_size = int(eval_batch_size)
         self.seed = int(seed)
         self.evaluate_ema = bool(evaluate_ema)
@@ -140,6 +135,45 @@ class PeriodicEvaluation(Callback):
         self.best_synthetic_set: SyntheticSet | None = None
         self.last_eval_step: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.batches_seen = 0
+
+    def _set_validation(self, images: Tensor, labels: Tensor) -> None:
+        if images.dim() != 4 or labels.dim() != 1:
+            raise ValueError(
+                "PeriodicEvaluation: val_images must be [N, C, H, W] and val_labels [N] class "
+                f"ids, got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+            raise ValueError(
+                f"PeriodicEvaluation: {images.shape[0]} validation images but "
+                f"{labels.shape[0]} labels (need the same number, at least one)"
+            )
+        self.val_images = images.detach()
+        self.val_labels = labels.detach().long()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Fill what the constructor left to the run: the validation split (from
+        ``trainer.datamodule.val_set``), the image-grid transform (the datamodule's
+        ``from_input_space``) and, when ``model_kwargs`` is None, the architecture keywords
+        of the module's experts when ``model`` is their architecture (width, depth, ...)."""
+        self.batches_seen = 0  # a resumed fit restores it after setup (load_state_dict)
+        dm = trainer.datamodule
+        if self.val_images is None and self.evaluate_fn is None:
+            val = getattr(dm, "val_set", None)
+            if val is None:
+                raise ValueError(
+                    "PeriodicEvaluation: no validation data: pass val_images / val_labels, "
+                    "or fit with a datamodule that has a validation split (RealDataModule "
+                    "with val_fraction > 0; its val_set after setup)")
+            self._set_validation(*val.tensors[:2])
+        if self.to_pixels is None:
+            self.to_pixels = getattr(dm, "from_input_space", None)
+        if self.model_kwargs is None:
+            store_model = dict(getattr(getattr(pl_module, "store", None), "model", None) or {})
+            same = store_model.pop("name", None) == self.model
+            self.model_kwargs = {k: v for k, v in store_model.items()
+                                 if k not in ("channels", "num_classes", "image_size")
+                                 } if same else {}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, synthetic: SyntheticSet, run_ids: Sequence[int] | None = None
@@ -155,6 +189,9 @@ class PeriodicEvaluation(Callback):
                 raise ValueError("PeriodicEvaluation: evaluate_fn evaluates all runs at once; "
                                  "run_ids cannot select some of them")
             return [float(a) for a in self.evaluate_fn(synthetic)]
+        if self.val_images is None or self.val_labels is None:
+            raise RuntimeError("PeriodicEvaluation: no validation data yet (pass val_images / "
+                               "val_labels, or let setup() read trainer.datamodule's)")
         check_eval_data(synthetic, self.val_images, self.val_labels, "PeriodicEvaluation",
                         "validation")
         dev = synthetic.images.device
@@ -162,7 +199,7 @@ class PeriodicEvaluation(Callback):
         protocol = self.protocol
         ids = range(self.runs) if run_ids is None else run_ids
         return protocol.train_runs(
-            self.model, self.model_kwargs, [self.seed + r for r in ids], synthetic.images,
+            self.model, self.model_kwargs or {}, [self.seed + r for r in ids], synthetic.images,
             synthetic.labels, set_lr=synthetic.lr, num_classes=synthetic.num_classes,
             test_images=val_x, test_labels=val_y, test_batch_size=self.eval_batch_size,
             device=dev, augment=protocol_dsa(protocol, synthetic.meta.get("dataset")),
@@ -244,11 +281,10 @@ class PeriodicEvaluation(Callback):
         return metrics
 
     # ------------------------------------------------------------------ hooks
-    @staticmethod
-    def _iteration(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    def _iteration(self, pl_module: pl.LightningModule) -> int:
         """Outer iterations completed: ``pl_module.iteration`` when the module keeps one
-        (DistillationModule does, in its checkpointed state), else the fit loop's count of
-        training batches (which also survives a resume from a Lightning checkpoint).
+        (DistillationModule does, in its checkpointed state), else the training batches
+        this callback has seen (in its state, so it survives a resume).
 
         ``trainer.global_step`` is not used: under manual optimisation it counts optimizer
         steps (one per optimizer per iteration, none when an iteration is skipped).
@@ -256,18 +292,19 @@ class PeriodicEvaluation(Callback):
         it = getattr(pl_module, "iteration", None)
         if it is not None:
             return int(it)
-        return int(trainer.fit_loop.epoch_loop.total_batch_idx) + 1
+        return self.batches_seen
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:
-        step = self._iteration(trainer, pl_module)
+        self.batches_seen += 1
+        step = self._iteration(pl_module)
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self.last_eval_step:
             self.run_evaluation(trainer, pl_module, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = self._iteration(trainer, pl_module)
+        step = self._iteration(pl_module)
         if self.at_train_end and step > 0 and step != self.last_eval_step:
             self.run_evaluation(trainer, pl_module, step)
 
@@ -282,6 +319,7 @@ class PeriodicEvaluation(Callback):
             "best_set": None if best is None else best.to_dict(),
             "last_eval_step": self.last_eval_step,
             "history": [dict(h) for h in self.history],
+            "batches_seen": self.batches_seen,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -294,3 +332,4 @@ class PeriodicEvaluation(Callback):
             payload, where="PeriodicEvaluation state 'best_set'")
         self.last_eval_step = state_dict.get("last_eval_step")
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.batches_seen = int(state_dict.get("batches_seen", 0))

@@ -1,7 +1,8 @@
 """IterationCheckpoint: a resumable ``last.ckpt`` of a distillation run, saved atomically.
 
 Distillation is one long epoch of outer iterations, so Lightning's epoch-based
-``ModelCheckpoint`` does not fit; this callback saves the full training state (module,
+``ModelCheckpoint`` is not the resume point (it can still be added to keep the best
+iterations by a monitored metric such as ``distill/loss``); this ``Checkpoint`` saves the full training state (module,
 optimizers, callbacks' state, the per-rank generators) every ``every_n`` iterations and
 at the end (docs/formats.md, section 'Distillation checkpoint').
 
@@ -18,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Checkpoint
 
 __all__ = ["IterationCheckpoint"]
 
 
-class IterationCheckpoint(Callback):
+class IterationCheckpoint(Checkpoint):
     """Save ``dirpath/last.ckpt`` every ``every_n`` outer iterations and at the end.
 
     The file is written under a temporary name and renamed, so a crash never leaves a
@@ -35,7 +36,7 @@ class IterationCheckpoint(Callback):
         every_n: save after every ``every_n``-th iteration (``pl_module.iteration``).
     """
 
-    def __init__(self, dirpath: str | os.PathLike, every_n: int) -> None:
+    def __init__(self, dirpath: str | os.PathLike, every_n: int = 100) -> None:
         self.dirpath = Path(dirpath)
         self.every_n = int(every_n)
 

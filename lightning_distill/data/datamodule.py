@@ -225,8 +225,10 @@ class RealDataModule(pl.LightningDataModule):
             ``~/.cache/lightning_distill/data``).
         batch_size: batch size of all three dataloaders.
         val_fraction: fraction of each class of the training set held out for validation.
-        seed: seed of the validation split and of the training shuffle order.
-        shuffle_seed: seed of the training shuffle order alone (default: ``seed``); the
+        split_seed: seed of the validation split and of the training shuffle order
+            (named apart from a LightningModule's ``seed``: Lightning merges both
+            hyperparameter sets into one for the loggers).
+        shuffle_seed: seed of the training shuffle order alone (default: ``split_seed``); the
             experts stage sets it per expert so each expert sees its own data order
             while the split stays fixed.
         zca: ZCA-whiten instead of mean/std normalisation.
@@ -248,7 +250,7 @@ class RealDataModule(pl.LightningDataModule):
     ``train_selection`` (default ``None``): a function ``epoch -> indices`` into
     ``train_set``. When set, :meth:`train_dataloader` serves only the subset of
     ``trainer.current_epoch`` (epoch 0 without a Trainer), in an order drawn from a
-    generator seeded with ``derive_seed(shuffle_seed, epoch)`` (``seed`` when
+    generator seeded with ``derive_seed(shuffle_seed, epoch)`` (``split_seed`` when
     ``shuffle_seed`` is None), so the batches of an epoch are a pure function of the epoch:
     a resumed run sees the same ones. The Trainer must ask for a new loader every epoch
     (``reload_dataloaders_every_n_epochs=1``, which
@@ -264,7 +266,7 @@ class RealDataModule(pl.LightningDataModule):
         root: str | os.PathLike | None = None,
         batch_size: int = 256,
         val_fraction: float = 0.1,
-        seed: int = 0,
+        split_seed: int = 0,
         zca: bool = False,
         zca_regularization: float = 0.1,
         num_workers: int = 0,
@@ -284,7 +286,7 @@ class RealDataModule(pl.LightningDataModule):
         self.root = root
         self.batch_size = int(batch_size)
         self.val_fraction = float(val_fraction)
-        self.seed = int(seed)
+        self.split_seed = int(split_seed)
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         self.use_zca = bool(zca)
         self.zca_regularization = float(zca_regularization)
@@ -312,7 +314,7 @@ class RealDataModule(pl.LightningDataModule):
             return
         kw = {k: v for k, v in self.dataset_kwargs.items() if k != "download"}
         real = get_dataset(self.name, self.root, **kw)
-        train_idx, val_idx = real.split_validation(self.val_fraction, self.seed)
+        train_idx, val_idx = real.split_validation(self.val_fraction, self.split_seed)
         if self.use_zca:
             from lightning_distill.data.zca import ZCA
 
@@ -398,7 +400,7 @@ class RealDataModule(pl.LightningDataModule):
             raise RuntimeError("RealDataModule: call setup() first")
         generator = (
             torch.Generator().manual_seed(
-                self.seed if self.shuffle_seed is None else self.shuffle_seed
+                self.split_seed if self.shuffle_seed is None else self.shuffle_seed
             )
             if shuffle
             else None
@@ -415,10 +417,24 @@ class RealDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader | TensorBatchLoader:
-        """Shuffled training batches; the order is seeded by ``shuffle_seed`` (or ``seed``),
+    #: A LightningModule with ``owns_train_loader = True`` (the DistillationModule, whose
+    #: training steps are outer iterations, not real batches) gets its own
+    #: ``train_dataloader()`` from :meth:`train_dataloader`.
+    defers_train_loader = True
+
+    def train_dataloader(self) -> Any:
+        """Shuffled training batches; the order is seeded by ``shuffle_seed`` (or ``split_seed``),
         a fresh generator per call (the same order for every new loader). With
-        :attr:`train_selection` set: the current epoch's subset (see the class docstring)."""
+        :attr:`train_selection` set: the current epoch's subset (see the class docstring).
+
+        When the Trainer's LightningModule declares ``owns_train_loader = True`` (the
+        DistillationModule), its own ``train_dataloader()`` instead: its steps are outer
+        iterations, and this data module supplies the real data of its initialisation
+        (``train_set``) and of the validation callbacks (``val_set``)."""
+        trainer = self.trainer
+        model = getattr(trainer, "lightning_module", None)
+        if getattr(model, "owns_train_loader", False):
+            return model.train_dataloader()
         if self.train_selection is None:
             return self._loader(self.train_set, shuffle=True)
         return self._selected_loader()
@@ -446,7 +462,7 @@ class RealDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         idx = self.selected_indices(epoch)
-        base = self.seed if self.shuffle_seed is None else self.shuffle_seed
+        base = self.split_seed if self.shuffle_seed is None else self.shuffle_seed
         generator = torch.Generator().manual_seed(derive_seed(base, epoch))
         assert self.train_set is not None
         if self.loader == "batched":

@@ -52,9 +52,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch.func import functional_call
 
-from ..data.augment import DEFAULT_DSA_STRATEGY, DSA
+from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for
 from ..data.input_space import InputSpace
 from ..functional.initialization import (
     class_permutations,
@@ -135,7 +136,8 @@ class DistillationModule(pl.LightningModule):
             these parameters or modules (e.g. ``["features.6", "classifier"]``).
         param_drop_ratio: PAD's parameter selection by depth: drop the shallowest fraction
             of the flattened parameters from the loss (0: match all; PAD uses 0.25-0.75).
-        dsa, dsa_strategy, dsa_flip: DSA in the inner loop.
+        dsa, dsa_strategy, dsa_flip: DSA in the inner loop (``dsa_flip`` None: flip
+            unless the store's data set is a digit set, as ``dsa_flip_for`` decides).
         max_nonfinite: consecutive non-finite iterations before training stops.
         syn_lr_min, syn_lr_max: the syn_lr clamp.
         seed: seeds initialisation and every random draw (per rank under DDP).
@@ -172,7 +174,7 @@ class DistillationModule(pl.LightningModule):
         param_drop_ratio: float = 0.0,
         dsa: bool = True,
         dsa_strategy: str = DEFAULT_DSA_STRATEGY,
-        dsa_flip: bool = True,
+        dsa_flip: bool | None = None,
         max_nonfinite: int = 10,
         syn_lr_min: float = 1e-6,
         syn_lr_max: float = 10.0,
@@ -239,6 +241,8 @@ class DistillationModule(pl.LightningModule):
             mask = parameter_mask(st.spec, drop_ratio=param_drop_ratio)
         # moves with the module; not in checkpoints (it follows from the hyperparameters)
         self.register_buffer("param_mask", mask, persistent=False)
+        if dsa_flip is None:  # as the experts were trained: no flip for digit data sets
+            dsa_flip = dsa_flip_for(st.dataset)
         self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
         self.matching_window = None  # set by the MatchingWindow callback
         self.synthetic_ema = None  # set by the SyntheticEMA callback
@@ -363,19 +367,31 @@ class DistillationModule(pl.LightningModule):
             opts.append(torch.optim.SGD([self.labels], lr=hp.lr_y, momentum=hp.y_momentum))
         return opts
 
+    #: The training "batches" are this module's outer iterations, whatever datamodule is
+    #: attached: :class:`~lightning_distill.data.RealDataModule` serves
+    #: ``train_dataloader()`` from the module when this is True (its real data are for
+    #: the initialisation, the validation split and the test set).
+    owns_train_loader = True
+
+    def _attached_trainer(self) -> pl.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return None
+
     def setup(self, stage: str) -> None:
         if self.matching_window is not None:
             self.check_window(self.matching_window.max_start_epoch)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and dm is not None:
-            # A datamodule passed to fit is only the real data for initialisation: the
-            # outer iterations still come from this module's loader, not its batches.
-            source = getattr(getattr(self.trainer, "fit_loop", None), "_data_source", None)
-            if source is None or not hasattr(source, "instance"):
-                raise RuntimeError("DistillationModule: cannot use the datamodule passed to "
-                                   "fit with this Lightning version; call "
-                                   "module.initialize(datamodule) and fit(module) without it")
-            source.instance, source.name = self, "train_dataloader"
+        trainer = self._attached_trainer()
+        dm = trainer.datamodule if trainer is not None else None
+        if (stage == "fit" and dm is not None and is_overridden("train_dataloader", dm)
+                and not getattr(dm, "defers_train_loader", False)):
+            raise TypeError(
+                f"DistillationModule: the datamodule {type(dm).__name__} defines "
+                "train_dataloader(), whose batches would replace the outer iterations; fit "
+                "with a RealDataModule (which serves the module's iterations and keeps the "
+                "real data for initialisation and validation), or call "
+                "module.initialize(datamodule) and fit(module) without a datamodule")
 
     def on_fit_start(self) -> None:
         # After a checkpoint restore (``initialized`` then comes from the checkpoint), so a
@@ -396,7 +412,7 @@ class DistillationModule(pl.LightningModule):
     def generator(self) -> torch.Generator:
         """The CPU generator of every random draw of this rank (saved in checkpoints)."""
         if self._generator is None:
-            rank = self.global_rank if self._trainer is not None else 0
+            rank = self.global_rank if self._attached_trainer() is not None else 0
             gen = torch.Generator()
             states = self._pending_generator_states
             if states is not None and rank < states.shape[0]:
@@ -504,12 +520,12 @@ class DistillationModule(pl.LightningModule):
                         f"syn_lr {float(self.syn_lr):.3g}); lower lr_img / lr_lr, or use a "
                         "smaller syn_steps, and resume from the last checkpoint")
         self.iteration += 1
-        if int(self.iteration) >= hp.iterations and self._trainer is not None:
+        if int(self.iteration) >= hp.iterations and self._attached_trainer() is not None:
             self.trainer.should_stop = True  # the run is over whatever max_epochs says
         stats.update(skipped=float(self.skipped), syn_lr_clamps=float(self.syn_lr_clamps))
         if self.matching_window is not None:
             stats["window/upper_bound"] = float(self.matching_window.last_upper_bound)
-        self._log_stats(stats, it)
+        self._log_stats(stats)
         return loss.detach()
 
     def _vote(self, accept: bool, finite: bool) -> tuple[float, int, bool]:
@@ -517,7 +533,8 @@ class DistillationModule(pl.LightningModule):
         rank with a non-finite loss)``, summed over the ranks so that every rank decides
         the same (a rank raising alone would leave the others waiting forever)."""
         votes = torch.tensor([float(accept), float(not finite)], device=self.device)
-        world = self.trainer.world_size if self._trainer is not None else 1
+        trainer = self._attached_trainer()
+        world = trainer.world_size if trainer is not None else 1
         if world > 1:
             votes = self.trainer.strategy.reduce(votes, reduce_op="sum")
         return float(votes[0]), world, float(votes[1]) > 0
@@ -530,12 +547,17 @@ class DistillationModule(pl.LightningModule):
             self.syn_lr.clamp_(lo, hi)
             self.syn_lr_clamps += 1
 
-    def _log_stats(self, stats: dict[str, float], it: int) -> None:
-        self.log("loss", stats["loss"], prog_bar=True, logger=False, on_step=True)
-        self.log("syn_lr", stats["syn_lr"], prog_bar=True, logger=False, on_step=True)
-        if self._trainer is None or not self.trainer.is_global_zero or self.logger is None:
-            return
-        self.logger.log_metrics({f"distill/{k}": v for k, v in stats.items()}, step=it)
+    #: statistics shown in the progress bar as well (all go to every logger)
+    PROGRESS_BAR_STATS = ("loss", "syn_lr")
+
+    def _log_stats(self, stats: dict[str, float]) -> None:
+        """``self.log`` each statistic as ``distill/<name>`` at this iteration (the logger
+        step is the iteration index): every logger receives them at the Trainer's
+        ``log_every_n_steps`` and ModelCheckpoint / EarlyStopping can monitor them
+        (``trainer.callback_metrics``). Names: docs/formats.md, 'Logged metrics'."""
+        for name, value in stats.items():
+            self.log(f"distill/{name}", float(value), on_step=True, on_epoch=False,
+                     prog_bar=name in self.PROGRESS_BAR_STATS, batch_size=1)
 
     # --------------------------------------------------------- synthetic set export
     def _meta(self) -> dict[str, Any]:
@@ -567,7 +589,8 @@ class DistillationModule(pl.LightningModule):
     def export(self, path: str | None = None) -> None:
         """Write the SyntheticSet (and the EMA set) to ``path`` or ``export_path``."""
         path = path or self.hparams.export_path
-        if path is None or (self._trainer is not None and not self.trainer.is_global_zero):
+        trainer = self._attached_trainer()
+        if path is None or (trainer is not None and not trainer.is_global_zero):
             return
         self.synthetic_set().save(path, to_pixels=self.to_pixels)
         ema = self.ema_synthetic_set()
@@ -580,7 +603,8 @@ class DistillationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = self.generator.get_state()
-        if self._trainer is not None and self.trainer.world_size > 1:
+        trainer = self._attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
             states = self.all_gather(state.to(self.device)).cpu()
         else:
             states = state.unsqueeze(0)

@@ -127,7 +127,10 @@ def build_module(cfg: DistillConfig) -> DistillationModule:
     )
 
 
-def build_callbacks(cfg: DistillConfig, dm, store_model: dict | None = None) -> list[Callback]:
+def build_callbacks(cfg: DistillConfig) -> list[Callback]:
+    """The stage's callbacks; PeriodicEvaluation takes the validation split, the image
+    transform and the experts' architecture from the fit (``trainer.datamodule`` and the
+    module's store) in its ``setup``."""
     w = cfg.window
     callbacks: list[Callback] = [
         MatchingWindow(w.min_start_epoch, w.current_max_start_epoch, w.max_start_epoch,
@@ -140,17 +143,10 @@ def build_callbacks(cfg: DistillConfig, dm, store_model: dict | None = None) -> 
     if ev.every_n_steps > 0:
         from ..callbacks.evaluation import PeriodicEvaluation
 
-        val_x, val_y = dm.val_set.tensors
-        # the experts' architecture keywords (width, depth, ...) when evaluating it
-        arch = dict(store_model or {})
-        same = arch.pop("name", None) == ev.model
-        kwargs = {k: v for k, v in arch.items()
-                  if k not in ("channels", "num_classes", "image_size")} if same else {}
         callbacks.append(PeriodicEvaluation(
-            val_x, val_y, every_n_steps=ev.every_n_steps, model=ev.model, model_kwargs=kwargs,
-            runs=ev.runs,
+            every_n_steps=ev.every_n_steps, model=ev.model, runs=ev.runs,
             epochs=ev.epochs, batch_size=ev.batch_size, group_size=ev.group_size, seed=cfg.seed,
-            best_path=str(Path(cfg.output) / "best.pt"), to_pixels=dm.from_input_space))
+            best_path=str(Path(cfg.output) / "best.pt")))
     callbacks.append(IterationCheckpoint(Path(cfg.output) / "checkpoints",
                                          cfg.checkpoint_every_n_steps))
     return callbacks
@@ -173,18 +169,16 @@ def distill(cfg: DistillConfig) -> Path:
         console.print(f"[green]{out / 'synthetic.pt'} is complete; skipping distillation[/]")
         return out / "synthetic.pt"
     pl.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg.data, setup="fit")
+    # Lightning prepares and sets up the data module; the module initialises itself from
+    # its training part in on_fit_start (not on a resume: the checkpoint has the set)
+    dm = build_datamodule(cfg.data)
     module = build_module(cfg)
-    callbacks = build_callbacks(cfg, dm, module.store.model)
     ckpt = Path(cfg.output) / "checkpoints" / "last.ckpt"
     ckpt_path = str(ckpt) if (cfg.resume and ckpt.exists()) else None
     # The module stops by itself after cfg.distill.iterations; one more epoch than the
     # checkpoint has finished lets a finished run be extended with more iterations.
     max_epochs = 1
-    if ckpt_path is None:
-        module.initialize(dm)
-    else:
-        module.to_pixels = dm.from_input_space
+    if ckpt_path is not None:
         saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         max_epochs = int(saved.get("epoch", 0)) + 1
         console.print(f"Resuming from {ckpt_path} (iteration "
@@ -192,10 +186,9 @@ def distill(cfg: DistillConfig) -> Path:
         del saved
     trainer = pl.Trainer(
         max_epochs=max_epochs,
-        callbacks=make_callbacks(cfg.trainer, callbacks),
+        callbacks=make_callbacks(cfg.trainer, build_callbacks(cfg)),
         logger=TensorBoardLogger(str(out), name="logs", version="", default_hp_metric=False),
-        enable_checkpointing=False,
-        **cfg.trainer.kwargs(),
+        **cfg.trainer.kwargs(log_every_n_steps=1),
     )
-    trainer.fit(module, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     return out / "synthetic.pt"

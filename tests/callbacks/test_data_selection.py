@@ -29,7 +29,7 @@ EPOCHS = 4
 def _datamodule(loader: str = "batched") -> RealDataModule:
     """Digits with each training image's index written into its first pixel (no DSA, so the
     batches a module sees name the training rows)."""
-    dm = RealDataModule("digits", batch_size=128, val_fraction=0.1, seed=0, shuffle_seed=3,
+    dm = RealDataModule("digits", batch_size=128, val_fraction=0.1, split_seed=0, shuffle_seed=3,
                         loader=loader)
     dm.setup("fit")
     x, _ = dm.train_set.tensors

@@ -12,14 +12,14 @@ from lightning_distill.data.datamodule import RealDataModule
 
 @pytest.fixture(scope="module")
 def dm():
-    m = RealDataModule("digits", batch_size=100, val_fraction=0.1, seed=0)
+    m = RealDataModule("digits", batch_size=100, val_fraction=0.1, split_seed=0)
     m.setup()
     return m
 
 
 @pytest.fixture(scope="module")
 def dmz():
-    m = RealDataModule("digits", batch_size=64, val_fraction=0.1, seed=0, zca=True)
+    m = RealDataModule("digits", batch_size=64, val_fraction=0.1, split_seed=0, zca=True)
     m.setup("fit")
     return m
 
@@ -41,9 +41,9 @@ def test_splits_sizes_stratified_and_labels(dm):
 
 
 def test_split_is_seeded(dm):
-    same = RealDataModule("digits", val_fraction=0.1, seed=0)
+    same = RealDataModule("digits", val_fraction=0.1, split_seed=0)
     same.setup()
-    other = RealDataModule("digits", val_fraction=0.1, seed=1)
+    other = RealDataModule("digits", val_fraction=0.1, split_seed=1)
     other.setup()
     assert torch.equal(same.val_idx, dm.val_idx)
     assert not torch.equal(other.val_idx, dm.val_idx)
@@ -192,7 +192,7 @@ def test_batched_loader_equals_dataloader_for_same_seed(dm):
     assert n % 100 != 0  # a partial last batch is compared too
     ours = dm.train_dataloader()
     assert isinstance(ours, TensorBatchLoader) and len(ours) == math.ceil(n / 100)
-    ref = RealDataModule("digits", batch_size=100, val_fraction=0.1, seed=0, loader="dataloader")
+    ref = RealDataModule("digits", batch_size=100, val_fraction=0.1, split_seed=0, loader="dataloader")
     ref.setup()
     theirs = ref.train_dataloader()
     assert isinstance(theirs, DataLoader) and len(theirs) == len(ours)
@@ -367,7 +367,7 @@ def test_batched_loader_shards_the_subset_under_fake_ddp(monkeypatch):
 def test_train_selection_serves_the_epochs_subset_in_an_epoch_seeded_order(loader):
     from lightning_distill.config import derive_seed
 
-    m = RealDataModule("digits", batch_size=64, val_fraction=0.1, seed=0, loader=loader,
+    m = RealDataModule("digits", batch_size=64, val_fraction=0.1, split_seed=0, loader=loader,
                        shuffle_seed=11)
     m.setup()
     n = len(m.train_set)

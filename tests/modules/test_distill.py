@@ -397,13 +397,15 @@ def test_fit_with_datamodule_initialises_and_runs_iterations(store_dir):
 
     x, y = tiny_data()
 
-    class RealDM(pl.LightningDataModule):
+    class RealDM(pl.LightningDataModule):  # real data; the batches are the module's
+        defers_train_loader = True  # the protocol RealDataModule follows
+
         def __init__(self):
             super().__init__()
             self.train_set = TensorDataset(x, y)
 
-        def train_dataloader(self):  # real batches: must NOT drive the outer iterations
-            return torch.utils.data.DataLoader(self.train_set, batch_size=9)
+        def train_dataloader(self):
+            return self.trainer.lightning_module.train_dataloader()
 
     module = make_distill_module(store_dir, iterations=4, dsa=False)
     quiet_trainer().fit(module, datamodule=RealDM())
@@ -412,6 +414,42 @@ def test_fit_with_datamodule_initialises_and_runs_iterations(store_dir):
     assert not torch.equal(module.images, reference.images)  # it trained
     with pytest.raises(RuntimeError, match="not initialised"):
         quiet_trainer().fit(make_distill_module(store_dir))
+
+
+def test_datamodule_whose_batches_would_drive_the_iterations_is_refused(store_dir):
+    import pytorch_lightning as pl
+
+    x, y = tiny_data()
+
+    class BatchesDM(pl.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.train_set = TensorDataset(x, y)
+
+        def train_dataloader(self):  # real batches: must NOT drive the outer iterations
+            return torch.utils.data.DataLoader(self.train_set, batch_size=9)
+
+    module = make_distill_module(store_dir, iterations=4, dsa=False)
+    with pytest.raises(TypeError, match="would replace the outer iterations"):
+        quiet_trainer().fit(module, datamodule=BatchesDM())
+    assert int(module.iteration) == 0
+
+
+def test_package_touches_no_private_lightning_attribute():
+    """The modules and callbacks use Lightning's public API only: no fit-loop internals,
+    no data-source rewiring, no private Trainer / module attributes."""
+    import re
+    from pathlib import Path
+
+    import lightning_distill
+
+    root = Path(lightning_distill.__file__).parent
+    pattern = re.compile(r"fit_loop\.|_data_source|\btrainer\._[a-z]|\._trainer\b"
+                         r"|_logger_connector|_active_loop")
+    hits = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+            for p in sorted(root.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
 
 
 # ------------------------------------------------------------------------- errors

@@ -77,7 +77,7 @@ def test_distill_stage_writes_set_checkpoint_and_image_grids(digits_store, tmp_p
 
 
 class _Crash(Callback):
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if int(module.iteration) == 2:
             raise KeyError("simulated crash")
 
@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_exactly(digits_store, tmp_path, monkeypatch):
     straight = SyntheticSet.load(distill(config(digits_store, tmp_path / "a")))
     original = stage.build_callbacks
     monkeypatch.setattr(
-        stage, "build_callbacks", lambda cfg, dm, *a: [*original(cfg, dm, *a), _Crash()]
+        stage, "build_callbacks", lambda cfg: [*original(cfg), _Crash()]
     )
     with pytest.raises(KeyError, match="simulated crash"):
         distill(config(digits_store, tmp_path / "b"))
