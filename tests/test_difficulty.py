@@ -27,7 +27,7 @@ MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": [8, 
 
 
 def _dm(**kw) -> RealDataModule:
-    opts = dict(batch_size=256, val_fraction=0.1, seed=0)
+    opts = dict(batch_size=256, val_fraction=0.1, split_seed=0)
     opts.update(kw)
     dm = RealDataModule("digits", **opts)
     dm.setup("fit")
@@ -107,7 +107,7 @@ def test_mismatched_cache_is_refused_or_recomputed(dm, tmp_path, count_training)
     assert len(count_training) == 2
     with pytest.raises(DifficultyScoresError, match=r"settings\.num_models: file 2, run 3"):
         load_or_compute_el2n(path, dm, _settings(num_models=3))
-    other_split = _dm(seed=1)  # another validation split: other training rows
+    other_split = _dm(split_seed=1)  # another validation split: other training rows
     with pytest.raises(DifficultyScoresError, match=r"identity\.fingerprint"):
         load_or_compute_el2n(path, other_split, _settings())
     zca = _dm(zca=True)
