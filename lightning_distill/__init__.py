@@ -5,7 +5,7 @@ MTT (match expert trajectories), FTD (flat GSAM experts, EMA images) and DATM
 """
 
 from ._version import __version__
-from .data import DSA, ZCA, RealDataModule, SyntheticSet
+from .data import DSA, ZCA, RealDataModule, SyntheticDataModule, SyntheticSet
 from .models import build_model
 from .modules import DistillationModule, EvalModule, ExpertTrajectoryModule
 from .replay_buffers import import_replay_buffers
@@ -19,6 +19,7 @@ __all__ = [
     "EvalModule",
     "ExpertTrajectoryModule",
     "RealDataModule",
+    "SyntheticDataModule",
     "SyntheticSet",
     "TrajectoryStore",
     "build_model",

@@ -41,7 +41,13 @@ from torch import Tensor
 from ..io import atomic_open, atomic_save
 from .input_space import InputSpace
 
-__all__ = ["FORMAT_VERSION", "SyntheticSet", "class_grid", "input_spaces_match"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SyntheticSet",
+    "check_eval_data",
+    "class_grid",
+    "input_spaces_match",
+]
 
 #: version written by :meth:`SyntheticSet.save`; :meth:`SyntheticSet.load` reads <= this
 FORMAT_VERSION = 1
@@ -292,6 +298,24 @@ class SyntheticSet:
                 "or the same fitted ZCA)"
             )
 
+    def check_finite(self, where: str | None = None) -> None:
+        """Raise ``ValueError`` if the images or (soft) labels hold NaN or inf: a network
+        trained on them learns nothing, and its accuracy would be reported as if it did.
+        ``where`` names the set in the message (default ``meta["path"]``)."""
+        name = where or self.meta.get("path") or "synthetic set"
+        for what, t in (("images", self.images), ("labels", self.labels)):
+            if not t.is_floating_point():
+                continue  # hard labels are integers, always finite
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                raise ValueError(
+                    f"{name}: the synthetic {what} hold {bad} NaN or inf value(s) (of "
+                    f"{t.numel()}); the distillation that wrote them diverged. Do not "
+                    "evaluate this set: use a set saved before the divergence (best.pt, or "
+                    "an earlier checkpoint's), or distill again with a smaller lr_img / lr_y "
+                    "or a tighter syn_lr_max"
+                )
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_real(
@@ -452,7 +476,8 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> SyntheticSet:
-        """Read a file written by :meth:`save` (``weights_only=True``), with clear errors."""
+        """Read a file written by :meth:`save` (``weights_only=True``), with clear errors;
+        a file whose images or labels hold NaN or inf is refused (:meth:`check_finite`)."""
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(
@@ -472,6 +497,7 @@ class SyntheticSet:
                 "(distill again) or point to the right file"
             ) from e
         out = cls.from_dict(payload, where=str(p))
+        out.check_finite(str(p))
         out.meta["path"] = str(p)
         return out
 
@@ -480,4 +506,31 @@ class SyntheticSet:
         return (
             f"SyntheticSet(n={len(self)}, images={tuple(self.images.shape)}, labels={kind}, "
             f"lr={self.lr:.6g}, dataset={self.meta.get('dataset')!r}, ipc={self.ipc})"
+        )
+
+
+def check_eval_data(
+    synthetic: SyntheticSet,
+    images: Tensor,
+    labels: Tensor,
+    where: str,
+    what: str,
+    input_space: Mapping[str, Any] | None = None,
+    hint: str = "",
+    *,
+    num_classes: int | None = None,
+) -> None:
+    """Raise ``ValueError`` unless ``images``/``labels`` can test a network trained on
+    ``synthetic``: same channels, image size (and input space, when given) and no label
+    beyond the set's classes. ``num_classes`` (the data set's class count) must also equal
+    the set's when given. ``where``/``what`` name the caller and the data in messages."""
+    synthetic.check_compatible(
+        channels=images.shape[1], image_size=tuple(images.shape[2:]),
+        num_classes=synthetic.num_classes if num_classes is None else int(num_classes),
+        input_space=input_space,
+    )
+    if labels.numel() and int(labels.max()) >= synthetic.num_classes:
+        raise ValueError(
+            f"{where}: {what} labels reach class {int(labels.max())} but the synthetic set "
+            f"has {synthetic.num_classes} classes{hint}"
         )

@@ -55,6 +55,7 @@ from .losses import classification_loss
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "class_accuracies",
     "evaluate_accuracy",
     "EvalProtocol",
     "lr_at_epoch",
@@ -135,9 +136,18 @@ def _device_of(net: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def class_accuracies(correct: Sequence[int], support: Sequence[int]) -> list[float | None]:
+    """Per-class accuracy ``correct[c] / support[c]`` (exact fractions of integer counts);
+    None for a class without test samples."""
+    return [int(c) / int(s) if int(s) else None
+            for c, s in zip(list(correct), list(support), strict=True)]
+
+
 @torch.no_grad()
-def _test(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``net`` in eval mode; counts are exact integers."""
+def _test(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int
+          ) -> tuple[float, float, list[float | None]]:
+    """(accuracy, mean cross-entropy, per-class accuracy) of ``net`` in eval mode; counts
+    are exact integers."""
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
@@ -146,14 +156,21 @@ def _test(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> tu
     net.eval()
     correct = 0
     loss_sum = 0.0
+    per_class = support = None
     n = int(images.shape[0])
     for i in range(0, n, batch_size):
         x = images[i : i + batch_size].to(dev)
         y = labels[i : i + batch_size].to(dev).long()
         out = net(x)
-        correct += int((out.argmax(1) == y).sum().item())
+        hit = out.argmax(1) == y
+        correct += int(hit.sum().item())
         loss_sum += float(F.cross_entropy(out, y, reduction="sum").item())
-    return correct / n, loss_sum / n
+        c = int(out.shape[1])
+        hits, seen = torch.bincount(y[hit], minlength=c), torch.bincount(y, minlength=c)
+        per_class = hits if per_class is None else per_class + hits
+        support = seen if support is None else support + seen
+    assert per_class is not None and support is not None
+    return correct / n, loss_sum / n, class_accuracies(per_class.tolist(), support.tolist())
 
 
 def evaluate_accuracy(
@@ -205,8 +222,9 @@ def train_and_evaluate(
             (for instrumentation).
 
     Returns:
-        ``{"accuracy", "loss"}`` on the test data and ``"train_loss"``, the mean training
-        loss of the last epoch.
+        ``{"accuracy", "loss"}`` on the test data, ``"class_accuracy"`` (one per class:
+        the fraction of its test images classified right, None for a class without test
+        images) and ``"train_loss"``, the mean training loss of the last epoch.
     """
     if epochs < 1:
         raise ValueError(f"train_and_evaluate: epochs must be >= 1, got {epochs}")
@@ -259,8 +277,9 @@ def train_and_evaluate(
                 opt.step()
                 total += loss.detach() * int(idx.numel())
             train_loss = float(total) / n
-    acc, test_loss = _test(net, test_images, test_labels, test_batch_size)
-    return {"accuracy": acc, "loss": test_loss, "train_loss": train_loss}
+    acc, test_loss, per_class = _test(net, test_images, test_labels, test_batch_size)
+    return {"accuracy": acc, "loss": test_loss, "train_loss": train_loss,
+            "class_accuracy": per_class}
 
 
 def train_and_evaluate_group(
@@ -302,7 +321,8 @@ def train_and_evaluate_group(
         backend: :class:`StackedNetworks` backend.
 
     Returns:
-        one ``{"accuracy", "loss", "train_loss"}`` per member, as :func:`train_and_evaluate`.
+        one ``{"accuracy", "loss", "train_loss", "class_accuracy"}`` per member, as
+        :func:`train_and_evaluate`.
     """
     k = len(nets)
     if k < 1:
@@ -368,15 +388,18 @@ def train_and_evaluate_group(
                 opt.step()
                 total += losses.detach() * int(idx.shape[1])
             train_loss = total.cpu() / n
-    accs, test_losses = _test_group(group, test_images, test_labels, test_batch_size)
-    return [{"accuracy": a, "loss": tl, "train_loss": float(t)}
-            for a, tl, t in zip(accs, test_losses, train_loss.tolist(), strict=True)]
+    accs, test_losses, per_class = _test_group(group, test_images, test_labels,
+                                               test_batch_size)
+    return [{"accuracy": a, "loss": tl, "train_loss": float(t), "class_accuracy": pc}
+            for a, tl, t, pc in zip(accs, test_losses, train_loss.tolist(), per_class,
+                                    strict=True)]
 
 
 @torch.no_grad()
 def _test_group(group: StackedNetworks, images: Tensor, labels: Tensor, batch_size: int
-                ) -> tuple[list[float], list[float]]:
-    """Per-member (accuracy, mean cross-entropy) of a group in eval mode."""
+                ) -> tuple[list[float], list[float], list[list[float | None]]]:
+    """Per-member (accuracy, mean cross-entropy, per-class accuracy) of a group in eval
+    mode."""
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
@@ -386,15 +409,25 @@ def _test_group(group: StackedNetworks, images: Tensor, labels: Tensor, batch_si
     k = group.members
     correct = torch.zeros(k, dtype=torch.long, device=dev)
     loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
+    per_class = support = None
     n = int(images.shape[0])
     for i in range(0, n, batch_size):
         x = images[i : i + batch_size].to(dev)
         y = labels[i : i + batch_size].to(dev).long()
         out = group.forward_shared(x)  # [K, b, classes]
-        correct += (out.argmax(2) == y.unsqueeze(0)).sum(dim=1)
+        hit = out.argmax(2) == y.unsqueeze(0)
+        correct += hit.sum(dim=1)
         ce = F.cross_entropy(out.flatten(0, 1), y.repeat(k), reduction="none")
         loss_sum += ce.view(k, -1).sum(dim=1).double()
-    return [int(c) / n for c in correct.tolist()], [float(s) / n for s in loss_sum.tolist()]
+        c = int(out.shape[2])
+        hits = torch.stack([torch.bincount(y[h], minlength=c) for h in hit])
+        seen = torch.bincount(y, minlength=c)
+        per_class = hits if per_class is None else per_class + hits
+        support = seen if support is None else support + seen
+    assert per_class is not None and support is not None
+    classes = [class_accuracies(row, support.tolist()) for row in per_class.tolist()]
+    return ([int(c) / n for c in correct.tolist()], [float(s) / n for s in loss_sum.tolist()],
+            classes)
 
 
 #: runs (or experts) trained as one vectorised model by default; chosen by measurement
@@ -464,6 +497,20 @@ class EvalProtocol:
         seeds: Sequence[int],
         images: Tensor | Sequence[Tensor],
         labels: Tensor | Sequence[Tensor],
+        **kwargs: Any,
+    ) -> list[float]:
+        """Test accuracies of one fresh ``model`` per run seed, trained with this protocol:
+        the ``"accuracy"`` of each of :meth:`train_runs_results` (same arguments)."""
+        return [r["accuracy"] for r in self.train_runs_results(
+            model, model_kwargs, seeds, images, labels, **kwargs)]
+
+    def train_runs_results(
+        self,
+        model: str,
+        model_kwargs: Mapping[str, Any],
+        seeds: Sequence[int],
+        images: Tensor | Sequence[Tensor],
+        labels: Tensor | Sequence[Tensor],
         *,
         set_lr: float,
         num_classes: int,
@@ -472,8 +519,10 @@ class EvalProtocol:
         test_batch_size: int = 1024,
         device: torch.device | str = "cpu",
         augment: Callable[..., Tensor] | None = None,
-    ) -> list[float]:
-        """Test accuracies of one fresh ``model`` per run seed, trained with this protocol.
+    ) -> list[dict[str, Any]]:
+        """One fresh ``model`` per run seed, trained with this protocol and tested: one
+        :func:`train_and_evaluate` result dict per run (``accuracy``, ``loss``,
+        ``train_loss``, ``class_accuracy``), in the order of ``seeds``.
 
         Run ``s``'s network init, batch order and DSA draws derive from ``s``
         (:func:`run_seeds`); the runs train ``group_size`` at a time as one vectorised
@@ -488,7 +537,7 @@ class EvalProtocol:
             raise ValueError(f"train_runs: {len(images)} training sets for {len(seeds)} runs")
         first = images if shared else images[0]
         channels, image_size = int(first.shape[1]), tuple(int(s) for s in first.shape[2:])
-        accs: list[float] = []
+        results: list[dict[str, Any]] = []
         positions = list(range(len(seeds)))
         for part in chunks(positions, int(self.group_size)):
             streams = [run_seeds(seeds[i]) for i in part]
@@ -504,13 +553,11 @@ class EvalProtocol:
             if len(part) == 1:
                 x = images if shared else images[part[0]]
                 y = labels if shared else labels[part[0]]
-                out = train_and_evaluate(nets[0], x, y, generator=gens[0],
-                                         augment_generator=dsa_gens[0], **common)
-                accs.append(out["accuracy"])
+                results.append(train_and_evaluate(nets[0], x, y, generator=gens[0],
+                                                  augment_generator=dsa_gens[0], **common))
                 continue
             x = images if shared else [images[i] for i in part]
             y = labels if shared else [labels[i] for i in part]
-            outs = train_and_evaluate_group(nets, x, y, generators=gens,
-                                            augment_generators=dsa_gens, **common)
-            accs.extend(o["accuracy"] for o in outs)
-        return accs
+            results.extend(train_and_evaluate_group(nets, x, y, generators=gens,
+                                                    augment_generators=dsa_gens, **common))
+        return results

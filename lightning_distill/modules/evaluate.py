@@ -7,42 +7,55 @@ every batch, the lr multiplied by 0.1 at the start of epoch ``epochs // 2`` with
 momentum buffers reset (the reference re-creates the optimizer), soft cross-entropy for
 soft labels, one test at the end on the real test set in the SAME input space.
 
-Example::
+Example, the plain Lightning way (a :class:`~lightning_distill.data.SyntheticDataModule`
+serves the synthetic set for training and the real validation / test splits)::
 
     import pytorch_lightning as pl
-    from lightning_distill import EvalModule
+    from lightning_distill import EvalModule, SyntheticDataModule
 
     module = EvalModule("runs/cifar10_ipc10/best.pt", model="ConvNet", epochs=1000)
+    dm = SyntheticDataModule("runs/cifar10_ipc10/best.pt", name="cifar10", zca=True)
     trainer = pl.Trainer(max_epochs=module.epochs, logger=False)
-    trainer.fit(module)                                  # trains on the synthetic set
-    trainer.test(module, dataloaders=test_loader)        # logs test/acc
-    print(module.test_accuracy)
+    trainer.fit(module, datamodule=dm)       # trains on the set, val/acc on the real split
+    trainer.test(module, datamodule=dm)      # test/acc, test/acc_class/<k>
+    print(module.test_accuracy, module.test_class_accuracy)
 
-The training data always comes from the module (its ``train_dataloader``); pass
-validation data as ``trainer.fit(module, val_dataloaders=...)`` and test data to
-``trainer.test(module, dataloaders=...)`` or ``trainer.test(module, datamodule=dm)``.
-For K networks and several architectures use :func:`evaluate_synthetic`.
+Without a datamodule the training data comes from the module (its ``train_dataloader``,
+the same batches); pass validation data as ``trainer.fit(module, val_dataloaders=...)``
+and test data as ``trainer.test(module, dataloaders=...)``. For K networks and several
+architectures use :func:`evaluate_synthetic` (the same accuracies for the same seeds).
+
+Logged: ``train/loss``; ``val/loss``, ``val/acc``; ``test/loss``, ``test/acc`` and
+``test/acc_class/<k>`` (the accuracy on the test images of class k, for each class with
+test images). The accuracies are torchmetrics ``MulticlassAccuracy`` objects (one per
+run; ``average=None`` for the per-class ones), so under DDP they count over every
+rank's share of the data; for a group of runs the logged value is the mean over the
+runs.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities.model_helpers import is_overridden
-from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.augment import ResumableGenerator, protocol_dsa
-from ..data.synthetic import SyntheticSet
+from ..data.synthetic import SyntheticSet, check_eval_data
+from ..data.synthetic_datamodule import SyntheticDataModule, synthetic_train_loader
 from ..functional.batched import StackedNetworks, augment_members, chunks, member_losses
 from ..functional.evaluation import (
     EvalProtocol,
+    class_accuracies,
     lr_at_epoch,
     resolve_decay_epoch,
     run_seeds,
@@ -51,67 +64,7 @@ from ..functional.evaluation import (
 )
 from ..functional.losses import classification_loss
 
-__all__ = ["EvalModule", "EvalProtocol", "evaluate_synthetic"]
-
-
-def check_eval_data(
-    synthetic: SyntheticSet,
-    images: Tensor,
-    labels: Tensor,
-    where: str,
-    what: str,
-    input_space: Mapping[str, Any] | None = None,
-    hint: str = "",
-) -> None:
-    """Raise ``ValueError`` unless ``images``/``labels`` can test a network trained on
-    ``synthetic``: same channels, image size (and input space, when given) and no label
-    beyond the set's classes. ``where``/``what`` name the caller and the data in messages."""
-    synthetic.check_compatible(
-        channels=images.shape[1], image_size=tuple(images.shape[2:]),
-        num_classes=synthetic.num_classes, input_space=input_space,
-    )
-    if labels.numel() and int(labels.max()) >= synthetic.num_classes:
-        raise ValueError(
-            f"{where}: {what} labels reach class {int(labels.max())} but the synthetic set "
-            f"has {synthetic.num_classes} classes{hint}"
-        )
-
-
-class _EpochPermutationSampler(Sampler[int]):
-    """One ``torch.randperm(n, generator)`` per epoch: the plain loop's batch order."""
-
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n = n
-        self.generator = generator
-
-    def __iter__(self) -> Iterator[int]:
-        yield from torch.randperm(self.n, generator=self.generator).tolist()
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _GroupEpochLoader:
-    """Per-member batches of a synthetic set: each epoch, member k's order is one
-    ``torch.randperm(n, generator_k)`` (what member k's plain loop draws); batch b is
-    ``(images[order_k[b]], labels[order_k[b]])`` stacked over the members,
-    ``[K, B, ...]``."""
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int,
-                 generators: Sequence[torch.Generator]) -> None:
-        self.images, self.labels = images, labels
-        self.batch_size = int(batch_size)
-        self.generators = list(generators)
-
-    def __len__(self) -> int:
-        return -(-int(self.images.shape[0]) // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = int(self.images.shape[0])
-        perm = torch.stack([torch.randperm(n, generator=g) for g in self.generators])
-        for i in range(0, n, self.batch_size):
-            idx = perm[:, i : i + self.batch_size]
-            yield self.images[idx], self.labels[idx]
+__all__ = ["EvalModule", "EvalProtocol", "check_eval_data", "evaluate_synthetic"]
 
 
 class EvalModule(pl.LightningModule):
@@ -134,7 +87,17 @@ class EvalModule(pl.LightningModule):
             applied on top of ``protocol``.
 
     After ``trainer.test``: ``test_accuracies`` (one per run) and ``test_accuracy``
-    (the run's, or the mean over the runs); ``val_accuracy`` likewise.
+    (the run's, or the mean over the runs); ``val_accuracies`` / ``val_accuracy``
+    likewise after each validation; ``test_class_accuracies`` (per run, one entry per
+    class: the fraction of that class's test images classified right, None for a class
+    without test images) and ``test_class_accuracy`` (the mean over the runs). These
+    are exact fractions of the torchmetrics counts (summed over the DDP ranks), equal to
+    :func:`evaluate_synthetic`'s; the logged values are the metrics' ``compute()``
+    (float32).
+
+    Training data: its own synthetic set (``train_dataloader``) or a
+    :class:`~lightning_distill.data.SyntheticDataModule` over the same set, which asks
+    :meth:`synthetic_train_dataloader` for the batches: either way the same loader.
     """
 
     def __init__(
@@ -162,6 +125,7 @@ class EvalModule(pl.LightningModule):
                 f"EvalModule: synthetic must be a SyntheticSet or a file path, got "
                 f"{type(synthetic).__name__}"
             )
+        synthetic.check_finite()
         self.protocol = protocol
         self.synthetic = synthetic.detach_clone()
         self.epochs = int(protocol.epochs)
@@ -182,11 +146,18 @@ class EvalModule(pl.LightningModule):
         self._shuffle_seed, self._dsa_seed = streams[0][1], streams[0][2]
         self._shuffle_generator = self._shuffle_generators[0]
         self._dsa_stream = self._dsa_streams[0]
-        self._counts: dict[str, list[Tensor]] = {}
+        k, c = len(seeds), synthetic.num_classes
+        #: per-run accuracy metrics (torchmetrics; states not in the checkpoint)
+        self.val_acc = nn.ModuleList(MulticlassAccuracy(c, average="micro") for _ in range(k))
+        self.test_acc = nn.ModuleList(MulticlassAccuracy(c, average="micro") for _ in range(k))
+        self.test_acc_class = nn.ModuleList(MulticlassAccuracy(c, average=None)
+                                            for _ in range(k))
         self.val_accuracy: float | None = None
         self.test_accuracy: float | None = None
         self.val_accuracies: list[float] | None = None
         self.test_accuracies: list[float] | None = None
+        self.test_class_accuracies: list[list[float | None]] | None = None
+        self.test_class_accuracy: list[float | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits; for a group, every run's on the same batch: ``[K, B, classes]``."""
@@ -225,30 +196,50 @@ class EvalModule(pl.LightningModule):
             stream.restore(st)
 
     # -- data -------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader | _GroupEpochLoader:
+    def synthetic_train_dataloader(self, images: Tensor, labels: Tensor) -> Any:
+        """The training batches of ``(images, labels)`` in this module's order: each epoch
+        one ``randperm`` per run from the run's shuffle generator, ``batch_size`` slices
+        (:func:`~lightning_distill.data.synthetic_train_loader`). Used by
+        :meth:`train_dataloader` and by :class:`~lightning_distill.data.SyntheticDataModule`."""
+        return synthetic_train_loader(images, labels, int(self.protocol.batch_size),
+                                      self._shuffle_generators, stacked=self.grouped)
+
+    def train_dataloader(self) -> Any:
         """The synthetic set, reshuffled every epoch (one ``randperm`` per epoch and run)."""
-        s = self.synthetic
-        if self.grouped:
-            return _GroupEpochLoader(s.images.cpu(), s.labels.cpu(), self.protocol.batch_size,
-                                     self._shuffle_generators)
-        ds = TensorDataset(s.images.cpu(), s.labels.cpu())
-        sampler = _EpochPermutationSampler(len(ds), self._shuffle_generator)
-        return DataLoader(ds, batch_size=int(self.protocol.batch_size), sampler=sampler)
+        return self.synthetic_train_dataloader(self.synthetic.images, self.synthetic.labels)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and is_overridden("train_dataloader", dm):
+        if isinstance(dm, SyntheticDataModule):
+            self._check_same_set(dm.synthetic)
+        elif dm is not None and is_overridden("train_dataloader", dm):
             raise ValueError(
                 "EvalModule trains on its synthetic set, but trainer.fit got a datamodule "
-                f"({type(dm).__name__}) whose train_dataloader would replace it; call "
-                "trainer.fit(module, val_dataloaders=dm.val_dataloader()) instead and "
-                "trainer.test(module, datamodule=dm) afterwards"
+                f"({type(dm).__name__}) whose train_dataloader would replace it; use a "
+                "SyntheticDataModule, or call trainer.fit(module, "
+                "val_dataloaders=dm.val_dataloader()) and trainer.test(module, datamodule=dm)"
             )
         if self.trainer.max_epochs != self.epochs:
             raise ValueError(
                 f"EvalModule(epochs={self.epochs}) needs Trainer(max_epochs={self.epochs}), "
                 f"got max_epochs={self.trainer.max_epochs}: the lr schedule (x0.1 at epoch "
                 f"{self.decay_epoch}) is defined by the module's epochs"
+            )
+
+    def _check_same_set(self, other: SyntheticSet) -> None:
+        """The datamodule's set must be the module's (the network, lr and DSA come from it)."""
+        mine = self.synthetic
+        same = (
+            other.images.shape == mine.images.shape and other.labels.shape == mine.labels.shape
+            and other.labels.dtype == mine.labels.dtype and float(other.lr) == float(mine.lr)
+            and torch.equal(other.images.detach().cpu(), mine.images.detach().cpu())
+            and torch.equal(other.labels.detach().cpu(), mine.labels.detach().cpu())
+        )
+        if not same:
+            raise ValueError(
+                "EvalModule: the SyntheticDataModule serves another synthetic set "
+                f"({other.meta.get('path') or other!r}) than the module was built on "
+                f"({mine.meta.get('path') or mine!r}); give both the same set (file)"
             )
 
     # -- optimisation -----------------------------------------------------------------
@@ -284,54 +275,94 @@ class EvalModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
-    # -- validation / test: exact correct / total counts -------------------------------
-    def _count(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    # -- validation / test: torchmetrics accuracies, one metric per run ---------------
+    def _update(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
         if not self.grouped:
             logits = logits.unsqueeze(0)
         k = logits.shape[0]
-        correct = (logits.argmax(2) == y.unsqueeze(0)).sum(dim=1).double()
-        c = self._counts.setdefault(
-            stage, [torch.zeros(k, dtype=torch.float64, device=self.device), 0])
-        c[0] = c[0] + correct
-        c[1] += int(y.shape[0])
-        loss = F.cross_entropy(logits.flatten(0, 1), y.long().repeat(k))
+        y = y.long()
+        preds = logits.argmax(2)  # [K, B]
+        for r in range(k):
+            self._metrics(stage)[r].update(preds[r], y)
+            if stage == "test":
+                self.test_acc_class[r].update(preds[r], y)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(k))
         self.log(f"{stage}/loss", loss, batch_size=y.shape[0], sync_dist=True)
 
+    def _metrics(self, stage: str) -> nn.ModuleList:
+        return self.val_acc if stage == "val" else self.test_acc
+
     def _finish(self, stage: str) -> list[float] | None:
-        k = len(self.seeds)
-        correct, total = self._counts.pop(
-            stage, [torch.zeros(k, dtype=torch.float64, device=self.device), 0])
-        counts = torch.cat([correct, torch.tensor([float(total)], dtype=torch.float64,
-                                                   device=self.device)])
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        if counts[-1] <= 0:
-            return None
-        n = int(counts[-1].item())
-        accs = [int(round(c)) / n for c in counts[:-1].tolist()]
-        self.log(f"{stage}/acc", sum(accs) / len(accs), prog_bar=True)
-        return accs
+        """Per-run accuracies (exact fractions of the counts summed over the ranks), the
+        mean over the runs logged as ``{stage}/acc``; for ``test`` also the per-class
+        accuracies (``test/acc_class/<k>``). Resets the metrics."""
+        metrics = list(self._metrics(stage))
+        per_class = list(self.test_acc_class) if stage == "test" else []
+        try:
+            counts = [_synced_counts(m) for m in metrics]
+            if int(counts[0][1].sum()) <= 0:
+                return None
+            accs = [int(tp.sum()) / int(total.sum()) for tp, total in counts]
+            # compute() is already summed over the ranks: sync_dist only averages equal values
+            self.log(f"{stage}/acc", torch.stack([m.compute() for m in metrics]).mean(),
+                     prog_bar=True, sync_dist=True)
+            if per_class:
+                class_counts = [_synced_counts(m) for m in per_class]
+                self.test_class_accuracies = [
+                    class_accuracies(tp.tolist(), total.tolist()) for tp, total in class_counts]
+                self.test_class_accuracy = _class_mean(self.test_class_accuracies)
+                values = torch.stack([m.compute() for m in per_class]).mean(0)
+                support = class_counts[0][1]
+                self.log_dict({f"test/acc_class/{c}": values[c]
+                               for c in range(values.numel()) if int(support[c]) > 0},
+                              sync_dist=True)
+            return accs
+        finally:
+            for m in metrics + per_class:
+                m.reset()
 
     def on_validation_epoch_start(self) -> None:
-        self._counts.pop("val", None)
+        for m in self.val_acc:
+            m.reset()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._count(batch, "val")
+        self._update(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self.val_accuracies = self._finish("val")
         self.val_accuracy = _mean(self.val_accuracies)
 
     def on_test_epoch_start(self) -> None:
-        self._counts.pop("test", None)
+        for m in [*self.test_acc, *self.test_acc_class]:
+            m.reset()
+        self.test_class_accuracies = self.test_class_accuracy = None
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._count(batch, "test")
+        self._update(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self.test_accuracies = self._finish("test")
         self.test_accuracy = _mean(self.test_accuracies)
+
+
+def _synced_counts(metric: Metric) -> tuple[Tensor, Tensor]:
+    """``(tp, tp + fn)`` of a torchmetrics stat-scores metric (per class, or one entry for
+    ``average="micro"``), summed over the processes under DDP (its ``sync_context``):
+    correct and total counts, exact integers."""
+    with metric.sync_context(should_sync=True, should_unsync=True):
+        tp, fn = metric.tp.detach().clone(), metric.fn.detach().clone()
+    return tp, tp + fn
+
+
+def _class_mean(rows: list[list[float | None]]) -> list[float | None]:
+    """Per-class mean over runs (None where a class has no test images)."""
+    out: list[float | None] = []
+    for col in zip(*rows, strict=True):
+        vals = [v for v in col if v is not None]
+        out.append(sum(vals) / len(vals) if len(vals) == len(col) else None)
+    return out
 
 
 def _mean(values: list[float] | None) -> float | None:
@@ -393,8 +424,10 @@ def evaluate_synthetic(
     subsets; ``synthetic`` still gives the lr, metadata and shapes).
 
     Returns:
-        ``{model: {"accs": [...], "mean": m, "std": s}}`` with :func:`summarize` (population
-        std).
+        ``{model: {"accs": [...], "mean": m, "std": s, "class_accs": [[...], ...],
+        "class_mean": [...]}}``: the runs' test accuracies with :func:`summarize`
+        (population std); per run the accuracy on each class's test images (None for a
+        class without test images) and their per-class mean over the runs.
     """
     protocol = EvalProtocol.resolve(protocol, overrides, "evaluate_synthetic")
     if isinstance(synthetic, (str, os.PathLike)):
@@ -429,27 +462,33 @@ def evaluate_synthetic(
         mkw = dict((model_kwargs or {}).get(name, {}))
         if use_trainer:
             accs: list[float] = []
+            class_accs: list[list[float | None]] = []
             for part in chunks(seeds, protocol.group_size):
-                accs.extend(_run_with_trainer(
+                a, c = _run_with_trainer(
                     synthetic, name, mkw, part, protocol, test_images, test_labels,
                     test_batch_size, dev,
-                ))
+                )
+                accs.extend(a)
+                class_accs.extend(c)
         else:
-            accs = protocol.train_runs(
+            runs_out = protocol.train_runs_results(
                 name, mkw, seeds, images, labels, set_lr=synthetic.lr,
                 num_classes=synthetic.num_classes, test_images=test_images,
                 test_labels=test_labels, test_batch_size=test_batch_size, device=dev,
                 augment=augment,
             )
+            accs = [r["accuracy"] for r in runs_out]
+            class_accs = [list(r["class_accuracy"]) for r in runs_out]
         mean, std = summarize(accs)
-        results[name] = {"accs": accs, "mean": mean, "std": std}
+        results[name] = {"accs": accs, "mean": mean, "std": std, "class_accs": class_accs,
+                         "class_mean": _class_mean(class_accs)}
     return results
 
 
 def _run_with_trainer(
     synthetic: SyntheticSet, name: str, mkw: dict, seeds: Sequence[int], protocol: EvalProtocol,
     test_images: Tensor, test_labels: Tensor, test_batch_size: int, dev: torch.device,
-) -> list[float]:
+) -> tuple[list[float], list[list[float | None]]]:
     seed: int | list[int] = int(seeds[0]) if len(seeds) == 1 else [int(s) for s in seeds]
     module = EvalModule(synthetic, model=name, model_kwargs=mkw, protocol=protocol, seed=seed)
     test_loader = DataLoader(
@@ -463,5 +502,5 @@ def _run_with_trainer(
         trainer = _quiet_trainer(module.epochs, dev)
         trainer.fit(module)
         trainer.test(module, dataloaders=test_loader, verbose=False)
-    assert module.test_accuracies is not None
-    return list(module.test_accuracies)
+    assert module.test_accuracies is not None and module.test_class_accuracies is not None
+    return list(module.test_accuracies), [list(c) for c in module.test_class_accuracies]

@@ -14,7 +14,9 @@ its own seed (and, for ``random``, its own subset); ``group_size: 1`` trains the
 a time.
 
 Prints a table (mean +- std, population std as in the papers) and writes it to
-``output`` (JSON, atomically).
+``output`` (JSON, atomically; docs/formats.md, 'results.json'): per row and model the
+runs' accuracies, their mean and std, and the per-class test accuracies (``class_accs``
+per run, ``class_mean`` over the runs) that :func:`evaluate_synthetic` returns.
 """
 
 from __future__ import annotations

@@ -110,6 +110,24 @@ def test_load_errors_name_the_file(tmp_path):
         SyntheticSet.load(newer)
 
 
+@pytest.mark.parametrize("where, value", [("images", float("nan")), ("images", float("inf")),
+                                          ("labels", float("nan")), ("labels", -float("inf"))])
+def test_load_refuses_non_finite_images_or_labels(tmp_path, where, value):
+    s = _hard_set()
+    if where == "labels":  # soft labels (logits) can be non-finite; hard ones cannot
+        s = SyntheticSet(s.images, torch.randn(6, 3), s.lr, s.meta)
+    getattr(s, where).view(-1)[4] = value
+    path = s.save(tmp_path / "diverged.pt", grid=False)  # save writes what it is given
+    with pytest.raises(ValueError, match=rf"diverged\.pt: the synthetic {where} hold 1 NaN or "
+                       r"inf value\(s\).*use a set saved before the divergence"):
+        SyntheticSet.load(path)
+    # the same check on an in-memory set, and a finite set passes
+    with pytest.raises(ValueError, match=f"my set: the synthetic {where}"):
+        s.check_finite("my set")
+    _hard_set().check_finite()
+    SyntheticSet.load(_hard_set().save(tmp_path / "fine.pt", grid=False))
+
+
 def test_check_compatible_names_field_and_values():
     s = _hard_set()  # 1 channel, 8x8, 3 classes
     s.check_compatible(channels=1, image_size=8, num_classes=3)

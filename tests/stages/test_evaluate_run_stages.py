@@ -60,6 +60,18 @@ def test_evaluate_stage_rows_equal_direct_evaluation(digits, tmp_path):
     assert len(rows[0]["results"]["ConvNet"]["accs"]) == 2
     saved = json.loads(out.read_text())
     assert saved["rows"][1]["results"]["ConvNet"]["accs"] == direct["accs"]
+    # per-class test accuracies of every row: one list of 10 per run, and their mean
+    assert saved["rows"][1]["results"]["ConvNet"]["class_accs"] == direct["class_accs"]
+    assert saved["rows"][1]["results"]["ConvNet"]["class_mean"] == direct["class_mean"]
+    for row in saved["rows"]:
+        res = row["results"]["ConvNet"]
+        assert [len(c) for c in res["class_accs"]] == [10] * len(res["accs"])
+        assert len(res["class_mean"]) == 10
+    n_c = torch.bincount(test_y, minlength=10)
+    for r, acc in enumerate(direct["accs"]):  # the classes' counts add up to the accuracy
+        correct = sum(round(a * int(n)) for a, n in zip(direct["class_accs"][r], n_c,
+                                                        strict=True))
+        assert correct / test_y.numel() == acc
 
 
 def test_random_baseline_draws_a_new_subset_per_network(digits, monkeypatch):
