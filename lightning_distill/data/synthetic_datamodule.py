@@ -143,7 +143,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         batch_size: batch size of the validation and test loaders (1024, the test batch
             size of :func:`~lightning_distill.modules.evaluate_synthetic`); the
             training batches are the module's (see the module docstring).
-        split_seed: seed of the real validation split (``RealDataModule(seed=...)``).
+        split_seed: seed of the real validation split (``RealDataModule(split_seed=...)``).
         real: a :class:`RealDataModule` to take the validation and test splits from,
             instead of the plain arguments above (which must then stay at their
             defaults).
@@ -204,7 +204,7 @@ class SyntheticDataModule(pl.LightningDataModule):
                     )
             real = RealDataModule(
                 str(name), root=root, batch_size=batch_size, val_fraction=val_fraction,
-                seed=split_seed, zca=zca, zca_regularization=zca_regularization,
+                split_seed=split_seed, zca=zca, zca_regularization=zca_regularization,
                 num_workers=num_workers, dataset_kwargs=dataset_kwargs, loader=loader,
             )
         source = synthetic.meta.get("dataset")
