@@ -2,9 +2,10 @@
 
 Distillation is one long epoch of outer iterations, so Lightning's epoch-based
 ``ModelCheckpoint`` is not the resume point (it can still be added to keep the best
-iterations by a monitored metric such as ``distill/loss``); this ``Checkpoint`` saves the full training state (module,
-optimizers, callbacks' state, the per-rank generators) every ``every_n`` iterations and
-at the end (docs/formats.md, section 'Distillation checkpoint').
+iterations by a monitored metric such as ``distill/loss``); this ``Checkpoint`` saves
+the full training state (module, optimizers, callbacks' state, the per-rank
+generators) every ``every_n`` iterations and at the end (docs/formats.md, section
+'Distillation checkpoint').
 
 Example::
 

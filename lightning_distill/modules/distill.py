@@ -33,13 +33,19 @@ Example::
 
     module = DistillationModule("outputs/cifar10/experts", ipc=10, syn_steps=80,
                                 expert_epochs=2, max_start_epoch=20, lr_img=100)
-    module.initialize(datamodule)          # real / samples_predicted_correctly / noise
-    trainer = pl.Trainer(max_epochs=1, callbacks=[MatchingWindow(0, 10, 20, 1000, True)])
-    trainer.fit(module)
+    trainer = pl.Trainer(max_epochs=-1, callbacks=[MatchingWindow(0, 10, 20, 1000, True)])
+    trainer.fit(module, datamodule=RealDataModule("cifar10", zca=True))
 
-One epoch of the module's loader is the remaining iterations, and training stops by
-itself after ``iterations`` whatever ``max_epochs`` (>= 1, or -1) says; to extend a
-finished run, resume it with a larger ``iterations`` and one more epoch.
+The datamodule supplies real data only (the initialisation from its training part,
+the validation split for PeriodicEvaluation): the training "batches" are this
+module's outer iterations (``owns_train_loader``; RealDataModule serves them). Without a
+datamodule, call ``module.initialize(datamodule)`` (or pass tensors) before ``fit``.
+Training stops by itself after ``iterations`` whatever ``max_epochs`` says; with
+``max_epochs=-1`` a run stopped early (``max_time``, a signal, a crash) and resumed
+from its checkpoint goes on to ``iterations``, and a finished run resumed with a larger
+``iterations`` continues. Metrics (``self.log``, so every logger and
+ModelCheckpoint / EarlyStopping see them) are ``distill/<name>``: docs/formats.md,
+'Logged metrics'.
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
 from pytorch_lightning.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for

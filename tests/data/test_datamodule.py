@@ -192,7 +192,8 @@ def test_batched_loader_equals_dataloader_for_same_seed(dm):
     assert n % 100 != 0  # a partial last batch is compared too
     ours = dm.train_dataloader()
     assert isinstance(ours, TensorBatchLoader) and len(ours) == math.ceil(n / 100)
-    ref = RealDataModule("digits", batch_size=100, val_fraction=0.1, split_seed=0, loader="dataloader")
+    ref = RealDataModule("digits", batch_size=100, val_fraction=0.1, split_seed=0,
+                         loader="dataloader")
     ref.setup()
     theirs = ref.train_dataloader()
     assert isinstance(theirs, DataLoader) and len(theirs) == len(ours)
