@@ -19,10 +19,7 @@ from lightning_distill.trajectories import TrajectoryStore
 
 CONFIG = """\
 model:
-  model: ConvNet
-  channels: null       # all three from the datamodule
-  num_classes: null
-  image_size: null
+  model: ConvNet       # channels, num_classes, image_size: from the datamodule
   model_kwargs: {{width: 4, depth: 2}}
   lr: 0.05
   dsa_flip: false
@@ -52,8 +49,10 @@ def _no_pytest_argv(monkeypatch):
 
 
 def _fit(config: Path, seed: int) -> LightningCLI:
+    """Expert ``seed``: its own initialisation, DSA draws and data order."""
     return LightningCLI(ExpertTrajectoryModule, RealDataModule,
-                        args=["fit", "--config", str(config), "--seed_everything", str(seed)],
+                        args=["fit", "--config", str(config), "--seed_everything", str(seed),
+                              "--model.dsa_seed", str(seed), "--data.shuffle_seed", str(seed)],
                         save_config_kwargs={"overwrite": True})
 
 
@@ -111,7 +110,7 @@ def test_the_expert_callbacks_are_built_from_command_line_flags(tmp_path: Path):
 
     store = str(tmp_path / "experts")
     cli = LightningCLI(ExpertTrajectoryModule, RealDataModule, run=False, args=[
-        "--data.name", "digits", "--model.channels", "null", "--trainer.max_epochs", "2",
+        "--data.name", "digits", "--trainer.max_epochs", "2",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.callbacks+=lightning_distill.callbacks.TrajectoryRecorder",
         f"--trainer.callbacks.store={store}", "--trainer.callbacks.every_n_epochs=2",
@@ -127,4 +126,4 @@ def test_the_expert_callbacks_are_built_from_command_line_flags(tmp_path: Path):
     assert (rec._store_arg, rec.expert_index, rec.every_n_epochs) == (store, None, 2)
     assert group.expert_indices == [3, 4] and got[GSAM].alpha == 0.4
     assert SAM in got and ASAM in got
-    assert cli.model.net is None and cli.model.hparams.num_classes == 10
+    assert cli.model.net is None and cli.model.hparams.num_classes is None  # built in fit

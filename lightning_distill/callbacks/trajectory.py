@@ -105,8 +105,7 @@ class TrajectoryRecorder(Callback):
         from lightning_distill.callbacks import GSAM, TrajectoryRecorder
 
         dm = RealDataModule("cifar10", zca=True)
-        module = ExpertTrajectoryModule("ConvNet", channels=None, num_classes=None,
-                                        image_size=None)  # from dm
+        module = ExpertTrajectoryModule("ConvNet")  # channels, num_classes, image_size: dm's
         trainer = pl.Trainer(max_epochs=50, callbacks=[
             GSAM(rho=0.01, alpha=0.3), TrajectoryRecorder("outputs/cifar10/experts")])
         trainer.fit(module, datamodule=dm)  # expert 0; the same again: expert 1, ...

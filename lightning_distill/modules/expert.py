@@ -7,15 +7,17 @@ every real batch. FTD/DATM wrap the same SGD in GSAM: add the
 *loss protocol* of :mod:`lightning_distill.callbacks.sharpness`: every training step
 sets ``self.loss_closure``, which recomputes the loss on the same augmented batch.
 
-Example::
+Example (the shapes come from the datamodule; the recorder creates the store on the
+first run and records the next missing expert on each later one)::
 
-    from lightning_distill import ExpertTrajectoryModule, TrajectoryStore
+    from lightning_distill import ExpertTrajectoryModule, RealDataModule
     from lightning_distill.callbacks import GSAM, TrajectoryRecorder
 
-    module = ExpertTrajectoryModule("ConvNet", channels=3, num_classes=10, image_size=32)
-    trainer = pl.Trainer(max_epochs=50, callbacks=[GSAM(rho=0.01, alpha=0.3),
-                                                   TrajectoryRecorder(store, expert_index=0)])
-    trainer.fit(module, datamodule)
+    pl.seed_everything(0)  # expert i: its own seed
+    module = ExpertTrajectoryModule("ConvNet", dsa_seed=0)
+    trainer = pl.Trainer(max_epochs=50, callbacks=[
+        GSAM(rho=0.01, alpha=0.3), TrajectoryRecorder("outputs/cifar10/experts")])
+    trainer.fit(module, datamodule=RealDataModule("cifar10", zca=True))
 
 :class:`GroupExpertModule` trains K experts as one vectorised model (the ``experts``
 stage's ``group_size``): member k is the expert a one-at-a-time run would train with
@@ -166,10 +168,11 @@ class ExpertTrajectoryModule(_ExpertSteps):
 
     Args:
         model: ``build_model`` name (ConvNet, ConvNetD4, ...).
-        channels, num_classes, image_size: the data set's shape. Any left None is taken
-            from the Trainer's datamodule (``RealDataModule`` exposes all three after
-            ``setup``) and the network is built in :meth:`configure_model`; given, the
-            network is built here. Either way ``self.hparams`` ends with the real values.
+        channels, num_classes, image_size: the data set's shape. Those left None (the
+            default) are taken from the Trainer's datamodule (``RealDataModule`` exposes
+            all three after ``setup``) and the network is built in :meth:`configure_model`;
+            all three given, the network is built here. Either way ``self.hparams`` ends
+            with the real values.
         model_kwargs: extra ``build_model`` keywords (width, depth, norm, ...).
         lr, momentum, weight_decay: the SGD settings (defaults 0.01 / 0 / 0 as MTT:
         docs/method.md, 'Expert trajectories').
@@ -186,14 +189,24 @@ class ExpertTrajectoryModule(_ExpertSteps):
     over DDP ranks).
 
     :class:`~lightning_distill.callbacks.TrajectoryRecorder` records ``net``
-    (:attr:`trajectory_module_attr`), and can create its store from this module's
-    hyperparameters. Under a stock ``LightningCLI(ExpertTrajectoryModule, RealDataModule)``
-    the shapes come from ``--data``::
+    (:attr:`trajectory_module_attr`) and can create its store from this module's
+    hyperparameters. A stock ``LightningCLI(ExpertTrajectoryModule, RealDataModule)``
+    (``train.py``) trains expert i with ``python train.py fit --config experts.yaml
+    --seed_everything i --model.dsa_seed i --data.shuffle_seed i``, each run recording the
+    store's next missing expert (the three seeds are the initialisation, the DSA draws and
+    the data order; the experts stage derives them from ``(seed, i)``)::
 
-        python train.py fit --data.name digits --model.model_kwargs '{width: 32, depth: 2}' \
-            --trainer.max_epochs 50 --trainer.callbacks+=lightning_distill.callbacks.GSAM \
-            --trainer.callbacks+=lightning_distill.callbacks.TrajectoryRecorder \
-            --trainer.callbacks.store outputs/digits/experts
+        model:
+          model_kwargs: {width: 32, depth: 2}   # shapes: from the datamodule
+          lr: 0.05
+          dsa_flip: false                       # digits: no flip
+        data: {name: digits, batch_size: 32}
+        trainer:
+          max_epochs: 50
+          callbacks:
+            - class_path: lightning_distill.callbacks.GSAM
+            - class_path: lightning_distill.callbacks.TrajectoryRecorder
+              init_args: {store: outputs/digits/experts}
     """
 
     #: the attribute :class:`~lightning_distill.callbacks.TrajectoryRecorder` records by default
@@ -202,9 +215,9 @@ class ExpertTrajectoryModule(_ExpertSteps):
     def __init__(
         self,
         model: str = "ConvNet",
-        channels: int | None = 3,
-        num_classes: int | None = 10,
-        image_size: int | tuple[int, int] | None = 32,
+        channels: int | None = None,
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         lr: float = 0.01,
         momentum: float = 0.0,
@@ -316,9 +329,9 @@ class GroupExpertModule(_ExpertSteps):
     def __init__(
         self,
         model: str = "ConvNet",
-        channels: int | None = 3,
-        num_classes: int | None = 10,
-        image_size: int | tuple[int, int] | None = 32,
+        channels: int | None = None,
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         init_seeds: Sequence[int] = (0,),
         dsa_seeds: Sequence[int] = (0,),
