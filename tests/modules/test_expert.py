@@ -248,3 +248,23 @@ def test_deferred_network_resumes_a_checkpoint_and_loads_with_the_real_shapes(tm
     # the checkpoint's hyperparameters hold the shapes: built at construction
     loaded = ExpertTrajectoryModule.load_from_checkpoint(ckpt, weights_only=True)
     assert torch.equal(_flat(loaded.net), _flat(first.net))
+
+
+def test_configure_model_builds_on_the_cpu_in_float32_inside_lightnings_contexts():
+    """Lightning calls configure_model inside the strategy's device context (CUDA on a
+    GPU) and a true precision's default dtype: the network is still built as eager
+    construction builds it (CPU, float32, the CPU generator); Lightning moves it later."""
+    eager = _module(seed=8)
+    deferred = _module(seed=8, **NO_SHAPES)
+    deferred.hparams.update(channels=1, num_classes=3, image_size=8)
+    dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            deferred.configure_model()
+    finally:
+        torch.set_default_dtype(dtype)
+    p = next(deferred.net.parameters())
+    assert p.device.type == "cpu" and p.dtype == torch.float32
+    assert torch.equal(_flat(deferred.net), _flat(eager.net))
+    assert deferred.val_acc.tp.device.type == "cpu"
