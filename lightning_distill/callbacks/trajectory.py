@@ -76,15 +76,18 @@ class TrajectoryRecorder(Callback):
       ``model``, ``channels``, ``num_classes``, ``image_size``, ``model_kwargs``
       (ExpertTrajectoryModule's), the datamodule's ``name`` and ``input_space``
       (RealDataModule's) and ``num_snapshots = max_epochs / every_n_epochs + 1``; its
-      ``hparams`` are ``{"module": the module's other hyperparameters (not the seeds, which
-      differ from one expert to the next),
-      "epochs", "batch_size": the datamodule's, "sharpness": the SAM / ASAM / GSAM
-      callback's {method, rho, alpha, adaptive} or {method: "none"}}``. On every rank (rank 0
-      first, the others after a barrier), so that all ranks agree.
+      ``hparams`` are ``{"module": the module's other hyperparameters (not the seeds,
+      which differ from one expert to the next), "epochs", "batch_size": the
+      datamodule's, "sharpness": the SAM / ASAM / GSAM callback's {method, rho, alpha,
+      adaptive} or {method: "none"}}``. On every rank (rank 0 first, the others after a
+      barrier), so that all ranks agree.
     - ``expert_index=None`` takes the store's first missing index when the fit starts, or,
       when ``fit`` resumes a checkpoint, the index the checkpoint was recording (the
       state key of an automatic recorder does not contain the index). Two processes
       writing into one store at once must give explicit indices.
+    - the datamodule's ``input_space``, when it has one, must match the store's
+      (:meth:`~lightning_distill.data.InputSpace.matches`), so that experts of two input
+      spaces (ZCA switched on between two runs, say) never share a store.
 
     Args:
         store: a :class:`~lightning_distill.TrajectoryStore` or its path (created when it
@@ -225,6 +228,7 @@ class TrajectoryRecorder(Callback):
         if self.expert_index is None:
             self.expert_index = self.store.first_missing()
         self._check_model(target)
+        self._check_input_space(trainer)
         self._prepared = True
         max_epochs = trainer.max_epochs
         expected = (self.store.num_snapshots - 1) * self.every_n_epochs
@@ -302,6 +306,21 @@ class TrajectoryRecorder(Callback):
     def _check_model(self, target: nn.Module) -> None:
         assert self.store is not None
         self.store.check_model(target)
+
+    def _check_input_space(self, trainer: pl.Trainer) -> None:
+        """Refuse a datamodule whose input space differs from the store's (InputSpace's
+        ``matches`` rule), e.g. the same command run again with ZCA switched on."""
+        assert self.store is not None
+        try:
+            space = getattr(getattr(trainer, "datamodule", None), "input_space", None)
+        except RuntimeError:  # RealDataModule before setup()
+            space = None
+        diff = None if space is None else self.store.input_space.mismatch(space)
+        if diff is not None:
+            raise ValueError(
+                f"{type(self).__name__}: the datamodule's input space differs from the "
+                f"store {self.store.path}'s ({diff}, store vs data); experts of different "
+                "input spaces cannot share a store: use another store directory")
 
     def _indices(self) -> list[int]:
         """The store indices this recorder writes."""

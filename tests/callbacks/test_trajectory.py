@@ -378,3 +378,16 @@ def test_creating_a_store_needs_the_module_hparams_a_datamodule_and_max_epochs(t
         trainer(3, [TrajectoryRecorder(path, every_n_epochs=2)]).fit(expert_module(),
                                                                       datamodule=Shaped())
     assert not (tmp_path / "store").exists()
+
+
+def test_a_datamodule_of_another_input_space_is_refused(tmp_path):
+    path = tmp_path / "store"
+    trainer(2, [TrajectoryRecorder(path)]).fit(expert_module(), datamodule=Shaped())
+
+    class Whitened(Shaped):
+        input_space = {"dataset": "tiny", "normalization": "zca", "zca_fingerprint": "ab12"}
+
+    with pytest.raises(ValueError, match="input space differs.*normalization = 'meanstd' "
+                                         "vs 'zca'"):
+        trainer(2, [TrajectoryRecorder(path)]).fit(expert_module(), datamodule=Whitened())
+    assert TrajectoryStore.open(path).expert_indices() == [0]
