@@ -201,6 +201,38 @@ class TrajectoryStore:
         return cls(root, meta)
 
     @classmethod
+    def create_for_model(
+        cls,
+        path: str | os.PathLike,
+        *,
+        name: str,
+        channels: int,
+        num_classes: int,
+        image_size: int | Iterable[int],
+        model_kwargs: dict[str, Any] | None = None,
+        num_snapshots: int,
+        dataset: str,
+        input_space: InputSpace | dict | None = None,
+        hparams: dict | None = None,
+        exist_ok: bool = True,
+    ) -> TrajectoryStore:
+        """:meth:`create` for experts of the registered model ``name``: the ``model`` entry
+        is ``{"name", "channels", "num_classes", "image_size": [H, W], **model_kwargs}``
+        (what ``build_model(...).model_config`` holds) and the spec is that model's,
+        computed from a build on the ``meta`` device (no memory, no draw from any random
+        generator). The experts stage and :class:`~lightning_distill.callbacks.TrajectoryRecorder`
+        (a store it creates from the module) both create their stores here."""
+        from .models import build_model, to_hw
+
+        model = {"name": name, "channels": int(channels), "num_classes": int(num_classes),
+                 "image_size": list(to_hw(image_size)), **dict(model_kwargs or {})}
+        with torch.device("meta"):
+            net = build_model(**model)
+        return cls.create(path, spec=ParamSpec.of(net), num_snapshots=num_snapshots,
+                          model=model, dataset=dataset, input_space=input_space,
+                          hparams=hparams, exist_ok=exist_ok)
+
+    @classmethod
     def open(cls, path: str | os.PathLike, *, cache_size: int = 8) -> TrajectoryStore:
         """Open an existing store, validating its meta.json."""
         root = Path(path)

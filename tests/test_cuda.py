@@ -199,3 +199,46 @@ def test_gsam_expert_on_the_device_records_its_trajectory(tmp_path):
         stores[name] = snaps
     torch.testing.assert_close(stores["dev"], stores["cpu"], rtol=1e-3, atol=1e-4)
     assert (stores["cpu"][2] - stores["cpu"][0]).abs().max() > 1e-3  # it moved
+
+
+class _TinyData(pl.LightningDataModule):
+    """tiny_data with what RealDataModule exposes after setup: shapes, name, input space."""
+
+    name, channels, num_classes, image_size, batch_size = "tiny", 1, 3, (8, 8), 8
+    input_space = TINY_INPUT_SPACE
+
+    def train_dataloader(self):
+        x, y = tiny_data(per_class=8)
+        return TensorBatchLoader(x, y, batch_size=8, shuffle=True,
+                                 generator=torch.Generator().manual_seed(1))
+
+    def val_dataloader(self):
+        x, y = tiny_data(per_class=4, seed=1)
+        return TensorBatchLoader(x, y, batch_size=5)
+
+
+def test_expert_with_shapes_from_the_datamodule_on_the_device(tmp_path):
+    """configure_model runs inside the strategy's device context: the network is still
+    built on the CPU from the CPU generator (theta_0 equals the eagerly built CPU
+    network's bit for bit), then trained on the device into a store the recorder creates;
+    the torchmetrics accuracies are those of the final network on the validation data."""
+    torch.manual_seed(0)
+    eager = ExpertTrajectoryModule("ConvNet", channels=1, num_classes=3, image_size=8,
+                                   model_kwargs={"width": 4, "depth": 2})
+    init = flatten_parameters(eager.net).detach().clone()
+    torch.manual_seed(0)
+    module = ExpertTrajectoryModule("ConvNet", model_kwargs={"width": 4, "depth": 2},
+                                    lr=0.05, dsa_seed=5)
+    trainer = _trainer(max_epochs=2, num_sanity_val_steps=1, callbacks=[
+        GSAM(rho=0.05, alpha=0.3), TrajectoryRecorder(str(tmp_path / "store"))])
+    trainer.fit(module, datamodule=_TinyData())
+    store = TrajectoryStore.open(tmp_path / "store")
+    assert store.validate(deep=True) == [0] and store.model["image_size"] == [8, 8]
+    snaps = store.load_expert(0, mmap=False)
+    assert torch.equal(snaps[0], init)
+    assert next(module.net.parameters()).device.type == DEVICE.type
+    assert module.val_acc.tp.device.type == DEVICE.type
+    x, y = tiny_data(per_class=4, seed=1)
+    with torch.no_grad():
+        hand = (module.net(x.to(DEVICE)).argmax(1).cpu() == y).float().mean().item()
+    assert trainer.logged_metrics["val/acc"].item() == pytest.approx(hand, abs=1e-6)

@@ -291,3 +291,26 @@ def test_cache_sees_rewrites_and_pickles_small(tmp_path):
     assert torch.equal(store.snapshot(0, 1), traj(5)[1])
     clone = pickle.loads(pickle.dumps(store))
     assert clone._cache == {} and torch.equal(clone.snapshot(0, 2), traj(5)[2])
+
+
+def test_create_for_model_records_the_registered_model_without_building_it(tmp_path):
+    """The model entry and spec of ``build_model(...)``, built on the meta device: the
+    global random state is untouched (the experts stage and TrajectoryRecorder use it)."""
+    torch.manual_seed(3)
+    store = TrajectoryStore.create_for_model(
+        tmp_path / "s", name="ConvNet", channels=1, num_classes=10, image_size=(8, 8),
+        model_kwargs={"width": 4, "depth": 2}, num_snapshots=3, dataset="digits",
+        input_space=INPUT, hparams={"lr": 0.01})
+    drawn = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, torch.rand(4))
+    net = ld_models.build_model("ConvNet", 1, 10, 8, width=4, depth=2)
+    assert store.model == net.model_config
+    assert store.spec == ParamSpec.of(net) and store.num_snapshots == 3
+    store.check_model(store.build_model())
+    # the same call again opens it (create's identity rule: int image_size == [8, 8])
+    again = TrajectoryStore.create_for_model(
+        tmp_path / "s", name="ConvNet", channels=1, num_classes=10, image_size=8,
+        model_kwargs={"width": 4, "depth": 2}, num_snapshots=3, dataset="digits",
+        input_space=INPUT, hparams={"lr": 0.01})
+    assert again.meta == store.meta

@@ -6,12 +6,27 @@ An expert trajectory is theta_0 (initialisation), theta_1, ..., theta_E: the fla
 parameter vector (``named_parameters()`` order) at the start of training and after
 every epoch, E+1 snapshots for E epochs (MTT section 3; with ``every_n_epochs=k``,
 the snapshots after epochs 0, k, 2k, ..., E).
+
+In a Lightning project of your own (a stock ``LightningCLI(ExpertTrajectoryModule,
+RealDataModule)`` or ``Trainer.fit(module, datamodule=dm)``) the recorder needs only the
+store's path: a store that does not exist yet is created from the module and the
+datamodule, and the expert index defaults to the store's first missing one, so running
+the same command again trains the next expert::
+
+    trainer:
+      max_epochs: 50
+      callbacks:
+        - class_path: lightning_distill.callbacks.GSAM
+        - class_path: lightning_distill.callbacks.TrajectoryRecorder
+          init_args: {store: outputs/digits/experts}
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,7 +36,15 @@ from torch import Tensor, nn
 
 from ..io import atomic_save
 from ..models.params import flatten_parameters
-from ..trajectories import TrajectoryStore
+from ..trajectories import META_FILE, TrajectoryStore
+from .sharpness import SharpnessAware
+
+#: module hyperparameters that the store's ``model`` entry holds, or that differ from one
+#: expert to the next (seeds, store indices) or do not change the experts (the group
+#: backend): not written to the store's ``hparams``
+_NOT_STORE_HPARAMS = frozenset({
+    "model", "channels", "num_classes", "image_size", "model_kwargs", "dsa_seed",
+    "init_seeds", "dsa_seeds", "expert_indices", "backend"})
 
 __all__ = ["GroupTrajectoryRecorder", "TrajectoryRecorder"]
 
@@ -43,72 +66,119 @@ class TrajectoryRecorder(Callback):
     Lightning checkpoint (``fit(ckpt_path=...)``) in the middle of an expert continues
     the same trajectory.
 
+    The store and the index are settled in ``setup`` when the store exists and the
+    recorded network is built, otherwise in ``on_fit_start`` (after Lightning's
+    ``configure_model``, where :class:`~lightning_distill.ExpertTrajectoryModule` builds a
+    network whose shapes come from the datamodule):
+
+    - a ``store`` path without ``meta.json`` is created with
+      :meth:`TrajectoryStore.create_for_model` from the module's hyperparameters
+      ``model``, ``channels``, ``num_classes``, ``image_size``, ``model_kwargs``
+      (ExpertTrajectoryModule's), the datamodule's ``name`` and ``input_space``
+      (RealDataModule's) and ``num_snapshots = max_epochs / every_n_epochs + 1``; its
+      ``hparams`` are ``{"module": the module's other hyperparameters (not the seeds,
+      which differ from one expert to the next), "epochs", "batch_size": the
+      datamodule's, "sharpness": the SAM / ASAM / GSAM callback's {method, rho, alpha,
+      adaptive} or {method: "none"}}``. On every rank (rank 0 first, the others after a
+      barrier), so that all ranks agree.
+    - ``expert_index=None`` takes the store's first missing index when the fit starts, or,
+      when ``fit`` resumes a checkpoint, the index the checkpoint was recording (the
+      state key of an automatic recorder does not contain the index). Two processes
+      writing into one store at once must give explicit indices.
+    - the datamodule's ``input_space``, when it has one, must match the store's
+      (:meth:`~lightning_distill.data.InputSpace.matches`), so that experts of two input
+      spaces (ZCA switched on between two runs, say) never share a store.
+
     Args:
-        store: a :class:`~lightning_distill.TrajectoryStore` or the path of an existing one.
-        expert_index: the expert's index in the store (file ``expert_{index:05d}.pt``).
+        store: a :class:`~lightning_distill.TrajectoryStore` or its path (created when it
+            does not hold a store yet, see above).
+        expert_index: the expert's index in the store (file ``expert_{index:05d}.pt``);
+            None: the first missing one (see above).
         every_n_epochs: snapshot after every n-th epoch; ``max_epochs`` must equal
             ``(store.num_snapshots - 1) * every_n_epochs``.
         module_attr: (dotted) attribute of the LightningModule whose parameters are
-            recorded, e.g. ``"net"``; ``None`` records the whole LightningModule.
+            recorded, e.g. ``"net"``; ``None``: the module's ``trajectory_module_attr`` if
+            it has one (:class:`~lightning_distill.ExpertTrajectoryModule`: ``"net"``),
+            otherwise the whole LightningModule.
         allow_partial: save an incomplete trajectory to ``expert_XXXXX.partial.pt``.
 
     Example::
 
-        from lightning_distill import ExpertTrajectoryModule, TrajectoryStore
-        from lightning_distill.callbacks import TrajectoryRecorder
-        from lightning_distill.models.params import ParamSpec
+        from lightning_distill import ExpertTrajectoryModule, RealDataModule
+        from lightning_distill.callbacks import GSAM, TrajectoryRecorder
 
-        module = ExpertTrajectoryModule("ConvNet", channels=3, num_classes=10, image_size=32)
+        dm = RealDataModule("cifar10", zca=True)
+        module = ExpertTrajectoryModule("ConvNet")  # channels, num_classes, image_size: dm's
+        trainer = pl.Trainer(max_epochs=50, callbacks=[
+            GSAM(rho=0.01, alpha=0.3), TrajectoryRecorder("outputs/cifar10/experts")])
+        trainer.fit(module, datamodule=dm)  # expert 0; the same again: expert 1, ...
+
+    With a store made beforehand (:meth:`TrajectoryStore.create`, any module)::
+
         store = TrajectoryStore.create(
             "experts/", spec=ParamSpec.of(module.net), num_snapshots=51,
             model={"name": "ConvNet", "channels": 3, "num_classes": 10, "image_size": 32},
-            dataset="cifar10", input_space={"normalize": "cifar10"}, hparams={"lr": 0.01},
+            dataset="cifar10", input_space=dm.input_space, hparams={"lr": 0.01},
         )
         trainer = pl.Trainer(max_epochs=50, callbacks=[
             TrajectoryRecorder(store, expert_index=store.first_missing(), module_attr="net")])
-        trainer.fit(module, datamodule=dm)
     """
 
     def __init__(
         self,
-        store: TrajectoryStore | str | os.PathLike,
-        expert_index: int,
+        store: str | os.PathLike | TrajectoryStore,
+        expert_index: int | None = None,
         every_n_epochs: int = 1,
         module_attr: str | None = None,
         allow_partial: bool = False,
     ) -> None:
         super().__init__()
-        if int(expert_index) < 0:
+        if expert_index is not None and int(expert_index) < 0:
             raise ValueError(f"expert_index must be >= 0, got {expert_index}")
         if int(every_n_epochs) < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self._store_arg = store
         self.store: TrajectoryStore | None = store if isinstance(store, TrajectoryStore) else None
-        self.expert_index = int(expert_index)
+        self._auto_index = expert_index is None
+        self.expert_index: int | None = None if expert_index is None else int(expert_index)
         self.every_n_epochs = int(every_n_epochs)
         self.module_attr = module_attr
         self.allow_partial = allow_partial
+        self._prepared = False
         self._snapshots: dict[int, Tensor] = {}  # epoch -> flat float32 CPU parameters
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(expert_index=self.expert_index)
+        # an automatic index is not known before the fit (nor the same after a resume)
+        return self._generate_state_key(
+            expert_index="auto" if self._auto_index else self.expert_index)
 
     # ------------------------------------------------------------------ helpers
-    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.module_attr is None:
+    def _attr(self, pl_module: pl.LightningModule) -> str | None:
+        """The recorded attribute path: ``module_attr``, else the module's own choice."""
+        if self.module_attr is not None:
+            return self.module_attr
+        return getattr(pl_module, "trajectory_module_attr", None)
+
+    def _target(self, pl_module: pl.LightningModule, built: bool = True) -> nn.Module | None:
+        """The recorded module; with ``built=False``, None while it is still None (a
+        network built later, in ``configure_model``)."""
+        attr = self._attr(pl_module)
+        if attr is None:
             return pl_module
         obj: Any = pl_module
-        for part in self.module_attr.split("."):
+        for part in attr.split("."):
             if not hasattr(obj, part):
                 raise AttributeError(
-                    f"TrajectoryRecorder(module_attr={self.module_attr!r}): "
-                    f"{type(pl_module).__name__} has no attribute path {self.module_attr!r}"
+                    f"TrajectoryRecorder(module_attr={attr!r}): "
+                    f"{type(pl_module).__name__} has no attribute path {attr!r}"
                 )
             obj = getattr(obj, part)
+        if obj is None and not built:
+            return None
         if not isinstance(obj, nn.Module):
             raise TypeError(
-                f"TrajectoryRecorder(module_attr={self.module_attr!r}) is a "
+                f"TrajectoryRecorder(module_attr={attr!r}) is a "
                 f"{type(obj).__name__}, expected an nn.Module"
             )
         return obj
@@ -136,9 +206,30 @@ class TrajectoryRecorder(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.store is None:
+        self._prepared = False
+        if self._auto_index:
+            self.expert_index = None  # chosen for this fit
+        if self.store is None and (Path(self._store_arg) / META_FILE).exists():
             self.store = TrajectoryStore.open(self._store_arg)
-        self._check_model(self._target(pl_module))
+        target = self._target(pl_module, built=False)
+        if self.store is not None and target is not None:
+            self._prepare(trainer, target)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._prepared:
+            return
+        if self.store is None:
+            self.store = self._create_store(trainer, pl_module)
+        self._prepare(trainer, self._target(pl_module))
+
+    def _prepare(self, trainer: pl.Trainer, target: nn.Module) -> None:
+        """Index, model and ``max_epochs`` checks, once the store and the network exist."""
+        assert self.store is not None
+        if self.expert_index is None:
+            self.expert_index = self.store.first_missing()
+        self._check_model(target)
+        self._check_input_space(trainer)
+        self._prepared = True
         max_epochs = trainer.max_epochs
         expected = (self.store.num_snapshots - 1) * self.every_n_epochs
         if max_epochs is not None and max_epochs != -1 and max_epochs != expected:
@@ -155,9 +246,81 @@ class TrajectoryRecorder(Callback):
                     stacklevel=2,
                 )
 
+    def _create_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule
+                      ) -> TrajectoryStore:
+        """A new store for the module's experts (class docstring), on every rank."""
+        name = type(self).__name__
+        hp = dict(getattr(pl_module, "hparams", {}) or {})
+        missing = [k for k in ("model", "channels", "num_classes", "image_size")
+                   if hp.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"{name}: {self._store_arg} is not a trajectory store yet, and "
+                f"{type(pl_module).__name__} has no hyperparameters {missing} to create it "
+                "from (ExpertTrajectoryModule has them); create the store first "
+                "(TrajectoryStore.create) or record an ExpertTrajectoryModule")
+        dm = trainer.datamodule
+        dataset = getattr(dm, "name", None)
+        try:
+            input_space = getattr(dm, "input_space", None)
+        except RuntimeError:  # RealDataModule before setup()
+            input_space = None
+        if dataset is None or input_space is None:
+            raise ValueError(
+                f"{name}: {self._store_arg} is not a trajectory store yet; creating it needs "
+                "the data set's name and input space from the Trainer's datamodule "
+                "(RealDataModule's name and input_space), but "
+                f"{'there is no datamodule' if dm is None else type(dm).__name__ + ' lacks them'}"
+                "; fit with datamodule=RealDataModule(...) or create the store first")
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 1 or max_epochs % self.every_n_epochs:
+            raise ValueError(
+                f"{name}: creating {self._store_arg} needs Trainer(max_epochs) set to a "
+                f"multiple of every_n_epochs={self.every_n_epochs} (the number of snapshots "
+                f"is max_epochs / every_n_epochs + 1), got max_epochs={max_epochs}")
+        sharp = [c for c in trainer.callbacks if isinstance(c, SharpnessAware)]
+        sharpness: dict[str, Any] = {"method": "none"}
+        if sharp:
+            c = sharp[0]
+            sharpness = {"method": type(c).__name__.lower(), "rho": c.rho, "alpha": c.alpha,
+                         "adaptive": c.adaptive}
+        hparams = {
+            "module": {k: v for k, v in hp.items()  # not "_instantiator" (LightningCLI's)
+                       if k not in _NOT_STORE_HPARAMS and not k.startswith("_") and _is_json(v)},
+            "epochs": int(max_epochs),
+            "batch_size": getattr(dm, "batch_size", None),
+            "sharpness": sharpness,
+        }
+        kwargs = dict(
+            name=hp["model"], channels=hp["channels"], num_classes=hp["num_classes"],
+            image_size=hp["image_size"], model_kwargs=dict(hp.get("model_kwargs") or {}),
+            num_snapshots=max_epochs // self.every_n_epochs + 1, dataset=dataset,
+            input_space=input_space, hparams=hparams)
+        if trainer.is_global_zero:
+            store = TrajectoryStore.create_for_model(self._store_arg, **kwargs)
+        trainer.strategy.barrier(f"{name}.create_store")
+        if not trainer.is_global_zero:  # opens rank 0's store (a node-local one elsewhere)
+            store = TrajectoryStore.create_for_model(self._store_arg, **kwargs)
+        return store
+
     def _check_model(self, target: nn.Module) -> None:
         assert self.store is not None
         self.store.check_model(target)
+
+    def _check_input_space(self, trainer: pl.Trainer) -> None:
+        """Refuse a datamodule whose input space differs from the store's (InputSpace's
+        ``matches`` rule), e.g. the same command run again with ZCA switched on."""
+        assert self.store is not None
+        try:
+            space = getattr(getattr(trainer, "datamodule", None), "input_space", None)
+        except RuntimeError:  # RealDataModule before setup()
+            space = None
+        diff = None if space is None else self.store.input_space.mismatch(space)
+        if diff is not None:
+            raise ValueError(
+                f"{type(self).__name__}: the datamodule's input space differs from the "
+                f"store {self.store.path}'s ({diff}, store vs data); experts of different "
+                "input spaces cannot share a store: use another store directory")
 
     def _indices(self) -> list[int]:
         """The store indices this recorder writes."""
@@ -242,9 +405,13 @@ class TrajectoryRecorder(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if int(state_dict["expert_index"]) != self.expert_index:
+        saved = state_dict["expert_index"]
+        if self._auto_index:
+            if saved is not None:  # resume the expert the checkpoint was recording
+                self.expert_index = int(saved)
+        elif saved is None or int(saved) != self.expert_index:
             raise ValueError(
-                f"TrajectoryRecorder state is for expert {state_dict['expert_index']}, "
+                f"TrajectoryRecorder state is for expert {saved}, "
                 f"this recorder records expert {self.expert_index}"
             )
         if int(state_dict.get("every_n_epochs", 1)) != self.every_n_epochs:
@@ -257,6 +424,14 @@ class TrajectoryRecorder(Callback):
         self._snapshots = {
             e: snaps[k].to("cpu", torch.float32).clone() for k, e in enumerate(epochs)
         }
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class GroupTrajectoryRecorder(TrajectoryRecorder):

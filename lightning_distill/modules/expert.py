@@ -7,15 +7,17 @@ every real batch. FTD/DATM wrap the same SGD in GSAM: add the
 *loss protocol* of :mod:`lightning_distill.callbacks.sharpness`: every training step
 sets ``self.loss_closure``, which recomputes the loss on the same augmented batch.
 
-Example::
+Example (the shapes come from the datamodule; the recorder creates the store on the
+first run and records the next missing expert on each later one)::
 
-    from lightning_distill import ExpertTrajectoryModule, TrajectoryStore
+    from lightning_distill import ExpertTrajectoryModule, RealDataModule
     from lightning_distill.callbacks import GSAM, TrajectoryRecorder
 
-    module = ExpertTrajectoryModule("ConvNet", channels=3, num_classes=10, image_size=32)
-    trainer = pl.Trainer(max_epochs=50, callbacks=[GSAM(rho=0.01, alpha=0.3),
-                                                   TrajectoryRecorder(store, expert_index=0)])
-    trainer.fit(module, datamodule)
+    pl.seed_everything(0)  # expert i: its own seed
+    module = ExpertTrajectoryModule("ConvNet", dsa_seed=0)
+    trainer = pl.Trainer(max_epochs=50, callbacks=[
+        GSAM(rho=0.01, alpha=0.3), TrajectoryRecorder("outputs/cifar10/experts")])
+    trainer.fit(module, datamodule=RealDataModule("cifar10", zca=True))
 
 :class:`GroupExpertModule` trains K experts as one vectorised model (the ``experts``
 stage's ``group_size``): member k is the expert a one-at-a-time run would train with
@@ -25,26 +27,129 @@ member k's seeds.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator
 from ..functional.batched import StackedNetworks, augment_members, member_losses
 from ..functional.evaluation import seeded_model
-from ..models import build_model
+from ..models import build_model, to_hw
 
 __all__ = ["ExpertTrajectoryModule", "GroupExpertModule"]
 
 
+#: the data set's shape: hyperparameters that may be None (taken from the datamodule)
+SHAPE_HPARAMS = ("channels", "num_classes", "image_size")
+
+
+def _accuracy(num_classes: int) -> MulticlassAccuracy:
+    """Top-1 accuracy over everything seen since the last reset (correct / total), synced
+    over DDP ranks when computed. Labels are not validated (a host-device sync per step);
+    ``cross_entropy`` already rejects labels out of range."""
+    return MulticlassAccuracy(int(num_classes), average="micro", validate_args=False)
+
+
+@contextmanager
+def _cpu_float32() -> Iterator[None]:
+    """Build modules as eager construction does (on the CPU, in float32, initialised from
+    the CPU generator) inside Lightning's ``configure_model`` contexts (the strategy's
+    device, a true-precision default dtype); Lightning moves and converts them afterwards."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
 class _ExpertSteps(pl.LightningModule):
     """What one expert and a group of experts share: the base SGD on ``self.net``
-    (hyperparameters ``lr``, ``momentum``, ``weight_decay``) and validation / test steps
-    through ``self._evaluate(batch, prefix)``."""
+    (hyperparameters ``lr``, ``momentum``, ``weight_decay``), validation / test steps
+    through ``self._evaluate(batch, prefix)``, and the network built from the
+    datamodule's shapes in :meth:`configure_model` when ``channels``, ``num_classes`` or
+    ``image_size`` is None (subclasses build it in ``_build(channels, num_classes,
+    image_size)``, network and metrics)."""
+
+    net: nn.Module | None
+
+    def _build(self, channels: int, num_classes: int,
+               image_size: int | tuple[int, int]) -> None:
+        raise NotImplementedError
+
+    def _init_network(self) -> None:
+        """Build now if every shape hyperparameter is given, else leave it to
+        :meth:`configure_model`."""
+        self.net = None
+        if all(self.hparams[k] is not None for k in SHAPE_HPARAMS):
+            self._build(**{k: self.hparams[k] for k in SHAPE_HPARAMS})
+
+    def configure_model(self) -> None:
+        """Lightning's hook (after the datamodule's ``setup``, before a checkpoint's weights
+        are loaded): build the network when the shapes were not all given, from
+        ``trainer.datamodule.channels`` / ``num_classes`` / ``image_size``, and write them
+        into ``self.hparams`` (checkpoints, and the stores a
+        :class:`~lightning_distill.callbacks.TrajectoryRecorder` creates, record the real
+        shapes). Built on the CPU in float32, as eager construction: the same global seed
+        gives the same network. Does nothing once the network exists."""
+        if self.net is not None:
+            return
+        shapes = self._datamodule_shapes()
+        self.hparams.update(shapes)
+        with _cpu_float32():
+            self._build(**{k: self.hparams[k] for k in SHAPE_HPARAMS})
+
+    def _datamodule_shapes(self) -> dict[str, Any]:
+        """The missing shape hyperparameters, read from the Trainer's datamodule."""
+        missing = [k for k in SHAPE_HPARAMS if self.hparams[k] is None]
+        name = type(self).__name__
+        try:
+            dm = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer
+            dm = None
+        out: dict[str, Any] = {}
+        problems = []
+        for k in missing:
+            if dm is None:
+                problems.append(k)
+                continue
+            try:
+                value = getattr(dm, k)
+            except AttributeError:
+                value, why = None, "no such attribute"
+            except RuntimeError as e:  # RealDataModule before setup()
+                value, why = None, str(e)
+            else:
+                why = "None"
+            if value is None:
+                problems.append(f"{k} ({why})")
+                continue
+            out[k] = to_hw(value) if k == "image_size" else int(value)
+        if problems:
+            where = ("there is no Trainer datamodule to read them from (Trainer.fit(model, "
+                     "datamodule=...))" if dm is None else
+                     f"the datamodule {type(dm).__name__} does not provide "
+                     f"{', '.join(problems)}")
+            raise ValueError(
+                f"{name}: {missing} not given and {where}; pass channels, num_classes and "
+                "image_size, or fit with a datamodule exposing them after setup() "
+                "(RealDataModule does)")
+        return out
+
+    def _network(self) -> nn.Module:
+        if self.net is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the network is built from the datamodule's shapes in "
+                "configure_model() (channels / num_classes / image_size were not given); run "
+                "it under a Trainer with a datamodule, or pass the shapes")
+        return self.net
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -63,7 +168,11 @@ class ExpertTrajectoryModule(_ExpertSteps):
 
     Args:
         model: ``build_model`` name (ConvNet, ConvNetD4, ...).
-        channels, num_classes, image_size: the data set's shape.
+        channels, num_classes, image_size: the data set's shape. Those left None (the
+            default) are taken from the Trainer's datamodule (``RealDataModule`` exposes
+            all three after ``setup``) and the network is built in :meth:`configure_model`;
+            all three given, the network is built here. Either way ``self.hparams`` ends
+            with the real values.
         model_kwargs: extra ``build_model`` keywords (width, depth, norm, ...).
         lr, momentum, weight_decay: the SGD settings (defaults 0.01 / 0 / 0 as MTT:
         docs/method.md, 'Expert trajectories').
@@ -74,15 +183,41 @@ class ExpertTrajectoryModule(_ExpertSteps):
 
     Logged: ``train/loss_step`` (this rank), ``train/loss_epoch`` and ``train/acc``
     (epoch means over all ranks; accuracy of the augmented batch before the step),
-    ``val/loss`` and ``val/acc`` (un-augmented validation split).
+    ``val/loss`` and ``val/acc`` (un-augmented validation split), ``test/loss`` and
+    ``test/acc``. The accuracies are torchmetrics ``MulticlassAccuracy`` objects
+    (``train_acc``, ``val_acc``, ``test_acc``; correct / total over the epoch, synchronised
+    over DDP ranks).
+
+    :class:`~lightning_distill.callbacks.TrajectoryRecorder` records ``net``
+    (:attr:`trajectory_module_attr`) and can create its store from this module's
+    hyperparameters. A stock ``LightningCLI(ExpertTrajectoryModule, RealDataModule)``
+    (``train.py``) trains expert i with ``python train.py fit --config experts.yaml
+    --seed_everything i --model.dsa_seed i --data.shuffle_seed i``, each run recording the
+    store's next missing expert (the three seeds are the initialisation, the DSA draws and
+    the data order; the experts stage derives them from ``(seed, i)``)::
+
+        model:
+          model_kwargs: {width: 32, depth: 2}   # shapes: from the datamodule
+          lr: 0.05
+          dsa_flip: false                       # digits: no flip
+        data: {name: digits, batch_size: 32}
+        trainer:
+          max_epochs: 50
+          callbacks:
+            - class_path: lightning_distill.callbacks.GSAM
+            - class_path: lightning_distill.callbacks.TrajectoryRecorder
+              init_args: {store: outputs/digits/experts}
     """
+
+    #: the attribute :class:`~lightning_distill.callbacks.TrajectoryRecorder` records by default
+    trajectory_module_attr = "net"
 
     def __init__(
         self,
         model: str = "ConvNet",
-        channels: int = 3,
-        num_classes: int = 10,
-        image_size: int | tuple[int, int] = 32,
+        channels: int | None = None,
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         lr: float = 0.01,
         momentum: float = 0.0,
@@ -94,16 +229,24 @@ class ExpertTrajectoryModule(_ExpertSteps):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = build_model(
-            model, channels=channels, num_classes=num_classes, image_size=image_size,
-            **(model_kwargs or {}),
-        )
+        self._init_network()
         self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
         self._dsa_stream = ResumableGenerator(dsa_seed)
         self.loss_closure = None
 
+    def _build(self, channels: int, num_classes: int,
+               image_size: int | tuple[int, int]) -> None:
+        hp = self.hparams
+        self.net = build_model(
+            hp.model, channels=channels, num_classes=num_classes, image_size=image_size,
+            **(hp.model_kwargs or {}),
+        )
+        self.train_acc = _accuracy(num_classes)
+        self.val_acc = _accuracy(num_classes)
+        self.test_acc = _accuracy(num_classes)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self._network()(x)
 
     # -- DSA randomness: a CPU generator, saved in checkpoints ---------------------
     @property
@@ -135,20 +278,20 @@ class ExpertTrajectoryModule(_ExpertSteps):
         loss = F.cross_entropy(logits, y)
         # Loss protocol for SAM/ASAM/GSAM: recompute on the SAME augmented batch.
         self.loss_closure = lambda: F.cross_entropy(self.net(x), y)
-        acc = (logits.argmax(1) == y).float().mean()
+        self.train_acc.update(logits.detach(), y)
         # Per-step loss: this rank's (no communication); epoch means: over all ranks.
         self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/acc", acc, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
         x, y = batch
         logits = self.net(x)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True,
-                 sync_dist=True)
-
+        acc = self.val_acc if prefix == "val" else self.test_acc
+        acc.update(logits, y)
+        self.log(f"{prefix}/acc", acc, prog_bar=True)
 
 
 class GroupExpertModule(_ExpertSteps):
@@ -170,17 +313,25 @@ class GroupExpertModule(_ExpertSteps):
     recomputes the summed loss on the same augmented batches, and ``stacked_members = K``
     tells SAM / ASAM / GSAM to take their norms per member.
 
+    ``channels``, ``num_classes`` and ``image_size`` may be None, as for
+    :class:`ExpertTrajectoryModule`: then the members are built in :meth:`configure_model`
+    from the datamodule's shapes (each from its own seed, so when does not matter).
+
     Logged: ``train/loss_step``, ``train/loss_epoch``, ``train/acc`` (means over the
     members), ``val/loss`` and ``val/acc`` (means over the members) and
-    ``val/acc_expert_{index}`` per member (``expert_indices``).
+    ``val/acc_expert_{index:05d}`` per member (``expert_indices``); ``test/...`` alike. The
+    accuracies are torchmetrics ``MulticlassAccuracy`` objects: ``train/acc`` and
+    ``{val,test}/acc`` over the K members' predictions together (the members see equally
+    many samples, so this is the mean of their accuracies), ``{val,test}/acc_expert_*``
+    one object per member (``val_member_acc[k]``, ``test_member_acc[k]``).
     """
 
     def __init__(
         self,
         model: str = "ConvNet",
-        channels: int = 3,
-        num_classes: int = 10,
-        image_size: int | tuple[int, int] = 32,
+        channels: int | None = None,
+        num_classes: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         init_seeds: Sequence[int] = (0,),
         dsa_seeds: Sequence[int] = (0,),
@@ -209,18 +360,28 @@ class GroupExpertModule(_ExpertSteps):
             "init_seeds": init_seeds, "dsa_seeds": dsa_seeds, "expert_indices": indices,
             "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "dsa": dsa,
             "dsa_strategy": dsa_strategy, "dsa_flip": dsa_flip, "backend": backend})
-        nets = [seeded_model(model, channels, num_classes, image_size, seed=s,
-                             **(model_kwargs or {})) for s in init_seeds]
-        self.net = StackedNetworks(nets, backend=backend)
-        self.stacked_members = len(nets)
+        self.stacked_members = len(init_seeds)
         self.expert_indices = indices
+        self._init_network()
         self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
         self._dsa_streams = [ResumableGenerator(s) for s in dsa_seeds]
         self.loss_closure = None
 
+    def _build(self, channels: int, num_classes: int,
+               image_size: int | tuple[int, int]) -> None:
+        hp = self.hparams
+        nets = [seeded_model(hp.model, channels, num_classes, image_size, seed=s,
+                             **hp.model_kwargs) for s in hp.init_seeds]
+        self.net = StackedNetworks(nets, backend=hp.backend)
+        self.train_acc = _accuracy(num_classes)
+        self.val_acc = _accuracy(num_classes)
+        self.test_acc = _accuracy(num_classes)
+        self.val_member_acc = nn.ModuleList(_accuracy(num_classes) for _ in nets)
+        self.test_member_acc = nn.ModuleList(_accuracy(num_classes) for _ in nets)
+
     def forward(self, x: Tensor) -> Tensor:
         """Member k's logits on member k's batch: ``[K, B, ...] -> [K, B, classes]``."""
-        return self.net(x)
+        return self._network()(x)
 
     @property
     def dsa_generators(self) -> list[torch.Generator]:
@@ -248,12 +409,12 @@ class GroupExpertModule(_ExpertSteps):
         # Loss protocol for SAM/ASAM/GSAM: recompute on the SAME augmented batches.
         self.loss_closure = lambda: member_losses(self.net(x), y).sum()
         mean_loss = losses.detach().mean()
-        acc = (logits.argmax(2) == y).float().mean()
+        # every member sees B samples: accuracy over the K * B predictions = member mean
+        self.train_acc.update(logits.detach().flatten(0, 1), y.flatten())
         self.log("train/loss_step", mean_loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_epoch", mean_loss, on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=y.shape[1])
-        self.log("train/acc", acc, on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=y.shape[1])
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return losses.sum()
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
@@ -262,9 +423,11 @@ class GroupExpertModule(_ExpertSteps):
         k = logits.shape[0]
         self.log(f"{prefix}/loss", F.cross_entropy(logits.flatten(0, 1), y.repeat(k)),
                  sync_dist=True, batch_size=y.shape[0])
-        accs = (logits.argmax(2) == y.unsqueeze(0)).float().mean(dim=1)
-        self.log(f"{prefix}/acc", accs.mean(), prog_bar=True, sync_dist=True,
-                 batch_size=y.shape[0])
-        for i, a in zip(self.expert_indices, accs, strict=True):
-            self.log(f"{prefix}/acc_expert_{i:05d}", a, sync_dist=True, batch_size=y.shape[0])
+        acc, members = ((self.val_acc, self.val_member_acc) if prefix == "val"
+                        else (self.test_acc, self.test_member_acc))
+        acc.update(logits.flatten(0, 1), y.repeat(k))
+        self.log(f"{prefix}/acc", acc, prog_bar=True)
+        for i, member_logits, metric in zip(self.expert_indices, logits, members, strict=True):
+            metric.update(member_logits, y)
+            self.log(f"{prefix}/acc_expert_{i:05d}", metric)
 

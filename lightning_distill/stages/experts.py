@@ -96,7 +96,6 @@ from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
 from ..functional.batched import check_group_memory, chunks
 from ..functional.evaluation import DEFAULT_GROUP_SIZE
-from ..models import ParamSpec, build_model
 from ..modules.expert import ExpertTrajectoryModule, GroupExpertModule
 from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
@@ -206,15 +205,11 @@ def train_experts(
     check_data_selection(cfg.data_selection)
     dm = build_datamodule(cfg.data, setup="fit")
     real = dm.real
-    net = build_model(cfg.model.name, channels=real.channels, num_classes=real.num_classes,
-                      image_size=real.image_size, **cfg.model.kwargs)
-    store = TrajectoryStore.create(
+    store = TrajectoryStore.create_for_model(
         cfg.store,
-        spec=ParamSpec.of(net),
+        name=cfg.model.name, channels=real.channels, num_classes=real.num_classes,
+        image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs),
         num_snapshots=ex.epochs + 1,
-        model={"name": cfg.model.name, "channels": real.channels,
-               "num_classes": real.num_classes, "image_size": list(real.image_size),
-               **cfg.model.kwargs},
         dataset=cfg.data.name,
         input_space=dm.input_space,
         # group_size does not change the experts (member k is expert k): not an hparam

@@ -273,3 +273,121 @@ def test_resume_without_recorder_state_refused(tmp_path):
             LinearModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
         )
     assert store.expert_indices() == []
+
+
+# ------------------------------------------------- automatic index, store created
+def test_without_an_index_the_first_missing_expert_is_recorded(tmp_path):
+    store = make_store(tmp_path / "store")
+    filler = torch.zeros(4, 8)
+    store.write_expert(0, filler)
+    store.write_expert(2, filler)
+    rec = TrajectoryRecorder(str(tmp_path / "store"))
+    trainer(3, [rec]).fit(LinearModule())
+    assert rec.expert_index == 1 and store.expert_indices() == [0, 1, 2]
+    assert not torch.equal(store.load_expert(1), filler)
+    trainer(3, [rec]).fit(LinearModule())  # the same recorder again: the next missing one
+    assert rec.expert_index == 3 and store.expert_indices() == [0, 1, 2, 3]
+    assert "auto" in rec.state_key and rec.state_key == TrajectoryRecorder(store).state_key
+
+
+def test_resume_mid_expert_with_an_automatic_index(tmp_path):
+    ref_store = make_store(tmp_path / "ref")
+    trainer(3, [TrajectoryRecorder(ref_store)]).fit(LinearModule())
+    store = make_store(tmp_path / "store")
+    store.write_expert(0, torch.zeros(4, 8))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(3, [TrajectoryRecorder(store), ckpt, Crash()],
+                enable_checkpointing=True).fit(LinearModule())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    assert saved["TrajectoryRecorder{'expert_index': 'auto'}"]["expert_index"] == 1
+    rec = TrajectoryRecorder(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(3, [rec]).fit(LinearModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert rec.expert_index == 1 and store.expert_indices() == [0, 1]
+    assert torch.equal(store.load_expert(1), ref_store.load_expert(0))
+
+
+class Shaped(pl.LightningDataModule):
+    """What a store needs of a datamodule: name, input_space (and shapes, batch_size)."""
+
+    name, batch_size, channels, num_classes, image_size = "tiny", 4, 1, 3, (8, 8)
+    input_space = {"dataset": "tiny", "normalization": "meanstd", "mean": [0.0], "std": [1.0]}
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(8, 1, 8, 8, generator=g),
+                                        torch.arange(8) % 3), batch_size=4)
+
+
+def expert_module():
+    from lightning_distill.modules.expert import ExpertTrajectoryModule
+
+    return ExpertTrajectoryModule("ConvNet", channels=None, num_classes=None, image_size=None,
+                                  model_kwargs={"width": 4, "depth": 2}, lr=0.05, dsa_flip=False,
+                                  dsa_seed=7)
+
+
+def test_a_missing_store_is_created_from_the_module_and_the_datamodule(tmp_path):
+    from lightning_distill.callbacks import GSAM
+    from lightning_distill.data.input_space import InputSpace
+    from lightning_distill.models import build_model
+
+    path = tmp_path / "new" / "store"
+    module = expert_module()
+    cap = Capture()
+    trainer(4, [TrajectoryRecorder(str(path), every_n_epochs=2), GSAM(rho=0.05), cap]).fit(
+        module, datamodule=Shaped())
+    store = TrajectoryStore.open(path)
+    assert store.expert_indices() == [0] and store.num_snapshots == 3
+    assert store.model == {"name": "ConvNet", "channels": 1, "num_classes": 3,
+                           "image_size": [8, 8], "width": 4, "depth": 2}
+    assert store.spec == ParamSpec.of(build_model(**store.model))
+    assert store.dataset == "tiny" and store.input_space == InputSpace.coerce(Shaped.input_space)
+    hp = store.hparams
+    assert hp["epochs"] == 4 and hp["batch_size"] == 4
+    assert hp["sharpness"] == {"method": "gsam", "rho": 0.05, "alpha": 0.3, "adaptive": True}
+    assert hp["module"]["lr"] == 0.05 and "dsa_seed" not in hp["module"]
+    # module_attr None: the module's trajectory_module_attr ("net") is recorded
+    got = store.load_expert(0)
+    flat = [torch.cat([v.reshape(-1) for k, v in s.items() if k.startswith("net.")])
+            for s in cap.seen]
+    assert torch.equal(got, torch.stack([flat[0], flat[2], flat[4]]))
+    store.validate(deep=True)
+    # the same store again: the next expert, the store's meta.json untouched
+    meta = (path / "meta.json").read_text()
+    trainer(4, [TrajectoryRecorder(path, every_n_epochs=2)]).fit(expert_module(),
+                                                                  datamodule=Shaped())
+    assert store.expert_indices() == [0, 1] and (path / "meta.json").read_text() == meta
+
+
+def test_creating_a_store_needs_the_module_hparams_a_datamodule_and_max_epochs(tmp_path):
+    path = str(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"no hyperparameters \['model', 'channels'"):
+        trainer(3, [TrajectoryRecorder(path)]).fit(LinearModule())
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(4, 1, 8, 8, generator=g),
+                                      torch.arange(4) % 3), batch_size=4)
+    module = expert_module()
+    module.hparams.update(channels=1, num_classes=3, image_size=8)
+    module.configure_model()
+    with pytest.raises(ValueError, match="there is no datamodule"):
+        trainer(3, [TrajectoryRecorder(path)]).fit(module, loader)
+    with pytest.raises(ValueError, match="max_epochs.*multiple of every_n_epochs=2"):
+        trainer(3, [TrajectoryRecorder(path, every_n_epochs=2)]).fit(expert_module(),
+                                                                      datamodule=Shaped())
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_datamodule_of_another_input_space_is_refused(tmp_path):
+    path = tmp_path / "store"
+    trainer(2, [TrajectoryRecorder(path)]).fit(expert_module(), datamodule=Shaped())
+
+    class Whitened(Shaped):
+        input_space = {"dataset": "tiny", "normalization": "zca", "zca_fingerprint": "ab12"}
+
+    with pytest.raises(ValueError, match="input space differs.*normalization = 'meanstd' "
+                                         "vs 'zca'"):
+        trainer(2, [TrajectoryRecorder(path)]).fit(expert_module(), datamodule=Whitened())
+    assert TrajectoryStore.open(path).expert_indices() == [0]

@@ -152,3 +152,119 @@ def test_one_epoch_without_dsa_equals_hand_sgd_and_logs_metrics(tmp_path: Path):
     assert {"train/loss_step", "train/loss_epoch", "train/acc", "val/acc", "val/loss"} <= tags
     assert acc.Scalars("val/acc")[-1].value == pytest.approx(logged["val/acc"].item())
     assert len(acc.Scalars("train/loss_step")) == 3
+
+
+# ------------------------------------------------------------ accuracy (torchmetrics)
+def test_accuracies_are_torchmetrics_objects_equal_to_a_hand_count():
+    """Uneven batches (5 + 4 samples), sanity-check batches before the epoch: the logged
+    accuracies are correct / total over the whole split, as the hand count."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    x, y = _data(9, seed=3)
+    xv, yv = _data(9, seed=4)
+    m = _module(seed=2, dsa=False, lr=0.0)  # lr 0: the network is the same at every step
+    assert all(isinstance(getattr(m, f"{p}_acc"), MulticlassAccuracy)
+               for p in ("train", "val", "test"))
+    assert not any(k.endswith(("_acc", "tp", "fp", "tn", "fn")) for k in m.state_dict())
+    trainer = _trainer(num_sanity_val_steps=1)
+    trainer.fit(m, _loader(x, y, batch=5), _loader(xv, yv, batch=5))
+    with torch.no_grad():
+        hand = {s: int((m.net(a).argmax(1) == b).sum()) / 9 for s, a, b in
+                (("train", x, y), ("val", xv, yv))}
+    assert 0 < hand["train"] < 1 and 0 < hand["val"] < 1  # a non-trivial count
+    logged = trainer.logged_metrics
+    assert logged["train/acc"].item() == pytest.approx(hand["train"], abs=1e-7)
+    assert logged["val/acc"].item() == pytest.approx(hand["val"], abs=1e-7)
+    out = trainer.test(m, _loader(xv, yv, batch=4), verbose=False)
+    assert out[0]["test/acc"] == pytest.approx(hand["val"], abs=1e-7)
+    assert out[0]["test/loss"] == pytest.approx(F.cross_entropy(m.net(xv), yv).item(), rel=1e-6)
+
+
+# ------------------------------------------------------- shapes from the datamodule
+class _ShapedData(pl.LightningDataModule):
+    """Tiny tensors that, like RealDataModule, expose their shapes after setup()."""
+
+    def __init__(self, shapes: bool = True) -> None:
+        super().__init__()
+        self.shapes = shapes
+        self.x = self.y = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.x, self.y = _data(12)
+        if self.shapes:
+            self.channels, self.num_classes, self.image_size = 1, 3, (8, 8)
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader(self.x, self.y)
+
+
+NO_SHAPES = dict(channels=None, num_classes=None, image_size=None)
+
+
+def test_shapes_from_the_datamodule_build_the_network_eager_construction_builds():
+    eager = _module(seed=4)
+    _trainer(max_epochs=2).fit(eager, datamodule=_ShapedData())
+
+    deferred = _module(seed=4, **NO_SHAPES)
+    assert deferred.net is None
+    with pytest.raises(RuntimeError, match="configure_model"):
+        deferred(torch.zeros(1, 1, 8, 8))
+    _trainer(max_epochs=2).fit(deferred, datamodule=_ShapedData())
+    assert torch.equal(_flat(deferred.net), _flat(eager.net))  # same seed, same expert
+    assert (deferred.hparams.channels, deferred.hparams.num_classes,
+            deferred.hparams.image_size) == (1, 3, (8, 8))
+    # partly given: the rest from the datamodule
+    part = _module(seed=4, num_classes=None)
+    _trainer(max_epochs=2).fit(part, datamodule=_ShapedData())
+    assert torch.equal(_flat(part.net), _flat(eager.net))
+
+
+def test_missing_shapes_without_a_datamodule_that_has_them_are_refused():
+    x, y = _data(12)
+    with pytest.raises(ValueError, match=r"\['channels', 'num_classes', 'image_size'\] not "
+                                         r"given and there is no Trainer datamodule"):
+        _trainer().fit(_module(**NO_SHAPES), _loader(x, y))
+    with pytest.raises(ValueError, match=r"_ShapedData does not provide channels \(no such "
+                                         r"attribute\)"):
+        _trainer().fit(_module(channels=None), datamodule=_ShapedData(shapes=False))
+    with pytest.raises(ValueError, match="no Trainer datamodule"):
+        _module(**NO_SHAPES).configure_model()  # outside a Trainer
+
+
+def test_deferred_network_resumes_a_checkpoint_and_loads_with_the_real_shapes(tmp_path: Path):
+    full = _module(seed=6, **NO_SHAPES)
+    _trainer(max_epochs=2).fit(full, datamodule=_ShapedData())
+    first = _module(seed=6, **NO_SHAPES)
+    t1 = _trainer(max_epochs=1)
+    t1.fit(first, datamodule=_ShapedData())
+    ckpt = tmp_path / "epoch1.ckpt"
+    t1.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert (saved["channels"], saved["num_classes"], saved["image_size"]) == (1, 3, (8, 8))
+    # configure_model builds the network before Lightning loads the checkpoint's weights
+    resumed = _module(seed=99, **NO_SHAPES)
+    _trainer(max_epochs=2).fit(resumed, datamodule=_ShapedData(), ckpt_path=ckpt)
+    assert torch.equal(_flat(resumed.net), _flat(full.net))
+    # the checkpoint's hyperparameters hold the shapes: built at construction
+    loaded = ExpertTrajectoryModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert torch.equal(_flat(loaded.net), _flat(first.net))
+
+
+def test_configure_model_builds_on_the_cpu_in_float32_inside_lightnings_contexts():
+    """Lightning calls configure_model inside the strategy's device context (CUDA on a
+    GPU) and a true precision's default dtype: the network is still built as eager
+    construction builds it (CPU, float32, the CPU generator); Lightning moves it later."""
+    eager = _module(seed=8)
+    deferred = _module(seed=8, **NO_SHAPES)
+    deferred.hparams.update(channels=1, num_classes=3, image_size=8)
+    dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            deferred.configure_model()
+    finally:
+        torch.set_default_dtype(dtype)
+    p = next(deferred.net.parameters())
+    assert p.device.type == "cpu" and p.dtype == torch.float32
+    assert torch.equal(_flat(deferred.net), _flat(eager.net))
+    assert deferred.val_acc.tp.device.type == "cpu"

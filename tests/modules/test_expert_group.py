@@ -28,8 +28,8 @@ def _data(n=48, size=8, seed=0):
 def _trainer(precision, callbacks, **kw):
     return pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
-                      **kw)
+                      enable_model_summary=False, callbacks=callbacks,
+                      **{"num_sanity_val_steps": 0, **kw})
 
 
 def _train_both(precision, sharp, model_kwargs, batch, limit, x, y):
@@ -112,3 +112,66 @@ def test_group_recorder_writes_one_trajectory_per_member_in_the_store_format(tmp
     with pytest.raises(TypeError, match="not a group"):
         GroupTrajectoryRecorder(store, [0])._check_model(torch.nn.Linear(2, 2))
     assert isinstance(TrajectoryRecorder(store, 0), TrajectoryRecorder)
+
+
+def test_group_accuracies_per_member_and_overall_equal_a_hand_count():
+    """torchmetrics objects: val/acc_expert_* is member k's correct / total over uneven
+    batches (sanity-check batches excluded), val/acc and train/acc the members' mean."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _data(30, seed=1)
+    xv, yv = _data(13, seed=2)
+    group = GroupExpertModule(model="ConvNet", channels=1, num_classes=10, image_size=8,
+                              model_kwargs={"width": 4, "depth": 2}, lr=0.2, dsa=False,
+                              init_seeds=INIT, dsa_seeds=DSA_SEEDS, expert_indices=[3, 5, 9])
+    loader = MemberBatches([TensorBatchLoader(x, y, 8, shuffle=True,
+                                              generator=torch.Generator().manual_seed(s))
+                            for s in DATA])
+    val = DataLoader(TensorDataset(xv, yv), batch_size=5)
+    trainer = _trainer("32-true", [], max_epochs=1, num_sanity_val_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+        _trainer("32-true", [], max_epochs=3).fit(group, loader)  # members that differ
+        group.hparams.lr = 0.0  # then the same networks at every step
+        trainer.fit(group, loader, val)
+        with torch.no_grad():
+            members = [group.net.member(k) for k in range(3)]
+            val_hand = [int((m(xv).argmax(1) == yv).sum()) / 13 for m in members]
+            train_hand = [int((m(x).argmax(1) == y).sum()) / 30 for m in members]
+        logged = trainer.logged_metrics
+        for i, hand in zip([3, 5, 9], val_hand, strict=True):
+            assert logged[f"val/acc_expert_{i:05d}"].item() == pytest.approx(hand, abs=1e-7)
+        assert logged["val/acc"].item() == pytest.approx(sum(val_hand) / 3, abs=1e-7)
+        assert logged["train/acc"].item() == pytest.approx(sum(train_hand) / 3, abs=1e-7)
+        assert len(set(val_hand)) > 1  # members differ: per-member metrics are per member
+        out = trainer.test(group, DataLoader(TensorDataset(xv, yv), batch_size=4),
+                           verbose=False)[0]
+    assert [out[f"test/acc_expert_{i:05d}"] for i in [3, 5, 9]] == pytest.approx(val_hand,
+                                                                                abs=1e-7)
+
+
+def test_group_members_built_from_the_datamodule_shapes_equal_eager_ones():
+    x, y = _data(24)
+
+    class Shaped(pl.LightningDataModule):
+        channels, num_classes, image_size = 1, 10, 8
+
+        def train_dataloader(self):
+            return MemberBatches([TensorBatchLoader(x, y, 8, shuffle=True,
+                                                    generator=torch.Generator().manual_seed(s))
+                                  for s in DATA[:2]])
+
+    common = dict(model="ConvNet", model_kwargs={"width": 4, "depth": 2}, lr=0.05, dsa=True,
+                  dsa_flip=False, init_seeds=INIT[:2], dsa_seeds=DSA_SEEDS[:2])
+    eager = GroupExpertModule(channels=1, num_classes=10, image_size=8, **common)
+    deferred = GroupExpertModule(channels=None, num_classes=None, image_size=None, **common)
+    assert deferred.net is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+        for m in (eager, deferred):
+            _trainer("32-true", [GSAM(rho=0.05, alpha=0.3)], max_epochs=1).fit(
+                m, datamodule=Shaped())
+    assert torch.equal(deferred.net.flat_members(), eager.net.flat_members())
+    assert (deferred.hparams.channels, deferred.hparams.image_size) == (1, (8, 8))
