@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("jsonargparse")  # the CLI's engine (the GPU image lacks it)
 
 from lightning_distill import cli
-from lightning_distill.cli import parse_config
+from lightning_distill.cli import parse_config, parse_lightning_config
 from lightning_distill.stages.experts import ExpertsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_unknown_or_abbreviated_command_line_options_fail(capsys):
 
 
 @pytest.mark.parametrize(("stage", "key"), [("experts", "--sharpness.rho"),
-                                            ("distill", "--window.min_start_epoch"),
+                                            ("distill", "--model.ipc"),
                                             ("evaluate", "--synthetic"),
                                             ("run", "--workdir")])
 def test_stage_help(stage, key, capsys):
@@ -163,7 +163,16 @@ def test_config_names_a_packaged_recipe_from_any_directory(tmp_path, monkeypatch
     assert cli.resolve_config("digits/experts.yaml") == "digits/experts.yaml"
 
 
-@pytest.mark.parametrize("stage", ["experts", "distill", "evaluate", "run"])
+def test_without_config_distill_reads_its_packaged_digits_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = cli.DEFAULT_RECIPES["distill"]
+    assert recipe.startswith("digits/")
+    assert parse_lightning_config(["distill"]) == parse_lightning_config(
+        ["distill", "--config", recipe])
+    assert parse_lightning_config(["distill", "--model.ipc", "3"]).model.ipc == 3
+
+
+@pytest.mark.parametrize("stage", ["experts", "evaluate", "run"])
 def test_without_config_a_stage_reads_its_packaged_digits_recipe(stage, tmp_path,
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -217,21 +226,37 @@ def _stage_of(path: Path) -> str:
     return "distill"
 
 
+def load(path: Path):
+    """The parsed configuration of a packaged recipe: a stage dataclass, or for a
+    ``distill`` recipe the LightningCLI Namespace."""
+    stage = _stage_of(path)
+    if stage == "distill":
+        return parse_lightning_config(["distill", "--config", str(path)])
+    return parse_config([stage, "--config", str(path)])[1]
+
+
+def callback(cfg, name: str):
+    """The init_args of the ``name`` callback of a distill recipe (None without one)."""
+    hits = [cb.init_args for cb in cfg.trainer.callbacks if cb.class_path.endswith(f".{name}")]
+    return hits[0] if hits else None
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_parses_into_its_stage_config(path):
-    stage, cfg = parse_config([_stage_of(path), "--config", str(path)])
-    assert stage == _stage_of(path)
+    cfg = load(path)
     # a folder is its data set's (fashion_mnist_cpu: Fashion-MNIST sized for a CPU)
     assert path.parent.name.split("_cpu")[0] == cfg.data.name
+    if _stage_of(path) == "distill":  # T+ of the module's check is the window's
+        assert cfg.model.max_start_epoch == callback(cfg, "MatchingWindow").max_start_epoch
 
 
 def test_distill_recipes_hold_the_published_datm_rows():
     """Spot checks against docs/method.md, 'Published settings' (DATM) and the FTD/MTT variants."""
-    def load(name):
-        return parse_config(["distill", "--config", str(ROOT / "recipes" / name)])[1]
+    def get(name):
+        return load(ROOT / "recipes" / name)
 
-    c = load("cifar10/ipc10.yaml")
-    d, w = c.distill, c.window
+    c = get("cifar10/ipc10.yaml")
+    d, w = c.model, callback(c, "MatchingWindow")
     assert (d.syn_steps, d.expert_epochs, d.lr_img, d.lr_lr, d.lr_y, d.batch_syn) == (
         80, 2, 100, 1e-5, 2, 100)
     assert (w.min_start_epoch, w.current_max_start_epoch, w.max_start_epoch,
@@ -239,29 +264,29 @@ def test_distill_recipes_hold_the_published_datm_rows():
     assert (d.threshold, d.image_init, d.learn_labels, d.iterations) == (
         1.0, "samples_predicted_correctly", True, 10000)
     assert c.data.zca
-    c1 = load("cifar10/ipc1.yaml")
-    assert (c1.distill.threshold, c1.window.max_start_epoch, c1.window.sequential) == (
-        1.1, 4, False)
-    c100 = load("cifar100/ipc50.yaml")
-    assert (c100.distill.image_init, c100.window.min_start_epoch, c100.distill.mode) == (
-        "real", 20, "recompute")
-    tiny = load("tiny_imagenet/ipc1.yaml")
-    assert (tiny.distill.lr_img, tiny.distill.lr_lr, tiny.window.current_max_start_epoch) == (
-        10000, 1e-4, 15)
-    ftd = load("cifar10/ftd_ipc10.yaml")
-    assert ftd.ema.enabled and ftd.ema.decay == 0.9995 and not ftd.distill.learn_labels
-    assert (ftd.distill.syn_steps, ftd.distill.lr_teacher, ftd.distill.iterations) == (
+    c1 = get("cifar10/ipc1.yaml")
+    w1 = callback(c1, "MatchingWindow")
+    assert (c1.model.threshold, w1.max_start_epoch, w1.sequential) == (1.1, 4, False)
+    c100 = get("cifar100/ipc50.yaml")
+    assert (c100.model.image_init, callback(c100, "MatchingWindow").min_start_epoch,
+            c100.model.mode) == ("real", 20, "recompute")
+    tiny = get("tiny_imagenet/ipc1.yaml")
+    assert (tiny.model.lr_img, tiny.model.lr_lr,
+            callback(tiny, "MatchingWindow").current_max_start_epoch) == (10000, 1e-4, 15)
+    ftd = get("cifar10/ftd_ipc10.yaml")
+    ema = callback(ftd, "SyntheticEMA")
+    assert ema is not None and ema.decay == 0.9995 and not ftd.model.learn_labels
+    assert (ftd.model.syn_steps, ftd.model.lr_teacher, ftd.model.iterations) == (
         30, 0.001, 5000)
-    mtt = load("cifar10/mtt_ipc50.yaml")
-    assert not mtt.data.zca and mtt.store.endswith("experts_mtt_nozca")
+    assert callback(get("cifar10/ipc10.yaml"), "SyntheticEMA") is None
+    mtt = get("cifar10/mtt_ipc50.yaml")
+    assert not mtt.data.zca and mtt.model.store.endswith("experts_mtt_nozca")
 
 
 def test_tiny_imagenet_recipes_use_zca_as_datm():
     """Every DATM TinyImageNet config sets zca: True: experts, distillation, evaluation."""
     for name in ("experts", "ipc1", "ipc10", "ipc50", "evaluate"):
-        path = ROOT / "recipes" / "tiny_imagenet" / f"{name}.yaml"
-        _, cfg = parse_config([_stage_of(path), "--config", str(path)])
-        assert cfg.data.zca, name
+        assert load(ROOT / "recipes" / "tiny_imagenet" / f"{name}.yaml").data.zca, name
 
 
 def test_ftd_recipes_match_ftds_own_experts():
@@ -272,9 +297,9 @@ def test_ftd_recipes_match_ftds_own_experts():
         assert (ex.sharpness.method, ex.sharpness.alpha, ex.sharpness.rho) == ("gsam", 0.4, 0.01)
         assert ex.experts.epochs == 50 and ex.store == f"outputs/{ds}/experts_ftd"
         for path in sorted((ROOT / "recipes" / ds).glob("ftd_ipc*.yaml")):
-            _, cfg = parse_config(["distill", "--config", str(path)])
-            assert cfg.store == ex.store, path.name
-            assert cfg.window.max_start_epoch - 1 + cfg.distill.expert_epochs <= ex.experts.epochs
+            cfg = load(path)
+            assert cfg.model.store == ex.store, path.name
+            assert cfg.model.max_start_epoch - 1 + cfg.model.expert_epochs <= ex.experts.epochs
 
 
 def test_pad_recipes_hold_pads_parameter_ratios_on_datm_rows():
@@ -284,12 +309,14 @@ def test_pad_recipes_hold_pads_parameter_ratios_on_datm_rows():
     for ds, rows in ratios.items():
         for ipc, a in rows.items():
             recipes = ROOT / "recipes" / ds
-            _, pad = parse_config(["distill", "--config", str(recipes / f"pad_ipc{ipc}.yaml")])
-            _, datm = parse_config(["distill", "--config", str(recipes / f"ipc{ipc}.yaml")])
-            assert pad.distill.param_drop_ratio == a and pad.distill.param_mask is None
-            assert pad.store == f"outputs/{ds}/experts_pad"
+            pad = load(recipes / f"pad_ipc{ipc}.yaml")
+            datm = load(recipes / f"ipc{ipc}.yaml")
+            assert pad.model.param_drop_ratio == a and pad.model.param_mask is None
+            assert pad.model.store == f"outputs/{ds}/experts_pad"
             # everything else is DATM's row
             for key in ("syn_steps", "expert_epochs", "lr_img", "lr_lr", "lr_y", "batch_syn",
-                        "threshold", "image_init", "learn_labels", "iterations", "mode"):
-                assert getattr(pad.distill, key) == getattr(datm.distill, key), (ds, ipc, key)
-            assert pad.window == datm.window and pad.data == datm.data
+                        "threshold", "image_init", "learn_labels", "iterations", "mode",
+                        "max_start_epoch"):
+                assert pad.model[key] == datm.model[key], (ds, ipc, key)
+            assert (callback(pad, "MatchingWindow") == callback(datm, "MatchingWindow")
+                    and pad.data == datm.data)
