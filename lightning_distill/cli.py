@@ -28,6 +28,7 @@ dotted overrides such as ``--data.root /data --trainer.devices 2`` and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -45,8 +46,14 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
+from .config import TrainerConfig
+from .functional.evaluation import DEFAULT_GROUP_SIZE
+from .stages.data_selection import DataSelectionConfig
 from .trajectories import TrajectoryStoreError
 
 
@@ -246,9 +253,100 @@ def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
 
 # ---------------------------------------------------------------- LightningCLI
 class DistillTrainer(pl.Trainer):
-    """A Trainer with the library's subcommand as a method: LightningCLI maps a
+    """A Trainer with the library's subcommands as methods: LightningCLI maps a
     subcommand to the Trainer method of that name (its arguments become the
-    subcommand's keys, as ``ckpt_path`` is ``fit``'s)."""
+    subcommand's keys, as ``ckpt_path`` is ``fit``'s). It keeps its constructor
+    arguments (:attr:`init_kwargs`): :meth:`experts` builds one Trainer per expert from
+    them, with fresh copies of the callbacks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.init_kwargs: dict[str, Any] = dict(kwargs)
+        if isinstance(kwargs.get("callbacks"), list):  # the Trainer adds its own to the list
+            self.init_kwargs["callbacks"] = list(kwargs["callbacks"])
+        super().__init__(*args, **kwargs)
+
+    def experts(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+                store: str = "outputs/experts", num_experts: int = 10,
+                group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, shard_index: int = 0,
+                num_shards: int = 1, data_selection: DataSelectionConfig | None = None,
+                log_dir: str | None = None) -> Any:
+        """Train expert trajectories on real data into a trajectory store.
+
+        Expert i is a fresh ``model`` (its arguments: architecture, SGD, DSA; the shapes
+        from the data) trained for ``trainer.max_epochs`` epochs by a Trainer of this
+        one's arguments (fresh copies of its callbacks: GSAM, ...), with all its
+        randomness from ``(seed, i)``; its snapshots go to ``store`` (docs/formats.md).
+        Finished experts are kept, so rerunning resumes.
+
+        Args:
+            model: an :class:`~lightning_distill.ExpertTrajectoryModule` (the template).
+            datamodule: the real data (a :class:`~lightning_distill.RealDataModule`).
+            store: the trajectory store's directory.
+            num_experts: experts in the store (this run trains the missing ones).
+            group_size: experts trained together as one vectorised model (1: one at a time).
+            seed: the experts' base seed.
+            shard_index, num_shards: this process trains experts shard_index,
+                shard_index + num_shards, ... (several processes on one store).
+            data_selection: PAD's easy-to-hard data selection (off by default).
+            log_dir: TensorBoard logs per expert (None: ``logs/`` beside the store) when
+                the Trainer's logger is the default.
+        """
+        from .callbacks.sharpness import sharpness_settings
+        from .data.augment import dsa_flip_for
+        from .modules.expert import ExpertTrajectoryModule
+        from .stages._common import make_callbacks
+        from .stages.experts import ExpertPlan, check_plan, run_experts
+
+        if not isinstance(model, ExpertTrajectoryModule):
+            raise TypeError(f"experts needs an ExpertTrajectoryModule, got {type(model).__name__}")
+        if datamodule is None:
+            raise ValueError("experts needs the real data: a datamodule (data: in a recipe)")
+        epochs = self.init_kwargs.get("max_epochs")
+        if epochs is None:
+            raise ValueError("experts: set trainer.max_epochs (the epochs of every expert)")
+        hp = model.hparams
+        flip = hp.dsa_flip if hp.dsa_flip is not None else dsa_flip_for(datamodule.name)
+        module_kwargs = {"model": hp.model, "model_kwargs": dict(hp.model_kwargs or {}),
+                         "lr": hp.lr, "momentum": hp.momentum,
+                         "weight_decay": hp.weight_decay, "dsa": hp.dsa,
+                         "dsa_strategy": hp.dsa_strategy, "dsa_flip": flip}
+        given = self.init_kwargs.get("callbacks") or []
+        given = list(given) if isinstance(given, (list, tuple)) else [given]
+        # LightningCLI's SaveConfigCallback is shared (it saves the config once); the
+        # others are copied afresh for each Trainer
+        shared = [c for c in given if type(c).__name__ == "SaveConfigCallback"]
+        templates = [c for c in given if c not in shared]
+        logs = Path(log_dir) if log_dir is not None else Path(store).parent / "logs"
+
+        def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
+            kw = dict(self.init_kwargs)
+            kw["callbacks"] = make_callbacks(
+                TrainerConfig(enable_progress_bar=kw.get("enable_progress_bar") is not False),
+                [*copy.deepcopy(templates), *shared, *cbs])
+            logger = kw.get("logger")
+            kw["logger"] = (TensorBoardLogger(str(logs), name="experts", version=version,
+                                              default_hp_metric=False)
+                            if logger in (None, True) else copy.deepcopy(logger))
+            kw.setdefault("enable_checkpointing", False)  # the store is what an expert leaves
+            kw["enable_model_summary"] = first and kw.get("enable_model_summary") is not False
+            return type(self)(**kw)
+
+        plan = ExpertPlan(
+            store=str(store), num_experts=num_experts, epochs=int(epochs),
+            module_kwargs=module_kwargs, make_trainer=make_trainer,
+            extra_callbacks=lambda indices: [], seed=seed, group_size=group_size,
+            shard_index=shard_index, num_shards=num_shards,
+            data_selection=data_selection or DataSelectionConfig(),
+            accelerator=str(self.init_kwargs.get("accelerator", "auto")),
+            hparams={"experts": {**{k: v for k, v in module_kwargs.items() if k != "model"},
+                                 "num_experts": num_experts, "epochs": int(epochs)},
+                     "sharpness": sharpness_settings(templates), "seed": seed,
+                     "batch_size": datamodule.batch_size})
+        check_plan(plan)
+        if rank_zero_only.rank == 0:
+            datamodule.prepare_data()
+        datamodule.setup("fit")
+        return run_experts(plan, datamodule)
 
     def distill(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                 output: str | None = None, resume: bool = True) -> Path | None:
@@ -274,6 +372,11 @@ class DistillTrainer(pl.Trainer):
 def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:
     """(model class, datamodule class) of a LightningCLI subcommand; (None, None) is
     subclass mode (any module: ``--model CLASS``), Lightning's fit / validate / test."""
+    if subcommand == "experts":
+        from .data.datamodule import RealDataModule
+        from .modules.expert import ExpertTrajectoryModule
+
+        return ExpertTrajectoryModule, RealDataModule
     if subcommand == "distill":
         from .data.datamodule import RealDataModule
         from .modules.distill import DistillationModule
@@ -286,10 +389,12 @@ def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:
 TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
     # the module stops itself after its iterations; an iteration takes seconds: log each
     "distill": {"max_epochs": -1, "log_every_n_steps": 1},
+    # the store is what an expert leaves: no per-expert ModelCheckpoint
+    "experts": {"enable_checkpointing": False},
 }
 
 #: subcommands run by :class:`LightningDistillCLI`
-LIGHTNING_SUBCOMMANDS = ("distill", "fit", "validate", "test")
+LIGHTNING_SUBCOMMANDS = ("experts", "distill", "fit", "validate", "test")
 
 
 def _subcommand(argv: Sequence[str]) -> str | None:
@@ -316,6 +421,10 @@ class LightningDistillCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS.get(self.requested, {})))
         parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
         parser_kwargs.setdefault("prog", "lightning-distill")
+        # no abbreviated options: `--trainer.max_epoch` is a typo, not `max_epochs`
+        parser_kwargs.setdefault("allow_abbrev", False)
+        for sub in self.subcommands():
+            parser_kwargs.setdefault(sub, {}).setdefault("allow_abbrev", False)
         parser_kwargs.setdefault("description",
                                  "Dataset distillation by trajectory matching (MTT, FTD, DATM).")
         with warnings.catch_warnings():
@@ -328,8 +437,8 @@ class LightningDistillCLI(LightningCLI):
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
         subs = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
-        if self.requested == "distill":
-            subs["distill"] = {"model", "datamodule"}
+        if self.requested in ("experts", "distill"):
+            subs[self.requested] = {"model", "datamodule"}
         return subs
 
     def before_instantiate_classes(self) -> None:
@@ -465,9 +574,12 @@ def _prepare_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-#: top-level keys of a ``distill`` recipe in the format before LightningCLI
-OLD_DISTILL_KEYS = ("store", "distill", "window", "ema", "evaluation",
-                    "checkpoint_every_n_steps", "image_every_n_steps", "seed")
+#: top-level keys of a recipe in the format before LightningCLI, per subcommand
+OLD_FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "distill": ("store", "distill", "window", "ema", "evaluation",
+                "checkpoint_every_n_steps", "image_every_n_steps", "seed"),
+    "experts": ("experts", "sharpness"),
+}
 
 
 def convert_distill_recipe(old: dict[str, Any]) -> dict[str, Any]:
@@ -551,12 +663,59 @@ def _unknown_key_error(name: str, file: str, dotted: str, key: str,
         f"there: {', '.join(names)}. See `lightning-distill {name} --help`.")
 
 
+def convert_experts_recipe(old: dict[str, Any]) -> dict[str, Any]:
+    """An ``experts`` recipe of the format before LightningCLI (the keys of
+    ``stages.experts.ExpertsConfig``) as the LightningCLI config of the same experts
+    (docs/recipes.md, 'From the older recipe format'): ``model.name`` / ``kwargs`` and
+    ``experts.lr`` / ``momentum`` / ``weight_decay`` / ``dsa`` / ``dsa_strategy`` ->
+    ``model.*`` (ExpertTrajectoryModule's arguments); ``experts.epochs`` and
+    ``check_val_every_n_epoch`` -> ``trainer.*``; ``sharpness`` -> a SAM / ASAM / GSAM
+    callback; ``store``, ``log_dir``, ``seed``, ``shard_index``, ``num_shards``,
+    ``data_selection``, ``experts.num_experts`` / ``group_size`` -> top-level keys."""
+    from .stages.experts import ExpertsConfig
+
+    base = ExpertsConfig()
+    ex = {**dataclasses.asdict(base.experts), **(old.get("experts") or {})}
+    mdl = {**dataclasses.asdict(base.model), **(old.get("model") or {})}
+    sharp = {**dataclasses.asdict(base.sharpness), **(old.get("sharpness") or {})}
+    seed = old.get("seed", base.seed)
+    new: dict[str, Any] = {"seed_everything": seed,
+                           "store": old.get("store", base.store),
+                           "log_dir": old.get("log_dir", base.log_dir),
+                           "num_experts": ex["num_experts"], "group_size": ex["group_size"],
+                           "seed": seed}
+    for key in ("shard_index", "num_shards", "data_selection"):
+        if key in old:
+            new[key] = old[key]
+    model: dict[str, Any] = {"model": mdl["name"]}
+    if mdl.get("kwargs"):
+        model["model_kwargs"] = mdl["kwargs"]
+    model.update({k: ex[k] for k in ("lr", "momentum", "weight_decay", "dsa", "dsa_strategy")
+                  if k in (old.get("experts") or {})})
+    new["model"] = model
+    data = dict(old.get("data") or {})
+    if "kwargs" in data:
+        data["dataset_kwargs"] = data.pop("kwargs")
+    new["data"] = data
+    trainer = dict(old.get("trainer") or {})
+    trainer["max_epochs"] = ex["epochs"]
+    if ex["check_val_every_n_epoch"] != 1:
+        trainer["check_val_every_n_epoch"] = ex["check_val_every_n_epoch"]
+    method = str(sharp["method"]).lower()
+    if method != "none":
+        args = {"rho": sharp["rho"], **({"alpha": sharp["alpha"]} if method == "gsam" else {})}
+        trainer["callbacks"] = [{"class_path": f"lightning_distill.callbacks.{method.upper()}",
+                                 "init_args": args}]
+    new["trainer"] = trainer
+    return new
+
+
 def check_native_config_files(name: str, argv: Sequence[str]) -> None:
     """Refuse a ``--config`` file of a LightningCLI subcommand with an unknown key (naming
     the file, the key and a close match: jsonargparse names neither file nor match) or in
     the recipe format before LightningCLI (with what to do)."""
     model_class, data_class = _native_classes(name)
-    sections: dict[str, list[str]] = {"trainer": _init_names(DistillTrainer)}
+    sections: dict[str, list[str]] = {"trainer": _init_names(pl.Trainer)}
     if model_class is not None:
         sections["model"] = _init_names(model_class)
     if data_class is not None:
@@ -568,15 +727,19 @@ def check_native_config_files(name: str, argv: Sequence[str]) -> None:
         data: Any = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             continue
-        old = [k for k in OLD_DISTILL_KEYS if k in data]
-        if name == "distill" and old:
+        old = [k for k in OLD_FORMAT_KEYS.get(name, ()) if k in data]
+        if old:
+            what = {"distill": "the distillation settings now go under `model:` "
+                               "(DistillationModule's arguments: store, ipc, ...), the "
+                               "window, EMA and evaluation under `trainer.callbacks:`",
+                    "experts": "the expert settings now go under `model:` "
+                               "(ExpertTrajectoryModule's arguments), the epochs to "
+                               "`trainer.max_epochs`, GSAM under `trainer.callbacks:`"}[name]
             raise ConfigError(
                 f"lightning-distill {name}: error: {file}: keys {old} are the recipe "
-                "format before LightningCLI; the distillation settings now go under "
-                "`model:` (DistillationModule's arguments: store, ipc, ...), the window, "
-                "EMA and evaluation under `trainer.callbacks:`. docs/recipes.md, 'From "
-                "the older recipe format', maps every key, and "
-                "`lightning_distill.cli.convert_distill_recipe` converts a file.")
+                f"format before LightningCLI; {what}. docs/recipes.md, 'From the older "
+                f"recipe format', maps every key, and "
+                f"`lightning_distill.cli.convert_{name}_recipe` converts a file.")
         for key, value in data.items():
             if key not in top:
                 raise _unknown_key_error(name, file, key, key, top)
@@ -639,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = _prepare_argv(argv)
         if native:
-            if name == "distill":
+            if name in OLD_FORMAT_KEYS:
                 check_native_config_files(name, argv)
             LightningDistillCLI(args=argv)
             return 0

@@ -1,5 +1,5 @@
-"""`lightning-distill distill` as a LightningCLI: every packaged recipe prints a config
-that parses back, the printed config reproduces the run bit for bit, resume / skip /
+"""`lightning-distill distill` (and `experts`) as a LightningCLI: every packaged recipe
+prints a config that parses back, the printed config reproduces the run bit for bit, resume / skip /
 extend, LightningCLI's own options (--trainer.logger, --trainer.callbacks+=,
 --trainer.max_time) and the errors of bad input."""
 
@@ -25,6 +25,9 @@ DISTILL_RECIPES = sorted(
     p for p in (ROOT / "recipes").glob("*/*.yaml")
     if not p.name.startswith(("experts", "evaluate")) and p.name not in ("quickstart.yaml",
                                                                           "run.yaml"))
+EXPERTS_RECIPES = sorted((ROOT / "recipes").glob("*/experts*.yaml"))
+NATIVE_RECIPES = [("distill", p) for p in DISTILL_RECIPES] + [("experts", p)
+                                                               for p in EXPERTS_RECIPES]
 DIGITS_MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": 8,
                 "width": 8, "depth": 2}
 
@@ -68,9 +71,9 @@ def recipe(tmp_path: Path, store: Path, iterations: int = 4, **model) -> Path:
     return path
 
 
-def settings(args: list[str]) -> dict:
-    """The parsed distill configuration without the names of the files it came from."""
-    config = parse_lightning_config(["distill", *args]).as_dict()
+def settings(args: list[str], sub: str = "distill") -> dict:
+    """The parsed configuration without the names of the files it came from."""
+    config = parse_lightning_config([sub, *args]).as_dict()
     config.pop("config", None)
     return config
 
@@ -83,14 +86,15 @@ def synthetic(out: Path) -> SyntheticSet:
     return SyntheticSet.load(out / "synthetic.pt")
 
 
-@pytest.mark.parametrize("path", DISTILL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_distill_recipe_prints_a_config_that_parses_back(path, tmp_path, capsys):
+@pytest.mark.parametrize("sub, path", NATIVE_RECIPES,
+                         ids=lambda x: x if isinstance(x, str) else f"{x.parent.name}/{x.name}")
+def test_every_recipe_prints_a_config_that_parses_back(sub, path, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        run("--config", str(path), "--print_config")
+        cli.main([sub, "--config", str(path), "--print_config"])
     assert exit_.value.code in (0, None)
     printed = tmp_path / "printed.yaml"
     printed.write_text(capsys.readouterr().out, encoding="utf-8")
-    assert settings(["--config", str(printed)]) == settings(["--config", str(path)])
+    assert settings(["--config", str(printed)], sub) == settings(["--config", str(path)], sub)
 
 
 def test_printed_config_reproduces_the_run_bit_for_bit(digits_store, tmp_path, capsys):
