@@ -6,20 +6,22 @@
     lightning-distill run      --config digits/quickstart
     lightning-distill fit      --model lightning_distill.DistillationModule ...
 
-``distill`` (and Lightning's own ``fit`` / ``validate`` / ``test``) is a
-:class:`pytorch_lightning.cli.LightningCLI` (:class:`LightningDistillCLI`): its recipe
-is a standard Lightning config, ``model:`` the DistillationModule's own arguments,
-``data:`` the RealDataModule's, ``trainer:`` the Trainer's (its ``callbacks:`` list holds
-MatchingWindow, PeriodicEvaluation, SyntheticEMA, ...), plus ``output`` (the run's
-directory) and ``resume``; everything LightningCLI gives comes with it
-(``--trainer.callbacks+=``, ``--trainer.logger``, ``--trainer.max_time``,
-``--print_config``, the config.yaml saved in the run's log directory). docs/recipes.md
-has the format and how an older recipe maps to it.
+``experts`` and ``distill`` (and Lightning's own ``fit`` / ``validate`` / ``test``) are a
+:class:`pytorch_lightning.cli.LightningCLI` (:class:`LightningDistillCLI`; the
+subcommands are methods of :class:`DistillTrainer`, as LightningCLI maps a subcommand to
+a Trainer method): a recipe is a standard Lightning config, ``model:`` the module's own
+arguments (ExpertTrajectoryModule, DistillationModule), ``data:`` the RealDataModule's,
+``trainer:`` the Trainer's (its ``callbacks:`` list holds GSAM, MatchingWindow,
+PeriodicEvaluation, SyntheticEMA, ...), plus the keys a Trainer has no place for
+(``store``, ``num_experts``, ``output``, ...). Everything LightningCLI gives comes with
+it (``--trainer.callbacks+=``, ``--trainer.logger``, ``--trainer.max_time``,
+``--print_config``, the config.yaml saved with the logs). docs/recipes.md has the format
+and how an older recipe maps to it.
 
-``experts``, ``evaluate`` and ``run`` still read the stage dataclasses
-(``lightning_distill.stages.*``, parsed with jsonargparse, LightningCLI's engine).
+``evaluate`` and ``run`` still read the stage dataclasses (``lightning_distill.stages.*``,
+parsed with jsonargparse, LightningCLI's engine).
 
-Every stage takes one or more ``--config FILE.yaml`` (later files override earlier
+Every subcommand takes one or more ``--config FILE.yaml`` (later files override earlier
 ones; a packaged recipe can be named instead of a file: ``--config digits/quickstart``),
 dotted overrides such as ``--data.root /data --trainer.devices 2`` and
 ``--print_config``; without ``--config`` it reads the digits recipe of
