@@ -722,6 +722,8 @@ def check_native_config_files(name: str, argv: Sequence[str]) -> None:
         sections["model"] = _init_names(model_class)
     if data_class is not None:
         sections["data"] = _init_names(data_class)
+    if name == "experts":
+        sections["data_selection"] = [f.name for f in dataclasses.fields(DataSelectionConfig)]
     top = ["seed_everything", "model", "data", "trainer", "optimizer", "lr_scheduler",
            *inspect.signature(getattr(DistillTrainer, name)).parameters]
     top = [k for k in dict.fromkeys(top) if k not in ("self", "datamodule")]
