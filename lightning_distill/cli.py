@@ -1,36 +1,61 @@
 """The ``lightning-distill`` command line.
 
-    lightning-distill experts  --config recipes/digits/experts.yaml
-    lightning-distill distill  --config recipes/digits/ipc10.yaml
-    lightning-distill evaluate --config recipes/digits/evaluate.yaml
-    lightning-distill run      --config recipes/digits/quickstart.yaml
+    lightning-distill experts  --config digits/experts
+    lightning-distill distill  --config digits/ipc10
+    lightning-distill evaluate --config digits/evaluate
+    lightning-distill run      --config digits/quickstart
+    lightning-distill fit      --model lightning_distill.DistillationModule ...
 
-Each stage takes one or more ``--config FILE.yaml`` (later files override earlier
+``experts`` and ``distill`` (and Lightning's own ``fit`` / ``validate`` / ``test``) are a
+:class:`pytorch_lightning.cli.LightningCLI` (:class:`LightningDistillCLI`; the
+subcommands are methods of :class:`DistillTrainer`, as LightningCLI maps a subcommand to
+a Trainer method): a recipe is a standard Lightning config, ``model:`` the module's own
+arguments (ExpertTrajectoryModule, DistillationModule), ``data:`` the RealDataModule's,
+``trainer:`` the Trainer's (its ``callbacks:`` list holds GSAM, MatchingWindow,
+PeriodicEvaluation, SyntheticEMA, ...), plus the keys a Trainer has no place for
+(``store``, ``num_experts``, ``output``, ...). Everything LightningCLI gives comes with
+it (``--trainer.callbacks+=``, ``--trainer.logger``, ``--trainer.max_time``,
+``--print_config``, the config.yaml saved with the logs). docs/recipes.md has the format
+and how an older recipe maps to it.
+
+``evaluate`` and ``run`` still read the stage dataclasses (``lightning_distill.stages.*``,
+parsed with jsonargparse, LightningCLI's engine).
+
+Every subcommand takes one or more ``--config FILE.yaml`` (later files override earlier
 ones; a packaged recipe can be named instead of a file: ``--config digits/quickstart``),
 dotted overrides such as ``--data.root /data --trainer.devices 2`` and
-``--print_config`` to show the merged configuration. The configuration of a stage is
-a dataclass (``lightning_distill.stages.*``), parsed with jsonargparse, the engine of
-Lightning's own LightningCLI; the stages are plain functions around Lightning
-Trainers because training N experts or chaining stages is not a single ``fit``.
+``--print_config``; without ``--config`` it reads the digits recipe of
+:data:`DEFAULT_RECIPES`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
+import inspect
 import logging
 import os
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
+from .config import TrainerConfig
+from .functional.evaluation import DEFAULT_GROUP_SIZE
+from .stages.data_selection import DataSelectionConfig
 from .trajectories import TrajectoryStoreError
 
 
@@ -45,8 +70,6 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "experts": Stage("lightning_distill.stages.experts", "ExpertsConfig", "train_experts",
                      "train expert trajectories on real data into a trajectory store"),
-    "distill": Stage("lightning_distill.stages.distill", "DistillConfig", "distill",
-                     "distil a synthetic set by matching the experts' trajectories"),
     "evaluate": Stage("lightning_distill.stages.evaluate", "EvaluateConfig", "evaluate",
                       "train fresh networks on a synthetic set and report test accuracy"),
     "run": Stage("lightning_distill.stages.run", "RunConfig", "run",
@@ -143,7 +166,7 @@ DEFAULT_RECIPES: dict[str, str] = {
 def default_recipe(argv: Sequence[str]) -> str | None:
     """The recipe :func:`parse_config` adds for a command line without ``--config``
     (None when it has one, asks for help, or names no stage)."""
-    stage = next((a for a in argv if a in STAGES), None)
+    stage = next((a for a in argv if a in DEFAULT_RECIPES), None)
     if stage is None or any(a in ("-h", "--help") for a in argv):
         return None
     if _config_values(argv):
@@ -211,7 +234,7 @@ def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     argv = list(argv)
     recipe = default_recipe(argv)
     if recipe is not None:
-        k = next(i for i, a in enumerate(argv) if a in STAGES)
+        k = next(i for i, a in enumerate(argv) if a in DEFAULT_RECIPES)
         argv[k + 1 : k + 1] = ["--config", recipe]
     argv = _resolve_config_args(argv)
     stage_name = next((a for a in argv if a in STAGES), None)
@@ -228,6 +251,274 @@ def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
     init = instantiate(sub_ns)
     fields = config_cls.__dataclass_fields__
     return name, config_cls(**{k: v for k, v in init.items() if k in fields})
+
+
+# ---------------------------------------------------------------- LightningCLI
+class DistillTrainer(pl.Trainer):
+    """A Trainer with the library's subcommands as methods: LightningCLI maps a
+    subcommand to the Trainer method of that name (its arguments become the
+    subcommand's keys, as ``ckpt_path`` is ``fit``'s). It keeps its constructor
+    arguments (:attr:`init_kwargs`): :meth:`experts` builds one Trainer per expert from
+    them, with fresh copies of the callbacks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.init_kwargs: dict[str, Any] = dict(kwargs)
+        if isinstance(kwargs.get("callbacks"), list):  # the Trainer adds its own to the list
+            self.init_kwargs["callbacks"] = list(kwargs["callbacks"])
+        super().__init__(*args, **kwargs)
+
+    def experts(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+                store: str = "outputs/experts", num_experts: int = 10,
+                group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, shard_index: int = 0,
+                num_shards: int = 1, data_selection: DataSelectionConfig | None = None,
+                log_dir: str | None = None) -> Any:
+        """Train expert trajectories on real data into a trajectory store.
+
+        Expert i is a fresh ``model`` (its arguments: architecture, SGD, DSA; the shapes
+        from the data) trained for ``trainer.max_epochs`` epochs by a Trainer of this
+        one's arguments (fresh copies of its callbacks: GSAM, ...), with all its
+        randomness from ``(seed, i)``; its snapshots go to ``store`` (docs/formats.md).
+        Finished experts are kept, so rerunning resumes.
+
+        Args:
+            model: an :class:`~lightning_distill.ExpertTrajectoryModule` (the template).
+            datamodule: the real data (a :class:`~lightning_distill.RealDataModule`).
+            store: the trajectory store's directory.
+            num_experts: experts in the store (this run trains the missing ones).
+            group_size: experts trained together as one vectorised model (1: one at a time).
+            seed: the experts' base seed.
+            shard_index, num_shards: this process trains experts shard_index,
+                shard_index + num_shards, ... (several processes on one store).
+            data_selection: PAD's easy-to-hard data selection (off by default).
+            log_dir: TensorBoard logs per expert (None: ``logs/`` beside the store) when
+                the Trainer's logger is the default.
+        """
+        from .callbacks.sharpness import sharpness_settings
+        from .data.augment import dsa_flip_for
+        from .modules.expert import ExpertTrajectoryModule
+        from .stages._common import make_callbacks
+        from .stages.experts import ExpertPlan, check_plan, run_experts
+
+        if not isinstance(model, ExpertTrajectoryModule):
+            raise TypeError(f"experts needs an ExpertTrajectoryModule, got {type(model).__name__}")
+        if datamodule is None:
+            raise ValueError("experts needs the real data: a datamodule (data: in a recipe)")
+        epochs = self.init_kwargs.get("max_epochs")
+        if epochs is None:
+            raise ValueError("experts: set trainer.max_epochs (the epochs of every expert)")
+        hp = model.hparams
+        flip = hp.dsa_flip if hp.dsa_flip is not None else dsa_flip_for(datamodule.name)
+        module_kwargs = {"model": hp.model, "model_kwargs": dict(hp.model_kwargs or {}),
+                         "lr": hp.lr, "momentum": hp.momentum,
+                         "weight_decay": hp.weight_decay, "dsa": hp.dsa,
+                         "dsa_strategy": hp.dsa_strategy, "dsa_flip": flip}
+        given = self.init_kwargs.get("callbacks") or []
+        given = list(given) if isinstance(given, (list, tuple)) else [given]
+        # LightningCLI's SaveConfigCallback is shared (it saves the config once); the
+        # others are copied afresh for each Trainer
+        shared = [c for c in given if type(c).__name__ == "SaveConfigCallback"]
+        templates = [c for c in given if c not in shared]
+        logs = Path(log_dir) if log_dir is not None else Path(store).parent / "logs"
+
+        def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
+            kw = dict(self.init_kwargs)
+            kw["callbacks"] = make_callbacks(
+                TrainerConfig(enable_progress_bar=kw.get("enable_progress_bar") is not False),
+                [*copy.deepcopy(templates), *shared, *cbs])
+            logger = kw.get("logger")
+            kw["logger"] = (TensorBoardLogger(str(logs), name="experts", version=version,
+                                              default_hp_metric=False)
+                            if logger in (None, True) else copy.deepcopy(logger))
+            kw.setdefault("enable_checkpointing", False)  # the store is what an expert leaves
+            kw["enable_model_summary"] = first and kw.get("enable_model_summary") is not False
+            return type(self)(**kw)
+
+        plan = ExpertPlan(
+            store=str(store), num_experts=num_experts, epochs=int(epochs),
+            module_kwargs=module_kwargs, make_trainer=make_trainer,
+            extra_callbacks=lambda indices: [], seed=seed, group_size=group_size,
+            shard_index=shard_index, num_shards=num_shards,
+            data_selection=data_selection or DataSelectionConfig(),
+            accelerator=str(self.init_kwargs.get("accelerator", "auto")),
+            hparams={"experts": {**{k: v for k, v in module_kwargs.items() if k != "model"},
+                                 "num_experts": num_experts, "epochs": int(epochs)},
+                     "sharpness": sharpness_settings(templates), "seed": seed,
+                     "batch_size": datamodule.batch_size})
+        check_plan(plan)
+        if rank_zero_only.rank == 0:
+            datamodule.prepare_data()
+        datamodule.setup("fit")
+        return run_experts(plan, datamodule)
+
+    def distill(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+                output: str | None = None, resume: bool = True) -> Path | None:
+        """Distil a synthetic set by matching the experts' trajectories.
+
+        Args:
+            model: a :class:`~lightning_distill.DistillationModule`.
+            datamodule: the real data (a :class:`~lightning_distill.RealDataModule`).
+            output: the run's directory; the CLI puts there what the config leaves
+                unset: ``synthetic.pt`` (the module's ``export_path``), ``checkpoints/``
+                (IterationCheckpoint), ``best.pt`` (PeriodicEvaluation), the TensorBoard
+                logs and config.yaml in ``logs/``.
+            resume: skip a finished set, resume the IterationCheckpoint's ``last.ckpt``.
+        """
+        from .modules.distill import DistillationModule
+        from .stages.distill import fit_distillation
+
+        if not isinstance(model, DistillationModule):
+            raise TypeError(f"distill needs a DistillationModule, got {type(model).__name__}")
+        return fit_distillation(self, model, datamodule, resume=resume)
+
+
+def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:
+    """(model class, datamodule class) of a LightningCLI subcommand; (None, None) is
+    subclass mode (any module: ``--model CLASS``), Lightning's fit / validate / test."""
+    if subcommand == "experts":
+        from .data.datamodule import RealDataModule
+        from .modules.expert import ExpertTrajectoryModule
+
+        return ExpertTrajectoryModule, RealDataModule
+    if subcommand == "distill":
+        from .data.datamodule import RealDataModule
+        from .modules.distill import DistillationModule
+
+        return DistillationModule, RealDataModule
+    return None, None
+
+
+#: Trainer defaults per subcommand (a config or the command line overrides them)
+TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the module stops itself after its iterations; an iteration takes seconds: log each
+    "distill": {"max_epochs": -1, "log_every_n_steps": 1},
+    # the store is what an expert leaves: no per-expert ModelCheckpoint
+    "experts": {"enable_checkpointing": False},
+}
+
+#: subcommands run by :class:`LightningDistillCLI`
+LIGHTNING_SUBCOMMANDS = ("experts", "distill", "fit", "validate", "test")
+
+
+def _subcommand(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+class LightningDistillCLI(LightningCLI):
+    """``lightning-distill`` as a LightningCLI: the ``distill`` subcommand (model
+    DistillationModule, data RealDataModule, no ``class_path`` needed) and Lightning's
+    ``fit`` / ``validate`` / ``test`` for any module (``--model CLASS``).
+
+    Embedding: ``LightningDistillCLI(args=["distill", "--config", "digits/ipc10"])``
+    runs it; ``run=False`` only parses and instantiates (``cli.model``,
+    ``cli.datamodule``, ``cli.trainer``).
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        self.requested = _subcommand(argv)
+        model_class, data_class = _native_classes(self.requested)
+        kwargs.setdefault("trainer_class", DistillTrainer)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS.get(self.requested, {})))
+        parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
+        parser_kwargs.setdefault("prog", "lightning-distill")
+        # no abbreviated options: `--trainer.max_epoch` is a typo, not `max_epochs`
+        parser_kwargs.setdefault("allow_abbrev", False)
+        for sub in self.subcommands():
+            parser_kwargs.setdefault(sub, {}).setdefault("allow_abbrev", False)
+        parser_kwargs.setdefault("description",
+                                 "Dataset distillation by trajectory matching (MTT, FTD, DATM).")
+        with warnings.catch_warnings():
+            # argv is sys.argv resolved (recipe names, the default recipe): passing it as
+            # args is what LightningCLI warns about when sys.argv is set too
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().__init__(model_class, data_class, subclass_mode_model=model_class is None,
+                             subclass_mode_data=data_class is None, args=argv,
+                             parser_kwargs=parser_kwargs, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
+        subs = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        if self.requested in ("experts", "distill"):
+            subs[self.requested] = {"model", "datamodule"}
+        return subs
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "distill":
+            fill_distill_outputs(self.config["distill"])
+
+
+class _Parsed(Exception):
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParsingCLI(LightningDistillCLI):
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.config[self.subcommand] if self.subcommand else self.config)
+
+
+def parse_lightning_config(argv: Sequence[str]) -> Namespace:
+    """The configuration a LightningCLI subcommand (``distill``, ``fit``, ...) would run,
+    parsed but nothing instantiated (no store opened, no data read): ``--config`` files
+    (packaged recipe names too), overrides and defaults merged, as ``--print_config``
+    shows it."""
+    try:
+        _ParsingCLI(args=_prepare_argv(list(argv)))
+    except _Parsed as parsed:
+        return parsed.config
+    raise RuntimeError("parse_lightning_config: the command line ran instead of parsing")
+
+
+def _namespace(class_path: str, **init_args: Any) -> Namespace:
+    return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+
+def fill_distill_outputs(cfg: Namespace) -> None:
+    """Put under ``cfg.output`` what the ``distill`` config leaves unset: the module's
+    ``export_path`` (``synthetic.pt``), the Trainer's root directory and logger
+    (TensorBoard in ``logs/``, where LightningCLI saves config.yaml), IterationCheckpoint's
+    ``dirpath`` (``checkpoints/``; one is added when the callbacks have none, so every
+    run resumes) and PeriodicEvaluation's ``best_path`` (``best.pt``)."""
+    out = cfg.get("output")
+    if out is None:
+        if cfg.model.get("export_path") is None:
+            raise ConfigError("lightning-distill distill: error: set `output` (the run's "
+                              "directory) or `model.export_path` (where the set is written)")
+        return
+    out = Path(out)
+    if cfg.model.get("export_path") is None:
+        cfg.model.export_path = str(out / "synthetic.pt")
+    trainer = cfg.trainer
+    if trainer.get("default_root_dir") is None:
+        trainer.default_root_dir = str(out)
+    if trainer.get("logger") in (None, True):
+        trainer.logger = _namespace("pytorch_lightning.loggers.TensorBoardLogger",
+                                    save_dir=str(out), name="logs", version="",
+                                    default_hp_metric=False)
+    callbacks = trainer.get("callbacks")
+    callbacks = [] if callbacks is None else (
+        list(callbacks) if isinstance(callbacks, list) else [callbacks])
+    has_checkpoint = False
+    for cb in callbacks:
+        name = str(cb.get("class_path", "")).rsplit(".", 1)[-1]
+        init = cb.get("init_args")
+        if init is None:
+            cb.init_args = init = Namespace()
+        if name == "IterationCheckpoint":
+            has_checkpoint = True
+            if init.get("dirpath") is None:
+                init.dirpath = str(out / "checkpoints")
+        elif name == "PeriodicEvaluation" and init.get("best_path") is None:
+            init.best_path = str(out / "best.pt")
+    if not has_checkpoint:
+        callbacks.append(_namespace("lightning_distill.callbacks.IterationCheckpoint",
+                                    dirpath=str(out / "checkpoints"), every_n=100))
+    bars = [cb for cb in callbacks if str(cb.get("class_path", "")).endswith("ProgressBar")]
+    if trainer.get("enable_progress_bar") is not False and not bars:
+        callbacks.append(_namespace("pytorch_lightning.callbacks.RichProgressBar", leave=False))
+    trainer.callbacks = callbacks
 
 
 #: what bad input raises in the library (each with a message naming the file or field and
@@ -261,27 +552,275 @@ def _quiet_repeated_lightning_info() -> None:
             handler.addFilter(_OnceFilter())
 
 
+def _report(name: str | None, err: BaseException) -> int:
+    """One line for a user error (exit status 2), unless LIGHTNING_DISTILL_TRACEBACK=1."""
+    if os.environ.get("LIGHTNING_DISTILL_TRACEBACK", "") not in ("", "0"):
+        raise err
+    print(f"lightning-distill {name}: error: {type(err).__name__}: {err}\n"
+          "(set LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
+    return 2
+
+
+def _prepare_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the default recipe added when it names no ``--config`` (and says so
+    on stderr) and every ``--config`` value resolved to a file (:func:`resolve_config`)."""
+    recipe = default_recipe(argv)
+    if recipe is not None:
+        if "--print_config" not in argv:
+            print(f"lightning-distill: no --config given: using the packaged recipe {recipe} "
+                  f"({RECIPES_DIR / recipe}.yaml)", file=sys.stderr)
+        k = next(i for i, a in enumerate(argv) if a in DEFAULT_RECIPES)
+        argv[k + 1 : k + 1] = ["--config", recipe]
+    argv = _resolve_config_args(argv)
+    check_yaml_files(argv)
+    return argv
+
+
+#: top-level keys of a recipe in the format before LightningCLI, per subcommand
+OLD_FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "distill": ("store", "distill", "window", "ema", "evaluation",
+                "checkpoint_every_n_steps", "image_every_n_steps", "seed"),
+    "experts": ("experts", "sharpness"),
+}
+
+
+def convert_distill_recipe(old: dict[str, Any]) -> dict[str, Any]:
+    """A ``distill`` recipe of the format before LightningCLI (the keys of
+    ``stages.distill.DistillConfig``) as the LightningCLI config of the same run
+    (docs/recipes.md, 'From the older recipe format'):
+
+    - ``store``, ``distill.*``, ``seed`` -> ``model.*`` (DistillationModule's arguments;
+      ``window.max_start_epoch`` also -> ``model.max_start_epoch``);
+    - ``window`` -> a MatchingWindow callback, ``ema`` (enabled) -> SyntheticEMA,
+      ``evaluation`` (every_n_steps > 0) -> PeriodicEvaluation (its epochs / batch_size
+      / group_size in ``protocol``), ``image_every_n_steps`` -> SyntheticImageLogger,
+      ``checkpoint_every_n_steps`` -> IterationCheckpoint;
+    - ``data`` -> ``data`` (``split_seed`` as is, ``kwargs`` -> ``dataset_kwargs``),
+      ``trainer`` -> ``trainer``, ``seed`` -> ``seed_everything``; ``output``, ``resume``
+      unchanged.
+    """
+    from .modules.distill import DistillationModule
+    from .stages.distill import DistillConfig
+
+    base = DistillConfig()
+    seed = old.get("seed", base.seed)
+    new: dict[str, Any] = {"seed_everything": seed}
+    if "output" in old:
+        new["output"] = old["output"]
+    if "resume" in old:
+        new["resume"] = old["resume"]
+    model: dict[str, Any] = {"store": old.get("store", base.store)}
+    # the old settings' defaults where they differ from the module's (iterations)
+    params = inspect.signature(DistillationModule).parameters
+    for key, value in dataclasses.asdict(base.distill).items():
+        if key in params and params[key].default != value:
+            model[key] = value
+    model.update(old.get("distill") or {})
+    window = dict(old.get("window") or {})
+    model["max_start_epoch"] = window.get("max_start_epoch",
+                                          base.window.max_start_epoch)
+    model["seed"] = seed
+    new["model"] = model
+    data = dict(old.get("data") or {})
+    if "kwargs" in data:
+        data["dataset_kwargs"] = data.pop("kwargs")
+    new["data"] = data
+    callbacks: list[dict[str, Any]] = []
+
+    def add(name: str, **init_args: Any) -> None:
+        callbacks.append({"class_path": f"lightning_distill.callbacks.{name}",
+                          "init_args": init_args})
+
+    w = {**dataclasses.asdict(base.window), **window}
+    add("MatchingWindow", **{k: v for k, v in w.items() if v is not None})
+    ema = {**dataclasses.asdict(base.ema), **(old.get("ema") or {})}
+    if ema.pop("enabled"):
+        add("SyntheticEMA", **ema)
+    ev = {**dataclasses.asdict(base.evaluation), **(old.get("evaluation") or {})}
+    if ev["every_n_steps"] > 0:
+        add("PeriodicEvaluation", every_n_steps=ev["every_n_steps"], model=ev["model"],
+            runs=ev["runs"], seed=seed,
+            protocol={k: ev[k] for k in ("epochs", "batch_size", "group_size")})
+    add("SyntheticImageLogger",
+        every_n_steps=old.get("image_every_n_steps", base.image_every_n_steps))
+    add("IterationCheckpoint",
+        every_n=old.get("checkpoint_every_n_steps", base.checkpoint_every_n_steps))
+    trainer = dict(old.get("trainer") or {})
+    trainer["callbacks"] = callbacks
+    new["trainer"] = trainer
+    return new
+
+
+def _init_names(cls: type) -> list[str]:
+    return [n for n, p in inspect.signature(cls).parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _unknown_key_error(name: str, file: str, dotted: str, key: str,
+                       names: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(
+        f"lightning-distill {name}: error: {file}: unknown key '{dotted}'{hint}; valid keys "
+        f"there: {', '.join(names)}. See `lightning-distill {name} --help`.")
+
+
+def convert_experts_recipe(old: dict[str, Any]) -> dict[str, Any]:
+    """An ``experts`` recipe of the format before LightningCLI (the keys of
+    ``stages.experts.ExpertsConfig``) as the LightningCLI config of the same experts
+    (docs/recipes.md, 'From the older recipe format'): ``model.name`` / ``kwargs`` and
+    ``experts.lr`` / ``momentum`` / ``weight_decay`` / ``dsa`` / ``dsa_strategy`` ->
+    ``model.*`` (ExpertTrajectoryModule's arguments); ``experts.epochs`` and
+    ``check_val_every_n_epoch`` -> ``trainer.*``; ``sharpness`` -> a SAM / ASAM / GSAM
+    callback; ``store``, ``log_dir``, ``seed``, ``shard_index``, ``num_shards``,
+    ``data_selection``, ``experts.num_experts`` / ``group_size`` -> top-level keys."""
+    from .stages.experts import ExpertsConfig
+
+    base = ExpertsConfig()
+    ex = {**dataclasses.asdict(base.experts), **(old.get("experts") or {})}
+    mdl = {**dataclasses.asdict(base.model), **(old.get("model") or {})}
+    sharp = {**dataclasses.asdict(base.sharpness), **(old.get("sharpness") or {})}
+    seed = old.get("seed", base.seed)
+    new: dict[str, Any] = {"seed_everything": seed,
+                           "store": old.get("store", base.store),
+                           "log_dir": old.get("log_dir", base.log_dir),
+                           "num_experts": ex["num_experts"], "group_size": ex["group_size"],
+                           "seed": seed}
+    for key in ("shard_index", "num_shards", "data_selection"):
+        if key in old:
+            new[key] = old[key]
+    model: dict[str, Any] = {"model": mdl["name"]}
+    if mdl.get("kwargs"):
+        model["model_kwargs"] = mdl["kwargs"]
+    model.update({k: ex[k] for k in ("lr", "momentum", "weight_decay", "dsa", "dsa_strategy")
+                  if k in (old.get("experts") or {})})
+    new["model"] = model
+    data = dict(old.get("data") or {})
+    if "kwargs" in data:
+        data["dataset_kwargs"] = data.pop("kwargs")
+    new["data"] = data
+    trainer = dict(old.get("trainer") or {})
+    trainer["max_epochs"] = ex["epochs"]
+    if ex["check_val_every_n_epoch"] != 1:
+        trainer["check_val_every_n_epoch"] = ex["check_val_every_n_epoch"]
+    method = str(sharp["method"]).lower()
+    if method != "none":
+        args = {"rho": sharp["rho"], **({"alpha": sharp["alpha"]} if method == "gsam" else {})}
+        trainer["callbacks"] = [{"class_path": f"lightning_distill.callbacks.{method.upper()}",
+                                 "init_args": args}]
+    new["trainer"] = trainer
+    return new
+
+
+def check_native_config_files(name: str, argv: Sequence[str]) -> None:
+    """Refuse a ``--config`` file of a LightningCLI subcommand with an unknown key (naming
+    the file, the key and a close match: jsonargparse names neither file nor match) or in
+    the recipe format before LightningCLI (with what to do)."""
+    model_class, data_class = _native_classes(name)
+    sections: dict[str, list[str]] = {"trainer": _init_names(pl.Trainer)}
+    if model_class is not None:
+        sections["model"] = _init_names(model_class)
+    if data_class is not None:
+        sections["data"] = _init_names(data_class)
+    if name == "experts":
+        sections["data_selection"] = [f.name for f in dataclasses.fields(DataSelectionConfig)]
+    top = ["seed_everything", "model", "data", "trainer", "optimizer", "lr_scheduler",
+           *inspect.signature(getattr(DistillTrainer, name)).parameters]
+    top = [k for k in dict.fromkeys(top) if k not in ("self", "datamodule")]
+    for file in _config_files(argv, name):
+        data: Any = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            continue
+        old = [k for k in OLD_FORMAT_KEYS.get(name, ()) if k in data]
+        if old:
+            what = {"distill": "the distillation settings now go under `model:` "
+                               "(DistillationModule's arguments: store, ipc, ...), the "
+                               "window, EMA and evaluation under `trainer.callbacks:`",
+                    "experts": "the expert settings now go under `model:` "
+                               "(ExpertTrajectoryModule's arguments), the epochs to "
+                               "`trainer.max_epochs`, GSAM under `trainer.callbacks:`"}[name]
+            raise ConfigError(
+                f"lightning-distill {name}: error: {file}: keys {old} are the recipe "
+                f"format before LightningCLI; {what}. docs/recipes.md, 'From the older "
+                f"recipe format', maps every key, and "
+                f"`lightning_distill.cli.convert_{name}_recipe` converts a file.")
+        for key, value in data.items():
+            if key not in top:
+                raise _unknown_key_error(name, file, key, key, top)
+            names = sections.get(key)
+            if names is None or not isinstance(value, dict):
+                continue
+            if "class_path" in value:  # subclass form: class_path / init_args
+                continue
+            for sub in value:
+                if sub not in names:
+                    raise _unknown_key_error(name, file, f"{key}.{sub}", sub, names)
+
+
+def check_yaml_files(argv: Sequence[str]) -> None:
+    """Refuse a ``--config`` file that is not valid YAML with its path, line and column."""
+    for _, file, _ in _config_values(argv):
+        try:
+            yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"lightning-distill: error: {file}{where}: not valid YAML: "
+                              f"{problem}") from None
+        except OSError:
+            continue  # a missing file: resolve_config has said so
+
+
+#: one line per subcommand, for ``lightning-distill --help``
+SUBCOMMAND_HELP: dict[str, str] = {
+    **{k: v.help for k, v in STAGES.items()},
+    "distill": "distil a synthetic set by matching the experts' trajectories (LightningCLI)",
+    "fit": "Lightning's fit of any LightningModule / datamodule (--model CLASS --data CLASS)",
+    "validate": "Lightning's validate of any module",
+    "test": "Lightning's test of any module",
+}
+
+
+def _usage() -> str:
+    order = ["experts", "distill", "evaluate", "run", "fit", "validate", "test"]
+    lines = ["usage: lightning-distill SUBCOMMAND [--config FILE|RECIPE] [--KEY VALUE ...]",
+             "", "Dataset distillation by trajectory matching (MTT, FTD, DATM).", "",
+             "subcommands (`lightning-distill SUBCOMMAND --help` for its keys):"]
+    lines += [f"  {k:<9} {SUBCOMMAND_HELP[k]}" for k in order]
+    lines += ["", f"packaged recipes (--config NAME): {', '.join(packaged_recipes())}"]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    recipe = default_recipe(argv)
-    if recipe is not None and "--print_config" not in argv:
-        print(f"lightning-distill: no --config given: using the packaged recipe {recipe} "
-              f"({RECIPES_DIR / recipe}.yaml)", file=sys.stderr)
+    name = _subcommand(argv)
+    if name is None or name not in SUBCOMMAND_HELP:
+        asked = any(a in ("-h", "--help") for a in argv)
+        print(_usage() if asked or name is None else
+              f"lightning-distill: error: unknown subcommand {name!r}\n\n{_usage()}",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    _quiet_repeated_lightning_info()
+    native = name in LIGHTNING_SUBCOMMANDS
     try:
+        argv = _prepare_argv(argv)
+        if native:
+            if name in OLD_FORMAT_KEYS:
+                check_native_config_files(name, argv)
+            LightningDistillCLI(args=argv)
+            return 0
         name, cfg = parse_config(argv)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    except USER_ERRORS as err:  # raised while a LightningCLI subcommand runs
+        return _report(name, err)
     _, function = _load(STAGES[name])
-    _quiet_repeated_lightning_info()
     try:
         function(cfg)
     except USER_ERRORS as err:
-        if os.environ.get("LIGHTNING_DISTILL_TRACEBACK", "") not in ("", "0"):
-            raise
-        print(f"lightning-distill {name}: error: {type(err).__name__}: {err}\n"
-              "(set LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 2
+        return _report(name, err)
     return 0
 
 

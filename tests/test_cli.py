@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,7 @@ import pytest
 pytest.importorskip("jsonargparse")  # the CLI's engine (the GPU image lacks it)
 
 from lightning_distill import cli
-from lightning_distill.cli import parse_config
-from lightning_distill.stages.experts import ExpertsConfig
+from lightning_distill.cli import parse_config, parse_lightning_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "digits" / "experts.yaml")
@@ -25,50 +25,57 @@ def _yaml(tmp_path: Path, name: str, text: str) -> str:
     return str(path)
 
 
+def settings(argv):
+    """A LightningCLI subcommand's parsed configuration without its files' names."""
+    config = parse_lightning_config(argv).as_dict()
+    config.pop("config", None)
+    return config
+
+
 def test_print_config_output_parses_back(tmp_path, capsys):
-    argv = ["experts", "--config", DIGITS, "--experts.epochs", "3", "--seed", "7",
-            "--model.kwargs", "{width: 16, depth: 2}"]
+    argv = ["experts", "--config", DIGITS, "--trainer.max_epochs", "3", "--seed", "7",
+            "--model.model_kwargs", "{width: 16, depth: 2}"]
     with pytest.raises(SystemExit) as exc:
         cli.main([*argv, "--print_config"])
     assert exc.value.code == 0
     printed = _yaml(tmp_path, "printed.yaml", capsys.readouterr().out)
-    _, direct = parse_config(argv)
-    _, again = parse_config(["experts", "--config", printed])
-    assert isinstance(again, ExpertsConfig)
+    direct, again = settings(argv), settings(["experts", "--config", printed])
     assert again == direct
-    assert (again.experts.epochs, again.seed, again.model.kwargs) == (3, 7, {"width": 16,
-                                                                             "depth": 2})
+    assert (again["trainer"]["max_epochs"], again["seed"], again["model"]["model_kwargs"]) == (
+        3, 7, {"width": 16, "depth": 2})
 
 
 def test_dotted_overrides(tmp_path):
-    _, cfg = parse_config(["experts", "--config", DIGITS, "--experts.num_experts", "3",
-                           "--trainer.devices", "2", "--sharpness.method", "sam",
-                           "--data.root", str(tmp_path), "--store", "somewhere",
-                           "--experts.dsa", "false"])
-    assert cfg.experts.num_experts == 3 and cfg.trainer.devices == 2
-    assert cfg.sharpness.method == "sam" and cfg.data.root == str(tmp_path)
-    assert cfg.store == "somewhere" and cfg.experts.dsa is False
-    _, base = parse_config(["experts", "--config", DIGITS])
-    assert cfg.experts.epochs == base.experts.epochs  # untouched keys keep the recipe's value
+    cfg = parse_lightning_config(["experts", "--config", DIGITS, "--num_experts", "3",
+                                  "--trainer.devices", "2", "--data.root", str(tmp_path),
+                                  "--store", "somewhere", "--model.dsa", "false"])
+    assert cfg.num_experts == 3 and str(cfg.trainer.devices) == "2"
+    assert cfg.data.root == str(tmp_path)
+    assert cfg.store == "somewhere" and cfg.model.dsa is False
+    base = parse_lightning_config(["experts", "--config", DIGITS])
+    # untouched keys keep the recipe's value
+    assert cfg.trainer.max_epochs == base.trainer.max_epochs == 30
+    assert cfg.trainer.callbacks == base.trainer.callbacks
 
 
 def test_several_config_files_merge_in_order(tmp_path):
-    a = _yaml(tmp_path, "a.yaml", "experts:\n  num_experts: 5\n  epochs: 4\nseed: 3\n")
-    b = _yaml(tmp_path, "b.yaml", "experts:\n  epochs: 9\nseed: 4\n")
-    _, cfg = parse_config(["experts", "--config", DIGITS, "--config", a, "--config", b])
-    assert (cfg.experts.num_experts, cfg.experts.epochs, cfg.seed) == (5, 9, 4)
+    a = _yaml(tmp_path, "a.yaml", "num_experts: 5\ntrainer:\n  max_epochs: 4\nseed: 3\n")
+    b = _yaml(tmp_path, "b.yaml", "trainer:\n  max_epochs: 9\nseed: 4\n")
+    cfg = parse_lightning_config(["experts", "--config", DIGITS, "--config", a, "--config", b])
+    assert (cfg.num_experts, cfg.trainer.max_epochs, cfg.seed) == (5, 9, 4)
     assert cfg.data.name == "digits"  # from the first file
     # an override after the files wins; one before them is overridden
-    _, cfg = parse_config(["experts", "--seed", "1", "--config", a, "--config", b,
-                           "--experts.num_experts", "6"])
-    assert (cfg.seed, cfg.experts.num_experts) == (4, 6)
+    cfg = parse_lightning_config(["experts", "--seed", "1", "--config", DIGITS, "--config", a,
+                                  "--config", b, "--num_experts", "6"])
+    assert (cfg.seed, cfg.num_experts) == (4, 6)
 
 
 @pytest.mark.parametrize(
     ("text", "key", "suggestion"),
-    [("experts:\n  num_expert: 3\n", "experts.num_expert", "num_experts"),
+    [("num_expert: 3\n", "num_expert", "num_experts"),
      ("stor: here\n", "stor", "store"),
-     ("trainer:\n  device: 2\n", "trainer.device", "devices")],
+     ("trainer:\n  device: 2\n", "trainer.device", "devices"),
+     ("model:\n  weight_decy: 2\n", "model.weight_decy", "weight_decay")],
 )
 def test_unknown_key_in_a_config_file_names_the_file_and_the_key(tmp_path, capsys, text, key,
                                                                    suggestion):
@@ -78,6 +85,24 @@ def test_unknown_key_in_a_config_file_names_the_file_and_the_key(tmp_path, capsy
     assert bad in err and f"unknown key '{key}'" in err and f"did you mean '{suggestion}'" in err
 
 
+def test_an_older_format_experts_recipe_is_refused_and_converts(tmp_path, capsys):
+    old = {"store": "s", "experts": {"num_experts": 3, "epochs": 7, "lr": 0.05},
+           "model": {"name": "ConvNet", "kwargs": {"width": 8}},
+           "sharpness": {"method": "gsam", "rho": 0.02, "alpha": 0.4},
+           "data": {"name": "digits"}}
+    bad = _yaml(tmp_path, "old.yaml", json.dumps(old))
+    assert cli.main(["experts", "--config", bad]) == 2
+    assert "format before LightningCLI" in capsys.readouterr().err
+    new = cli.convert_experts_recipe(old)
+    assert (new["num_experts"], new["trainer"]["max_epochs"], new["model"]["lr"]) == (3, 7, 0.05)
+    assert new["model"]["model_kwargs"] == {"width": 8}
+    assert new["trainer"]["callbacks"] == [{"class_path": "lightning_distill.callbacks.GSAM",
+                                            "init_args": {"rho": 0.02, "alpha": 0.4}}]
+    converted = _yaml(tmp_path, "new.yaml", json.dumps(new))
+    cfg = parse_lightning_config(["experts", "--config", converted])
+    assert cfg.trainer.callbacks[0].init_args.alpha == 0.4
+
+
 def test_unknown_nested_key_in_a_list_of_dataclasses(tmp_path):
     bad = _yaml(tmp_path, "run.yaml", "runs:\n  - name: ipc1\n    distill:\n      ipcc: 1\n")
     with pytest.raises(cli.ConfigError, match=r"runs\[0\]\.distill\.ipcc.*did you mean 'ipc'"):
@@ -85,15 +110,15 @@ def test_unknown_nested_key_in_a_list_of_dataclasses(tmp_path):
 
 
 def test_unknown_or_abbreviated_command_line_options_fail(capsys):
-    for option in ("--experts.num_expert", "--experts.epoch"):  # typo; abbreviation
+    for option in ("--num_expert", "--trainer.max_epoch"):  # typo; abbreviation
         with pytest.raises(SystemExit) as exc:
             cli.main(["experts", "--config", DIGITS, option, "3"])
         assert exc.value.code == 2
         assert option.lstrip("-") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("stage", "key"), [("experts", "--sharpness.rho"),
-                                            ("distill", "--window.min_start_epoch"),
+@pytest.mark.parametrize(("stage", "key"), [("experts", "--num_experts"),
+                                            ("distill", "--model.ipc"),
                                             ("evaluate", "--synthetic"),
                                             ("run", "--workdir")])
 def test_stage_help(stage, key, capsys):
@@ -108,10 +133,12 @@ def test_main_runs_the_stage_with_the_parsed_config(monkeypatch):
     import lightning_distill.stages.experts as stage
 
     seen = []
-    monkeypatch.setattr(stage, "train_experts", seen.append)
-    assert cli.main(["experts", "--config", DIGITS, "--experts.num_experts", "2"]) == 0
-    (cfg,) = seen
-    assert isinstance(cfg, ExpertsConfig) and cfg.experts.num_experts == 2
+    monkeypatch.setattr(stage, "run_experts", lambda plan, dm: seen.append((plan, dm)))
+    assert cli.main(["experts", "--config", DIGITS, "--num_experts", "2"]) == 0
+    ((plan, dm),) = seen
+    assert isinstance(plan, stage.ExpertPlan) and plan.num_experts == 2 and plan.epochs == 30
+    assert plan.module_kwargs["dsa_flip"] is False  # digits: no flip
+    assert dm.name == "digits" and dm.train_set is not None
 
 
 def test_bad_input_in_a_stage_is_one_error_line_with_exit_status_2(tmp_path, capsys,
@@ -153,8 +180,8 @@ def test_config_names_a_packaged_recipe_from_any_directory(tmp_path, monkeypatch
                                      for p in (ROOT / "recipes").glob("*/*.yaml"))
     for value in ("digits/experts", "digits/experts.yaml", "recipes/digits/experts.yaml"):
         assert Path(cli.resolve_config(value)).samefile(ROOT / "recipes/digits/experts.yaml")
-    _, by_name = parse_config(["experts", "--config", "digits/experts"])
-    _, by_path = parse_config(["experts", f"--config={ROOT / 'recipes/digits/experts.yaml'}"])
+    by_name = settings(["experts", "--config", "digits/experts"])
+    by_path = settings(["experts", f"--config={ROOT / 'recipes/digits/experts.yaml'}"])
     assert by_name == by_path
     # a local file wins over a packaged recipe of the same name
     local = tmp_path / "digits" / "experts.yaml"
@@ -163,7 +190,17 @@ def test_config_names_a_packaged_recipe_from_any_directory(tmp_path, monkeypatch
     assert cli.resolve_config("digits/experts.yaml") == "digits/experts.yaml"
 
 
-@pytest.mark.parametrize("stage", ["experts", "distill", "evaluate", "run"])
+@pytest.mark.parametrize("stage", ["experts", "distill"])
+def test_without_config_a_lightning_subcommand_reads_its_digits_recipe(stage, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = cli.DEFAULT_RECIPES[stage]
+    assert recipe.startswith("digits/")
+    assert settings([stage]) == settings([stage, "--config", recipe])
+    assert parse_lightning_config([stage, "--seed_everything", "3"]).seed_everything == 3
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "run"])
 def test_without_config_a_stage_reads_its_packaged_digits_recipe(stage, tmp_path,
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -217,21 +254,37 @@ def _stage_of(path: Path) -> str:
     return "distill"
 
 
+def load(path: Path):
+    """The parsed configuration of a packaged recipe: a stage dataclass, or for a
+    ``distill`` recipe the LightningCLI Namespace."""
+    stage = _stage_of(path)
+    if stage in ("experts", "distill"):
+        return parse_lightning_config([stage, "--config", str(path)])
+    return parse_config([stage, "--config", str(path)])[1]
+
+
+def callback(cfg, name: str):
+    """The init_args of the ``name`` callback of a distill recipe (None without one)."""
+    hits = [cb.init_args for cb in cfg.trainer.callbacks if cb.class_path.endswith(f".{name}")]
+    return hits[0] if hits else None
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_parses_into_its_stage_config(path):
-    stage, cfg = parse_config([_stage_of(path), "--config", str(path)])
-    assert stage == _stage_of(path)
+    cfg = load(path)
     # a folder is its data set's (fashion_mnist_cpu: Fashion-MNIST sized for a CPU)
     assert path.parent.name.split("_cpu")[0] == cfg.data.name
+    if _stage_of(path) == "distill":  # T+ of the module's check is the window's
+        assert cfg.model.max_start_epoch == callback(cfg, "MatchingWindow").max_start_epoch
 
 
 def test_distill_recipes_hold_the_published_datm_rows():
     """Spot checks against docs/method.md, 'Published settings' (DATM) and the FTD/MTT variants."""
-    def load(name):
-        return parse_config(["distill", "--config", str(ROOT / "recipes" / name)])[1]
+    def get(name):
+        return load(ROOT / "recipes" / name)
 
-    c = load("cifar10/ipc10.yaml")
-    d, w = c.distill, c.window
+    c = get("cifar10/ipc10.yaml")
+    d, w = c.model, callback(c, "MatchingWindow")
     assert (d.syn_steps, d.expert_epochs, d.lr_img, d.lr_lr, d.lr_y, d.batch_syn) == (
         80, 2, 100, 1e-5, 2, 100)
     assert (w.min_start_epoch, w.current_max_start_epoch, w.max_start_epoch,
@@ -239,42 +292,43 @@ def test_distill_recipes_hold_the_published_datm_rows():
     assert (d.threshold, d.image_init, d.learn_labels, d.iterations) == (
         1.0, "samples_predicted_correctly", True, 10000)
     assert c.data.zca
-    c1 = load("cifar10/ipc1.yaml")
-    assert (c1.distill.threshold, c1.window.max_start_epoch, c1.window.sequential) == (
-        1.1, 4, False)
-    c100 = load("cifar100/ipc50.yaml")
-    assert (c100.distill.image_init, c100.window.min_start_epoch, c100.distill.mode) == (
-        "real", 20, "recompute")
-    tiny = load("tiny_imagenet/ipc1.yaml")
-    assert (tiny.distill.lr_img, tiny.distill.lr_lr, tiny.window.current_max_start_epoch) == (
-        10000, 1e-4, 15)
-    ftd = load("cifar10/ftd_ipc10.yaml")
-    assert ftd.ema.enabled and ftd.ema.decay == 0.9995 and not ftd.distill.learn_labels
-    assert (ftd.distill.syn_steps, ftd.distill.lr_teacher, ftd.distill.iterations) == (
+    c1 = get("cifar10/ipc1.yaml")
+    w1 = callback(c1, "MatchingWindow")
+    assert (c1.model.threshold, w1.max_start_epoch, w1.sequential) == (1.1, 4, False)
+    c100 = get("cifar100/ipc50.yaml")
+    assert (c100.model.image_init, callback(c100, "MatchingWindow").min_start_epoch,
+            c100.model.mode) == ("real", 20, "recompute")
+    tiny = get("tiny_imagenet/ipc1.yaml")
+    assert (tiny.model.lr_img, tiny.model.lr_lr,
+            callback(tiny, "MatchingWindow").current_max_start_epoch) == (10000, 1e-4, 15)
+    ftd = get("cifar10/ftd_ipc10.yaml")
+    ema = callback(ftd, "SyntheticEMA")
+    assert ema is not None and ema.decay == 0.9995 and not ftd.model.learn_labels
+    assert (ftd.model.syn_steps, ftd.model.lr_teacher, ftd.model.iterations) == (
         30, 0.001, 5000)
-    mtt = load("cifar10/mtt_ipc50.yaml")
-    assert not mtt.data.zca and mtt.store.endswith("experts_mtt_nozca")
+    assert callback(get("cifar10/ipc10.yaml"), "SyntheticEMA") is None
+    mtt = get("cifar10/mtt_ipc50.yaml")
+    assert not mtt.data.zca and mtt.model.store.endswith("experts_mtt_nozca")
 
 
 def test_tiny_imagenet_recipes_use_zca_as_datm():
     """Every DATM TinyImageNet config sets zca: True: experts, distillation, evaluation."""
     for name in ("experts", "ipc1", "ipc10", "ipc50", "evaluate"):
-        path = ROOT / "recipes" / "tiny_imagenet" / f"{name}.yaml"
-        _, cfg = parse_config([_stage_of(path), "--config", str(path)])
-        assert cfg.data.zca, name
+        assert load(ROOT / "recipes" / "tiny_imagenet" / f"{name}.yaml").data.zca, name
 
 
 def test_ftd_recipes_match_ftds_own_experts():
     """FTD's buffers: GSAM alpha 0.4, 50 epochs; its distillation recipes read that store
     and their windows (T+ - 1 + M) stay inside its 51 snapshots."""
     for ds in ("cifar10", "cifar100"):
-        _, ex = parse_config(["experts", "--config", str(ROOT / f"recipes/{ds}/experts_ftd.yaml")])
-        assert (ex.sharpness.method, ex.sharpness.alpha, ex.sharpness.rho) == ("gsam", 0.4, 0.01)
-        assert ex.experts.epochs == 50 and ex.store == f"outputs/{ds}/experts_ftd"
+        ex = load(ROOT / f"recipes/{ds}/experts_ftd.yaml")
+        gsam = callback(ex, "GSAM")
+        assert (gsam.alpha, gsam.rho) == (0.4, 0.01)
+        assert ex.trainer.max_epochs == 50 and ex.store == f"outputs/{ds}/experts_ftd"
         for path in sorted((ROOT / "recipes" / ds).glob("ftd_ipc*.yaml")):
-            _, cfg = parse_config(["distill", "--config", str(path)])
-            assert cfg.store == ex.store, path.name
-            assert cfg.window.max_start_epoch - 1 + cfg.distill.expert_epochs <= ex.experts.epochs
+            cfg = load(path)
+            assert cfg.model.store == ex.store, path.name
+            assert cfg.model.max_start_epoch - 1 + cfg.model.expert_epochs <= ex.trainer.max_epochs
 
 
 def test_pad_recipes_hold_pads_parameter_ratios_on_datm_rows():
@@ -284,12 +338,14 @@ def test_pad_recipes_hold_pads_parameter_ratios_on_datm_rows():
     for ds, rows in ratios.items():
         for ipc, a in rows.items():
             recipes = ROOT / "recipes" / ds
-            _, pad = parse_config(["distill", "--config", str(recipes / f"pad_ipc{ipc}.yaml")])
-            _, datm = parse_config(["distill", "--config", str(recipes / f"ipc{ipc}.yaml")])
-            assert pad.distill.param_drop_ratio == a and pad.distill.param_mask is None
-            assert pad.store == f"outputs/{ds}/experts_pad"
+            pad = load(recipes / f"pad_ipc{ipc}.yaml")
+            datm = load(recipes / f"ipc{ipc}.yaml")
+            assert pad.model.param_drop_ratio == a and pad.model.param_mask is None
+            assert pad.model.store == f"outputs/{ds}/experts_pad"
             # everything else is DATM's row
             for key in ("syn_steps", "expert_epochs", "lr_img", "lr_lr", "lr_y", "batch_syn",
-                        "threshold", "image_init", "learn_labels", "iterations", "mode"):
-                assert getattr(pad.distill, key) == getattr(datm.distill, key), (ds, ipc, key)
-            assert pad.window == datm.window and pad.data == datm.data
+                        "threshold", "image_init", "learn_labels", "iterations", "mode",
+                        "max_start_epoch"):
+                assert pad.model[key] == datm.model[key], (ds, ipc, key)
+            assert (callback(pad, "MatchingWindow") == callback(datm, "MatchingWindow")
+                    and pad.data == datm.data)

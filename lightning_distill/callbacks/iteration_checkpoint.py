@@ -33,26 +33,40 @@ class IterationCheckpoint(Checkpoint):
     the state of all ranks); global rank 0 renames. ``every_n <= 0`` saves only at the end.
 
     Args:
-        dirpath: directory of ``last.ckpt`` (created by global rank 0).
+        dirpath: directory of ``last.ckpt`` (created by global rank 0); None:
+            ``<trainer.default_root_dir>/checkpoints``.
         every_n: save after every ``every_n``-th iteration (``pl_module.iteration``).
     """
 
-    def __init__(self, dirpath: str | os.PathLike, every_n: int = 100) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str | os.PathLike | None = None, every_n: int = 100) -> None:
+        self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n = int(every_n)
+
+    def resolve(self, trainer: pl.Trainer) -> Path:
+        """``last.ckpt``'s path, ``dirpath`` filled from the trainer when it is None."""
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        return self.last
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.resolve(trainer)
 
     @property
     def last(self) -> Path:
+        if self.dirpath is None:
+            raise RuntimeError("IterationCheckpoint: no dirpath yet (it is filled from "
+                               "trainer.default_root_dir in setup; call resolve(trainer))")
         return self.dirpath / "last.ckpt"
 
     def save(self, trainer: pl.Trainer) -> None:
-        tmp = self.dirpath / ".last.ckpt.tmp"
+        last = self.resolve(trainer)
+        tmp = last.parent / ".last.ckpt.tmp"
         if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
+            last.parent.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("iteration_checkpoint")
         trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimizers, callbacks
         if trainer.is_global_zero:
-            os.replace(tmp, self.last)
+            os.replace(tmp, last)
         trainer.strategy.barrier("iteration_checkpoint_done")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

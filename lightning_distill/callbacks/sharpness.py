@@ -72,7 +72,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from lightning_distill.functional.batched import StackedNetworks
 from lightning_distill.functional.sharpness import gsam_gradient, perturbation
 
-__all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware"]
+__all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware", "sharpness_settings"]
 
 _SUPPORTED_PRECISION = ("32-true", "64-true", "16-true", "bf16-true")
 
@@ -371,3 +371,14 @@ def _all_reduce_mean(tensors: Sequence[Tensor]) -> list[Tensor]:
             out[i] = flat[offset : offset + n].view_as(tensors[i])
             offset += n
     return out
+
+
+def sharpness_settings(callbacks: Any) -> dict[str, Any]:
+    """The settings of the first SAM / ASAM / GSAM callback of ``callbacks`` as a store
+    records them (``{"method": "none"}`` without one)."""
+    sharp = [c for c in callbacks or [] if isinstance(c, SharpnessAware)]
+    if not sharp:
+        return {"method": "none"}
+    c = sharp[0]
+    return {"method": type(c).__name__.lower(), "rho": c.rho, "alpha": c.alpha,
+            "adaptive": c.adaptive}

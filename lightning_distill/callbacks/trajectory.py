@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..io import atomic_save
 from ..models.params import flatten_parameters
 from ..trajectories import META_FILE, TrajectoryStore
-from .sharpness import SharpnessAware
+from .sharpness import sharpness_settings
 
 #: module hyperparameters that the store's ``model`` entry holds, or that differ from one
 #: expert to the next (seeds, store indices) or do not change the experts (the group
@@ -278,12 +278,7 @@ class TrajectoryRecorder(Callback):
                 f"{name}: creating {self._store_arg} needs Trainer(max_epochs) set to a "
                 f"multiple of every_n_epochs={self.every_n_epochs} (the number of snapshots "
                 f"is max_epochs / every_n_epochs + 1), got max_epochs={max_epochs}")
-        sharp = [c for c in trainer.callbacks if isinstance(c, SharpnessAware)]
-        sharpness: dict[str, Any] = {"method": "none"}
-        if sharp:
-            c = sharp[0]
-            sharpness = {"method": type(c).__name__.lower(), "rho": c.rho, "alpha": c.alpha,
-                         "adaptive": c.adaptive}
+        sharpness = sharpness_settings(trainer.callbacks)
         hparams = {
             "module": {k: v for k, v in hp.items()  # not "_instantiator" (LightningCLI's)
                        if k not in _NOT_STORE_HPARAMS and not k.startswith("_") and _is_json(v)},

@@ -217,6 +217,13 @@ class DistillationModule(pl.LightningModule):
                              f"{expert_epochs}, {max_start_epoch}")
         if max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1, got {max_nonfinite}")
+        for name, value in (("lr_img", lr_img), ("lr_lr", lr_lr), ("lr_y", lr_y)):
+            if not value >= 0:  # also NaN
+                raise ValueError(f"{name} must be >= 0 (an SGD learning rate), got {value}")
+        for name, value in (("img_momentum", img_momentum), ("lr_momentum", lr_momentum),
+                            ("y_momentum", y_momentum)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         self._store: TrajectoryStore | None = None
         st = self.store
         m = st.model

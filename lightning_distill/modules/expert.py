@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator
+from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator, dsa_flip_for
 from ..functional.batched import StackedNetworks, augment_members, member_losses
 from ..functional.evaluation import seeded_model
 from ..models import build_model, to_hw
@@ -83,6 +83,27 @@ class _ExpertSteps(pl.LightningModule):
     def _build(self, channels: int, num_classes: int,
                image_size: int | tuple[int, int]) -> None:
         raise NotImplementedError
+
+    def _make_augment(self, dataset: str | None = None) -> DSA | None:
+        """The DSA of the hyperparameters; ``dsa_flip`` None keeps the flip family unless
+        ``dataset`` is a digit data set (``dsa_flip_for``; resolved in :meth:`setup` from
+        the datamodule's ``name``, flip kept until then)."""
+        hp = self.hparams
+        if not hp.dsa:
+            return None
+        flip = hp.dsa_flip
+        if flip is None:
+            flip = dsa_flip_for(dataset) if dataset is not None else True
+        return DSA(hp.dsa_strategy, flip=flip)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.dsa and self.hparams.dsa_flip is None:
+            try:
+                dataset = getattr(self.trainer.datamodule, "name", None)
+            except RuntimeError:  # not attached to a Trainer
+                dataset = None
+            if isinstance(dataset, str):
+                self.augment = self._make_augment(dataset)
 
     def _init_network(self) -> None:
         """Build now if every shape hyperparameter is given, else leave it to
@@ -177,7 +198,8 @@ class ExpertTrajectoryModule(_ExpertSteps):
         lr, momentum, weight_decay: the SGD settings (defaults 0.01 / 0 / 0 as MTT:
         docs/method.md, 'Expert trajectories').
         dsa: augment every training batch with DSA; ``dsa_strategy`` and ``dsa_flip``
-            configure it (flip is dropped for digit data sets).
+            configure it (``dsa_flip`` None: flip unless the datamodule's data set is a
+            digit set, ``dsa_flip_for``).
         dsa_seed: seeds the DSA generator (:attr:`dsa_generator`, on the CPU, saved in
             checkpoints), so an expert's augmentations are reproducible.
 
@@ -198,8 +220,7 @@ class ExpertTrajectoryModule(_ExpertSteps):
 
         model:
           model_kwargs: {width: 32, depth: 2}   # shapes: from the datamodule
-          lr: 0.05
-          dsa_flip: false                       # digits: no flip
+          lr: 0.05                              # dsa_flip: none = off for digits
         data: {name: digits, batch_size: 32}
         trainer:
           max_epochs: 50
@@ -224,13 +245,13 @@ class ExpertTrajectoryModule(_ExpertSteps):
         weight_decay: float = 0.0,
         dsa: bool = True,
         dsa_strategy: str = DEFAULT_DSA_STRATEGY,
-        dsa_flip: bool = True,
+        dsa_flip: bool | None = None,
         dsa_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._init_network()
-        self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
+        self.augment = self._make_augment()
         self._dsa_stream = ResumableGenerator(dsa_seed)
         self.loss_closure = None
 
@@ -341,7 +362,7 @@ class GroupExpertModule(_ExpertSteps):
         weight_decay: float = 0.0,
         dsa: bool = True,
         dsa_strategy: str = DEFAULT_DSA_STRATEGY,
-        dsa_flip: bool = True,
+        dsa_flip: bool | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -363,7 +384,7 @@ class GroupExpertModule(_ExpertSteps):
         self.stacked_members = len(init_seeds)
         self.expert_indices = indices
         self._init_network()
-        self.augment = DSA(dsa_strategy, flip=dsa_flip) if dsa else None
+        self.augment = self._make_augment()
         self._dsa_streams = [ResumableGenerator(s) for s in dsa_seeds]
         self.loss_closure = None
 

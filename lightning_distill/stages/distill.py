@@ -152,14 +152,44 @@ def build_callbacks(cfg: DistillConfig) -> list[Callback]:
     return callbacks
 
 
-def is_finished(cfg: DistillConfig) -> bool:
-    """True if ``output/synthetic.pt`` exists and holds all iterations."""
-    path = Path(cfg.output) / "synthetic.pt"
+def set_is_finished(path: str | Path, iterations: int) -> bool:
+    """True if the synthetic set at ``path`` exists and holds ``iterations`` iterations."""
+    path = Path(path)
     if not path.exists():
         return False
     from ..data.synthetic import SyntheticSet
 
-    return int(SyntheticSet.load(path).meta.get("iteration", -1)) >= cfg.distill.iterations
+    return int(SyntheticSet.load(path).meta.get("iteration", -1)) >= iterations
+
+
+def is_finished(cfg: DistillConfig) -> bool:
+    """True if ``output/synthetic.pt`` exists and holds all iterations."""
+    return set_is_finished(Path(cfg.output) / "synthetic.pt", cfg.distill.iterations)
+
+
+def fit_distillation(trainer: pl.Trainer, module: DistillationModule, datamodule=None, *,
+                     resume: bool = True) -> Path | None:
+    """Fit ``module`` on ``trainer``, resuming what exists: a set at the module's
+    ``export_path`` that holds all iterations is not distilled again, and the
+    ``last.ckpt`` of the trainer's :class:`IterationCheckpoint` (when there is one and
+    the file exists) is resumed. The Trainer should have ``max_epochs=-1``: the module
+    stops itself after its iterations, so a run stopped early (``max_time``, a signal)
+    and a finished run extended with more iterations both go on from the checkpoint.
+    Returns the set's path (None when the module exports nothing)."""
+    export = module.hparams.export_path
+    if resume and export and set_is_finished(export, module.hparams.iterations):
+        console.print(f"[green]{export} is complete; skipping distillation[/]")
+        return Path(export)
+    ckpts = [c for c in trainer.callbacks if isinstance(c, IterationCheckpoint)]
+    ckpt_path = None
+    if resume and ckpts and ckpts[0].resolve(trainer).exists():
+        ckpt_path = str(ckpts[0].last)
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        console.print(f"Resuming from {ckpt_path} (iteration "
+                      f"{int(saved['state_dict']['iteration'])})")
+        del saved
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return Path(export) if export else None
 
 
 def distill(cfg: DistillConfig) -> Path:
@@ -171,24 +201,11 @@ def distill(cfg: DistillConfig) -> Path:
     pl.seed_everything(cfg.seed, verbose=False)
     # Lightning prepares and sets up the data module; the module initialises itself from
     # its training part in on_fit_start (not on a resume: the checkpoint has the set)
-    dm = build_datamodule(cfg.data)
-    module = build_module(cfg)
-    ckpt = Path(cfg.output) / "checkpoints" / "last.ckpt"
-    ckpt_path = str(ckpt) if (cfg.resume and ckpt.exists()) else None
-    # The module stops by itself after cfg.distill.iterations; one more epoch than the
-    # checkpoint has finished lets a finished run be extended with more iterations.
-    max_epochs = 1
-    if ckpt_path is not None:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        max_epochs = int(saved.get("epoch", 0)) + 1
-        console.print(f"Resuming from {ckpt_path} (iteration "
-                      f"{int(saved['state_dict']['iteration'])})")
-        del saved
     trainer = pl.Trainer(
-        max_epochs=max_epochs,
+        max_epochs=-1,  # the module stops itself after its iterations
         callbacks=make_callbacks(cfg.trainer, build_callbacks(cfg)),
         logger=TensorBoardLogger(str(out), name="logs", version="", default_hp_metric=False),
         **cfg.trainer.kwargs(log_every_n_steps=1),
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    fit_distillation(trainer, build_module(cfg), build_datamodule(cfg.data), resume=cfg.resume)
     return out / "synthetic.pt"

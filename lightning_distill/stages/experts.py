@@ -83,6 +83,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -183,6 +184,33 @@ def _say(message: str, rule: bool = False) -> None:
         (console.rule if rule else console.print)(message)
 
 
+@dataclass
+class ExpertPlan:
+    """One experts run, however it was configured (a stage dataclass, a LightningCLI
+    config, Python): what :func:`run_experts` needs besides the data.
+
+    ``module_kwargs`` are the arguments ExpertTrajectoryModule and GroupExpertModule share
+    (``model``, ``model_kwargs``, ``lr``, ``momentum``, ``weight_decay``, ``dsa``,
+    ``dsa_strategy``, ``dsa_flip``; the shapes come from the data); ``make_trainer(callbacks,
+    version, first)`` builds the Trainer of one expert or group (``version`` names its
+    logs, ``first`` is the run's first Trainer); ``extra_callbacks(indices)`` the callbacks
+    it adds for those experts (fresh ones each time: SAM / GSAM hold per-fit state)."""
+
+    store: str
+    num_experts: int
+    epochs: int
+    module_kwargs: dict[str, Any]
+    make_trainer: Callable[[list[Callback], str, bool], pl.Trainer]
+    extra_callbacks: Callable[[Sequence[int]], list[Callback]]
+    seed: int = 0
+    group_size: int = DEFAULT_GROUP_SIZE
+    shard_index: int = 0
+    num_shards: int = 1
+    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
+    accelerator: str = "auto"
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
 def train_experts(
     cfg: ExpertsConfig,
     callbacks: Callable[[int], Sequence[Callback]] | None = None,
@@ -194,60 +222,106 @@ def train_experts(
         callbacks: optional factory ``expert_index -> callbacks`` whose callbacks are
             added to that expert's Trainer (e.g. early diagnostics, a profiler hook).
     """
-    if not 0 <= cfg.shard_index < cfg.num_shards:
-        raise ValueError(f"shard_index must be in [0, num_shards={cfg.num_shards}); "
-                         f"got {cfg.shard_index}")
     ex = cfg.experts
-    if ex.num_experts < 0 or ex.epochs < 1:
-        raise ValueError(f"experts.num_experts must be >= 0 and experts.epochs >= 1; got "
-                         f"{ex.num_experts} and {ex.epochs}")
     sharpness_callback(cfg.sharpness)  # validate the method name before any work
-    check_data_selection(cfg.data_selection)
-    dm = build_datamodule(cfg.data, setup="fit")
-    real = dm.real
-    store = TrajectoryStore.create_for_model(
-        cfg.store,
-        name=cfg.model.name, channels=real.channels, num_classes=real.num_classes,
-        image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs),
-        num_snapshots=ex.epochs + 1,
-        dataset=cfg.data.name,
-        input_space=dm.input_space,
+
+    def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=ex.epochs,
+            callbacks=make_callbacks(cfg.trainer, cbs),
+            logger=TensorBoardLogger(cfg.log_dir, name="experts", version=version,
+                                     default_hp_metric=False),
+            enable_checkpointing=False,
+            enable_model_summary=first,
+            check_val_every_n_epoch=ex.check_val_every_n_epoch,
+            **cfg.trainer.kwargs(),
+        )
+
+    def extra(indices: Sequence[int]) -> list[Callback]:
+        out: list[Callback] = []
+        sharp = sharpness_callback(cfg.sharpness)
+        if sharp is not None:
+            out.append(sharp)
+        if callbacks is not None:
+            for i in indices:
+                out.extend(callbacks(i))
+        return out
+
+    plan = ExpertPlan(
+        store=cfg.store, num_experts=ex.num_experts, epochs=ex.epochs,
+        module_kwargs={"model": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs),
+                       "lr": ex.lr, "momentum": ex.momentum, "weight_decay": ex.weight_decay,
+                       "dsa": ex.dsa, "dsa_strategy": ex.dsa_strategy,
+                       "dsa_flip": dsa_flip_for(cfg.data.name)},
+        make_trainer=make_trainer, extra_callbacks=extra, seed=cfg.seed,
+        group_size=ex.group_size, shard_index=cfg.shard_index, num_shards=cfg.num_shards,
+        data_selection=cfg.data_selection, accelerator=cfg.trainer.accelerator,
         # group_size does not change the experts (member k is expert k): not an hparam
         hparams={"experts": {k: v for k, v in asdict(ex).items() if k != "group_size"},
                  "sharpness": asdict(cfg.sharpness), "seed": cfg.seed,
-                 "batch_size": cfg.data.batch_size,
-                 **data_selection_hparams(cfg.data_selection)},
+                 "batch_size": cfg.data.batch_size},
+    )
+    check_plan(plan)  # before any data is read
+    return run_experts(plan, build_datamodule(cfg.data, setup="fit"))
+
+
+def check_plan(plan: ExpertPlan) -> None:
+    """Refuse impossible numbers and data-selection settings, saying what to change."""
+    if not 0 <= plan.shard_index < plan.num_shards:
+        raise ValueError(f"shard_index must be in [0, num_shards={plan.num_shards}); "
+                         f"got {plan.shard_index}")
+    if plan.num_experts < 0 or plan.epochs < 1:
+        raise ValueError(f"experts.num_experts must be >= 0 and experts.epochs >= 1; got "
+                         f"{plan.num_experts} and {plan.epochs}")
+    check_data_selection(plan.data_selection)
+
+
+def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
+    """Train the missing experts of ``plan.store`` (this shard's) on ``dm`` (a set-up
+    :class:`~lightning_distill.data.RealDataModule`) and return the store."""
+    check_plan(plan)
+    real = dm.real
+    store = TrajectoryStore.create_for_model(
+        plan.store,
+        name=plan.module_kwargs["model"], channels=real.channels,
+        num_classes=real.num_classes, image_size=real.image_size,
+        model_kwargs=dict(plan.module_kwargs.get("model_kwargs") or {}),
+        num_snapshots=plan.epochs + 1,
+        dataset=dm.name,
+        input_space=dm.input_space,
+        hparams={**plan.hparams, **data_selection_hparams(plan.data_selection)},
     )
     done = set(store.expert_indices())
-    todo = [i for i in range(cfg.shard_index, ex.num_experts, cfg.num_shards) if i not in done]
-    shard = f" (shard {cfg.shard_index}/{cfg.num_shards})" if cfg.num_shards > 1 else ""
+    todo = [i for i in range(plan.shard_index, plan.num_experts, plan.num_shards)
+            if i not in done]
+    shard = f" (shard {plan.shard_index}/{plan.num_shards})" if plan.num_shards > 1 else ""
     if not todo:
-        _say(f"[green]{cfg.store}: all {ex.num_experts} experts{shard} present[/green]")
+        _say(f"[green]{plan.store}: all {plan.num_experts} experts{shard} present[/green]")
         return store
-    if ex.group_size < 1:
-        raise ValueError(f"experts.group_size must be >= 1, got {ex.group_size}")
-    group_size = ex.group_size
-    if cfg.data_selection.enabled and group_size > 1:
+    if plan.group_size < 1:
+        raise ValueError(f"experts.group_size must be >= 1, got {plan.group_size}")
+    group_size = plan.group_size
+    if plan.data_selection.enabled and group_size > 1:
         # the schedule is applied through the datamodule's per-epoch loader, which a group
         # (one loader per member) does not use yet
         _say(f"data_selection: experts train one at a time (group_size {group_size} -> 1)")
         group_size = 1
     groups = chunks(todo, group_size)
-    _say(f"Training {len(todo)} expert(s){shard} into {cfg.store} "
-         f"({len(done)} of {ex.num_experts} already present"
+    _say(f"Training {len(todo)} expert(s){shard} into {plan.store} "
+         f"({len(done)} of {plan.num_experts} already present"
          f"{f'; {len(groups)} group(s) of up to {group_size}' if group_size > 1 else ''})")
-    selection = data_selection_callback(cfg.data_selection, dm, store=store, model=store.model,
-                                        trainer=cfg.trainer, batch_size=cfg.data.batch_size)
-    flip = dsa_flip_for(cfg.data.name)
+    selection = data_selection_callback(
+        plan.data_selection, dm, store=store, model=store.model,
+        trainer=TrainerConfig(accelerator=plan.accelerator), batch_size=dm.batch_size)
     start = time.perf_counter()
     finished = 0
     for n, group in enumerate(groups, 1):
         remaining = [i for g in groups[n:] for i in g]
         if len(group) == 1:
-            _train_one(cfg, dm, store, group[0], remaining, flip, callbacks, first=n == 1,
+            _train_one(plan, dm, store, group[0], remaining, first=n == 1,
                        selection=selection)
         else:
-            _train_group(cfg, dm, store, group, remaining, flip, callbacks, first=n == 1)
+            _train_group(plan, dm, store, group, remaining, first=n == 1)
         finished += len(group)
         elapsed = time.perf_counter() - start
         left = len(todo) - finished
@@ -255,31 +329,6 @@ def train_experts(
         what = f"expert {group[0]}" if len(group) == 1 else f"experts {group}"
         _say(f"{what} written ({finished}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
     return store
-
-
-def _trainer(cfg: ExpertsConfig, cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=cfg.experts.epochs,
-        callbacks=make_callbacks(cfg.trainer, cbs),
-        logger=TensorBoardLogger(cfg.log_dir, name="experts", version=version,
-                                 default_hp_metric=False),
-        enable_checkpointing=False,
-        enable_model_summary=first,
-        check_val_every_n_epoch=cfg.experts.check_val_every_n_epoch,
-        **cfg.trainer.kwargs(),
-    )
-
-
-def _extra_callbacks(cfg: ExpertsConfig, indices: Sequence[int],
-                     callbacks: Callable[[int], Sequence[Callback]] | None) -> list[Callback]:
-    out: list[Callback] = []
-    sharp = sharpness_callback(cfg.sharpness)
-    if sharp is not None:
-        out.append(sharp)
-    if callbacks is not None:
-        for i in indices:
-            out.extend(callbacks(i))
-    return out
 
 
 def _check_written(store: TrajectoryStore, indices: Sequence[int]) -> None:
@@ -291,57 +340,56 @@ def _check_written(store: TrajectoryStore, indices: Sequence[int]) -> None:
             )
 
 
-def _train_one(cfg: ExpertsConfig, dm, store: TrajectoryStore, i: int, remaining: list[int],
-               flip: bool, callbacks, first: bool, selection: Callback | None = None) -> None:
+def _shapes(dm) -> dict[str, Any]:
+    real = dm.real
+    return {"channels": real.channels, "num_classes": real.num_classes,
+            "image_size": real.image_size}
+
+
+def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: list[int],
+               first: bool, selection: Callback | None = None) -> None:
     """Expert ``i`` on its own: :class:`ExpertTrajectoryModule` (``group_size: 1``)."""
-    ex, real = cfg.experts, dm.real
-    seeds = expert_seeds(cfg.seed, i)
+    seeds = expert_seeds(plan.seed, i)
     _say(f"expert {i}, seed {seeds['init']}", rule=True)
     pl.seed_everything(seeds["init"], workers=True, verbose=False)
     dm.shuffle_seed = seeds["data"]
-    module = ExpertTrajectoryModule(
-        cfg.model.name, channels=real.channels, num_classes=real.num_classes,
-        image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs), lr=ex.lr,
-        momentum=ex.momentum, weight_decay=ex.weight_decay, dsa=ex.dsa,
-        dsa_strategy=ex.dsa_strategy, dsa_flip=flip, dsa_seed=seeds["dsa"],
-    )
+    module = ExpertTrajectoryModule(**plan.module_kwargs, **_shapes(dm),
+                                    dsa_seed=seeds["dsa"])
     cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
                            *([selection] if selection is not None else []),
-                           *_extra_callbacks(cfg, [i], callbacks)]
-    _trainer(cfg, cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
+                           *plan.extra_callbacks([i])]
+    plan.make_trainer(cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
     _check_written(store, [i])
 
 
-def _group_device(cfg: TrainerConfig) -> torch.device:
+def _group_device(accelerator: str) -> torch.device:
     """The device a group trains on (for the memory check): the CPU unless the trainer
     may use CUDA and CUDA is available."""
-    if cfg.accelerator in ("cpu",) or not torch.cuda.is_available():
+    if accelerator in ("cpu",) or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _train_group(cfg: ExpertsConfig, dm, store: TrajectoryStore, group: list[int],
-                 remaining: list[int], flip: bool, callbacks, first: bool) -> None:
+def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
+                 remaining: list[int], first: bool) -> None:
     """Experts ``group`` as one vectorised model (:class:`GroupExpertModule`)."""
-    ex, real = cfg.experts, dm.real
-    seeds = [expert_seeds(cfg.seed, i) for i in group]
+    seeds = [expert_seeds(plan.seed, i) for i in group]
     _say(f"experts {group} as one group, seeds {[s['init'] for s in seeds]}", rule=True)
     module = GroupExpertModule(
-        cfg.model.name, channels=real.channels, num_classes=real.num_classes,
-        image_size=real.image_size, model_kwargs=dict(cfg.model.kwargs),
+        **plan.module_kwargs, **_shapes(dm),
         init_seeds=[s["init"] for s in seeds], dsa_seeds=[s["dsa"] for s in seeds],
-        expert_indices=group, lr=ex.lr, momentum=ex.momentum, weight_decay=ex.weight_decay,
-        dsa=ex.dsa, dsa_strategy=ex.dsa_strategy, dsa_flip=flip,
+        expert_indices=group,
     )
+    real = dm.real
     check_group_memory(module.net.member(0), (real.channels, *real.image_size),
-                       cfg.data.batch_size, len(group), _group_device(cfg.trainer),
-                       where=f"experts.group_size {ex.group_size}")
+                       dm.batch_size, len(group), _group_device(plan.accelerator),
+                       where=f"experts.group_size {plan.group_size}")
     cbs: list[Callback] = [SameExpertOnAllRanks(group, remaining),
                            GroupTrajectoryRecorder(store, group, module_attr="net"),
-                           *_extra_callbacks(cfg, group, callbacks)]
+                           *plan.extra_callbacks(group)]
     name = f"experts_{group[0]:05d}-{group[-1]:05d}"
-    _trainer(cfg, cbs, name, first).fit(
+    plan.make_trainer(cbs, name, first).fit(
         module, train_dataloaders=dm.member_train_dataloader([s["data"] for s in seeds]),
         val_dataloaders=dm.val_dataloader())
     _check_written(store, group)

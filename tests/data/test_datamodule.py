@@ -290,17 +290,16 @@ def test_batched_loader_shards_under_fake_ddp(monkeypatch):
 
 def test_data_config_loader_field_and_cli():
     pytest.importorskip("jsonargparse")
-    from lightning_distill.cli import parse_config
+    from lightning_distill.cli import parse_lightning_config
     from lightning_distill.config import DataConfig, build_datamodule
 
     assert DataConfig().loader == "batched"
     assert build_datamodule(DataConfig()).loader == "batched"
     assert build_datamodule(DataConfig(loader="dataloader")).loader == "dataloader"
     assert build_datamodule(DataConfig(num_workers=1)).loader == "dataloader"
-    _, cfg = parse_config(["experts", "--data.loader", "dataloader"])
+    cfg = parse_lightning_config(["experts", "--data.loader", "dataloader"])
     assert cfg.data.loader == "dataloader"
-    _, cfg = parse_config(["experts"])
-    assert cfg.data.loader == "batched"
+    assert parse_lightning_config(["experts"]).data.loader == "batched"
 
 
 @pytest.mark.parametrize("n,batch", [(12, 4), (10, 4), (3, 5)])

@@ -170,7 +170,7 @@ def test_rank_guard_fails_when_ranks_disagree_on_the_experts():
 
 # ------------------------------------------------------------------ kill and resume
 _DRIVER = """
-import functools, sys, time
+import sys, time
 from pytorch_lightning.callbacks import Callback
 import lightning_distill.stages.experts as stage
 from lightning_distill.cli import main
@@ -181,14 +181,23 @@ class HangInSecondExpert(Callback):
         open(sys.argv[1], "w").close()
         time.sleep(600)
 
-stage.train_experts = functools.partial(
-    stage.train_experts, callbacks=lambda i: [HangInSecondExpert()] if i == 1 else [])
+run_experts = stage.run_experts
+
+def hang_in_expert_1(plan, dm):
+    plan.extra_callbacks = lambda indices: [HangInSecondExpert()] if 1 in indices else []
+    return run_experts(plan, dm)
+
+stage.run_experts = hang_in_expert_1
 sys.exit(main(sys.argv[2:]))
 """
 
 
 def _write_yaml(cfg: ExpertsConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg)), encoding="utf-8")
+    """``cfg`` as an ``experts`` recipe (the LightningCLI format)."""
+    from lightning_distill.cli import convert_experts_recipe
+
+    recipe = convert_experts_recipe(dataclasses.asdict(cfg))
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     return path
 
 
@@ -386,22 +395,27 @@ RECIPES = sorted((ROOT / "recipes").glob("*/experts.yaml"))
 PAD_RECIPES = ("cifar10", "cifar100", "tiny_imagenet")
 
 
-def _parse_recipe(path: Path) -> ExpertsConfig:
-    from lightning_distill.cli import parse_config
+def _parse_recipe(path: Path):
+    from lightning_distill.cli import parse_lightning_config
 
-    name, cfg = parse_config(["experts", "--config", str(path)])
-    assert name == "experts"
-    return cfg
+    return parse_lightning_config(["experts", "--config", str(path)])
+
+
+def _sharpness(cfg):
+    """(class name, init_args) of the recipe's SAM / ASAM / GSAM callback, or None."""
+    for cb in cfg.trainer.callbacks or []:
+        name = cb.class_path.rsplit(".", 1)[1]
+        if name in ("SAM", "ASAM", "GSAM"):
+            return name, cb.init_args
+    return None
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.parent.name for p in RECIPES])
 def test_every_experts_recipe_parses(path):
     cfg = _parse_recipe(path)
-    assert isinstance(cfg, ExpertsConfig)
-    assert isinstance(cfg.experts, ExpertTrainingConfig)
     assert cfg.data.name == path.parent.name
-    assert cfg.experts.num_experts >= 1 and cfg.experts.epochs >= 1
-    assert cfg.sharpness.method in ("none", "sam", "asam", "gsam")
+    assert cfg.num_experts >= 1 and cfg.trainer.max_epochs >= 1
+    assert _sharpness(cfg) is not None  # every packaged expert recipe is flat (GSAM)
 
 
 def test_recipes_exist_for_the_five_datasets():
@@ -412,14 +426,15 @@ def test_recipes_exist_for_the_five_datasets():
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "tiny_imagenet"])
 def test_cifar_and_tiny_recipes_hold_the_published_settings(name):
     cfg = _parse_recipe(ROOT / "recipes" / name / "experts.yaml")
-    ex = cfg.experts
-    assert (ex.num_experts, ex.epochs) == (100, 100)
-    assert (ex.lr, ex.momentum, ex.weight_decay, ex.dsa) == (0.01, 0.0, 0.0, True)
+    assert (cfg.num_experts, cfg.trainer.max_epochs) == (100, 100)
+    m = cfg.model
+    assert (m.lr, m.momentum, m.weight_decay, m.dsa) == (0.01, 0.0, 0.0, True)
     assert cfg.data.batch_size == 256
-    assert (cfg.sharpness.method, cfg.sharpness.rho, cfg.sharpness.alpha) == ("gsam", 0.01, 0.3)
+    method, args = _sharpness(cfg)
+    assert (method, args.rho, args.alpha) == ("GSAM", 0.01, 0.3)
     # every DATM config, TinyImageNet's included, sets zca: True
     assert cfg.data.zca is True
-    assert cfg.model.name == ("ConvNetD4" if name == "tiny_imagenet" else "ConvNet")
+    assert m.model == ("ConvNetD4" if name == "tiny_imagenet" else "ConvNet")
 
 
 @pytest.mark.parametrize("name", PAD_RECIPES)
@@ -430,21 +445,21 @@ def test_pad_recipes_are_the_datm_experts_with_the_published_schedule(name):
     assert ds.enabled and ds.score == "el2n" and (ds.num_models, ds.score_epochs) == (10, 10)
     assert (ds.initial_ratio, ds.remove_epochs, ds.remove_ratios) == (0.75, [40, 60], [0.1, 0.2])
     assert ds.add_end_epoch == (20 if name == "cifar10" else 40)
-    assert not base.data_selection.enabled
-    same = ("data", "model", "experts", "sharpness", "trainer", "seed")
-    assert all(getattr(pad, k) == getattr(base, k) for k in same)
+    assert base.data_selection is None or not base.data_selection.enabled
+    same = ("data", "model", "trainer", "seed", "num_experts", "group_size")
+    assert all(pad[k] == base[k] for k in same)
     assert pad.store == f"outputs/{name}/experts_pad" and pad.store != base.store
     assert pad.log_dir != base.log_dir
 
 
 def test_unknown_data_selection_key_is_rejected_with_a_suggestion(tmp_path):
-    from lightning_distill.cli import ConfigError, parse_config
+    from lightning_distill import cli
 
     bad = tmp_path / "experts.yaml"
     bad.write_text("data_selection:\n  enabled: true\n  add_end_epochs: 20\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"data_selection\.add_end_epochs.*did you mean "
-                                          r"'add_end_epoch'"):
-        parse_config(["experts", "--config", str(bad)])
-    _, cfg = parse_config(["experts", "--data_selection.enabled", "true",
-                           "--data_selection.remove_epochs", "[30, 50]"])
+    with pytest.raises(cli.ConfigError, match=r"data_selection\.add_end_epochs.*did you mean "
+                                              r"'add_end_epoch'"):
+        cli.check_native_config_files("experts", ["experts", "--config", str(bad)])
+    cfg = cli.parse_lightning_config(["experts", "--data_selection.enabled", "true",
+                                      "--data_selection.remove_epochs", "[30, 50]"])
     assert cfg.data_selection.enabled and cfg.data_selection.remove_epochs == [30, 50]

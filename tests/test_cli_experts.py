@@ -1,0 +1,82 @@
+"""`lightning-distill experts` as a LightningCLI: the same experts as the stage
+dataclass path bit for bit, resume, shards, and the store the distillation reads."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_distill import TrajectoryStore, cli
+from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
+from lightning_distill.stages.experts import (
+    ExpertsConfig,
+    ExpertTrainingConfig,
+    SharpnessConfig,
+    train_experts,
+)
+
+TINY = ["--config", "digits/experts", "--trainer.max_epochs", "2",
+        "--model.model_kwargs", "{width: 4, depth: 2}", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def experts(tmp_path, store: str, *extra: str) -> int:
+    return cli.main(["experts", *TINY, "--store", str(tmp_path / store),
+                     "--log_dir", str(tmp_path / "logs"), *extra])
+
+
+def snapshots(path) -> list[torch.Tensor]:
+    store = TrajectoryStore.open(path)
+    return [torch.load(store.expert_path(i), weights_only=True)
+            for i in store.expert_indices()]
+
+
+def test_cli_experts_equal_the_stage_dataclass_path_bit_for_bit(tmp_path):
+    assert experts(tmp_path, "cli", "--num_experts", "3", "--group_size", "2") == 0
+    cfg = ExpertsConfig(
+        data=DataConfig(name="digits", batch_size=32),
+        model=ModelConfig("ConvNet", {"width": 4, "depth": 2}),
+        experts=ExpertTrainingConfig(num_experts=3, epochs=2, lr=0.05, group_size=2),
+        sharpness=SharpnessConfig("gsam", 0.01, 0.3),
+        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
+        store=str(tmp_path / "stage"), log_dir=str(tmp_path / "stage_logs"))
+    train_experts(cfg)
+    ours, theirs = snapshots(tmp_path / "cli"), snapshots(tmp_path / "stage")
+    assert len(ours) == len(theirs) == 3
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    store = TrajectoryStore.open(tmp_path / "cli")
+    assert store.hparams["sharpness"]["method"] == "gsam" and store.hparams["seed"] == 0
+    assert store.num_snapshots == 3 and store.dataset == "digits"
+    # LightningCLI's config.yaml went to the first Trainer's log directory
+    assert list((tmp_path / "logs").rglob("config.yaml"))
+
+
+def test_rerun_resumes_and_shards_union_to_the_whole_store(tmp_path):
+    assert experts(tmp_path, "s", "--num_experts", "1", "--group_size", "1") == 0
+    first = snapshots(tmp_path / "s")
+    assert experts(tmp_path, "s", "--num_experts", "3", "--group_size", "1",
+                   "--shard_index", "1", "--num_shards", "2") == 0
+    assert TrajectoryStore.open(tmp_path / "s").expert_indices() == [0, 1]
+    assert experts(tmp_path, "s", "--num_experts", "3", "--group_size", "1") == 0
+    assert TrajectoryStore.open(tmp_path / "s").expert_indices() == [0, 1, 2]
+    assert torch.equal(snapshots(tmp_path / "s")[0], first[0])  # not retrained
+    assert experts(tmp_path, "whole", "--num_experts", "3", "--group_size", "1") == 0
+    assert all(torch.equal(a, b) for a, b in zip(snapshots(tmp_path / "s"),
+                                                 snapshots(tmp_path / "whole"), strict=True))
+
+
+def test_max_epochs_is_required_and_bad_numbers_are_named(tmp_path, capsys):
+    assert experts(tmp_path, "x", "--num_experts", "2", "--shard_index", "3") == 2
+    assert "shard_index must be in [0, num_shards=1)" in capsys.readouterr().err
+    assert experts(tmp_path, "x", "--trainer.max_epochs", "null") == 2
+    assert "set trainer.max_epochs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any work
