@@ -328,6 +328,9 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
         eta = f", about {elapsed / finished * left / 60:.1f} min left" if left else ""
         what = f"expert {group[0]}" if len(group) == 1 else f"experts {group}"
         _say(f"{what} written ({finished}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
+    _say(f"[green]{plan.store}: {len(store.expert_indices())} of {plan.num_experts} experts "
+         f"({len(todo)} trained now{shard}, {plan.epochs} epochs each) in "
+         f"{(time.perf_counter() - start) / 60:.1f} min[/green]")
     return store
 
 
