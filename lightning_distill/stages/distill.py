@@ -10,6 +10,7 @@ with a larger ``distill.iterations`` continues from its checkpoint.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +191,11 @@ def fit_distillation(trainer: pl.Trainer, module: DistillationModule, datamodule
                       f"{int(saved['state_dict']['iteration'])})")
         del saved
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with warnings.catch_warnings():
+        # the datamodule's validation split is PeriodicEvaluation's, not a val loop's
+        warnings.filterwarnings("ignore", message=".*`val_dataloader` but have no "
+                                                  "`validation_step`")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.is_global_zero:
         _summary(trainer, module, time.perf_counter() - start)
     return Path(export) if export else None
