@@ -404,8 +404,10 @@ def _subcommand(argv: Sequence[str]) -> str | None:
 
 
 class LightningDistillCLI(LightningCLI):
-    """``lightning-distill`` as a LightningCLI: the ``distill`` subcommand (model
-    DistillationModule, data RealDataModule, no ``class_path`` needed) and Lightning's
+    """``lightning-distill`` as a LightningCLI: the ``experts`` subcommand (model
+    ExpertTrajectoryModule) and the ``distill`` subcommand (model DistillationModule),
+    both with data RealDataModule and no ``class_path`` needed (the subcommand named on
+    the command line picks the classes before the parser is built), and Lightning's
     ``fit`` / ``validate`` / ``test`` for any module (``--model CLASS``).
 
     Embedding: ``LightningDistillCLI(args=["distill", "--config", "digits/ipc10"])``

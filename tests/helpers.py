@@ -157,3 +157,21 @@ class CrashAt(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if int(module.iteration) == self.at:
             raise KeyError("simulated crash")
+
+
+# ------------------------------------------------------------------ digits store
+#: the architecture of :func:`build_digits_store`
+DIGITS_MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": 8,
+                "width": 8, "depth": 2}
+
+
+def build_digits_store(path: str | Path) -> Path:
+    """2 experts x 3 epochs of a width-8 depth-2 ConvNet, a few SGD steps each on the
+    real digits training split (in its input space), as a store at ``path``."""
+    from lightning_distill.data.datamodule import RealDataModule
+
+    dm = RealDataModule("digits")
+    dm.setup("fit")
+    build_tiny_store(path, experts=2, epochs=3, model=DIGITS_MODEL, data=dm.train_set.tensors,
+                     steps_per_epoch=3, lr=0.05, dataset="digits", input_space=dm.input_space)
+    return Path(path)

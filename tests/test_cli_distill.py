@@ -15,10 +15,10 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_distill import RealDataModule, cli
+from lightning_distill import cli
 from lightning_distill.cli import parse_lightning_config
 from lightning_distill.data.synthetic import SyntheticSet
-from tests.helpers import build_tiny_store
+from tests.helpers import build_digits_store
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL_RECIPES = sorted(
@@ -28,9 +28,6 @@ DISTILL_RECIPES = sorted(
 EXPERTS_RECIPES = sorted((ROOT / "recipes").glob("*/experts*.yaml"))
 NATIVE_RECIPES = [("distill", p) for p in DISTILL_RECIPES] + [("experts", p)
                                                                for p in EXPERTS_RECIPES]
-DIGITS_MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": 8,
-                "width": 8, "depth": 2}
-
 
 @pytest.fixture(autouse=True)
 def _quiet():
@@ -41,12 +38,7 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
-    dm = RealDataModule("digits")
-    dm.setup("fit")
-    path = tmp_path_factory.mktemp("digits") / "experts"
-    build_tiny_store(path, experts=2, epochs=3, model=DIGITS_MODEL, data=dm.train_set.tensors,
-                     steps_per_epoch=3, lr=0.05, dataset="digits", input_space=dm.input_space)
-    return path
+    return build_digits_store(tmp_path_factory.mktemp("digits") / "experts")
 
 
 def recipe(tmp_path: Path, store: Path, iterations: int = 4, **model) -> Path:

@@ -17,22 +17,14 @@ from pytorch_lightning.cli import LightningCLI
 
 from lightning_distill import DistillationModule, RealDataModule
 from lightning_distill.data.synthetic import SyntheticSet
-from tests.helpers import build_tiny_store
+from tests.helpers import build_digits_store
 
-DIGITS_MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": 8,
-                "width": 8, "depth": 2}
 ITERATIONS = 4
 
 
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
-    """2 experts x 3 epochs of a width-8 depth-2 ConvNet, a few SGD steps on real digits."""
-    dm = RealDataModule("digits")
-    dm.setup("fit")
-    path = tmp_path_factory.mktemp("digits") / "experts"
-    build_tiny_store(path, experts=2, epochs=3, model=DIGITS_MODEL, data=dm.train_set.tensors,
-                     steps_per_epoch=3, lr=0.05, dataset="digits", input_space=dm.input_space)
-    return path
+    return build_digits_store(tmp_path_factory.mktemp("digits") / "experts")
 
 
 class SlowIterations(Callback):

@@ -6,6 +6,7 @@ from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
 from .iteration_checkpoint import IterationCheckpoint
 from .matching_window import MatchingWindow
+from .progress import StageProgressBar
 from .sharpness import ASAM, GSAM, SAM, SharpnessAware
 from .trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 
@@ -19,6 +20,7 @@ __all__ = [
     "MatchingWindow",
     "PeriodicEvaluation",
     "SharpnessAware",
+    "StageProgressBar",
     "SyntheticEMA",
     "SyntheticImageLogger",
     "TrajectoryRecorder",

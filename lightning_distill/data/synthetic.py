@@ -475,6 +475,17 @@ class SyntheticSet:
         return out
 
     @classmethod
+    def from_arg(cls, value: Any, where: str) -> tuple[SyntheticSet, str | None]:
+        """A set given either as a SyntheticSet or as the path of its file (loaded):
+        ``(set, path or None)``; anything else is refused naming ``where``."""
+        if isinstance(value, (str, os.PathLike)):
+            return cls.load(value), os.fspath(value)
+        if not isinstance(value, cls):
+            raise TypeError(f"{where}: synthetic must be a SyntheticSet or a file path, got "
+                            f"{type(value).__name__}")
+        return value, None
+
+    @classmethod
     def load(cls, path: str | os.PathLike, map_location: Any = "cpu") -> SyntheticSet:
         """Read a file written by :meth:`save` (``weights_only=True``), with clear errors;
         a file whose images or labels hold NaN or inf is refused (:meth:`check_finite`)."""

@@ -170,14 +170,9 @@ class SyntheticDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["synthetic", "real"])
-        if isinstance(synthetic, (str, os.PathLike)):
-            self.hparams["synthetic"] = os.fspath(synthetic)
-            synthetic = SyntheticSet.load(synthetic)
-        if not isinstance(synthetic, SyntheticSet):
-            raise TypeError(
-                f"SyntheticDataModule: synthetic must be a SyntheticSet or a file path, got "
-                f"{type(synthetic).__name__}"
-            )
+        synthetic, path = SyntheticSet.from_arg(synthetic, "SyntheticDataModule")
+        if path is not None:
+            self.hparams["synthetic"] = path
         where = synthetic.meta.get("path") or "the synthetic set"
         synthetic.check_finite(where)
         self.synthetic = synthetic

@@ -117,14 +117,9 @@ class EvalModule(pl.LightningModule):
         self.save_hyperparameters({
             "model": model, "model_kwargs": dict(model_kwargs or {}),
             "seed": seed if isinstance(seed, int) else seeds, **protocol.as_kwargs()})
-        if isinstance(synthetic, (str, os.PathLike)):
-            self.hparams["synthetic"] = os.fspath(synthetic)
-            synthetic = SyntheticSet.load(synthetic)
-        if not isinstance(synthetic, SyntheticSet):
-            raise TypeError(
-                f"EvalModule: synthetic must be a SyntheticSet or a file path, got "
-                f"{type(synthetic).__name__}"
-            )
+        synthetic, path = SyntheticSet.from_arg(synthetic, "EvalModule")
+        if path is not None:
+            self.hparams["synthetic"] = path
         synthetic.check_finite()
         self.protocol = protocol
         self.synthetic = synthetic.detach_clone()

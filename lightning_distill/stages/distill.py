@@ -9,6 +9,8 @@ with a larger ``distill.iterations`` continues from its checkpoint.
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,8 +190,34 @@ def fit_distillation(trainer: pl.Trainer, module: DistillationModule, datamodule
         console.print(f"Resuming from {ckpt_path} (iteration "
                       f"{int(saved['state_dict']['iteration'])})")
         del saved
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # the datamodule's validation split is PeriodicEvaluation's, not a val loop's
+        warnings.filterwarnings("ignore", message=".*`val_dataloader` but have no "
+                                                  "`validation_step`")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.is_global_zero:
+        _summary(trainer, module, time.perf_counter() - start)
     return Path(export) if export else None
+
+
+def _summary(trainer: pl.Trainer, module: DistillationModule, seconds: float) -> None:
+    """What the run wrote, where, and how long it took."""
+    from ..callbacks.evaluation import PeriodicEvaluation
+
+    it, skipped = int(module.iteration), int(module.skipped)
+    lines = [f"{module.hparams.export_path or 'no export_path'}: {it} iterations "
+             f"({skipped} skipped), syn_lr {float(module.syn_lr):.3g}"]
+    for cb in trainer.callbacks:
+        if isinstance(cb, PeriodicEvaluation) and cb.best_accuracy is not None:
+            lines.append(f"best on the validation split: {cb.best_path or '(not saved)'}, "
+                         f"{100 * cb.best_accuracy:.1f} +- {100 * (cb.best_std or 0):.1f} % at "
+                         f"iteration {cb.best_step} ({cb.best_source})")
+        elif isinstance(cb, IterationCheckpoint) and cb.dirpath is not None:
+            lines.append(f"checkpoint: {cb.last}")
+    console.print(f"[green]distillation finished in {seconds / 60:.1f} min[/]")
+    for line in lines:
+        console.print(f"  {line}")
 
 
 def distill(cfg: DistillConfig) -> Path:

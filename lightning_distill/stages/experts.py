@@ -91,6 +91,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ..callbacks.progress import StageProgressBar
 from ..callbacks.same_expert import SameExpertOnAllRanks
 from ..callbacks.trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
@@ -317,17 +318,21 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
     finished = 0
     for n, group in enumerate(groups, 1):
         remaining = [i for g in groups[n:] for i in g]
+        bar = StageProgressBar("experts", total=len(todo), done=finished, units=len(group))
         if len(group) == 1:
             _train_one(plan, dm, store, group[0], remaining, first=n == 1,
-                       selection=selection)
+                       selection=selection, progress=bar)
         else:
-            _train_group(plan, dm, store, group, remaining, first=n == 1)
+            _train_group(plan, dm, store, group, remaining, first=n == 1, progress=bar)
         finished += len(group)
         elapsed = time.perf_counter() - start
         left = len(todo) - finished
         eta = f", about {elapsed / finished * left / 60:.1f} min left" if left else ""
         what = f"expert {group[0]}" if len(group) == 1 else f"experts {group}"
         _say(f"{what} written ({finished}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
+    _say(f"[green]{plan.store}: {len(store.expert_indices())} of {plan.num_experts} experts "
+         f"({len(todo)} trained now{shard}, {plan.epochs} epochs each) in "
+         f"{(time.perf_counter() - start) / 60:.1f} min[/green]")
     return store
 
 
@@ -347,7 +352,8 @@ def _shapes(dm) -> dict[str, Any]:
 
 
 def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: list[int],
-               first: bool, selection: Callback | None = None) -> None:
+               first: bool, selection: Callback | None = None,
+               progress: Callback | None = None) -> None:
     """Expert ``i`` on its own: :class:`ExpertTrajectoryModule` (``group_size: 1``)."""
     seeds = expert_seeds(plan.seed, i)
     _say(f"expert {i}, seed {seeds['init']}", rule=True)
@@ -358,6 +364,7 @@ def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: 
     cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
                            *([selection] if selection is not None else []),
+                           *([progress] if progress is not None else []),
                            *plan.extra_callbacks([i])]
     plan.make_trainer(cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
     _check_written(store, [i])
@@ -372,7 +379,7 @@ def _group_device(accelerator: str) -> torch.device:
 
 
 def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
-                 remaining: list[int], first: bool) -> None:
+                 remaining: list[int], first: bool, progress: Callback | None = None) -> None:
     """Experts ``group`` as one vectorised model (:class:`GroupExpertModule`)."""
     seeds = [expert_seeds(plan.seed, i) for i in group]
     _say(f"experts {group} as one group, seeds {[s['init'] for s in seeds]}", rule=True)
@@ -387,6 +394,7 @@ def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
                        where=f"experts.group_size {plan.group_size}")
     cbs: list[Callback] = [SameExpertOnAllRanks(group, remaining),
                            GroupTrajectoryRecorder(store, group, module_attr="net"),
+                           *([progress] if progress is not None else []),
                            *plan.extra_callbacks(group)]
     name = f"experts_{group[0]:05d}-{group[-1]:05d}"
     plan.make_trainer(cbs, name, first).fit(

@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_distill.stages.distill as stage
-from lightning_distill.config import DataConfig, TrainerConfig, build_datamodule
+from lightning_distill.config import DataConfig, TrainerConfig
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.stages.distill import (
     DistillConfig,
@@ -20,21 +20,12 @@ from lightning_distill.stages.distill import (
     WindowConfig,
     distill,
 )
-from tests.helpers import build_tiny_store
-
-DIGITS_MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": 8,
-                "width": 8, "depth": 2}
+from tests.helpers import build_digits_store
 
 
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
-    """2 experts x 3 epochs of a width-8 depth-2 ConvNet, a few SGD steps on real digits."""
-    dm = build_datamodule(DataConfig(name="digits"))
-    dm.setup("fit")
-    path = tmp_path_factory.mktemp("digits") / "experts"
-    build_tiny_store(path, experts=2, epochs=3, model=DIGITS_MODEL, data=dm.train_set.tensors,
-                     steps_per_epoch=3, lr=0.05, dataset="digits", input_space=dm.input_space)
-    return path
+    return build_digits_store(tmp_path_factory.mktemp("digits") / "experts")
 
 
 def config(store: Path, out: Path, iterations: int = 4, **kw) -> DistillConfig:
