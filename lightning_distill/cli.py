@@ -6,7 +6,8 @@
     lightning-distill run      --config digits/quickstart
     lightning-distill fit      --model lightning_distill.DistillationModule ...
 
-``experts`` and ``distill`` (and Lightning's own ``fit`` / ``validate`` / ``test``) are a
+``experts``, ``distill`` and ``evaluate`` (and Lightning's own ``fit`` / ``validate`` /
+``test``) are a
 :class:`pytorch_lightning.cli.LightningCLI` (:class:`LightningDistillCLI`; the
 subcommands are methods of :class:`DistillTrainer`, as LightningCLI maps a subcommand to
 a Trainer method): a recipe is a standard Lightning config, ``model:`` the module's own
@@ -18,8 +19,9 @@ it (``--trainer.callbacks+=``, ``--trainer.logger``, ``--trainer.max_time``,
 ``--print_config``, the config.yaml saved with the logs). docs/recipes.md has the format
 and how an older recipe maps to it.
 
-``evaluate`` and ``run`` still read the stage dataclasses (``lightning_distill.stages.*``,
-parsed with jsonargparse, LightningCLI's engine).
+``evaluate`` is one too (model EvalModule without a set: every run's protocol). ``run``
+still reads the stage dataclasses (``lightning_distill.stages.run``, parsed with
+jsonargparse, LightningCLI's engine).
 
 Every subcommand takes one or more ``--config FILE.yaml`` (later files override earlier
 ones; a packaged recipe can be named instead of a file: ``--config digits/quickstart``),
@@ -350,6 +352,61 @@ class DistillTrainer(pl.Trainer):
         datamodule.setup("fit")
         return run_experts(plan, datamodule)
 
+    def evaluate(self, model: pl.LightningModule,
+                 datamodule: pl.LightningDataModule | None = None,
+                 synthetic: list[str] | str | None = None, models: list[str] | None = None,
+                 model_kwargs: dict[str, dict[str, Any]] | None = None, runs: int = 5,
+                 baselines: list[str] | None = None, random_lr: float = 0.01,
+                 full_epochs: int = 50, full_lr: float = 0.01, full_batch_size: int = 256,
+                 output: str | None = None) -> list[dict[str, Any]]:
+        """Train fresh networks on synthetic sets and report their test accuracy.
+
+        Every run is ``model`` (an :class:`~lightning_distill.EvalModule` without a set:
+        its architecture, evaluation protocol and seed) trained on each set, ``runs``
+        networks per set and architecture (run r: seed + r; ``protocol.group_size`` of
+        them as one vectorised model), tested on the real test split of ``datamodule``,
+        on this Trainer's device.
+
+        Args:
+            synthetic: synthetic set files (one or a list).
+            models: architectures (None: ``model.model``; several: cross-architecture).
+            model_kwargs: ``build_model`` keywords per architecture (over those of the
+                experts, read from each set, and ``model.model_kwargs``).
+            runs: networks per set and architecture.
+            baselines: ``random`` (a random real subset of the same ipc per run) and/or
+                ``full`` (the whole training split).
+            random_lr: the random baseline's lr.
+            full_epochs, full_lr, full_batch_size: the full-data baseline's protocol.
+            output: results.json (docs/formats.md).
+        """
+        from .modules.evaluate import EvalModule
+        from .stages.evaluate import evaluate_sets
+
+        if not isinstance(model, EvalModule):
+            raise TypeError(f"evaluate needs an EvalModule, got {type(model).__name__}")
+        if not isinstance(model.hparams.seed, int):
+            raise ValueError("evaluate: model.seed must be one int (run r uses seed + r)")
+        if datamodule is None:
+            raise ValueError("evaluate needs the real data: a datamodule (data: in a recipe)")
+        sets = [synthetic] if isinstance(synthetic, str) else list(synthetic or [])
+        archs = list(models or [model.hparams.model])
+        kwargs = {model.hparams.model: dict(model.hparams.model_kwargs or {})}
+        for name, kw in (model_kwargs or {}).items():
+            kwargs[name] = {**kwargs.get(name, {}), **kw}
+        if rank_zero_only.rank == 0:
+            datamodule.prepare_data()
+        datamodule.setup("test")
+        config = {"synthetic": sets, "models": archs, "model_kwargs": kwargs, "runs": runs,
+                  "baselines": list(baselines or []), "random_lr": random_lr,
+                  "full_epochs": full_epochs, "full_lr": full_lr,
+                  "full_batch_size": full_batch_size, "seed": int(model.hparams.seed),
+                  "protocol": model.protocol.as_kwargs(), "data": datamodule.name}
+        return evaluate_sets(
+            datamodule, sets, protocol=model.protocol, models=archs, model_kwargs=kwargs,
+            runs=runs, seed=int(model.hparams.seed), device=self.strategy.root_device,
+            baselines=list(baselines or []), random_lr=random_lr, full_epochs=full_epochs,
+            full_lr=full_lr, full_batch_size=full_batch_size, output=output, config=config)
+
     def distill(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                 output: str | None = None, resume: bool = True) -> Path | None:
         """Distil a synthetic set by matching the experts' trajectories.
@@ -384,6 +441,11 @@ def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:
         from .modules.distill import DistillationModule
 
         return DistillationModule, RealDataModule
+    if subcommand == "evaluate":
+        from .data.datamodule import RealDataModule
+        from .modules.evaluate import EvalModule
+
+        return EvalModule, RealDataModule
     return None, None
 
 
@@ -396,7 +458,7 @@ TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: subcommands run by :class:`LightningDistillCLI`
-LIGHTNING_SUBCOMMANDS = ("experts", "distill", "fit", "validate", "test")
+LIGHTNING_SUBCOMMANDS = ("experts", "distill", "evaluate", "fit", "validate", "test")
 
 
 def _subcommand(argv: Sequence[str]) -> str | None:
@@ -441,7 +503,7 @@ class LightningDistillCLI(LightningCLI):
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
         subs = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
-        if self.requested in ("experts", "distill"):
+        if self.requested in ("experts", "distill", "evaluate"):
             subs[self.requested] = {"model", "datamodule"}
         return subs
 
@@ -583,6 +645,7 @@ OLD_FORMAT_KEYS: dict[str, tuple[str, ...]] = {
     "distill": ("store", "distill", "window", "ema", "evaluation",
                 "checkpoint_every_n_steps", "image_every_n_steps", "seed"),
     "experts": ("experts", "sharpness"),
+    "evaluate": ("epochs", "batch_size", "lr", "dsa", "group_size", "device", "seed"),
 }
 
 
@@ -714,6 +777,43 @@ def convert_experts_recipe(old: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+def convert_evaluate_recipe(old: dict[str, Any]) -> dict[str, Any]:
+    """An ``evaluate`` recipe of the format before LightningCLI (the keys of
+    ``stages.evaluate.EvaluateConfig``) as the LightningCLI config of the same
+    evaluation: ``epochs`` / ``batch_size`` / ``lr`` / ``dsa`` / ``group_size`` ->
+    ``model.protocol`` and ``seed`` -> ``model.seed`` (EvalModule's arguments; the first
+    of ``models`` -> ``model.model``), ``device`` -> ``trainer.accelerator`` /
+    ``devices``, ``data`` -> ``data``; ``synthetic``, ``models``, ``model_kwargs``,
+    ``runs``, ``baselines``, ``random_lr``, ``full_*``, ``output`` stay top-level keys."""
+    from .stages.evaluate import EvaluateConfig
+
+    base = dataclasses.asdict(EvaluateConfig())
+    cfg = {**base, **old}
+    models = [cfg["models"]] if isinstance(cfg["models"], str) else list(cfg["models"])
+    new: dict[str, Any] = {"seed_everything": cfg["seed"]}
+    for key in ("synthetic", "models", "model_kwargs", "runs", "baselines", "random_lr",
+                "full_epochs", "full_lr", "full_batch_size", "output"):
+        if key in old:
+            new[key] = old[key]
+    new["model"] = {"model": models[0] if models else "ConvNet",
+                    "protocol": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "dsa",
+                                                     "group_size")},
+                    "seed": cfg["seed"]}
+    data = dict(old.get("data") or {})
+    if "kwargs" in data:
+        data["dataset_kwargs"] = data.pop("kwargs")
+    new["data"] = data
+    device = str(cfg["device"])
+    if device.startswith("cuda"):
+        index = device.partition(":")[2]
+        trainer: dict[str, Any] = {"accelerator": "gpu",
+                                   "devices": [int(index)] if index else 1}
+    else:
+        trainer = {"accelerator": device, "devices": 1}
+    new["trainer"] = trainer
+    return new
+
+
 def check_native_config_files(name: str, argv: Sequence[str]) -> None:
     """Refuse a ``--config`` file of a LightningCLI subcommand with an unknown key (naming
     the file, the key and a close match: jsonargparse names neither file nor match) or in
@@ -740,7 +840,11 @@ def check_native_config_files(name: str, argv: Sequence[str]) -> None:
                                "window, EMA and evaluation under `trainer.callbacks:`",
                     "experts": "the expert settings now go under `model:` "
                                "(ExpertTrajectoryModule's arguments), the epochs to "
-                               "`trainer.max_epochs`, GSAM under `trainer.callbacks:`"}[name]
+                               "`trainer.max_epochs`, GSAM under `trainer.callbacks:`",
+                    "evaluate": "the protocol (epochs, batch_size, lr, dsa, group_size) "
+                                "now goes under `model.protocol:` and the seed under "
+                                "`model.seed` (EvalModule's arguments), the device under "
+                                "`trainer:`"}[name]
             raise ConfigError(
                 f"lightning-distill {name}: error: {file}: keys {old} are the recipe "
                 f"format before LightningCLI; {what}. docs/recipes.md, 'From the older "

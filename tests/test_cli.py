@@ -190,7 +190,7 @@ def test_config_names_a_packaged_recipe_from_any_directory(tmp_path, monkeypatch
     assert cli.resolve_config("digits/experts.yaml") == "digits/experts.yaml"
 
 
-@pytest.mark.parametrize("stage", ["experts", "distill"])
+@pytest.mark.parametrize("stage", ["experts", "distill", "evaluate"])
 def test_without_config_a_lightning_subcommand_reads_its_digits_recipe(stage, tmp_path,
                                                                       monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -200,7 +200,7 @@ def test_without_config_a_lightning_subcommand_reads_its_digits_recipe(stage, tm
     assert parse_lightning_config([stage, "--seed_everything", "3"]).seed_everything == 3
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "run"])
+@pytest.mark.parametrize("stage", ["run"])
 def test_without_config_a_stage_reads_its_packaged_digits_recipe(stage, tmp_path,
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -258,7 +258,7 @@ def load(path: Path):
     """The parsed configuration of a packaged recipe: a stage dataclass, or for a
     ``distill`` recipe the LightningCLI Namespace."""
     stage = _stage_of(path)
-    if stage in ("experts", "distill"):
+    if stage in ("experts", "distill", "evaluate"):
         return parse_lightning_config([stage, "--config", str(path)])
     return parse_config([stage, "--config", str(path)])[1]
 

@@ -26,8 +26,10 @@ DISTILL_RECIPES = sorted(
     if not p.name.startswith(("experts", "evaluate")) and p.name not in ("quickstart.yaml",
                                                                           "run.yaml"))
 EXPERTS_RECIPES = sorted((ROOT / "recipes").glob("*/experts*.yaml"))
-NATIVE_RECIPES = [("distill", p) for p in DISTILL_RECIPES] + [("experts", p)
-                                                               for p in EXPERTS_RECIPES]
+EVALUATE_RECIPES = sorted((ROOT / "recipes").glob("*/evaluate*.yaml"))
+NATIVE_RECIPES = ([("distill", p) for p in DISTILL_RECIPES]
+                  + [("experts", p) for p in EXPERTS_RECIPES]
+                  + [("evaluate", p) for p in EVALUATE_RECIPES])
 
 @pytest.fixture(autouse=True)
 def _quiet():

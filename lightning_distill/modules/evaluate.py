@@ -63,6 +63,7 @@ from ..functional.evaluation import (
     summarize,
 )
 from ..functional.losses import classification_loss
+from ._build import cpu_float32
 
 __all__ = ["EvalModule", "EvalProtocol", "check_eval_data", "evaluate_synthetic"]
 
@@ -72,7 +73,9 @@ class EvalModule(pl.LightningModule):
     'Evaluation protocol').
 
     Args:
-        synthetic: the set, or the path of a file written by :meth:`SyntheticSet.save`.
+        synthetic: the set, or the path of a file written by :meth:`SyntheticSet.save`;
+            None: the set of the Trainer's :class:`~lightning_distill.data.SyntheticDataModule`
+            (bound in :meth:`configure_model`, so a LightningCLI config names it once).
         model, model_kwargs: ``build_model`` name and extra keywords.
         protocol: the training settings (:class:`EvalProtocol`: epochs, batch size, lr,
             momentum, weight decay, lr drop epoch, DSA); the Trainer's ``max_epochs``
@@ -102,7 +105,7 @@ class EvalModule(pl.LightningModule):
 
     def __init__(
         self,
-        synthetic: SyntheticSet | str | os.PathLike,
+        synthetic: SyntheticSet | str | os.PathLike | None = None,
         model: str = "ConvNet",
         model_kwargs: dict[str, Any] | None = None,
         protocol: EvalProtocol | None = None,
@@ -117,23 +120,44 @@ class EvalModule(pl.LightningModule):
         self.save_hyperparameters({
             "model": model, "model_kwargs": dict(model_kwargs or {}),
             "seed": seed if isinstance(seed, int) else seeds, **protocol.as_kwargs()})
+        self.protocol = protocol
+        self.epochs = int(protocol.epochs)
+        self.decay_epoch = resolve_decay_epoch(self.epochs, protocol.lr_decay_epoch)
+        self.seeds = seeds
+        self.grouped = not isinstance(seed, int)
+        self.synthetic: SyntheticSet | None = None
+        self.net: nn.Module | None = None
+        self.val_accuracy: float | None = None
+        self.test_accuracy: float | None = None
+        self.val_accuracies: list[float] | None = None
+        self.test_accuracies: list[float] | None = None
+        self.test_class_accuracies: list[list[float | None]] | None = None
+        self.test_class_accuracy: list[float | None] | None = None
+        if synthetic is not None:
+            self.bind(synthetic)
+
+    def bind(self, synthetic: SyntheticSet | str | os.PathLike) -> None:
+        """Build the networks, generators and metrics for ``synthetic`` (its shapes, lr and
+        data set). Done by the constructor when it gets a set; without one, by
+        :meth:`configure_model` from the Trainer's SyntheticDataModule, so the set is
+        given once (to the datamodule) under a LightningCLI."""
+        if self.synthetic is not None:
+            raise RuntimeError("EvalModule: already bound to a synthetic set")
         synthetic, path = SyntheticSet.from_arg(synthetic, "EvalModule")
         if path is not None:
             self.hparams["synthetic"] = path
         synthetic.check_finite()
-        self.protocol = protocol
+        protocol, seeds = self.protocol, self.seeds
+        lr = float(synthetic.lr if protocol.lr is None else protocol.lr)
+        if not lr > 0:
+            raise ValueError(f"EvalModule: lr must be > 0, got {lr}")
         self.synthetic = synthetic.detach_clone()
-        self.epochs = int(protocol.epochs)
-        self.eval_lr = float(synthetic.lr if protocol.lr is None else protocol.lr)
-        if not self.eval_lr > 0:
-            raise ValueError(f"EvalModule: lr must be > 0, got {self.eval_lr}")
-        self.decay_epoch = resolve_decay_epoch(self.epochs, protocol.lr_decay_epoch)
-        self.seeds = seeds
-        self.grouped = not isinstance(seed, int)
+        self.eval_lr = lr
         streams = [run_seeds(s) for s in seeds]
         nets = [seeded_model(
-            model, synthetic.channels, synthetic.num_classes, synthetic.image_size,
-            seed=init, **(model_kwargs or {})) for init, _, _ in streams]
+            self.hparams.model, synthetic.channels, synthetic.num_classes,
+            synthetic.image_size, seed=init, **self.hparams.model_kwargs)
+            for init, _, _ in streams]
         self.net = StackedNetworks(nets) if self.grouped else nets[0]
         self.augment = protocol_dsa(protocol, synthetic.meta.get("dataset"))
         self._shuffle_generators = [torch.Generator().manual_seed(sh) for _, sh, _ in streams]
@@ -147,12 +171,30 @@ class EvalModule(pl.LightningModule):
         self.test_acc = nn.ModuleList(MulticlassAccuracy(c, average="micro") for _ in range(k))
         self.test_acc_class = nn.ModuleList(MulticlassAccuracy(c, average=None)
                                             for _ in range(k))
-        self.val_accuracy: float | None = None
-        self.test_accuracy: float | None = None
-        self.val_accuracies: list[float] | None = None
-        self.test_accuracies: list[float] | None = None
-        self.test_class_accuracies: list[list[float | None]] | None = None
-        self.test_class_accuracy: list[float | None] | None = None
+
+    def configure_model(self) -> None:
+        """Lightning's hook (after the datamodule's setup, before a checkpoint's weights
+        are loaded): bind to ``trainer.datamodule.synthetic`` when the module got no set
+        (on the CPU in float32, as eager construction: the same networks)."""
+        if self.synthetic is not None:
+            return
+        try:
+            dm = self.trainer.datamodule
+        except RuntimeError:  # not attached to a Trainer
+            dm = None
+        if not isinstance(dm, SyntheticDataModule):
+            raise ValueError(
+                "EvalModule got no synthetic set: pass one (a SyntheticSet or a .pt path), or "
+                "fit with datamodule=SyntheticDataModule(...), whose set it then trains on"
+                f"{'' if dm is None else f' (the datamodule is a {type(dm).__name__})'}")
+        with cpu_float32():
+            self.bind(dm.synthetic)
+
+    def _bound(self) -> SyntheticSet:
+        if self.synthetic is None:
+            raise RuntimeError("EvalModule has no synthetic set yet: pass one to the "
+                               "constructor or fit with a SyntheticDataModule")
+        return self.synthetic
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits; for a group, every run's on the same batch: ``[K, B, classes]``."""
@@ -201,7 +243,8 @@ class EvalModule(pl.LightningModule):
 
     def train_dataloader(self) -> Any:
         """The synthetic set, reshuffled every epoch (one ``randperm`` per epoch and run)."""
-        return self.synthetic_train_dataloader(self.synthetic.images, self.synthetic.labels)
+        syn = self._bound()
+        return self.synthetic_train_dataloader(syn.images, syn.labels)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -223,7 +266,7 @@ class EvalModule(pl.LightningModule):
 
     def _check_same_set(self, other: SyntheticSet) -> None:
         """The datamodule's set must be the module's (the network, lr and DSA come from it)."""
-        mine = self.synthetic
+        mine = self._bound()
         same = (
             other.images.shape == mine.images.shape and other.labels.shape == mine.labels.shape
             and other.labels.dtype == mine.labels.dtype and float(other.lr) == float(mine.lr)

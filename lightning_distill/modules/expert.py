@@ -27,8 +27,7 @@ member k's seeds.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -41,6 +40,7 @@ from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator, dsa_fl
 from ..functional.batched import StackedNetworks, augment_members, member_losses
 from ..functional.evaluation import seeded_model
 from ..models import build_model, to_hw
+from ._build import cpu_float32
 
 __all__ = ["ExpertTrajectoryModule", "GroupExpertModule"]
 
@@ -55,19 +55,6 @@ def _accuracy(num_classes: int) -> MulticlassAccuracy:
     ``cross_entropy`` already rejects labels out of range."""
     return MulticlassAccuracy(int(num_classes), average="micro", validate_args=False)
 
-
-@contextmanager
-def _cpu_float32() -> Iterator[None]:
-    """Build modules as eager construction does (on the CPU, in float32, initialised from
-    the CPU generator) inside Lightning's ``configure_model`` contexts (the strategy's
-    device, a true-precision default dtype); Lightning moves and converts them afterwards."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        with torch.device("cpu"):
-            yield
-    finally:
-        torch.set_default_dtype(dtype)
 
 
 class _ExpertSteps(pl.LightningModule):
@@ -124,7 +111,7 @@ class _ExpertSteps(pl.LightningModule):
             return
         shapes = self._datamodule_shapes()
         self.hparams.update(shapes)
-        with _cpu_float32():
+        with cpu_float32():
             self._build(**{k: self.hparams[k] for k in SHAPE_HPARAMS})
 
     def _datamodule_shapes(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ per run, ``class_mean`` over the runs) that :func:`evaluate_synthetic` returns.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def architecture_kwargs(cfg: EvaluateConfig, sets: list[SyntheticSet]) -> dict[str, dict]:
+def architecture_kwargs(models: Sequence[str], model_kwargs: dict[str, dict[str, Any]],
+                        sets: list[SyntheticSet]) -> dict[str, dict]:
     """``build_model`` keywords per evaluated model name.
 
     By default a model evaluated under the name the experts used (stored in the
     synthetic set's ``meta["model"]``) is built with the experts' keywords (width,
-    depth, norm, ...); ``cfg.model_kwargs[name]`` overrides them.
+    depth, norm, ...); ``model_kwargs[name]`` overrides them.
     """
     out: dict[str, dict] = {}
     for syn in sets:
@@ -85,9 +87,9 @@ def architecture_kwargs(cfg: EvaluateConfig, sets: list[SyntheticSet]) -> dict[s
             model.pop(key, None)
         if name is not None and name not in out:
             out[name] = model
-    for name, kw in cfg.model_kwargs.items():
+    for name, kw in model_kwargs.items():
         out[name] = {**out.get(name, {}), **kw}
-    return {name: kw for name, kw in out.items() if name in cfg.models}
+    return {name: kw for name, kw in out.items() if name in models}
 
 
 def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[str, Any]:
@@ -97,67 +99,92 @@ def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[st
 def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
     """Evaluate the synthetic sets and baselines of ``cfg``; returns the table rows."""
     # ``--synthetic FILE`` and ``--models NAME`` may name a single item
-    if isinstance(cfg.synthetic, str):
-        cfg.synthetic = [cfg.synthetic]
-    if isinstance(cfg.models, str):
-        cfg.models = [cfg.models]
-    unknown = set(cfg.baselines) - {"random", "full"}
+    synthetic = [cfg.synthetic] if isinstance(cfg.synthetic, str) else list(cfg.synthetic)
+    models = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
+    check_request(synthetic, cfg.baselines)
+    pl.seed_everything(cfg.seed, verbose=False)
+    protocol = EvalProtocol(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                            dsa=cfg.dsa, dsa_flip=dsa_flip_for(cfg.data.name),
+                            group_size=cfg.group_size)
+    return evaluate_sets(
+        build_datamodule(cfg.data, setup="test"), synthetic, protocol=protocol, models=models,
+        model_kwargs=cfg.model_kwargs, runs=cfg.runs, seed=cfg.seed,
+        device=_device(cfg.device), baselines=cfg.baselines, random_lr=cfg.random_lr,
+        full_epochs=cfg.full_epochs, full_lr=cfg.full_lr,
+        full_batch_size=cfg.full_batch_size, output=cfg.output,
+        config={**asdict(cfg), "synthetic": synthetic, "models": models})
+
+
+def check_request(synthetic: Sequence[str], baselines: Sequence[str]) -> None:
+    """Refuse an evaluation with nothing to do or an unknown baseline."""
+    unknown = set(baselines) - {"random", "full"}
     if unknown:
         raise ValueError(f"baselines: unknown {sorted(unknown)}; use 'random' and/or 'full'")
-    if not cfg.synthetic and not cfg.baselines:
+    if not synthetic and not baselines:
         raise ValueError("nothing to evaluate: give --synthetic FILE and/or --baselines")
-    pl.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg.data, setup="test")
+
+
+def evaluate_sets(
+    dm: Any, synthetic: Sequence[str], *, protocol: EvalProtocol, models: Sequence[str],
+    model_kwargs: dict[str, dict[str, Any]], runs: int, seed: int, device: torch.device,
+    baselines: Sequence[str] = (), random_lr: float = 0.01, full_epochs: int = 50,
+    full_lr: float = 0.01, full_batch_size: int = 256, output: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate the sets at ``synthetic`` and the ``baselines`` (``random``: random real
+    subsets of the same ipc, one per run; ``full``: the whole training split) on ``dm``'s
+    test split (a set-up RealDataModule), ``runs`` networks per architecture under
+    ``protocol``; print the table, write ``output`` (results.json) and return the rows."""
+    check_request(synthetic, baselines)
+    name = dm.name
     test_x, test_y = dm.test_set.tensors
-    device = _device(cfg.device)
     rows: list[dict[str, Any]] = []
     sets = []
-    for path in cfg.synthetic:
+    for path in synthetic:
         syn = SyntheticSet.load(path)
         source = syn.meta.get("dataset")
-        if source is not None and str(source) != cfg.data.name:
+        if source is not None and str(source) != name:
             raise ValueError(
                 f"{path} was distilled from the data set {source!r}, but the evaluation "
-                f"uses data.name={cfg.data.name!r}; pass --data.name {source} (with the same "
+                f"uses data.name={name!r}; pass --data.name {source} (with the same "
                 "normalisation / ZCA settings as the distillation)")
         syn.check_compatible(channels=dm.channels, image_size=dm.image_size,
                              num_classes=dm.num_classes, input_space=dm.input_space)
         sets.append((path, syn))
-    protocol = EvalProtocol(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                            dsa=cfg.dsa, dsa_flip=dsa_flip_for(cfg.data.name),
-                            group_size=cfg.group_size)
-    common = dict(models=cfg.models, runs=cfg.runs, seed=cfg.seed, device=device,
-                  model_kwargs=architecture_kwargs(cfg, [syn for _, syn in sets]))
-    if "random" in cfg.baselines:
+    common = dict(models=list(models), runs=runs, seed=seed, device=device,
+                  model_kwargs=architecture_kwargs(models, model_kwargs,
+                                                   [syn for _, syn in sets]))
+    if "random" in baselines:
         train_x, train_y = dm.train_set.tensors
         ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]
         for ipc in ipcs:
             console.print(f"evaluating random real ipc {ipc} ...")
-            res = _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, protocol,
-                               common)
+            res = _random_real(runs, seed, random_lr, dm, train_x, train_y, ipc, test_x,
+                               test_y, protocol, common)
             rows.append(_row(f"random real, ipc {ipc}", "random", ipc, res))
     for path, syn in sets:
         console.print(f"evaluating {path} (ipc {syn.ipc}, lr {syn.lr:.4g}) ...")
         res = evaluate_synthetic(syn, test_x, test_y, protocol=protocol, **common)
         rows.append(_row(f"distilled, ipc {syn.ipc} ({path})", "distilled", syn.ipc, res))
-    if "full" in cfg.baselines:
+    if "full" in baselines:
         train_x, train_y = dm.train_set.tensors
-        full = SyntheticSet(images=train_x, labels=train_y, lr=cfg.full_lr,
-                            meta={"dataset": cfg.data.name, "input_space": dm.input_space,
+        full = SyntheticSet(images=train_x, labels=train_y, lr=full_lr,
+                            meta={"dataset": name, "input_space": dm.input_space,
                                   "num_classes": dm.num_classes})
         console.print(f"evaluating the full training set ({train_x.shape[0]} images) ...")
-        res = evaluate_synthetic(full, test_x, test_y, protocol=protocol, epochs=cfg.full_epochs,
-                                 batch_size=cfg.full_batch_size, lr=cfg.full_lr, **common)
+        res = evaluate_synthetic(full, test_x, test_y, protocol=protocol, epochs=full_epochs,
+                                 batch_size=full_batch_size, lr=full_lr, **common)
         rows.append(_row("full training set", "full", None, res))
-    print_table(rows, cfg.models, title=f"{cfg.data.name}: test accuracy (%), "
-                f"mean +- std over {cfg.runs} networks")
-    if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg.output, {"config": asdict(cfg), "rows": rows})
+    print_table(rows, list(models), title=f"{name}: test accuracy (%), "
+                f"mean +- std over {runs} networks")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output, {"config": config or {}, "rows": rows})
+        console.print(f"[green]results: {output}[/]")
     return rows
 
 
-def _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, protocol, common
+def _random_real(runs, seed, lr, dm, train_x, train_y, ipc, test_x, test_y, protocol, common
                  ) -> dict[str, Any]:
     """Random-real baseline: network r trains on its own random subset r (seed + r).
 
@@ -166,12 +193,12 @@ def _random_real(cfg, dm, train_x, train_y, ipc, test_x, test_y, protocol, commo
     runs train as groups (one subset per member).
     """
     subsets = []
-    for r in range(cfg.runs):
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, ipc, r))
+    for r in range(runs):
+        g = torch.Generator().manual_seed(derive_seed(seed, ipc, r))
         subsets.append(SyntheticSet.from_real(
-            train_x, train_y, ipc, dm.num_classes, generator=g, lr=cfg.random_lr,
-            meta={"dataset": cfg.data.name, "input_space": dm.input_space}))
-    return evaluate_synthetic(subsets[0], test_x, test_y, protocol=protocol, lr=cfg.random_lr,
+            train_x, train_y, ipc, dm.num_classes, generator=g, lr=lr,
+            meta={"dataset": dm.name, "input_space": dm.input_space}))
+    return evaluate_synthetic(subsets[0], test_x, test_y, protocol=protocol, lr=lr,
                               train_sets=[(s.images, s.labels) for s in subsets], **common)
 
 

@@ -237,3 +237,21 @@ def test_datamodule_is_configured_by_a_stock_lightning_cli(syn_path, tmp_path):
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert len(cli.model.test_accuracies) == 2
+
+
+@pytest.mark.parametrize("seed", [3, [3, 4]])
+def test_without_a_set_the_module_trains_on_the_datamodules_bit_for_bit(syn_path, seed):
+    """EvalModule() bound to the SyntheticDataModule's set in configure_model gives the
+    accuracies of EvalModule(set): the same networks, batches and DSA draws."""
+    accs = []
+    for given in (str(syn_path), None):
+        module = EvalModule(given, model_kwargs=MKW, seed=seed, **PROTOCOL)
+        data = SyntheticDataModule(str(syn_path), name="digits")
+        trainer = _trainer(module.epochs)
+        trainer.fit(module, datamodule=data)
+        trainer.test(module, datamodule=data)
+        accs.append((module.test_accuracies, module.test_class_accuracies))
+    assert accs[0] == accs[1]
+    with pytest.raises(ValueError, match="got no synthetic set"):
+        _trainer(10).fit(EvalModule(model_kwargs=MKW, **PROTOCOL),
+                         train_dataloaders=DataLoader(TensorDataset(torch.zeros(2, 1))))

@@ -111,10 +111,10 @@ def test_evaluate_refuses_a_mismatched_synthetic_set(digits, tmp_path):
 
 def test_architecture_kwargs_come_from_the_set_and_can_be_overridden(digits):
     syn = _random_set(digits, 1)
-    cfg = EvaluateConfig(models=["ConvNet", "AlexNet"])
-    assert architecture_kwargs(cfg, [syn]) == {"ConvNet": SMALL}
-    cfg.model_kwargs = {"ConvNet": {"width": 16}}
-    assert architecture_kwargs(cfg, [syn]) == {"ConvNet": {"width": 16, "depth": 2}}
+    models = ["ConvNet", "AlexNet"]
+    assert architecture_kwargs(models, {}, [syn]) == {"ConvNet": SMALL}
+    assert architecture_kwargs(models, {"ConvNet": {"width": 16}}, [syn]) == {
+        "ConvNet": {"width": 16, "depth": 2}}
 
 
 def test_cli_accepts_a_single_synthetic_file_and_model():

@@ -1,0 +1,70 @@
+"""`lightning-distill evaluate` as a LightningCLI: the same rows as the EvaluateConfig
+stage path (bit for bit on CPU), results.json, and the older format refused."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from lightning_distill import RealDataModule, SyntheticSet, cli
+from lightning_distill.config import DataConfig
+from lightning_distill.stages.evaluate import EvaluateConfig, evaluate
+
+SMALL = {"width": 8, "depth": 2}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def syn_path(tmp_path_factory):
+    dm = RealDataModule("digits")
+    dm.setup("fit")
+    x, y = dm.train_set.tensors
+    syn = SyntheticSet.from_real(x, y, 2, 10, generator=torch.Generator().manual_seed(0),
+                                 lr=0.05, meta={"dataset": "digits",
+                                                "input_space": dm.input_space})
+    return syn.save(tmp_path_factory.mktemp("syn") / "ipc2.pt", grid=False)
+
+
+def test_cli_evaluate_gives_the_rows_of_the_stage_path(syn_path, tmp_path):
+    out = tmp_path / "cli.json"
+    argv = ["evaluate", "--config", "digits/evaluate", f"--synthetic=[{syn_path}]",
+            "--runs", "2", "--baselines", "[random, full]", "--full_epochs", "2",
+            "--model.protocol.epochs", "6", "--model.protocol.group_size", "2",
+            "--model_kwargs", json.dumps({"ConvNet": SMALL}), "--trainer.accelerator",
+            "cpu", "--output", str(out)]
+    assert cli.main(argv) == 0
+    stage = evaluate(EvaluateConfig(
+        data=DataConfig(name="digits", batch_size=32), synthetic=[str(syn_path)],
+        models=["ConvNet"], model_kwargs={"ConvNet": SMALL}, runs=2, epochs=6, group_size=2,
+        baselines=["random", "full"], full_epochs=2, full_batch_size=64, device="cpu",
+        output=str(tmp_path / "stage.json")))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == [r["label"] for r in stage]
+    for ours, theirs in zip(rows, stage, strict=True):
+        assert ours["results"]["ConvNet"]["accs"] == theirs["results"]["ConvNet"]["accs"]
+        assert ours["results"]["ConvNet"]["class_mean"] == theirs["results"]["ConvNet"][
+            "class_mean"]
+    config = json.loads(out.read_text())["config"]
+    assert config["protocol"]["epochs"] == 6 and config["runs"] == 2
+
+
+def test_an_older_format_evaluate_recipe_is_refused_and_converts(tmp_path, capsys):
+    old = {"data": {"name": "digits"}, "epochs": 300, "group_size": 4, "seed": 2,
+           "models": ["ConvNet", "AlexNet"], "device": "cuda:1"}
+    bad = tmp_path / "old.yaml"
+    bad.write_text(json.dumps(old), encoding="utf-8")
+    assert cli.main(["evaluate", "--config", str(bad)]) == 2
+    assert "format before LightningCLI" in capsys.readouterr().err
+    new = cli.convert_evaluate_recipe(old)
+    assert new["model"]["protocol"]["epochs"] == 300 and new["model"]["seed"] == 2
+    assert new["model"]["model"] == "ConvNet" and new["models"] == ["ConvNet", "AlexNet"]
+    assert new["trainer"] == {"accelerator": "gpu", "devices": [1]}
