@@ -354,7 +354,8 @@ class DistillTrainer(pl.Trainer):
 
     def evaluate(self, model: pl.LightningModule,
                  datamodule: pl.LightningDataModule | None = None,
-                 synthetic: list[str] | str | None = None, models: list[str] | None = None,
+                 synthetic: list[str] | str | None = None,
+                 models: list[str] | str | None = None,
                  model_kwargs: dict[str, dict[str, Any]] | None = None, runs: int = 5,
                  baselines: list[str] | None = None, random_lr: float = 0.01,
                  full_epochs: int = 50, full_lr: float = 0.01, full_batch_size: int = 256,
@@ -389,7 +390,7 @@ class DistillTrainer(pl.Trainer):
         if datamodule is None:
             raise ValueError("evaluate needs the real data: a datamodule (data: in a recipe)")
         sets = [synthetic] if isinstance(synthetic, str) else list(synthetic or [])
-        archs = list(models or [model.hparams.model])
+        archs = [models] if isinstance(models, str) else list(models or [model.hparams.model])
         kwargs = {model.hparams.model: dict(model.hparams.model_kwargs or {})}
         for name, kw in (model_kwargs or {}).items():
             kwargs[name] = {**kwargs.get(name, {}), **kw}

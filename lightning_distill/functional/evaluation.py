@@ -519,6 +519,7 @@ class EvalProtocol:
         test_batch_size: int = 1024,
         device: torch.device | str = "cpu",
         augment: Callable[..., Tensor] | None = None,
+        on_runs_done: Callable[[int], None] | None = None,
     ) -> list[dict[str, Any]]:
         """One fresh ``model`` per run seed, trained with this protocol and tested: one
         :func:`train_and_evaluate` result dict per run (``accuracy``, ``loss``,
@@ -529,6 +530,7 @@ class EvalProtocol:
         model (a group of one uses the plain loop, :func:`train_and_evaluate`).
         ``images``/``labels``: one training set for all runs, or one per run (sequences
         aligned with ``seeds``). ``set_lr`` is used when ``lr`` is None.
+        ``on_runs_done(n)`` is called after each group with its number of runs (progress).
         """
         device = torch.device(device)
         lr = set_lr if self.lr is None else self.lr
@@ -555,9 +557,11 @@ class EvalProtocol:
                 y = labels if shared else labels[part[0]]
                 results.append(train_and_evaluate(nets[0], x, y, generator=gens[0],
                                                   augment_generator=dsa_gens[0], **common))
-                continue
-            x = images if shared else [images[i] for i in part]
-            y = labels if shared else [labels[i] for i in part]
-            results.extend(train_and_evaluate_group(nets, x, y, generators=gens,
-                                                    augment_generators=dsa_gens, **common))
+            else:
+                x = images if shared else [images[i] for i in part]
+                y = labels if shared else [labels[i] for i in part]
+                results.extend(train_and_evaluate_group(nets, x, y, generators=gens,
+                                                        augment_generators=dsa_gens, **common))
+            if on_runs_done is not None:
+                on_runs_done(len(part))
         return results

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -439,9 +439,11 @@ def evaluate_synthetic(
     device: torch.device | str | None = None,
     use_trainer: bool = False,
     train_sets: Sequence[tuple[Tensor, Tensor]] | None = None,
+    on_runs_done: Callable[[int], None] | None = None,
     **overrides: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Train ``runs`` fresh networks per architecture on ``synthetic`` and test them.
+    """Train ``runs`` fresh networks per architecture on ``synthetic`` and test them
+    (``on_runs_done(n)`` after each group of ``n`` runs: progress).
 
     Run ``r`` uses seed ``seed + r`` (network init, batch order and DSA through
     :func:`run_seeds`), so architectures and baselines see paired seeds. The runs train
@@ -508,12 +510,14 @@ def evaluate_synthetic(
                 )
                 accs.extend(a)
                 class_accs.extend(c)
+                if on_runs_done is not None:
+                    on_runs_done(len(part))
         else:
             runs_out = protocol.train_runs_results(
                 name, mkw, seeds, images, labels, set_lr=synthetic.lr,
                 num_classes=synthetic.num_classes, test_images=test_images,
                 test_labels=test_labels, test_batch_size=test_batch_size, device=dev,
-                augment=augment,
+                augment=augment, on_runs_done=on_runs_done,
             )
             accs = [r["accuracy"] for r in runs_out]
             class_accs = [list(r["class_accuracy"]) for r in runs_out]

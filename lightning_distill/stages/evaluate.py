@@ -29,6 +29,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ..config import DataConfig, build_datamodule
@@ -137,8 +146,6 @@ def evaluate_sets(
     ``protocol``; print the table, write ``output`` (results.json) and return the rows."""
     check_request(synthetic, baselines)
     name = dm.name
-    test_x, test_y = dm.test_set.tensors
-    rows: list[dict[str, Any]] = []
     sets = []
     for path in synthetic:
         syn = SyntheticSet.load(path)
@@ -151,9 +158,34 @@ def evaluate_sets(
         syn.check_compatible(channels=dm.channels, image_size=dm.image_size,
                              num_classes=dm.num_classes, input_space=dm.input_space)
         sets.append((path, syn))
+    n_rows = len(sets) + ("full" in baselines) + (
+        len({syn.ipc for _, syn in sets} or {1, 10}) if "random" in baselines else 0)
+    progress = Progress(TextColumn("[bold]evaluation runs"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                        disable=rank_zero_only.rank != 0)
+    task = progress.add_task("runs", total=n_rows * len(models) * runs)
     common = dict(models=list(models), runs=runs, seed=seed, device=device,
                   model_kwargs=architecture_kwargs(models, model_kwargs,
-                                                   [syn for _, syn in sets]))
+                                                   [syn for _, syn in sets]),
+                  on_runs_done=lambda n: progress.advance(task, n))
+    with progress:
+        rows = _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
+                              full_epochs, full_lr, full_batch_size)
+    print_table(rows, list(models), title=f"{name}: test accuracy (%), "
+                f"mean +- std over {runs} networks")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output, {"config": config or {}, "rows": rows})
+        console.print(f"[green]results: {output}[/]")
+    return rows
+
+
+def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr, full_epochs,
+                   full_lr, full_batch_size) -> list[dict[str, Any]]:
+    """The table's rows: the random-real baselines, the sets, the full-data baseline."""
+    name = dm.name
+    test_x, test_y = dm.test_set.tensors
+    rows: list[dict[str, Any]] = []
     if "random" in baselines:
         train_x, train_y = dm.train_set.tensors
         ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]
@@ -175,12 +207,6 @@ def evaluate_sets(
         res = evaluate_synthetic(full, test_x, test_y, protocol=protocol, epochs=full_epochs,
                                  batch_size=full_batch_size, lr=full_lr, **common)
         rows.append(_row("full training set", "full", None, res))
-    print_table(rows, list(models), title=f"{name}: test accuracy (%), "
-                f"mean +- std over {runs} networks")
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(output, {"config": config or {}, "rows": rows})
-        console.print(f"[green]results: {output}[/]")
     return rows
 
 

@@ -119,10 +119,10 @@ def test_architecture_kwargs_come_from_the_set_and_can_be_overridden(digits):
 
 def test_cli_accepts_a_single_synthetic_file_and_model():
     pytest.importorskip("jsonargparse")
-    from lightning_distill.cli import parse_config
+    from lightning_distill.cli import parse_lightning_config
 
-    _, cfg = parse_config(["evaluate", "--synthetic", "a.pt", "--models", "AlexNet",
-                           "--runs", "3"])
+    cfg = parse_lightning_config(["evaluate", "--synthetic", "a.pt", "--models", "AlexNet",
+                                  "--runs", "3"])
     assert (cfg.synthetic, cfg.models, cfg.runs) == ("a.pt", "AlexNet", 3)
 
 
