@@ -20,8 +20,9 @@ it (``--trainer.callbacks+=``, ``--trainer.logger``, ``--trainer.max_time``,
 and how an older recipe maps to it.
 
 ``evaluate`` is one too (model EvalModule without a set: every run's protocol). ``run``
-still reads the stage dataclasses (``lightning_distill.stages.run``, parsed with
-jsonargparse, LightningCLI's engine).
+chains them: its recipe holds one section per stage in that subcommand's format plus
+the shared ``data`` / ``trainer`` (:mod:`lightning_distill.stages.pipeline`), and each
+merged section runs through the same LightningCLI.
 
 Every subcommand takes one or more ``--config FILE.yaml`` (later files override earlier
 ones; a packaged recipe can be named instead of a file: ``--config digits/quickstart``),
@@ -815,6 +816,156 @@ def convert_evaluate_recipe(old: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+#: top-level keys of a ``run`` recipe in the format before LightningCLI
+OLD_RUN_KEYS = ("runs", "model", "sharpness", "data_selection", "checkpoint_every_n_steps",
+                "image_every_n_steps")
+
+
+def convert_run_recipe(old: dict[str, Any]) -> dict[str, Any]:
+    """A ``run`` recipe of the format before LightningCLI (``stages.run.RunConfig``) as
+    a run recipe of sections (docs/recipes.md, 'run'): ``experts`` from the experts part
+    (:func:`convert_experts_recipe`), ``distill`` from ``runs`` (each with its name,
+    :func:`convert_distill_recipe`), ``evaluate`` (:func:`convert_evaluate_recipe`);
+    ``data``, ``trainer``, ``workdir``, ``seed`` stay shared."""
+    seed = old.get("seed", 0)
+    data = dict(old.get("data") or {})
+    trainer = dict(old.get("trainer") or {})
+    new: dict[str, Any] = {"workdir": old.get("workdir", "outputs/run"), "seed": seed}
+    ex = convert_experts_recipe({**{k: old[k] for k in ("experts", "model", "sharpness",
+                                                        "data_selection") if k in old},
+                                 "data": data, "trainer": trainer, "seed": seed})
+    shared_new = convert_experts_recipe({"data": data})["data"]
+    new["data"] = shared_new
+    new["trainer"] = trainer
+    section = {k: v for k, v in ex.items()
+               if k not in ("seed_everything", "store", "log_dir", "seed", "data")}
+    section["trainer"] = {k: v for k, v in ex["trainer"].items() if k not in trainer}
+    new["experts"] = section
+    runs = []
+    for r in old.get("runs") or []:
+        d = convert_distill_recipe({
+            **{k: r[k] for k in ("distill", "window", "ema", "evaluation") if k in r},
+            **{k: old[k] for k in ("checkpoint_every_n_steps", "image_every_n_steps")
+               if k in old}, "seed": seed})
+        model = {k: v for k, v in d["model"].items() if k not in ("store", "seed")}
+        runs.append({"name": r.get("name", "ipc10"), "model": model,
+                     "trainer": {"callbacks": d["trainer"]["callbacks"]}})
+    new["distill"] = runs
+    ev = convert_evaluate_recipe({**(old.get("evaluate") or {}), "seed": seed})
+    # the run fills the sets to evaluate and results.json unless they are given
+    new["evaluate"] = {k: v for k, v in ev.items()
+                       if k not in ("seed_everything", "data", "trainer")
+                       and not (k in ("synthetic", "output") and not v)}
+    new["evaluate"]["model"].pop("seed", None)
+    return new
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data[a][b]... = value`` for ``dotted = "a.b..."``; a segment inside a list is an
+    index or the ``name`` of an entry (``distill.ipc10.model.iterations``)."""
+    node: Any = data
+    keys = dotted.split(".")
+    for k, key in enumerate(keys):
+        last = k == len(keys) - 1
+        if isinstance(node, list):
+            index = next((i for i, item in enumerate(node)
+                          if isinstance(item, dict) and item.get("name") == key), None)
+            if index is None and key.isdigit() and int(key) < len(node):
+                index = int(key)
+            if index is None:
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise ConfigError(f"lightning-distill run: error: --{dotted}: no entry "
+                                  f"{key!r} in {'.'.join(keys[:k])} (entries: {names})")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+
+
+def parse_run(argv: Sequence[str]) -> dict[str, Any]:
+    """The run recipe of a ``run`` command line: the ``--config`` files merged in order,
+    then every ``--dotted.key value`` (a YAML value) applied. ``--help`` and
+    ``--print_config`` print and exit (SystemExit 0), as the other subcommands do."""
+    from .stages.pipeline import RUN_KEYS, merge
+
+    args = [a for a in argv if a != "run"]
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: lightning-distill [options] run [--config FILE|RECIPE ...] "
+              "[--KEY.PATH VALUE ...] [--print_config]\n\n"
+              "experts -> distill -> evaluate from one recipe (docs/recipes.md, 'run'): "
+              "one section per stage in its subcommand's format, merged over the shared "
+              "data / trainer; --distill.<name>.model.iterations 100 reaches a "
+              "distillation by its name.\n\noptions: "
+              + " ".join(f"--{k}" for k in RUN_KEYS))
+        raise SystemExit(0)
+    recipe: dict[str, Any] = {}
+    printing = False
+    k = 0
+    while k < len(args):
+        arg = args[k]
+        if arg == "--print_config":
+            printing, k = True, k + 1
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"lightning-distill run: error: unexpected argument {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if k + 1 >= len(args):
+                raise ConfigError(f"lightning-distill run: error: --{key} needs a value")
+            value, k = args[k + 1], k + 1
+        k += 1
+        if key == "config":
+            value = resolve_config(value)
+            data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"lightning-distill run: error: {value}: a run recipe "
+                                  "is a mapping")
+            old = [x for x in OLD_RUN_KEYS if x in data]
+            if old:
+                raise ConfigError(
+                    f"lightning-distill run: error: {value}: keys {old} are the recipe "
+                    "format before LightningCLI; a run recipe now holds one section per "
+                    "stage (experts, distill: a list, evaluate), each in its subcommand's "
+                    "format. docs/recipes.md, 'From the older recipe format', maps every "
+                    "key, and `lightning_distill.cli.convert_run_recipe` converts a file.")
+            for bad in data:
+                if bad not in RUN_KEYS:
+                    raise _unknown_key_error("run", value, bad, bad, RUN_KEYS)
+            recipe = merge(recipe, data)
+            continue
+        top = key.split(".", 1)[0]
+        if top not in RUN_KEYS:
+            close = difflib.get_close_matches(top, RUN_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"lightning-distill run: error: unknown option --{key}{hint}; "
+                              f"the keys of a run recipe: {', '.join(RUN_KEYS)}")
+        _set_path(recipe, key, yaml.safe_load(value))
+    if printing:
+        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        raise SystemExit(0)
+    return recipe
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """``lightning-distill run``: parse, check every section, run the stages."""
+    from .stages.pipeline import run_pipeline
+
+    recipe = parse_run(argv)
+
+    def check(sub: str, args: Sequence[str]) -> None:
+        check_native_config_files(sub, args)
+        parse_lightning_config(list(args))
+
+    run_pipeline(recipe, launch=lambda sub, args: LightningDistillCLI(args=list(args)),
+                 check=check)
+    return 0
+
+
 def check_native_config_files(name: str, argv: Sequence[str]) -> None:
     """Refuse a ``--config`` file of a LightningCLI subcommand with an unknown key (naming
     the file, the key and a close match: jsonargparse names neither file nor match) or in
@@ -912,6 +1063,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     native = name in LIGHTNING_SUBCOMMANDS
     try:
         argv = _prepare_argv(argv)
+        if name == "run":
+            return run_command(argv)
         if native:
             if name in OLD_FORMAT_KEYS:
                 check_native_config_files(name, argv)

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("jsonargparse")  # the CLI's engine (the GPU image lacks it)
 
 from lightning_distill import cli
-from lightning_distill.cli import parse_config, parse_lightning_config
+from lightning_distill.cli import parse_lightning_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "digits" / "experts.yaml")
@@ -103,10 +104,47 @@ def test_an_older_format_experts_recipe_is_refused_and_converts(tmp_path, capsys
     assert cfg.trainer.callbacks[0].init_args.alpha == 0.4
 
 
-def test_unknown_nested_key_in_a_list_of_dataclasses(tmp_path):
-    bad = _yaml(tmp_path, "run.yaml", "runs:\n  - name: ipc1\n    distill:\n      ipcc: 1\n")
-    with pytest.raises(cli.ConfigError, match=r"runs\[0\]\.distill\.ipcc.*did you mean 'ipc'"):
-        parse_config(["run", "--config", bad])
+def test_run_recipe_keys_and_overrides(tmp_path, capsys):
+    bad = _yaml(tmp_path, "run.yaml", "workdir: w\ndistil:\n  - name: ipc1\n")
+    assert cli.main(["run", "--config", bad]) == 2
+    err = capsys.readouterr().err
+    assert bad in err and "unknown key 'distil'" in err and "did you mean 'distill'" in err
+    recipe = cli.parse_run(["run", "--config", "digits/quickstart",
+                            "--distill.ipc10.model.iterations", "7", "--experts.group_size",
+                            "1", "--workdir=/tmp/x"])
+    assert recipe["distill"][1]["model"]["iterations"] == 7
+    assert recipe["experts"]["group_size"] == 1 and recipe["workdir"] == "/tmp/x"
+    with pytest.raises(cli.ConfigError, match="no entry 'ipc5'"):
+        cli.parse_run(["run", "--config", "digits/quickstart", "--distill.ipc5.model.ipc", "5"])
+    with pytest.raises(cli.ConfigError, match="did you mean 'workdir'"):
+        cli.parse_run(["run", "--workdirr", "x"])
+
+
+@pytest.mark.parametrize("recipe", ["digits/quickstart", "fashion_mnist_cpu/run"])
+def test_run_print_config_parses_back_and_every_section_parses(recipe, tmp_path, capsys):
+    from lightning_distill.stages.pipeline import stage_configs
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--config", recipe, "--print_config"])
+    assert exc.value.code == 0
+    printed = _yaml(tmp_path, "printed.yaml", capsys.readouterr().out)
+    assert cli.parse_run(["run", "--config", printed]) == cli.parse_run(
+        ["run", "--config", recipe])
+    stages = stage_configs(cli.parse_run(["run", "--config", printed]))
+    assert [s for s, _, _ in stages][0] == "experts" and stages[-1][0] == "evaluate"
+    for k, (sub, _, cfg) in enumerate(stages):  # each merged section is a valid config
+        path = _yaml(tmp_path, f"{k}.yaml", json.dumps(cfg))
+        cli.check_native_config_files(sub, [sub, "--config", path])
+        parse_lightning_config([sub, "--config", path])
+
+
+def test_run_checks_every_section_before_any_work(tmp_path, capsys):
+    # a typo in the last section fails before any work
+    bad = _yaml(tmp_path, "bad.yaml", "workdir: " + str(tmp_path / "w")
+                + "\nevaluate:\n  runz: 3\n")
+    assert cli.main(["run", "--config", "digits/quickstart", "--config", bad]) == 2
+    assert "runz" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "experts").exists()
 
 
 def test_unknown_or_abbreviated_command_line_options_fail(capsys):
@@ -200,28 +238,23 @@ def test_without_config_a_lightning_subcommand_reads_its_digits_recipe(stage, tm
     assert parse_lightning_config([stage, "--seed_everything", "3"]).seed_everything == 3
 
 
-@pytest.mark.parametrize("stage", ["run"])
-def test_without_config_a_stage_reads_its_packaged_digits_recipe(stage, tmp_path,
-                                                                 monkeypatch):
+def test_without_config_run_reads_the_quickstart(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    recipe = cli.DEFAULT_RECIPES[stage]
-    assert recipe.startswith("digits/")
-    assert parse_config([stage]) == parse_config([stage, "--config", recipe])
-    # overrides still apply on top of it
-    _, cfg = parse_config([stage, "--seed", "41"])
-    assert cfg.seed == 41
-    assert cli.default_recipe([stage, "--config", "x.yaml"]) is None
-    assert cli.default_recipe([stage, "--help"]) is None
+    assert cli.DEFAULT_RECIPES["run"] == "digits/quickstart"
+    argv = cli._prepare_argv(["run"])
+    assert cli.parse_run(argv) == cli.parse_run(["run", "--config", "digits/quickstart"])
+    assert cli.default_recipe(["run", "--config", "x.yaml"]) is None
+    assert cli.default_recipe(["run", "--help"]) is None
 
 
 def test_main_says_which_recipe_it_uses_without_config(monkeypatch, capsys):
-    import lightning_distill.stages.run as stage
+    import lightning_distill.stages.pipeline as stage
 
     seen = []
-    monkeypatch.setattr(stage, "run", seen.append)
+    monkeypatch.setattr(stage, "run_pipeline", lambda recipe, **kw: seen.append(recipe))
     assert cli.main(["run"]) == 0
     assert "packaged recipe digits/quickstart" in capsys.readouterr().err
-    assert seen[0].experts.num_experts == 8  # the quickstart's, not the dataclass default
+    assert seen[0]["experts"]["num_experts"] == 8  # the quickstart's
 
 
 def test_missing_config_file_lists_the_packaged_recipes(tmp_path, capsys):
@@ -258,9 +291,10 @@ def load(path: Path):
     """The parsed configuration of a packaged recipe: a stage dataclass, or for a
     ``distill`` recipe the LightningCLI Namespace."""
     stage = _stage_of(path)
-    if stage in ("experts", "distill", "evaluate"):
-        return parse_lightning_config([stage, "--config", str(path)])
-    return parse_config([stage, "--config", str(path)])[1]
+    if stage == "run":
+        recipe = cli.parse_run(["run", "--config", str(path)])
+        return SimpleNamespace(data=SimpleNamespace(**recipe["data"]), recipe=recipe)
+    return parse_lightning_config([stage, "--config", str(path)])
 
 
 def callback(cfg, name: str):

@@ -207,7 +207,7 @@ def _summary(trainer: pl.Trainer, module: DistillationModule, seconds: float) ->
 
     it, skipped = int(module.iteration), int(module.skipped)
     lines = [f"{module.hparams.export_path or 'no export_path'}: {it} iterations "
-             f"({skipped} skipped), syn_lr {float(module.syn_lr):.3g}"]
+             f"({skipped} skipped), syn_lr {float(module.syn_lr.detach()):.3g}"]
     for cb in trainer.callbacks:
         if isinstance(cb, PeriodicEvaluation) and cb.best_accuracy is not None:
             lines.append(f"best on the validation split: {cb.best_path or '(not saved)'}, "

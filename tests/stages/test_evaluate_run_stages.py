@@ -4,10 +4,12 @@ resumes every stage from what is on disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+import yaml
 
 from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
 from lightning_distill.data.synthetic import SyntheticSet
@@ -126,12 +128,12 @@ def test_cli_accepts_a_single_synthetic_file_and_model():
     assert (cfg.synthetic, cfg.models, cfg.runs) == ("a.pt", "AlexNet", 3)
 
 
-def test_run_chains_the_stages_and_resumes_from_disk(tmp_path):
-    cfg = RunConfig(
+def _old_run_config(work) -> RunConfig:
+    return RunConfig(
         data=DataConfig(name="digits", batch_size=64),
         model=ModelConfig(name="ConvNet", kwargs=dict(SMALL)),
         trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
-        workdir=str(tmp_path / "work"), seed=1,
+        workdir=str(work), seed=1,
         experts=ExpertTrainingConfig(num_experts=2, epochs=3, lr=0.05),
         sharpness=SharpnessConfig(method="gsam"),
         runs=[DistillRun(name="ipc1",
@@ -140,35 +142,66 @@ def test_run_chains_the_stages_and_resumes_from_disk(tmp_path):
                          window=WindowConfig(max_start_epoch=1))],
         evaluate=EvaluateConfig(runs=1, epochs=3, baselines=["random"], device="cpu"),
         checkpoint_every_n_steps=10, image_every_n_steps=10)
-    rows = run_stage.run(cfg)
+
+
+def test_run_chains_the_stages_resumes_and_equals_the_older_pipeline(tmp_path):
+    """`lightning-distill run` on the converted recipe: the experts, the set and the rows
+    of the older RunConfig pipeline bit for bit; a rerun trains nothing again."""
+    from lightning_distill import cli
+
+    old = run_stage.run(_old_run_config(tmp_path / "old"))
     work = tmp_path / "work"
+    recipe = cli.convert_run_recipe(dataclasses.asdict(_old_run_config(work)))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    assert cli.main(["run", "--config", str(path)]) == 0
     assert sorted(p.name for p in (work / "experts").glob("expert_*.pt")) == [
         "expert_00000.pt", "expert_00001.pt"]
-    syn = SyntheticSet.load(work / "ipc1" / "synthetic.pt")
-    assert syn.meta["iteration"] == 3
-    assert [r["kind"] for r in rows] == ["random", "distilled"]
-    assert json.loads((work / "results.json").read_text())["rows"][1]["ipc"] == 1
+    for name in ("expert_00000.pt", "expert_00001.pt"):
+        assert torch.equal(torch.load(work / "experts" / name, weights_only=True),
+                           torch.load(tmp_path / "old" / "experts" / name, weights_only=True))
+    syn, ref = (SyntheticSet.load(w / "ipc1" / "synthetic.pt") for w in (work, tmp_path / "old"))
+    assert syn.meta["iteration"] == 3 and torch.equal(syn.images, ref.images)
+    rows = json.loads((work / "results.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["random", "distilled"] and rows[1]["ipc"] == 1
+    assert [r["results"]["ConvNet"]["accs"] for r in rows] == [
+        r["results"]["ConvNet"]["accs"] for r in old]
+    # every stage's merged config is on disk and reruns that stage alone
+    assert sorted(p.name for p in (work / "configs").iterdir()) == [
+        "distill_ipc1.yaml", "evaluate.yaml", "experts.yaml"]
     # second run: nothing is trained again, the evaluation gives the same numbers
     before = {p: p.stat().st_mtime_ns for p in work.rglob("*.pt")}
-    again = run_stage.run(cfg)
+    assert cli.main(["run", "--config", str(path)]) == 0
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.pt")} == before
+    again = json.loads((work / "results.json").read_text())["rows"]
     assert again[1]["results"] == rows[1]["results"]
 
 
 def test_run_evaluates_on_global_rank_zero_only(monkeypatch, tmp_path):
-    """Under DDP every rank runs the pipeline; the evaluation (plain loops) runs once."""
+    """Under DDP every rank runs the pipeline; the evaluation (plain loops) runs once, on
+    the validation-selected set where the distillation has a PeriodicEvaluation."""
     from pytorch_lightning.utilities import rank_zero_only
 
-    import lightning_distill.stages.run as stage
+    from lightning_distill.stages.pipeline import run_pipeline
 
+    recipe = {"workdir": str(tmp_path), "distill": [
+        {"name": "a", "trainer": {"callbacks": [
+            {"class_path": "lightning_distill.callbacks.PeriodicEvaluation"}]}},
+        {"name": "b"}]}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "best.pt").write_bytes(b"")
     calls = []
-    monkeypatch.setattr(stage, "train_experts", lambda cfg: calls.append("experts"))
-    monkeypatch.setattr(stage, "distill", lambda cfg: calls.append("distill")
-                        or stage.Path(cfg.output) / "synthetic.pt")
-    monkeypatch.setattr(stage, "evaluate", lambda cfg: calls.append("evaluate") or ["row"])
-    cfg = stage.RunConfig(workdir=str(tmp_path))
+
+    def launch(sub, argv):
+        calls.append((sub, list(argv)))
+
     monkeypatch.setattr(rank_zero_only, "rank", 1)
-    assert stage.run(cfg) == [] and calls == ["experts", "distill"]
+    run_pipeline(recipe, launch=launch, check=lambda sub, argv: None)
+    assert [c[0] for c in calls] == ["experts", "distill", "distill"]
     calls.clear()
     monkeypatch.setattr(rank_zero_only, "rank", 0)
-    assert stage.run(cfg) == ["row"] and calls == ["experts", "distill", "evaluate"]
+    run_pipeline(recipe, launch=launch, check=lambda sub, argv: None)
+    assert [c[0] for c in calls] == ["experts", "distill", "distill", "evaluate"]
+    evaluate_argv = calls[-1][1]
+    sets = yaml.safe_load(evaluate_argv[evaluate_argv.index("--synthetic") + 1])
+    assert sets == [str(tmp_path / "a" / "best.pt"), str(tmp_path / "b" / "synthetic.pt")]
