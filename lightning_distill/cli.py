@@ -36,21 +36,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib
 import inspect
 import logging
 import os
 import sys
-import typing
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import Namespace
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -62,73 +59,8 @@ from .stages.data_selection import DataSelectionConfig
 from .trajectories import TrajectoryStoreError
 
 
-@dataclass(frozen=True)
-class Stage:
-    module: str
-    config: str
-    function: str
-    help: str
-
-
-STAGES: dict[str, Stage] = {
-    "experts": Stage("lightning_distill.stages.experts", "ExpertsConfig", "train_experts",
-                     "train expert trajectories on real data into a trajectory store"),
-    "evaluate": Stage("lightning_distill.stages.evaluate", "EvaluateConfig", "evaluate",
-                      "train fresh networks on a synthetic set and report test accuracy"),
-    "run": Stage("lightning_distill.stages.run", "RunConfig", "run",
-                 "experts -> distill -> evaluate for one recipe, resuming what exists"),
-}
-
-
-def _load(stage: Stage):
-    mod = importlib.import_module(stage.module)
-    return getattr(mod, stage.config), getattr(mod, stage.function)
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="lightning-distill",
-        description="Dataset distillation by trajectory matching (MTT, FTD, DATM).",
-        env_prefix="LIGHTNING_DISTILL",
-        default_env=False,
-        allow_abbrev=False,
-    )
-    subcommands = parser.add_subcommands(required=True, dest="stage")
-    for name, stage in STAGES.items():
-        sub = ArgumentParser(prog=f"lightning-distill {name}", description=stage.help,
-                             print_config="--print_config", allow_abbrev=False)
-        sub.add_argument("--config", action=ActionConfigFile,
-                         help="YAML recipe; may be given several times")
-        config_cls, _ = _load(stage)
-        sub.add_class_arguments(config_cls, nested_key=None, as_group=False)
-        subcommands.add_subcommand(name, sub, help=stage.help)
-    return parser
-
-
 class ConfigError(ValueError):
     """A ``--config`` file is missing or holds a key the stage does not know."""
-
-
-def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[tuple[str, str, list[str]]]:
-    """(dotted key, bad name, valid names at that level) for every key of ``data`` that is
-    not a field of dataclass ``cls`` (recursing into nested dataclasses and lists of them)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    hints = typing.get_type_hints(cls)
-    out = []
-    for key, value in data.items():
-        if key not in names:
-            out.append((f"{prefix}{key}", str(key), names))
-            continue
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            out += _unknown_keys(hint, value, f"{prefix}{key}.")
-        elif typing.get_origin(hint) is list and isinstance(value, list):
-            (item,) = typing.get_args(hint) or (None,)
-            if dataclasses.is_dataclass(item):
-                for k, v in enumerate(value):
-                    if isinstance(v, dict):
-                        out += _unknown_keys(item, v, f"{prefix}{key}[{k}].")
-    return out
 
 
 #: the YAML recipes shipped inside the package (``recipes/`` in a checkout links here)
@@ -167,7 +99,7 @@ DEFAULT_RECIPES: dict[str, str] = {
 
 
 def default_recipe(argv: Sequence[str]) -> str | None:
-    """The recipe :func:`parse_config` adds for a command line without ``--config``
+    """The recipe :func:`main` adds for a command line without ``--config``
     (None when it has one, asks for help, or names no stage)."""
     stage = next((a for a in argv if a in DEFAULT_RECIPES), None)
     if stage is None or any(a in ("-h", "--help") for a in argv):
@@ -202,58 +134,6 @@ def _config_files(argv: Sequence[str], name: str) -> list[str]:
     if name not in argv:
         return []
     return [v for _, v, _ in _config_values(list(argv)[list(argv).index(name) + 1 :])]
-
-
-def check_config_files(name: str, argv: Sequence[str]) -> None:
-    """Fail with the file, the key and a suggestion for a YAML key that stage ``name``
-    does not know (jsonargparse alone names neither the file nor a close match)."""
-    config_cls, _ = _load(STAGES[name])
-    for file in _config_files(argv, name):
-        try:
-            data: Any = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            continue  # jsonargparse reports unreadable files itself
-        if not isinstance(data, dict):
-            continue
-        bad = _unknown_keys(config_cls, data)
-        if bad:
-            dotted, key, names = bad[0]
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"lightning-distill {name}: error: {file}: unknown key '{dotted}'{hint}; "
-                f"valid keys there: {', '.join(names)}. See `lightning-distill {name} --help`."
-            )
-
-
-def parse_config(argv: Sequence[str]) -> tuple[str, Any]:
-    """Parse a command line (without the program name) into ``(stage, config dataclass)``.
-
-    ``--config`` takes a file or a packaged recipe name (:func:`resolve_config`); without
-    any, the stage reads its :data:`DEFAULT_RECIPES` entry (the digits pipeline).
-    Raises :class:`ConfigError` for a missing config file or an unknown key in one,
-    SystemExit (as argparse does) for other errors, ``--help`` and ``--print_config``.
-    """
-    argv = list(argv)
-    recipe = default_recipe(argv)
-    if recipe is not None:
-        k = next(i for i, a in enumerate(argv) if a in DEFAULT_RECIPES)
-        argv[k + 1 : k + 1] = ["--config", recipe]
-    argv = _resolve_config_args(argv)
-    stage_name = next((a for a in argv if a in STAGES), None)
-    if stage_name is not None:
-        check_config_files(stage_name, argv)
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    name = ns.stage
-    config_cls, _ = _load(STAGES[name])
-    sub_ns = ns[name]
-    sub_ns.pop("config", None)
-    sub_parser = parser._subcommands_action._name_parser_map[name]
-    instantiate = getattr(sub_parser, "instantiate", None) or sub_parser.instantiate_classes
-    init = instantiate(sub_ns)
-    fields = config_cls.__dataclass_fields__
-    return name, config_cls(**{k: v for k, v in init.items() if k in fields})
 
 
 # ---------------------------------------------------------------- LightningCLI
@@ -1032,8 +912,10 @@ def check_yaml_files(argv: Sequence[str]) -> None:
 
 #: one line per subcommand, for ``lightning-distill --help``
 SUBCOMMAND_HELP: dict[str, str] = {
-    **{k: v.help for k, v in STAGES.items()},
-    "distill": "distil a synthetic set by matching the experts' trajectories (LightningCLI)",
+    "experts": "train expert trajectories on real data into a trajectory store",
+    "distill": "distil a synthetic set by matching the experts' trajectories",
+    "evaluate": "train fresh networks on synthetic sets and report test accuracy",
+    "run": "experts -> distill -> evaluate for one recipe, resuming what exists",
     "fit": "Lightning's fit of any LightningModule / datamodule (--model CLASS --data CLASS)",
     "validate": "Lightning's validate of any module",
     "test": "Lightning's test of any module",
@@ -1060,28 +942,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     _quiet_repeated_lightning_info()
-    native = name in LIGHTNING_SUBCOMMANDS
     try:
         argv = _prepare_argv(argv)
         if name == "run":
             return run_command(argv)
-        if native:
-            if name in OLD_FORMAT_KEYS:
-                check_native_config_files(name, argv)
-            LightningDistillCLI(args=argv)
-            return 0
-        name, cfg = parse_config(argv)
+        if name in OLD_FORMAT_KEYS:
+            check_native_config_files(name, argv)
+        LightningDistillCLI(args=argv)
+        return 0
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    except USER_ERRORS as err:  # raised while a LightningCLI subcommand runs
+    except USER_ERRORS as err:  # raised while a subcommand runs
         return _report(name, err)
-    _, function = _load(STAGES[name])
-    try:
-        function(cfg)
-    except USER_ERRORS as err:
-        return _report(name, err)
-    return 0
 
 
 if __name__ == "__main__":
