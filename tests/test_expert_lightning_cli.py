@@ -101,6 +101,15 @@ def test_stock_lightning_cli_records_experts_the_distillation_accepts(tmp_path: 
     assert int(module.iteration) == 2
     assert not torch.equal(module.images.detach(), before)
     assert torch.isfinite(module.images).all()
+    # ... and so does the `distill` subcommand
+    from lightning_distill import SyntheticSet, cli
+
+    out = tmp_path / "ipc1"
+    assert cli.main(["distill", "--config", "digits/ipc1", f"--model.store={store_path}",
+                     "--model.iterations=2", "--model.syn_steps=2", "--model.expert_epochs=1",
+                     "--model.max_start_epoch=1", f"--output={out}",
+                     "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"]) == 0
+    assert SyntheticSet.load(out / "synthetic.pt").meta["iteration"] == 2
 
 
 def test_the_expert_callbacks_are_built_from_command_line_flags(tmp_path: Path):
