@@ -175,3 +175,17 @@ def build_digits_store(path: str | Path) -> Path:
     build_tiny_store(path, experts=2, epochs=3, model=DIGITS_MODEL, data=dm.train_set.tensors,
                      steps_per_epoch=3, lr=0.05, dataset="digits", input_space=dm.input_space)
     return Path(path)
+
+
+def random_digits_set(ipc: int = 2, seed: int = 0, lr: float = 0.05):
+    """A random-real digits set (``ipc`` training images per class, in the data's input
+    space), the stand-in for a distilled set in evaluation tests."""
+    from lightning_distill.data.datamodule import RealDataModule
+    from lightning_distill.data.synthetic import SyntheticSet
+
+    dm = RealDataModule("digits")
+    dm.setup("fit")
+    x, y = dm.train_set.tensors
+    return SyntheticSet.from_real(x, y, ipc, 10, generator=torch.Generator().manual_seed(seed),
+                                  lr=lr, meta={"dataset": "digits",
+                                               "input_space": dm.input_space})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,7 @@ NATIVE_RECIPES = ([("distill", p) for p in DISTILL_RECIPES]
                   + [("experts", p) for p in EXPERTS_RECIPES]
                   + [("evaluate", p) for p in EVALUATE_RECIPES])
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")

@@ -4,34 +4,23 @@ stage path (bit for bit on CPU), results.json, and the older format refused."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
-import torch
 
-from lightning_distill import RealDataModule, SyntheticSet, cli
+from lightning_distill import cli
 from lightning_distill.config import DataConfig
 from lightning_distill.stages.evaluate import EvaluateConfig, evaluate
+from tests.helpers import random_digits_set
 
 SMALL = {"width": 8, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")
 def syn_path(tmp_path_factory):
-    dm = RealDataModule("digits")
-    dm.setup("fit")
-    x, y = dm.train_set.tensors
-    syn = SyntheticSet.from_real(x, y, 2, 10, generator=torch.Generator().manual_seed(0),
-                                 lr=0.05, meta={"dataset": "digits",
-                                                "input_space": dm.input_space})
-    return syn.save(tmp_path_factory.mktemp("syn") / "ipc2.pt", grid=False)
+    return random_digits_set().save(tmp_path_factory.mktemp("syn") / "ipc2.pt", grid=False)
 
 
 def test_cli_evaluate_gives_the_rows_of_the_stage_path(syn_path, tmp_path):

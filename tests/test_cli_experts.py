@@ -3,8 +3,6 @@ dataclass path bit for bit, resume, shards, and the store the distillation reads
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -22,11 +20,7 @@ TINY = ["--config", "digits/experts", "--trainer.max_epochs", "2",
         "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def experts(tmp_path, store: str, *extra: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import runpy
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -33,11 +32,7 @@ def named(language: str, name: str) -> str:
     return hit
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def test_the_python_example_runs_end_to_end(tmp_path, monkeypatch, capsys):

@@ -11,14 +11,9 @@ In a Lightning project of your own (a stock ``LightningCLI(ExpertTrajectoryModul
 RealDataModule)`` or ``Trainer.fit(module, datamodule=dm)``) the recorder needs only the
 store's path: a store that does not exist yet is created from the module and the
 datamodule, and the expert index defaults to the store's first missing one, so running
-the same command again trains the next expert::
-
-    trainer:
-      max_epochs: 50
-      callbacks:
-        - class_path: lightning_distill.callbacks.GSAM
-        - class_path: lightning_distill.callbacks.TrajectoryRecorder
-          init_args: {store: outputs/digits/experts}
+the same command again trains the next expert (the YAML of such a run:
+:class:`~lightning_distill.ExpertTrajectoryModule`'s docstring, and the README's
+"Using the pieces in your own Lightning project", which a test runs).
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -82,11 +80,7 @@ def _trainer(callbacks, logger=False) -> pl.Trainer:
                       enable_model_summary=False, callbacks=callbacks)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 # validation "accuracy" of each evaluated set, keyed by its fill value (EMA sets: negative)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -44,11 +42,7 @@ def _trainer(epochs: int, callbacks=()) -> pl.Trainer:
                       callbacks=list(callbacks))
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 class _LrSpy(pl.Callback):

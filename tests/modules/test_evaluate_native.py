@@ -6,8 +6,6 @@ datamodule's refusals and its YAML-only configuration."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -17,16 +15,13 @@ from lightning_distill import SyntheticDataModule
 from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.modules.evaluate import EvalModule, evaluate_synthetic
+from tests.helpers import random_digits_set
 
 MKW = {"width": 8, "depth": 2}
 PROTOCOL = dict(epochs=10, batch_size=8)  # 20 images: batches of 8, 8, 4; lr drop at epoch 5
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +32,9 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def syn_path(digits, tmp_path_factory):
+def syn_path(tmp_path_factory):
     """A random-real ipc-2 digits set on disk (with the data's input space)."""
-    x, y = digits.train_set.tensors
-    syn = SyntheticSet.from_real(x, y, 2, 10, generator=torch.Generator().manual_seed(0),
-                                 lr=0.05, meta={"dataset": "digits",
-                                                "input_space": digits.input_space})
-    return syn.save(tmp_path_factory.mktemp("syn") / "syn.pt", grid=False)
+    return random_digits_set().save(tmp_path_factory.mktemp("syn") / "syn.pt", grid=False)
 
 
 def _trainer(epochs: int, **kw) -> pl.Trainer:
