@@ -493,9 +493,12 @@ class _OnceFilter(logging.Filter):
 
 
 def _quiet_repeated_lightning_info() -> None:
-    for handler in logging.getLogger("pytorch_lightning").handlers:
-        if not any(isinstance(f, _OnceFilter) for f in handler.filters):
-            handler.addFilter(_OnceFilter())
+    # lightning_fabric logs "Seed set to ..." once per LightningCLI (a run parses each of
+    # its sections before starting)
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _OnceFilter) for f in handler.filters):
+                handler.addFilter(_OnceFilter())
 
 
 def _report(name: str | None, err: BaseException) -> int:
