@@ -940,8 +940,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = _subcommand(argv)
     if name is None or name not in SUBCOMMAND_HELP:
         asked = any(a in ("-h", "--help") for a in argv)
+        close = difflib.get_close_matches(str(name), SUBCOMMAND_HELP, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(_usage() if asked or name is None else
-              f"lightning-distill: error: unknown subcommand {name!r}\n\n{_usage()}",
+              f"lightning-distill: error: unknown subcommand {name!r}{hint}\n\n{_usage()}",
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     _quiet_repeated_lightning_info()

@@ -383,3 +383,11 @@ def test_pad_recipes_hold_pads_parameter_ratios_on_datm_rows():
                 assert pad.model[key] == datm.model[key], (ds, ipc, key)
             assert (callback(pad, "MatchingWindow") == callback(datm, "MatchingWindow")
                     and pad.data == datm.data)
+
+
+def test_top_level_help_and_unknown_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {sub}" in out for sub in ("experts", "distill", "evaluate", "run", "fit"))
+    assert cli.main(["evaluat"]) == 2
+    assert "unknown subcommand 'evaluat' (did you mean 'evaluate'?)" in capsys.readouterr().err
