@@ -246,7 +246,11 @@ class PeriodicEvaluation(Callback):
         """Evaluate the current (and EMA) set now, update the best set, log; return metrics."""
         metrics: dict[str, float] = {}
         improved = False
-        for prefix, syn in self._candidates(pl_module):
+        candidates = self._candidates(pl_module)
+        # a long evaluation (runs x epochs of fresh networks) is not a silent pause
+        pl_module.print(f"iteration {step}: evaluating {len(candidates)} set(s) on the "
+                        f"validation split ({self.runs} run(s) x {self.epochs} epochs) ...")
+        for prefix, syn in candidates:
             syn = syn.detach_clone().to(pl_module.device)  # train on the module's device
             accs = self._evaluate_on_all_ranks(trainer, syn)
             mean, std = summarize(accs)
@@ -270,6 +274,10 @@ class PeriodicEvaluation(Callback):
                 self.best_synthetic_set = best
         assert self.best_accuracy is not None
         metrics["val/best_acc"] = self.best_accuracy
+        pl_module.print("iteration {}: {}; best {:.1f}% (iteration {}, {})".format(
+            step, ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()
+                            if k.endswith("acc_mean")),
+            100 * self.best_accuracy, self.best_step, self.best_source))
         self.last_eval_step = int(step)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=int(step))
