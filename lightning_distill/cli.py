@@ -53,7 +53,6 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from .config import TrainerConfig
 from .functional.evaluation import DEFAULT_GROUP_SIZE
 from .stages.data_selection import DataSelectionConfig
 from .stages.migrate import (  # noqa: F401  (public: the errors point here)
@@ -211,9 +210,8 @@ class DistillTrainer(pl.Trainer):
 
         def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
             kw = dict(self.init_kwargs)
-            kw["callbacks"] = make_callbacks(
-                TrainerConfig(enable_progress_bar=kw.get("enable_progress_bar") is not False),
-                [*copy.deepcopy(templates), *shared, *cbs])
+            kw["callbacks"] = make_callbacks(kw.get("enable_progress_bar") is not False,
+                                             [*copy.deepcopy(templates), *shared, *cbs])
             logger = kw.get("logger")
             kw["logger"] = (TensorBoardLogger(str(logs), name="experts", version=version,
                                               default_hp_metric=False)

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pytorch_lightning.callbacks import Callback, ProgressBar, RichProgressBar
 from rich.console import Console
 
-from ..config import TrainerConfig
-
 console = Console()
 
 
-def make_callbacks(trainer_cfg: TrainerConfig, callbacks: list[Callback]) -> list[Callback]:
+def make_callbacks(progress_bar: bool, callbacks: list[Callback]) -> list[Callback]:
     """``callbacks`` with one rich progress bar when progress bars are enabled (the one
     among ``callbacks``, a StageProgressBar say, else a RichProgressBar) and none when
     they are off (Lightning refuses a progress bar callback then)."""
     bars = [c for c in callbacks if isinstance(c, ProgressBar)]
     others = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    if not trainer_cfg.enable_progress_bar:
+    if not progress_bar:
         return others
     return [*others, bars[0] if bars else RichProgressBar(leave=False)]

@@ -231,7 +231,7 @@ def distill(cfg: DistillConfig) -> Path:
     # its training part in on_fit_start (not on a resume: the checkpoint has the set)
     trainer = pl.Trainer(
         max_epochs=-1,  # the module stops itself after its iterations
-        callbacks=make_callbacks(cfg.trainer, build_callbacks(cfg)),
+        callbacks=make_callbacks(cfg.trainer.enable_progress_bar, build_callbacks(cfg)),
         logger=TensorBoardLogger(str(out), name="logs", version="", default_hp_metric=False),
         **cfg.trainer.kwargs(log_every_n_steps=1),
     )

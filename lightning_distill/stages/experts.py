@@ -229,7 +229,7 @@ def train_experts(
     def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
         return pl.Trainer(
             max_epochs=ex.epochs,
-            callbacks=make_callbacks(cfg.trainer, cbs),
+            callbacks=make_callbacks(cfg.trainer.enable_progress_bar, cbs),
             logger=TensorBoardLogger(cfg.log_dir, name="experts", version=version,
                                      default_hp_metric=False),
             enable_checkpointing=False,

@@ -13,7 +13,6 @@ from pytorch_lightning.callbacks import Callback, RichProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.callbacks import StageProgressBar
-from lightning_distill.config import TrainerConfig
 from lightning_distill.stages._common import make_callbacks
 
 
@@ -61,7 +60,7 @@ def test_bad_positions_are_refused():
 def test_make_callbacks_keeps_one_bar_or_none():
     other = Callback()
     bar = StageProgressBar("experts", total=2)
-    on, off = TrainerConfig(enable_progress_bar=True), TrainerConfig(enable_progress_bar=False)
+    on, off = True, False
     assert make_callbacks(on, [other, bar]) == [other, bar]
     plain = make_callbacks(on, [other])
     assert plain[0] is other and isinstance(plain[1], RichProgressBar) and len(plain) == 2
