@@ -185,7 +185,7 @@ class DistillTrainer(pl.Trainer):
         from .data.augment import dsa_flip_for
         from .modules.expert import ExpertTrajectoryModule
         from .stages._common import make_callbacks
-        from .stages.experts import ExpertPlan, check_plan, run_experts
+        from .stages.experts import ExpertPlan, check_plan, run_experts, say
 
         if not isinstance(model, ExpertTrajectoryModule):
             raise TypeError(f"experts needs an ExpertTrajectoryModule, got {type(model).__name__}")
@@ -200,6 +200,19 @@ class DistillTrainer(pl.Trainer):
                          "lr": hp.lr, "momentum": hp.momentum,
                          "weight_decay": hp.weight_decay, "dsa": hp.dsa,
                          "dsa_strategy": hp.dsa_strategy, "dsa_flip": flip}
+        cls = type(model)
+        if cls is not ExpertTrajectoryModule:
+            # a user's subclass: built with its own arguments too, one expert at a time
+            # (a vectorised group is GroupExpertModule, which knows nothing of it)
+            # (LightningCLI adds `_class_path` and the like to the hparams: not arguments)
+            module_kwargs.update({k: v for k, v in hp.items() if not k.startswith("_") and
+                                  k not in (*module_kwargs, "channels", "num_classes",
+                                            "image_size", "dsa_seed")})
+            if group_size != 1:
+                say(f"experts: {cls.__name__} is a subclass of "
+                               f"ExpertTrajectoryModule, so its experts train one at a time "
+                               f"(group_size 1, not {group_size})")
+                group_size = 1
         given = self.init_kwargs.get("callbacks") or []
         given = list(given) if isinstance(given, (list, tuple)) else [given]
         # LightningCLI's SaveConfigCallback is shared (it saves the config once); the
@@ -224,7 +237,7 @@ class DistillTrainer(pl.Trainer):
             store=str(store), num_experts=num_experts, epochs=int(epochs),
             module_kwargs=module_kwargs, make_trainer=make_trainer,
             extra_callbacks=lambda indices: [], seed=seed, group_size=group_size,
-            shard_index=shard_index, num_shards=num_shards,
+            shard_index=shard_index, num_shards=num_shards, module_class=cls,
             data_selection=data_selection or DataSelectionConfig(),
             accelerator=str(self.init_kwargs.get("accelerator", "auto")),
             hparams={"experts": {**{k: v for k, v in module_kwargs.items() if k != "model"},
@@ -270,6 +283,15 @@ class DistillTrainer(pl.Trainer):
 
         if not isinstance(model, EvalModule):
             raise TypeError(f"evaluate needs an EvalModule, got {type(model).__name__}")
+        if type(model) is not EvalModule:
+            # the runs are trained by the evaluation protocol (K at a time, baselines
+            # beside them), not by the module's own steps, which a subclass may change
+            raise ValueError(
+                f"evaluate: model.class_path {type(model).__name__} is a subclass of "
+                f"EvalModule, whose steps this subcommand does not run (it trains the runs "
+                f"with the evaluation protocol); fit and test it with `lightning-distill fit "
+                f"--model {type(model).__name__} --data lightning_distill.SyntheticDataModule` "
+                f"and `test`, or use EvalModule")
         if not isinstance(model.hparams.seed, int):
             raise ValueError("evaluate: model.seed must be one int (run r uses seed + r)")
         if datamodule is None:
@@ -377,15 +399,34 @@ class LightningDistillCLI(LightningCLI):
         parser_kwargs.setdefault("allow_abbrev", False)
         for sub in self.subcommands():
             parser_kwargs.setdefault(sub, {}).setdefault("allow_abbrev", False)
+        if model_class is not None and data_class is not None:
+            # subclass mode lists `--model` / `--data` as one option each: say where the
+            # classes' own arguments are listed
+            parser_kwargs[self.requested].setdefault("epilog", (
+                f"The model's arguments: lightning-distill {self.requested} --model.help "
+                f"{model_class.__name__}; the data's: lightning-distill {self.requested} "
+                f"--data.help {data_class.__name__} (a subclass: --model.class_path "
+                f"my.Module, then its arguments)."))
         parser_kwargs.setdefault("description",
                                  "Dataset distillation by trajectory matching (MTT, FTD, DATM).")
         with warnings.catch_warnings():
             # argv is sys.argv resolved (recipe names, the default recipe): passing it as
             # args is what LightningCLI warns about when sys.argv is set too
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            super().__init__(model_class, data_class, subclass_mode_model=model_class is None,
-                             subclass_mode_data=data_class is None, args=argv,
+            # subclass mode everywhere: under experts / distill / evaluate the default
+            # class_path is the subcommand's own class, so a recipe gives plain init
+            # arguments and `--model.class_path my.SubClass` swaps in a subclass
+            super().__init__(model_class, data_class, subclass_mode_model=True,
+                             subclass_mode_data=True, args=argv,
                              parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        model_class, data_class = _native_classes(self.requested)
+        defaults = {key: {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+                    for key, cls in (("model", model_class), ("data", data_class))
+                    if cls is not None}
+        if defaults:
+            parser.set_defaults(defaults)
 
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
         subs = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
@@ -425,21 +466,29 @@ def _namespace(class_path: str, **init_args: Any) -> Namespace:
     return Namespace(class_path=class_path, init_args=Namespace(**init_args))
 
 
+def init_args(node: Namespace) -> Namespace:
+    """The arguments of a class in a parsed config: ``init_args`` of a subclass-mode
+    node (``model`` and ``data`` under every subcommand: ``class_path`` + ``init_args``),
+    the node itself otherwise (a plain class group)."""
+    return node.init_args if node.get("class_path") is not None else node
+
+
 def fill_distill_outputs(cfg: Namespace) -> None:
     """Put under ``cfg.output`` what the ``distill`` config leaves unset: the module's
     ``export_path`` (``synthetic.pt``), the Trainer's root directory and logger
     (TensorBoard in ``logs/``, where LightningCLI saves config.yaml), IterationCheckpoint's
     ``dirpath`` (``checkpoints/``; one is added when the callbacks have none, so every
     run resumes) and PeriodicEvaluation's ``best_path`` (``best.pt``)."""
+    model = init_args(cfg.model)
     out = cfg.get("output")
     if out is None:
-        if cfg.model.get("export_path") is None:
+        if model.get("export_path") is None:
             raise ConfigError("lightning-distill distill: error: set `output` (the run's "
                               "directory) or `model.export_path` (where the set is written)")
         return
     out = Path(out)
-    if cfg.model.get("export_path") is None:
-        cfg.model.export_path = str(out / "synthetic.pt")
+    if model.get("export_path") is None:
+        model.export_path = str(out / "synthetic.pt")
     trainer = cfg.trainer
     if trainer.get("default_root_dir") is None:
         trainer.default_root_dir = str(out)

@@ -189,3 +189,16 @@ def random_digits_set(ipc: int = 2, seed: int = 0, lr: float = 0.05):
     return SyntheticSet.from_real(x, y, ipc, 10, generator=torch.Generator().manual_seed(seed),
                                   lr=lr, meta={"dataset": "digits",
                                                "input_space": dm.input_space})
+
+
+def flat_config(cfg: Any) -> Any:
+    """A parsed LightningCLI config with its subclass-mode ``model`` / ``data`` nodes
+    (``class_path`` + ``init_args``) replaced by their init arguments, so tests read
+    ``cfg.model.ipc`` whatever class the recipe names."""
+    from lightning_distill.cli import init_args
+
+    cfg = cfg.clone()
+    for key in ("model", "data"):
+        if cfg.get(key) is not None:
+            cfg[key] = init_args(cfg[key])
+    return cfg

@@ -15,9 +15,15 @@ pytest.importorskip("jsonargparse")  # the CLI's engine (the GPU image lacks it)
 
 from lightning_distill import cli
 from lightning_distill.cli import parse_lightning_config
+from tests.helpers import flat_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "digits" / "experts.yaml")
+
+
+def parsed(argv):
+    """The configuration a subcommand would run, its model / data as init arguments."""
+    return flat_config(parse_lightning_config(argv))
 
 
 def _yaml(tmp_path: Path, name: str, text: str) -> str:
@@ -28,7 +34,7 @@ def _yaml(tmp_path: Path, name: str, text: str) -> str:
 
 def settings(argv):
     """A LightningCLI subcommand's parsed configuration without its files' names."""
-    config = parse_lightning_config(argv).as_dict()
+    config = parsed(argv).as_dict()
     config.pop("config", None)
     return config
 
@@ -47,13 +53,13 @@ def test_print_config_output_parses_back(tmp_path, capsys):
 
 
 def test_dotted_overrides(tmp_path):
-    cfg = parse_lightning_config(["experts", "--config", DIGITS, "--num_experts", "3",
-                                  "--trainer.devices", "2", "--data.root", str(tmp_path),
-                                  "--store", "somewhere", "--model.dsa", "false"])
+    cfg = parsed([
+        "experts", "--config", DIGITS, "--num_experts", "3", "--trainer.devices", "2",
+        "--data.root", str(tmp_path), "--store", "somewhere", "--model.dsa", "false"])
     assert cfg.num_experts == 3 and str(cfg.trainer.devices) == "2"
     assert cfg.data.root == str(tmp_path)
     assert cfg.store == "somewhere" and cfg.model.dsa is False
-    base = parse_lightning_config(["experts", "--config", DIGITS])
+    base = parsed(["experts", "--config", DIGITS])
     # untouched keys keep the recipe's value
     assert cfg.trainer.max_epochs == base.trainer.max_epochs == 30
     assert cfg.trainer.callbacks == base.trainer.callbacks
@@ -62,11 +68,11 @@ def test_dotted_overrides(tmp_path):
 def test_several_config_files_merge_in_order(tmp_path):
     a = _yaml(tmp_path, "a.yaml", "num_experts: 5\ntrainer:\n  max_epochs: 4\nseed: 3\n")
     b = _yaml(tmp_path, "b.yaml", "trainer:\n  max_epochs: 9\nseed: 4\n")
-    cfg = parse_lightning_config(["experts", "--config", DIGITS, "--config", a, "--config", b])
+    cfg = parsed(["experts", "--config", DIGITS, "--config", a, "--config", b])
     assert (cfg.num_experts, cfg.trainer.max_epochs, cfg.seed) == (5, 9, 4)
     assert cfg.data.name == "digits"  # from the first file
     # an override after the files wins; one before them is overridden
-    cfg = parse_lightning_config(["experts", "--seed", "1", "--config", DIGITS, "--config", a,
+    cfg = parsed(["experts", "--seed", "1", "--config", DIGITS, "--config", a,
                                   "--config", b, "--num_experts", "6"])
     assert (cfg.seed, cfg.num_experts) == (4, 6)
 
@@ -100,7 +106,7 @@ def test_an_older_format_experts_recipe_is_refused_and_converts(tmp_path, capsys
     assert new["trainer"]["callbacks"] == [{"class_path": "lightning_distill.callbacks.GSAM",
                                             "init_args": {"rho": 0.02, "alpha": 0.4}}]
     converted = _yaml(tmp_path, "new.yaml", json.dumps(new))
-    cfg = parse_lightning_config(["experts", "--config", converted])
+    cfg = parsed(["experts", "--config", converted])
     assert cfg.trainer.callbacks[0].init_args.alpha == 0.4
 
 
@@ -135,7 +141,7 @@ def test_run_print_config_parses_back_and_every_section_parses(recipe, tmp_path,
     for k, (sub, _, cfg) in enumerate(stages):  # each merged section is a valid config
         path = _yaml(tmp_path, f"{k}.yaml", json.dumps(cfg))
         cli.check_native_config_files(sub, [sub, "--config", path])
-        parse_lightning_config([sub, "--config", path])
+        parsed([sub, "--config", path])
 
 
 def test_run_checks_every_section_before_any_work(tmp_path, capsys):
@@ -156,7 +162,7 @@ def test_unknown_or_abbreviated_command_line_options_fail(capsys):
 
 
 @pytest.mark.parametrize(("stage", "key"), [("experts", "--num_experts"),
-                                            ("distill", "--model.ipc"),
+                                            ("distill", "--output"),
                                             ("evaluate", "--synthetic"),
                                             ("run", "--workdir")])
 def test_stage_help(stage, key, capsys):
@@ -165,6 +171,21 @@ def test_stage_help(stage, key, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: lightning-distill [options] {stage}" in out and key in out
+
+
+@pytest.mark.parametrize(("stage", "model", "key"), [
+    ("experts", "ExpertTrajectoryModule", "--model.lr"),
+    ("distill", "DistillationModule", "--model.ipc"),
+    ("evaluate", "EvalModule", "--model.protocol")])
+def test_stage_help_points_to_the_module_arguments(stage, model, key, capsys):
+    """Subclass mode lists `--model` as one option: the help says where its arguments are,
+    and `--model.help CLASS` lists them."""
+    with pytest.raises(SystemExit):
+        cli.main([stage, "--help"])
+    assert f"--model.help {model}" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:
+        cli.main([stage, "--model.help", model])
+    assert exc.value.code == 0 and key in capsys.readouterr().out
 
 
 def test_main_runs_the_stage_with_the_parsed_config(monkeypatch):
@@ -235,7 +256,7 @@ def test_without_config_a_lightning_subcommand_reads_its_digits_recipe(stage, tm
     recipe = cli.DEFAULT_RECIPES[stage]
     assert recipe.startswith("digits/")
     assert settings([stage]) == settings([stage, "--config", recipe])
-    assert parse_lightning_config([stage, "--seed_everything", "3"]).seed_everything == 3
+    assert parsed([stage, "--seed_everything", "3"]).seed_everything == 3
 
 
 def test_without_config_run_reads_the_quickstart(tmp_path, monkeypatch):
@@ -294,7 +315,7 @@ def load(path: Path):
     if stage == "run":
         recipe = cli.parse_run(["run", "--config", str(path)])
         return SimpleNamespace(data=SimpleNamespace(**recipe["data"]), recipe=recipe)
-    return parse_lightning_config([stage, "--config", str(path)])
+    return parsed([stage, "--config", str(path)])
 
 
 def callback(cfg, name: str):

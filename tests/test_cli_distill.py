@@ -16,6 +16,8 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_distill import cli
 from lightning_distill.cli import parse_lightning_config
+from lightning_distill.data.datamodule import RealDataModule
+from lightning_distill.modules.distill import DistillationModule
 from lightning_distill.data.synthetic import SyntheticSet
 from tests.helpers import build_digits_store
 
@@ -103,6 +105,41 @@ def test_printed_config_reproduces_the_run_bit_for_bit(digits_store, tmp_path, c
     saved = (tmp_path / "a" / "logs" / "config.yaml").read_text(encoding="utf-8")
     assert "store:" in saved and "MatchingWindow" in saved
     assert (tmp_path / "a" / "synthetic_ema.pt").is_file()
+
+
+class CountingDistillation(DistillationModule):
+    """A user's subclass: counts its training steps, distils as its parent."""
+
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+class NamedDigits(RealDataModule):
+    """A user's datamodule subclass (the same data)."""
+
+    built = 0
+
+    def setup(self, stage):
+        type(self).built += 1
+        super().setup(stage)
+
+
+def test_subclass_mode_takes_a_users_module_and_datamodule(digits_store, tmp_path):
+    """Subclass mode: `--model.class_path` / `--data.class_path` swap in a user's classes,
+    the recipe's plain arguments go to them, and the set is the parent classes' bit for bit."""
+    config = recipe(tmp_path, digits_store)
+    assert run("--config", str(config), "--output", str(tmp_path / "base")) == 0
+    assert run("--config", str(config), "--output", str(tmp_path / "sub"),
+               "--model.class_path", f"{__name__}.CountingDistillation",
+               "--data.class_path", f"{__name__}.NamedDigits") == 0
+    assert CountingDistillation.steps == 4 and NamedDigits.built >= 1
+    a, b = synthetic(tmp_path / "base"), synthetic(tmp_path / "sub")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    saved = (tmp_path / "sub" / "logs" / "config.yaml").read_text(encoding="utf-8")
+    assert "CountingDistillation" in saved and "NamedDigits" in saved
 
 
 def test_rerun_skips_a_finished_set_and_more_iterations_extend_it(digits_store, tmp_path):

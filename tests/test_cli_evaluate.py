@@ -9,6 +9,7 @@ import pytest
 
 from lightning_distill import cli
 from lightning_distill.config import DataConfig
+from lightning_distill.modules.evaluate import EvalModule
 from lightning_distill.stages.evaluate import EvaluateConfig, evaluate
 from tests.helpers import random_digits_set
 
@@ -57,3 +58,17 @@ def test_an_older_format_evaluate_recipe_is_refused_and_converts(tmp_path, capsy
     assert new["model"]["protocol"]["epochs"] == 300 and new["model"]["seed"] == 2
     assert new["model"]["model"] == "ConvNet" and new["models"] == ["ConvNet", "AlexNet"]
     assert new["trainer"] == {"accelerator": "gpu", "devices": [1]}
+
+
+class MyEval(EvalModule):
+    pass
+
+
+def test_a_subclass_of_evalmodule_is_refused_with_where_it_runs(syn_path, capsys):
+    """evaluate trains its runs with the protocol, not the module's steps: a subclass
+    would be silently ignored, so it is refused, naming fit / test."""
+    argv = ["evaluate", "--config", "digits/evaluate", f"--synthetic=[{syn_path}]",
+            "--model.class_path", f"{__name__}.MyEval", "--trainer.accelerator", "cpu"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "MyEval is a subclass of EvalModule" in err and "lightning-distill fit" in err

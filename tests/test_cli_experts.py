@@ -8,6 +8,7 @@ import torch
 
 from lightning_distill import TrajectoryStore, cli
 from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
+from lightning_distill.modules.expert import ExpertTrajectoryModule
 from lightning_distill.stages.experts import (
     ExpertsConfig,
     ExpertTrainingConfig,
@@ -74,3 +75,29 @@ def test_max_epochs_is_required_and_bad_numbers_are_named(tmp_path, capsys):
     assert experts(tmp_path, "x", "--trainer.max_epochs", "null") == 2
     assert "set trainer.max_epochs" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+class TaggedExpert(ExpertTrajectoryModule):
+    """A user's subclass with an argument of its own (trains as its parent)."""
+
+    made: list[str] = []
+
+    def __init__(self, tag: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        type(self).made.append(tag)
+
+
+def test_subclass_mode_trains_a_users_expert_class_one_at_a_time(tmp_path, capsys):
+    """`--model.class_path` picks a user's ExpertTrajectoryModule subclass: each expert is
+    one of it, its own argument included; it trains one at a time (the vectorised group is
+    GroupExpertModule's), and its snapshots equal the parent class's bit for bit."""
+    TaggedExpert.made.clear()
+    assert experts(tmp_path, "sub", "--num_experts", "2", "--group_size", "2",
+                   "--model.class_path", f"{__name__}.TaggedExpert",
+                   "--model.init_args.tag", "mine") == 0
+    # the template the CLI instantiates, then one per expert
+    assert TaggedExpert.made == ["mine"] * 3
+    assert "one at a time (group_size 1, not 2)" in capsys.readouterr().out
+    assert experts(tmp_path, "base", "--num_experts", "2", "--group_size", "1") == 0
+    assert all(torch.equal(a, b) for a, b in zip(snapshots(tmp_path / "sub"),
+                                                 snapshots(tmp_path / "base"), strict=True))

@@ -52,6 +52,7 @@ from ..data.augment import protocol_dsa
 from ..data.synthetic import SyntheticSet
 from ..functional.evaluation import EvalProtocol, summarize
 from ..modules.evaluate import check_eval_data
+from .progress import PhaseProgress
 
 __all__ = ["PeriodicEvaluation"]
 
@@ -176,11 +177,12 @@ class PeriodicEvaluation(Callback):
                                  } if same else {}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, synthetic: SyntheticSet, run_ids: Sequence[int] | None = None
-                 ) -> list[float]:
+    def evaluate(self, synthetic: SyntheticSet, run_ids: Sequence[int] | None = None,
+                 on_progress: Callable[[float], None] | None = None) -> list[float]:
         """Validation accuracies of fresh networks trained on ``synthetic``: runs
         ``run_ids`` (default: all ``runs``), run ``r`` seeded with ``seed + r``, so a run's
-        accuracy does not depend on which process computes it.
+        accuracy does not depend on which process computes it. ``on_progress(runs)``
+        after every epoch (:meth:`EvalProtocol.train_runs_results`).
 
         The networks train on ``synthetic.images.device`` (during fit: the module's device).
         """
@@ -203,9 +205,11 @@ class PeriodicEvaluation(Callback):
             synthetic.labels, set_lr=synthetic.lr, num_classes=synthetic.num_classes,
             test_images=val_x, test_labels=val_y, test_batch_size=self.eval_batch_size,
             device=dev, augment=protocol_dsa(protocol, synthetic.meta.get("dataset")),
+            on_progress=on_progress,
         )
 
-    def _evaluate_on_all_ranks(self, trainer: pl.Trainer, synthetic: SyntheticSet
+    def _evaluate_on_all_ranks(self, trainer: pl.Trainer, synthetic: SyntheticSet,
+                               on_progress: Callable[[float], None] | None = None
                                ) -> list[float]:
         """All ``runs`` accuracies, on every rank. Under several processes, rank ``k``
         trains runs ``k, k + W, ...`` and a sum-reduce assembles the list (each entry has
@@ -213,11 +217,12 @@ class PeriodicEvaluation(Callback):
         process, in 1/W of the time. ``evaluate_fn`` runs on rank 0 and is broadcast."""
         world = trainer.world_size
         if world == 1 or self.evaluate_fn is not None:
-            accs = self.evaluate(synthetic) if trainer.is_global_zero else None
+            accs = self.evaluate(synthetic, on_progress=on_progress) if (
+                trainer.is_global_zero) else None
             return list(trainer.strategy.broadcast(accs, src=0))
         mine = list(range(trainer.global_rank, self.runs, world))
         local = torch.zeros(self.runs, dtype=torch.float64, device=synthetic.images.device)
-        for r, acc in zip(mine, self.evaluate(synthetic, mine), strict=True):
+        for r, acc in zip(mine, self.evaluate(synthetic, mine, on_progress), strict=True):
             local[r] = acc
         total = trainer.strategy.reduce(local, reduce_op="sum")
         return [float(a) for a in total.cpu()]
@@ -250,9 +255,14 @@ class PeriodicEvaluation(Callback):
         # a long evaluation (runs x epochs of fresh networks) is not a silent pause
         pl_module.print(f"iteration {step}: evaluating {len(candidates)} set(s) on the "
                         f"validation split ({self.runs} run(s) x {self.epochs} epochs) ...")
-        for prefix, syn in candidates:
-            syn = syn.detach_clone().to(pl_module.device)  # train on the module's device
-            accs = self._evaluate_on_all_ranks(trainer, syn)
+        bar = PhaseProgress(trainer, f"validation runs (iteration {step})",
+                            total=self.runs * len(candidates), report=pl_module.print)
+        # train on the module's device, on copies outside the module's graph
+        candidates = [(p, s.detach_clone().to(pl_module.device)) for p, s in candidates]
+        with bar:
+            accs_of = [self._evaluate_on_all_ranks(trainer, syn, bar.advance)
+                       for _, syn in candidates]
+        for (prefix, syn), accs in zip(candidates, accs_of, strict=True):
             mean, std = summarize(accs)
             metrics[f"{prefix}/acc_mean"] = mean
             metrics[f"{prefix}/acc_std"] = std

@@ -14,12 +14,63 @@ Example::
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
-__all__ = ["StageProgressBar"]
+__all__ = ["PhaseProgress", "StageProgressBar"]
+
+
+class PhaseProgress:
+    """Progress of a long phase inside a fit (PeriodicEvaluation's validation runs), so
+    it is not a silent pause of the Trainer's bar.
+
+    Under a :class:`~pytorch_lightning.callbacks.RichProgressBar` the phase is an extra
+    row of that bar (``label  done/total``, removed when the phase ends); under any other
+    bar, or none, ``report`` gets a line at most every ``every_s`` seconds (and never for
+    a phase shorter than that). Use as a context manager and call :meth:`advance`::
+
+        with PhaseProgress(trainer, "validation runs", total=5, report=module.print) as p:
+            protocol.train_runs(..., on_progress=p.advance)
+    """
+
+    def __init__(self, trainer: pl.Trainer | None, label: str, total: float,
+                 report: Callable[[str], None] = print, every_s: float = 10.0) -> None:
+        bar = getattr(trainer, "progress_bar_callback", None) if trainer is not None else None
+        self.progress = bar.progress if isinstance(bar, RichProgressBar) else None
+        self.bar = bar
+        self.label, self.total, self.report, self.every_s = label, float(total), report, every_s
+        self.completed = 0.0
+        self.task: Any = None
+        self._last = self._start = 0.0
+
+    def __enter__(self) -> PhaseProgress:
+        self._last = self._start = time.monotonic()
+        if self.progress is not None:
+            self.task = self.progress.add_task(f"[bold]{self.label}", total=self.total)
+        return self
+
+    def advance(self, amount: float) -> None:
+        """``amount`` more of the phase's units done."""
+        self.completed = min(self.total, self.completed + float(amount))
+        now = time.monotonic()
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.completed)
+            if now - self._last >= 0.5:  # the rich bar redraws on refresh only
+                self.bar.refresh()
+                self._last = now
+        elif now - self._last >= self.every_s:
+            self.report(f"{self.label}: {self.completed:.1f}/{self.total:g} "
+                        f"({now - self._start:.0f} s)")
+            self._last = now
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
 
 
 class StageProgressBar(RichProgressBar):

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -312,18 +314,30 @@ class RealDataModule(pl.LightningDataModule):
         """Load, split and transform all splits (runs once; later calls do nothing)."""
         if self.real is not None:
             return
+        start = time.monotonic()
+        # loading, ZCA fitting and transforming take seconds to minutes on a large set:
+        # say what is happening (rank 0, Lightning's logger)
+        rank_zero_info(f"data: loading {self.name}"
+                       + (f" from {self.root}" if self.root is not None else ""))
         kw = {k: v for k, v in self.dataset_kwargs.items() if k != "download"}
         real = get_dataset(self.name, self.root, **kw)
         train_idx, val_idx = real.split_validation(self.val_fraction, self.split_seed)
         if self.use_zca:
             from lightning_distill.data.zca import ZCA
 
+            rank_zero_info(f"data: fitting ZCA on {train_idx.numel()} training images "
+                           f"(regularization {self.zca_regularization:g})")
             self.zca = ZCA(self.zca_regularization).fit(real.images("train", train_idx))
         self.real = real
         self.train_idx, self.val_idx = train_idx, val_idx
         self.train_set = self._transformed("train", train_idx)
         self.val_set = self._transformed("train", val_idx)
         self.test_set = self._transformed("test", torch.arange(real.test_data.shape[0]))
+        rank_zero_info(
+            f"data: {self.name} ready in {time.monotonic() - start:.1f} s: "
+            f"{len(self.train_set)} train / {len(self.val_set)} validation / "
+            f"{len(self.test_set)} test images, {real.channels}x{real.image_size[0]}x"
+            f"{real.image_size[1]}, {'ZCA-whitened' if self.use_zca else 'normalised'}")
 
     def _transformed(self, split: str, index: Tensor) -> TensorDataset:
         real = self._real()

@@ -202,6 +202,7 @@ def train_and_evaluate(
     test_labels: Tensor,
     test_batch_size: int = 1024,
     on_epoch_start: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train ``net`` on (images, labels) with the protocol of docs/method.md, 'Evaluation
     protocol', then test once.
@@ -218,6 +219,7 @@ def train_and_evaluate(
         generator: draws each epoch's batch order (``torch.randperm``).
         augment_generator: passed to ``augment``; defaults to ``generator``.
         test_images, test_labels: the test (or validation) split, in the same input space.
+        on_epoch_end: optional hook ``f(epoch)`` called after each epoch (progress).
         on_epoch_start: optional hook ``f(epoch, optimizer)`` called before each epoch
             (for instrumentation).
 
@@ -277,6 +279,8 @@ def train_and_evaluate(
                 opt.step()
                 total += loss.detach() * int(idx.numel())
             train_loss = float(total) / n
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
     acc, test_loss, per_class = _test(net, test_images, test_labels, test_batch_size)
     return {"accuracy": acc, "loss": test_loss, "train_loss": train_loss,
             "class_accuracy": per_class}
@@ -300,6 +304,7 @@ def train_and_evaluate_group(
     test_labels: Tensor,
     test_batch_size: int = 1024,
     backend: str = "auto",
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`train_and_evaluate` for K networks at once, as one vectorised model.
 
@@ -388,6 +393,8 @@ def train_and_evaluate_group(
                 opt.step()
                 total += losses.detach() * int(idx.shape[1])
             train_loss = total.cpu() / n
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
     accs, test_losses, per_class = _test_group(group, test_images, test_labels,
                                                test_batch_size)
     return [{"accuracy": a, "loss": tl, "train_loss": float(t), "class_accuracy": pc}
@@ -519,7 +526,7 @@ class EvalProtocol:
         test_batch_size: int = 1024,
         device: torch.device | str = "cpu",
         augment: Callable[..., Tensor] | None = None,
-        on_runs_done: Callable[[int], None] | None = None,
+        on_progress: Callable[[float], None] | None = None,
     ) -> list[dict[str, Any]]:
         """One fresh ``model`` per run seed, trained with this protocol and tested: one
         :func:`train_and_evaluate` result dict per run (``accuracy``, ``loss``,
@@ -530,7 +537,8 @@ class EvalProtocol:
         model (a group of one uses the plain loop, :func:`train_and_evaluate`).
         ``images``/``labels``: one training set for all runs, or one per run (sequences
         aligned with ``seeds``). ``set_lr`` is used when ``lr`` is None.
-        ``on_runs_done(n)`` is called after each group with its number of runs (progress).
+        ``on_progress(runs)`` is called after every epoch with the runs' worth of work it
+        finished (a group of K runs over E epochs: K / E each epoch), for a progress bar.
         """
         device = torch.device(device)
         lr = set_lr if self.lr is None else self.lr
@@ -547,11 +555,13 @@ class EvalProtocol:
                                  **dict(model_kwargs)).to(device) for init, _, _ in streams]
             gens = [torch.Generator().manual_seed(shuffle) for _, shuffle, _ in streams]
             dsa_gens = [torch.Generator().manual_seed(dsa) for _, _, dsa in streams]
+            tick = None if on_progress is None else (
+                lambda _epoch, k=len(part): on_progress(k / self.epochs))
             common = dict(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
                           momentum=self.momentum, weight_decay=self.weight_decay,
                           lr_decay_epoch=self.lr_decay_epoch, augment=augment,
                           test_images=test_images, test_labels=test_labels,
-                          test_batch_size=test_batch_size)
+                          test_batch_size=test_batch_size, on_epoch_end=tick)
             if len(part) == 1:
                 x = images if shared else images[part[0]]
                 y = labels if shared else labels[part[0]]
@@ -562,6 +572,4 @@ class EvalProtocol:
                 y = labels if shared else [labels[i] for i in part]
                 results.extend(train_and_evaluate_group(nets, x, y, generators=gens,
                                                         augment_generators=dsa_gens, **common))
-            if on_runs_done is not None:
-                on_runs_done(len(part))
         return results

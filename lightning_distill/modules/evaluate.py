@@ -439,11 +439,12 @@ def evaluate_synthetic(
     device: torch.device | str | None = None,
     use_trainer: bool = False,
     train_sets: Sequence[tuple[Tensor, Tensor]] | None = None,
-    on_runs_done: Callable[[int], None] | None = None,
+    on_progress: Callable[[float], None] | None = None,
     **overrides: Any,
 ) -> dict[str, dict[str, Any]]:
     """Train ``runs`` fresh networks per architecture on ``synthetic`` and test them
-    (``on_runs_done(n)`` after each group of ``n`` runs: progress).
+    (``on_progress(runs)``: the runs' worth of work done, after every epoch, or after
+    each group with ``use_trainer``; for a progress bar).
 
     Run ``r`` uses seed ``seed + r`` (network init, batch order and DSA through
     :func:`run_seeds`), so architectures and baselines see paired seeds. The runs train
@@ -510,14 +511,14 @@ def evaluate_synthetic(
                 )
                 accs.extend(a)
                 class_accs.extend(c)
-                if on_runs_done is not None:
-                    on_runs_done(len(part))
+                if on_progress is not None:
+                    on_progress(len(part))
         else:
             runs_out = protocol.train_runs_results(
                 name, mkw, seeds, images, labels, set_lr=synthetic.lr,
                 num_classes=synthetic.num_classes, test_images=test_images,
                 test_labels=test_labels, test_batch_size=test_batch_size, device=dev,
-                augment=augment, on_runs_done=on_runs_done,
+                augment=augment, on_progress=on_progress,
             )
             accs = [r["accuracy"] for r in runs_out]
             class_accs = [list(r["class_accuracy"]) for r in runs_out]

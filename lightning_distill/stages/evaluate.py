@@ -167,7 +167,7 @@ def evaluate_sets(
     common = dict(models=list(models), runs=runs, seed=seed, device=device,
                   model_kwargs=architecture_kwargs(models, model_kwargs,
                                                    [syn for _, syn in sets]),
-                  on_runs_done=lambda n: progress.advance(task, n))
+                  on_progress=lambda runs: progress.advance(task, runs))
     with progress:
         rows = _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
                               full_epochs, full_lr, full_batch_size)

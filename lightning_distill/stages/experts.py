@@ -180,7 +180,8 @@ def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
     raise ValueError(f"sharpness.method must be none, sam, asam or gsam; got {cfg.method!r}")
 
 
-def _say(message: str, rule: bool = False) -> None:
+def say(message: str, rule: bool = False) -> None:
+    """Print a stage message on rank 0 (a rule: a heading line)."""
     if rank_zero_only.rank == 0:
         (console.rule if rule else console.print)(message)
 
@@ -210,6 +211,9 @@ class ExpertPlan:
     data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
     accelerator: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
+    #: the class of a one-at-a-time expert (a user's subclass of ExpertTrajectoryModule
+    #: trains with ``group_size: 1``; ``module_kwargs`` then holds its own arguments too)
+    module_class: type = ExpertTrajectoryModule
 
 
 def train_experts(
@@ -297,7 +301,7 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
             if i not in done]
     shard = f" (shard {plan.shard_index}/{plan.num_shards})" if plan.num_shards > 1 else ""
     if not todo:
-        _say(f"[green]{plan.store}: all {plan.num_experts} experts{shard} present[/green]")
+        say(f"[green]{plan.store}: all {plan.num_experts} experts{shard} present[/green]")
         return store
     if plan.group_size < 1:
         raise ValueError(f"experts.group_size must be >= 1, got {plan.group_size}")
@@ -305,10 +309,10 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
     if plan.data_selection.enabled and group_size > 1:
         # the schedule is applied through the datamodule's per-epoch loader, which a group
         # (one loader per member) does not use yet
-        _say(f"data_selection: experts train one at a time (group_size {group_size} -> 1)")
+        say(f"data_selection: experts train one at a time (group_size {group_size} -> 1)")
         group_size = 1
     groups = chunks(todo, group_size)
-    _say(f"Training {len(todo)} expert(s){shard} into {plan.store} "
+    say(f"Training {len(todo)} expert(s){shard} into {plan.store} "
          f"({len(done)} of {plan.num_experts} already present"
          f"{f'; {len(groups)} group(s) of up to {group_size}' if group_size > 1 else ''})")
     selection = data_selection_callback(
@@ -329,8 +333,8 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
         left = len(todo) - finished
         eta = f", about {elapsed / finished * left / 60:.1f} min left" if left else ""
         what = f"expert {group[0]}" if len(group) == 1 else f"experts {group}"
-        _say(f"{what} written ({finished}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
-    _say(f"[green]{plan.store}: {len(store.expert_indices())} of {plan.num_experts} experts "
+        say(f"{what} written ({finished}/{len(todo)} done in {elapsed / 60:.1f} min{eta})")
+    say(f"[green]{plan.store}: {len(store.expert_indices())} of {plan.num_experts} experts "
          f"({len(todo)} trained now{shard}, {plan.epochs} epochs each) in "
          f"{(time.perf_counter() - start) / 60:.1f} min[/green]")
     return store
@@ -354,13 +358,13 @@ def _shapes(dm) -> dict[str, Any]:
 def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: list[int],
                first: bool, selection: Callback | None = None,
                progress: Callback | None = None) -> None:
-    """Expert ``i`` on its own: :class:`ExpertTrajectoryModule` (``group_size: 1``)."""
+    """Expert ``i`` on its own: ``plan.module_class``, :class:`ExpertTrajectoryModule` by
+    default (``group_size: 1``)."""
     seeds = expert_seeds(plan.seed, i)
-    _say(f"expert {i}, seed {seeds['init']}", rule=True)
+    say(f"expert {i}, seed {seeds['init']}", rule=True)
     pl.seed_everything(seeds["init"], workers=True, verbose=False)
     dm.shuffle_seed = seeds["data"]
-    module = ExpertTrajectoryModule(**plan.module_kwargs, **_shapes(dm),
-                                    dsa_seed=seeds["dsa"])
+    module = plan.module_class(**plan.module_kwargs, **_shapes(dm), dsa_seed=seeds["dsa"])
     cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
                            *([selection] if selection is not None else []),
@@ -382,7 +386,7 @@ def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
                  remaining: list[int], first: bool, progress: Callback | None = None) -> None:
     """Experts ``group`` as one vectorised model (:class:`GroupExpertModule`)."""
     seeds = [expert_seeds(plan.seed, i) for i in group]
-    _say(f"experts {group} as one group, seeds {[s['init'] for s in seeds]}", rule=True)
+    say(f"experts {group} as one group, seeds {[s['init'] for s in seeds]}", rule=True)
     module = GroupExpertModule(
         **plan.module_kwargs, **_shapes(dm),
         init_seeds=[s["init"] for s in seeds], dsa_seeds=[s["dsa"] for s in seeds],

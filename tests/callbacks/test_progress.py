@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback, RichProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.callbacks import StageProgressBar
+from lightning_distill.callbacks.progress import PhaseProgress
 from lightning_distill.stages._common import make_callbacks
 
 
@@ -65,3 +66,51 @@ def test_make_callbacks_keeps_one_bar_or_none():
     plain = make_callbacks(on, [other])
     assert plain[0] is other and isinstance(plain[1], RichProgressBar) and len(plain) == 2
     assert make_callbacks(off, [other, bar]) == [other]
+
+
+class Phase(Callback):
+    """Runs a PhaseProgress of 4 units at the end of the first epoch and records it."""
+
+    def __init__(self, every_s=10.0):
+        self.every_s, self.lines, self.rows = every_s, [], []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch:
+            return
+        with PhaseProgress(trainer, "validation runs", total=4, report=self.lines.append,
+                           every_s=self.every_s) as phase:
+            for _ in range(8):
+                phase.advance(0.5)
+                if phase.task is not None:
+                    task = phase.progress.tasks[-1]
+                    self.rows.append((task.description, task.completed))
+        self.after = None if phase.progress is None else len(phase.progress.tasks)
+
+
+def _fit(bar, phase):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_model_summary=False, enable_progress_bar=bar is not None,
+                   callbacks=[*([bar] if bar else []), phase]).fit(Tiny())
+
+
+def test_a_phase_is_a_row_of_the_rich_bar_while_it_runs():
+    bar, phase = RichProgressBar(), Phase()
+    _fit(bar, phase)
+    assert [c for _, c in phase.rows] == [0.5 * k for k in range(1, 9)]
+    assert all("validation runs" in d for d, _ in phase.rows)
+    # the row is gone after the phase: the Trainer's own rows remain
+    assert phase.after is not None and all("validation" not in t.description
+                                           for t in bar.progress.tasks)
+    assert phase.lines == []  # the bar shows it: no lines printed
+
+
+def test_without_a_rich_bar_a_phase_reports_lines_throttled():
+    quiet = Phase(every_s=3600)  # shorter than the interval: silent
+    _fit(None, quiet)
+    assert quiet.rows == [] and quiet.lines == []
+    chatty = Phase(every_s=0)
+    _fit(None, chatty)
+    assert chatty.lines[0].startswith("validation runs: 0.5/4") and len(chatty.lines) == 8
+    assert chatty.lines[-1].startswith("validation runs: 4.0/4")

@@ -297,9 +297,11 @@ def test_data_config_loader_field_and_cli():
     assert build_datamodule(DataConfig()).loader == "batched"
     assert build_datamodule(DataConfig(loader="dataloader")).loader == "dataloader"
     assert build_datamodule(DataConfig(num_workers=1)).loader == "dataloader"
+    from lightning_distill.cli import init_args
+
     cfg = parse_lightning_config(["experts", "--data.loader", "dataloader"])
-    assert cfg.data.loader == "dataloader"
-    assert parse_lightning_config(["experts"]).data.loader == "batched"
+    assert init_args(cfg.data).loader == "dataloader"
+    assert init_args(parse_lightning_config(["experts"]).data).loader == "batched"
 
 
 @pytest.mark.parametrize("n,batch", [(12, 4), (10, 4), (3, 5)])
@@ -405,3 +407,15 @@ def test_train_selection_serves_the_epochs_subset_in_an_epoch_seeded_order(loade
         m.trainer = None
     m.train_selection = None  # off again: the plain loader
     assert len(torch.cat([b[1] for b in m.train_dataloader()])) == n
+
+
+def test_setup_says_what_it_loads_fits_and_how_long_it_took(caplog):
+    """Loading, ZCA fitting and transforming are not a silent pause: rank 0 logs each."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        RealDataModule("digits", zca=True, val_fraction=0.1).setup("fit")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "data: loading digits" in text
+    assert "data: fitting ZCA on 1078 training images (regularization 0.1)" in text
+    assert "1078 train / 120 validation / 599 test images, 1x8x8" in text and "ZCA-whitened" in text

@@ -100,3 +100,18 @@ def test_the_protocol_is_one_argument_with_keyword_overrides(digits):
                          syn.labels, set_lr=syn.lr, num_classes=10, test_images=vx,
                          test_labels=vy, augment=make_dsa("digits"))
     assert accs == again
+
+
+def test_progress_is_reported_every_epoch_and_sums_to_the_runs(digits):
+    """on_progress gets K / E runs' worth after every epoch of a group (plain and grouped),
+    so a bar moves during a long evaluation; it adds up to the runs and changes nothing."""
+    p = EvalProtocol(epochs=4, batch_size=32, group_size=2)
+    syn = _subset(digits, 1, 0)
+    vx, vy = digits.val_set.tensors
+    seen: list[float] = []
+    kw = dict(set_lr=syn.lr, num_classes=10, test_images=vx, test_labels=vy)
+    args = ("ConvNet", {"width": 4, "depth": 2}, [0, 1, 2], syn.images, syn.labels)
+    with_bar = p.train_runs(*args, **kw, on_progress=seen.append)
+    # runs 0, 1 as a group of two (2/4 per epoch), then run 2 alone (1/4 per epoch)
+    assert seen == [0.5] * 4 + [0.25] * 4 and sum(seen) == 3
+    assert with_bar == p.train_runs(*args, **kw)
