@@ -181,6 +181,7 @@ class DistillTrainer(pl.Trainer):
             log_dir: TensorBoard logs per expert (None: ``logs/`` beside the store) when
                 the Trainer's logger is the default.
         """
+        from .callbacks.data_selection import PADDataSelection
         from .callbacks.sharpness import sharpness_settings
         from .data.augment import dsa_flip_for
         from .modules.expert import ExpertTrajectoryModule
@@ -200,25 +201,32 @@ class DistillTrainer(pl.Trainer):
                          "lr": hp.lr, "momentum": hp.momentum,
                          "weight_decay": hp.weight_decay, "dsa": hp.dsa,
                          "dsa_strategy": hp.dsa_strategy, "dsa_flip": flip}
-        cls = type(model)
-        if cls is not ExpertTrajectoryModule:
-            # a user's subclass: built with its own arguments too, one expert at a time
-            # (a vectorised group is GroupExpertModule, which knows nothing of it)
-            # (LightningCLI adds `_class_path` and the like to the hparams: not arguments)
-            module_kwargs.update({k: v for k, v in hp.items() if not k.startswith("_") and
-                                  k not in (*module_kwargs, "channels", "num_classes",
-                                            "image_size", "dsa_seed")})
-            if group_size != 1:
-                say(f"experts: {cls.__name__} is a subclass of "
-                               f"ExpertTrajectoryModule, so its experts train one at a time "
-                               f"(group_size 1, not {group_size})")
-                group_size = 1
         given = self.init_kwargs.get("callbacks") or []
         given = list(given) if isinstance(given, (list, tuple)) else [given]
         # LightningCLI's SaveConfigCallback is shared (it saves the config once); the
         # others are copied afresh for each Trainer
         shared = [c for c in given if type(c).__name__ == "SaveConfigCallback"]
         templates = [c for c in given if c not in shared]
+        selections = [c for c in templates if isinstance(c, PADDataSelection)]
+        if selections and (len(selections) > 1 or (data_selection and data_selection.enabled)):
+            raise ValueError("experts: one data selection at a time: a PADDataSelection "
+                             "callback or `data_selection: {enabled: true}`, not both")
+        cls = type(model)
+        if cls is not ExpertTrajectoryModule:
+            # a user's subclass: built with its own arguments too (LightningCLI adds
+            # `_class_path` and the like to the hparams: not arguments)
+            module_kwargs.update({k: v for k, v in hp.items() if not k.startswith("_") and
+                                  k not in (*module_kwargs, "channels", "num_classes",
+                                            "image_size", "dsa_seed")})
+        # a vectorised group is GroupExpertModule, which knows nothing of a subclass, and
+        # trains from one loader per member, which a selection callback does not reach
+        alone = (f"{cls.__name__} is a subclass of ExpertTrajectoryModule"
+                 if cls is not ExpertTrajectoryModule else
+                 "a PADDataSelection callback selects the data" if selections else None)
+        if alone is not None and group_size != 1:
+            say(f"experts: {alone}, so its experts train one at a time (group_size 1, not "
+                f"{group_size})")
+            group_size = 1
         logs = Path(log_dir) if log_dir is not None else Path(store).parent / "logs"
 
         def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
@@ -243,6 +251,7 @@ class DistillTrainer(pl.Trainer):
             hparams={"experts": {**{k: v for k, v in module_kwargs.items() if k != "model"},
                                  "num_experts": num_experts, "epochs": int(epochs)},
                      "sharpness": sharpness_settings(templates), "seed": seed,
+                     **({"data_selection": selections[0].hparams()} if selections else {}),
                      "batch_size": datamodule.batch_size})
         check_plan(plan)
         if rank_zero_only.rank == 0:

@@ -17,8 +17,8 @@ from pytorch_lightning.callbacks import Callback
 from lightning_distill import cli
 from lightning_distill.cli import parse_lightning_config
 from lightning_distill.data.datamodule import RealDataModule
-from lightning_distill.modules.distill import DistillationModule
 from lightning_distill.data.synthetic import SyntheticSet
+from lightning_distill.modules.distill import DistillationModule
 from tests.helpers import build_digits_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,8 @@ dataclass path bit for bit, resume, shards, and the store the distillation reads
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -101,3 +103,28 @@ def test_subclass_mode_trains_a_users_expert_class_one_at_a_time(tmp_path, capsy
     assert experts(tmp_path, "base", "--num_experts", "2", "--group_size", "1") == 0
     assert all(torch.equal(a, b) for a, b in zip(snapshots(tmp_path / "sub"),
                                                  snapshots(tmp_path / "base"), strict=True))
+
+
+def test_pad_data_selection_as_a_yaml_callback_equals_the_data_selection_section(tmp_path,
+                                                                              capsys):
+    """PADDataSelection in `trainer.callbacks` (YAML-writable: settings only) trains the
+    same experts, bit for bit, as the `data_selection:` section with the same values, and
+    the store records the same settings; the scores go into the store."""
+    values = dict(num_models=2, score_epochs=1, score_lr=0.05, initial_ratio=0.5,
+                  add_end_epoch=1, remove_epochs=[1, 1], remove_ratios=[0.25, 0.25])
+    section = ["--data_selection", json.dumps({"enabled": True, **values})]
+    assert experts(tmp_path, "section", "--num_experts", "2", "--group_size", "1",
+                   *section) == 0
+    callback = json.dumps({"class_path": "lightning_distill.callbacks.PADDataSelection",
+                           "init_args": values})
+    assert experts(tmp_path, "callback", "--num_experts", "2", "--group_size", "2",
+                   "--trainer.callbacks+", callback) == 0
+    a, b = TrajectoryStore.open(tmp_path / "section"), TrajectoryStore.open(tmp_path / "callback")
+    assert all(torch.equal(x, y) for x, y in zip(snapshots(a.path), snapshots(b.path),
+                                                 strict=True))
+    assert a.hparams["data_selection"] == b.hparams["data_selection"]
+    assert (b.path / "difficulty_el2n.pt").is_file()
+    capsys.readouterr()
+    assert experts(tmp_path, "both", "--num_experts", "1", *section,
+                   "--trainer.callbacks+", callback) == 2
+    assert "one data selection at a time" in capsys.readouterr().err

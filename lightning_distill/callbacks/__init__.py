@@ -1,6 +1,6 @@
 """Lightning callbacks, one a file (Lightning's own convention)."""
 
-from .data_selection import DataSelection
+from .data_selection import DataSelection, PADDataSelection
 from .ema import SyntheticEMA
 from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
@@ -17,6 +17,7 @@ __all__ = [
     "GroupTrajectoryRecorder",
     "SAM",
     "DataSelection",
+    "PADDataSelection",
     "MatchingWindow",
     "PeriodicEvaluation",
     "SharpnessAware",

@@ -241,6 +241,14 @@ class TrajectoryRecorder(Callback):
                     stacklevel=2,
                 )
 
+    @property
+    def store_path(self) -> Path:
+        """The store's directory (whether or not it exists yet)."""
+        if self.store is not None:
+            return Path(self.store.path)
+        arg = self._store_arg
+        return Path(arg.path if isinstance(arg, TrajectoryStore) else arg)
+
     def _create_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule
                       ) -> TrajectoryStore:
         """A new store for the module's experts (class docstring), on every rank."""

@@ -555,8 +555,9 @@ class EvalProtocol:
                                  **dict(model_kwargs)).to(device) for init, _, _ in streams]
             gens = [torch.Generator().manual_seed(shuffle) for _, shuffle, _ in streams]
             dsa_gens = [torch.Generator().manual_seed(dsa) for _, _, dsa in streams]
+            share = len(part) / self.epochs  # runs' worth of one epoch of this group
             tick = None if on_progress is None else (
-                lambda _epoch, k=len(part): on_progress(k / self.epochs))
+                lambda _epoch, share=share: on_progress(share))
             common = dict(lr=lr, epochs=self.epochs, batch_size=self.batch_size,
                           momentum=self.momentum, weight_decay=self.weight_decay,
                           lr_decay_epoch=self.lr_decay_epoch, augment=augment,

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from ..callbacks.data_selection import DataSelection
+from ..callbacks.data_selection import PADDataSelection
 from ..config import TrainerConfig
-from ..functional.difficulty import PADSchedule, PADSelection
+from ..functional.difficulty import PADSchedule
 from ._common import console
 
 __all__ = [
@@ -144,7 +144,7 @@ def data_selection_callback(
     model: dict[str, Any],
     trainer: TrainerConfig,
     batch_size: int,
-) -> DataSelection | None:
+) -> PADDataSelection | None:
     """The experts' :class:`DataSelection` callback for ``cfg`` (None when off).
 
     Loads the EL2N scores of ``dm``'s training split from ``cfg.cache`` (default
@@ -154,22 +154,26 @@ def data_selection_callback(
     """
     if not cfg.enabled:
         return None
-    from ..difficulty import DIFFICULTY_FILE, el2n_settings, load_or_compute_el2n
+    from ..difficulty import DIFFICULTY_FILE
 
     check_data_selection(cfg)
-    settings = el2n_settings(model, num_models=cfg.num_models, epochs=cfg.score_epochs,
-                             lr=cfg.score_lr, batch_size=batch_size, seed=cfg.score_seed)
+    callback = PADDataSelection(
+        initial_ratio=cfg.initial_ratio, add_end_epoch=cfg.add_end_epoch,
+        remove_epochs=cfg.remove_epochs, remove_ratios=cfg.remove_ratios,
+        num_models=cfg.num_models, score_epochs=cfg.score_epochs, score_lr=cfg.score_lr,
+        score_seed=cfg.score_seed)
     path = Path(cfg.cache) if cfg.cache else Path(store.path) / DIFFICULTY_FILE
     if not path.is_file():
         _say(f"Data selection (PAD): scoring the {len(dm.train_set)} training images with EL2N "
              f"over {cfg.num_models} networks x {cfg.score_epochs} epochs into {path}")
-    scores = load_or_compute_el2n(path, dm, settings, device=score_device(trainer), log=_say)
+    # scored once here, before the first expert: the callback then has them for every fit
+    callback.prepare(dm, model, path, device=score_device(trainer), log=_say)
+    scores, select = callback.scores, callback.select
     _, labels = dm.train_set.tensors
-    select = PADSelection(scores.scores, labels, pad_schedule(cfg), dm.num_classes)
     s = select.schedule
     _say(f"Data selection (PAD): EL2N scores {'computed' if scores.computed else 'loaded'} "
          f"({path}, digest {scores.digest}); epoch 0 trains on {int(select.sizes(0).sum())} of "
          f"{len(labels)} images, all from epoch {s.add_end_epoch}, without the easiest "
          f"{s.remove_ratios[0]:g} after epoch {s.remove_epochs[0]} and the easiest "
          f"{s.remove_ratios[1]:g} after epoch {s.remove_epochs[1]}")
-    return DataSelection(select)
+    return callback

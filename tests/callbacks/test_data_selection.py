@@ -173,3 +173,35 @@ def test_ranks_with_different_subsets_fail_together():
     with pytest.raises(RuntimeError, match="select different training subsets"):
         cb.setup(t, None, "fit")
     assert dm.train_selection is None
+
+
+def test_pad_data_selection_scores_in_setup_and_trains_on_their_schedule(tmp_path):
+    """The YAML form: settings in, scores computed into scores_path in setup (then loaded),
+    and every epoch trains on PADSelection of those scores, as DataSelection would."""
+    from lightning_distill.callbacks import PADDataSelection
+
+    s = SCHEDULE
+    make = lambda: PADDataSelection(  # noqa: E731
+        initial_ratio=s.initial_ratio, add_end_epoch=s.add_end_epoch,
+        remove_epochs=s.remove_epochs, remove_ratios=s.remove_ratios, num_models=1,
+        score_epochs=1, scores_path=str(tmp_path / "scores.pt"))
+    cb, record = make(), RecordBatches()
+    dm = _datamodule()
+    quiet_trainer(max_epochs=EPOCHS, callbacks=[cb, record]).fit(_module(), datamodule=dm)
+    assert (tmp_path / "scores.pt").is_file() and cb.scores.computed
+    _, y = dm.train_set.tensors
+    want = PADSelection(cb.scores.scores, y, SCHEDULE, dm.num_classes)
+    for e in range(EPOCHS):
+        assert sorted(r for b in record.rows[e] for r in b) == want(e).tolist()
+    # a second callback loads the file (no scoring networks) and selects the same
+    again = make()
+    quiet_trainer(max_epochs=1, callbacks=[again]).fit(_module(), datamodule=_datamodule())
+    assert not again.scores.computed and torch.equal(again.scores.scores, cb.scores.scores)
+    # bad values fail at construction; no file and no recorder: say what to set
+    with pytest.raises(ValueError, match="initial_ratio"):
+        PADDataSelection(initial_ratio=1.5)
+    with pytest.raises(ValueError, match="num_models and score_epochs"):
+        PADDataSelection(num_models=0)
+    with pytest.raises(ValueError, match="set scores_path"):
+        quiet_trainer(max_epochs=1, callbacks=[PADDataSelection()]).fit(
+            _module(), datamodule=_datamodule())

@@ -397,7 +397,6 @@ PAD_RECIPES = ("cifar10", "cifar100", "tiny_imagenet")
 
 def _parse_recipe(path: Path):
     from lightning_distill.cli import parse_lightning_config
-
     from tests.helpers import flat_config
 
     return flat_config(parse_lightning_config(["experts", "--config", str(path)]))
