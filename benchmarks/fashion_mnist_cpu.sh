@@ -6,11 +6,43 @@
 # the synthetic sets) and the log below.
 #   bash benchmarks/fashion_mnist_cpu.sh [extra lightning-distill overrides]
 #   tail -f outputs/fashion_mnist_cpu/benchmark.log
+#   bash benchmarks/fashion_mnist_cpu.sh save     # keep the finished parts in git
+#
+# outputs/ is not in git, and the whole run takes longer than one working session, so
+# `save` copies what is finished (the experts' store, every finished set and its
+# validation-selected best.pt, results.json, the log) to benchmarks/artifacts/
+# fashion_mnist_cpu/, and a start restores from there whatever the work directory
+# lacks: a fresh checkout resumes the benchmark instead of training the experts again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/lightning-distill}
 WORK=${WORK:-outputs/fashion_mnist_cpu}
+ART=${ART:-benchmarks/artifacts/fashion_mnist_cpu}
 mkdir -p "$WORK"
+
+if [ "${1:-}" = "save" ]; then
+  mkdir -p "$ART"
+  if [ -f "$WORK/experts/meta.json" ]; then
+    mkdir -p "$ART/experts"
+    cp "$WORK/experts/meta.json" "$WORK"/experts/expert_*.pt "$ART/experts/" 2>/dev/null || true
+  fi
+  for run in "$WORK"/*/; do
+    name=$(basename "$run")
+    [ -f "$run/synthetic.pt" ] || continue   # written when a distillation finishes
+    mkdir -p "$ART/$name"
+    cp "$run/synthetic.pt" "$ART/$name/"
+    [ -f "$run/best.pt" ] && cp "$run/best.pt" "$ART/$name/"
+  done
+  for f in results.json benchmark.log; do
+    [ -f "$WORK/$f" ] && cp "$WORK/$f" "$ART/"
+  done
+  du -sh "$ART"
+  exit 0
+fi
+
+if [ -d "$ART" ]; then  # restore, never overwrite
+  cp -rn "$ART"/. "$WORK"/
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 nohup bash -c "date -u +'start %FT%TZ'; git rev-parse --short HEAD; \
   time $PY run --config fashion_mnist_cpu/run --workdir $WORK \
