@@ -51,12 +51,14 @@ ModelCheckpoint / EarlyStopping see them) are ``distill/<name>``: docs/formats.m
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -335,6 +337,14 @@ class DistillationModule(pl.LightningModule):
         if tuple(train_images.shape[1:]) != tuple(self.images.shape[1:]):
             raise ValueError(f"real images have shape {tuple(train_images.shape[1:])}, the "
                              f"store's model expects {tuple(self.images.shape[1:])}")
+        start = time.monotonic()
+        soft = hp.label_init == "soft" or hp.learn_labels
+        n_label = len(self._experts) if hp.label_experts is None else min(
+            hp.label_experts, len(self._experts))
+        # the experts' logits over the training images take seconds to minutes: say so
+        rank_zero_info(
+            f"distill: initialising {hp.ipc} image(s) per class ({hp.image_init})"
+            + (f" and soft labels from {n_label} expert(s)" if soft else "") + " ...")
         g = torch.Generator().manual_seed(derive_seed(hp.seed, 0x1D17))
         perms = class_permutations(train_labels, self.num_classes, hp.ipc, g)
         if hp.image_init == "samples_predicted_correctly":
@@ -352,13 +362,13 @@ class DistillationModule(pl.LightningModule):
         else:
             images = train_images[chosen].to(self.images.dtype)
         self.images.data.copy_(images)
-        if hp.label_init == "soft" or hp.learn_labels:
-            n = hp.label_experts
-            experts = self._experts if n is None else self._experts[:n]
+        if soft:
             self.labels.data.copy_(soft_label_logits(self.images.data, self._class_ids,
-                                                     experts, self._expert_logits,
+                                                     self._experts[:n_label],
+                                                     self._expert_logits,
                                                      dtype=self.labels.dtype))
         self.initialized.fill_(True)
+        rank_zero_info(f"distill: synthetic set initialised in {time.monotonic() - start:.1f} s")
 
     def _check_input_space(self, input_space: dict) -> None:
         diff = InputSpace.coerce(input_space).mismatch(self.input_space)

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import importlib.util
 import json
+import logging
 import math
 import os
 import subprocess
@@ -659,7 +660,7 @@ def test_ddp_two_ranks_average_their_trajectory_gradients(tmp_path):
     assert (tmp_path / "best.pt").exists()
 
 
-def test_soft_label_init_defaults_to_every_expert_of_the_store(tmp_path):
+def test_soft_label_init_defaults_to_every_expert_of_the_store(tmp_path, caplog):
     """DATM averages over all experts of its buffers: with 12 experts where only the last
     two predict class 2, the default (label_experts=None) must use them (a default of 10
     experts would fall back to the unfiltered mean for class 2)."""
@@ -671,7 +672,13 @@ def test_soft_label_init_defaults_to_every_expert_of_the_store(tmp_path):
     b = torch.tensor(biases)
     x, y = tiny_data()
     module = DistillationModule(str(tmp_path / "s"), 2, max_start_epoch=1, learn_labels=True)
-    module.initialize(train_images=x, train_labels=y)
+    with caplog.at_level(logging.INFO):
+        module.initialize(train_images=x, train_labels=y)
+    # the initialisation (seconds to minutes on a large store) is announced and timed
+    said = [r.getMessage() for r in caplog.records]
+    assert "distill: initialising 2 image(s) per class (real) and soft labels from 12 " \
+        "expert(s) ..." in said
+    assert any(m.startswith("distill: synthetic set initialised in") for m in said)
     expected = torch.stack([b[1:10:2].mean(0), b[0:10:2].mean(0), b[10:].mean(0)])
     torch.testing.assert_close(module.labels.detach(), expected.repeat_interleave(2, 0),
                                rtol=0, atol=1e-6)
