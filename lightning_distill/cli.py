@@ -737,6 +737,10 @@ def check_native_config_files(name: str, argv: Sequence[str]) -> None:
     top = ["seed_everything", "model", "data", "trainer", "optimizer", "lr_scheduler",
            *inspect.signature(getattr(DistillTrainer, name)).parameters]
     top = [k for k in dict.fromkeys(top) if k not in ("self", "datamodule")]
+    # model / data given another class (subclass mode): its own arguments, not checked here
+    swapped = {key for key in ("model", "data") for arg in argv
+               if arg in (f"--{key}", f"--{key}.class_path")
+               or arg.startswith((f"--{key}=", f"--{key}.class_path="))}
     for file in _config_files(argv, name):
         data: Any = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
         if not isinstance(data, dict):
@@ -765,10 +769,23 @@ def check_native_config_files(name: str, argv: Sequence[str]) -> None:
             if names is None or not isinstance(value, dict):
                 continue
             if "class_path" in value:  # subclass form: class_path / init_args
+                swapped.add(key)
                 continue
             for sub in value:
                 if sub not in names:
                     raise _unknown_key_error(name, file, f"{key}.{sub}", sub, names)
+    # the command line's `--model.<key>` / `--data.<key>`: in subclass mode jsonargparse
+    # reports a misspelt one as a page about Union subtypes; name it with a close match
+    for arg in argv:
+        head, _, rest = arg[2:].split("=", 1)[0].partition(".") if arg.startswith("--") \
+            else ("", "", "")
+        if head not in ("model", "data") or head in swapped or not rest:
+            continue
+        parts = rest.split(".")
+        key = parts[1] if parts[0] == "init_args" and len(parts) > 1 else parts[0]
+        if key not in ("class_path", "init_args", "help", *sections[head]):
+            raise _unknown_key_error(name, "the command line", f"{head}.{key}", key,
+                                     sections[head])
 
 
 def check_yaml_files(argv: Sequence[str]) -> None:

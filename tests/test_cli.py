@@ -161,6 +161,24 @@ def test_unknown_or_abbreviated_command_line_options_fail(capsys):
         assert option.lstrip("-") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("stage", "option", "message"), [
+    ("distill", "--model.ipcc", "unknown key 'model.ipcc' (did you mean 'ipc'?)"),
+    ("experts", "--model.init_args.lrr", "unknown key 'model.lrr' (did you mean 'lr'?)"),
+    ("evaluate", "--data.nme", "unknown key 'data.nme' (did you mean 'name'?)")])
+def test_a_misspelt_module_option_is_one_line_with_a_close_match(stage, option, message,
+                                                                 capsys):
+    """Subclass mode would report it as a page about Union subtypes."""
+    assert cli.main([stage, option, "3"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if "no --config given" not in line]  # the default recipe's note
+    assert len(err) == 1 and "the command line: " + message in err[0]
+    # a user's own class takes its own arguments: not checked against ours
+    group = option[2:].split(".")[0]
+    with pytest.raises(SystemExit):
+        cli.main([stage, f"--{group}.class_path", "my.Module", option, "3"])
+    assert message not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("stage", "key"), [("experts", "--num_experts"),
                                             ("distill", "--output"),
                                             ("evaluate", "--synthetic"),

@@ -104,8 +104,10 @@ class StageProgressBar(RichProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self.progress is not None and self.stage_task is None:
+            # a whole total reads "3/8", not "3/8.0"
+            total = int(self.total) if self.total.is_integer() else self.total
             self.stage_task = self.progress.add_task(
-                f"[bold]{self.label}", total=self.total, completed=self.done)
+                f"[bold]{self.label}", total=total, completed=self.done)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
