@@ -24,6 +24,11 @@ from pytorch_lightning.callbacks import RichProgressBar
 __all__ = ["PhaseProgress", "StageProgressBar"]
 
 
+def _count(total: float) -> float:
+    """A whole total as an int, so a row reads "3/8", not "3/8.0"."""
+    return int(total) if float(total).is_integer() else total
+
+
 class PhaseProgress:
     """Progress of a long phase inside a fit (PeriodicEvaluation's validation runs), so
     it is not a silent pause of the Trainer's bar.
@@ -50,7 +55,7 @@ class PhaseProgress:
     def __enter__(self) -> PhaseProgress:
         self._last = self._start = time.monotonic()
         if self.progress is not None:
-            self.task = self.progress.add_task(f"[bold]{self.label}", total=self.total)
+            self.task = self.progress.add_task(f"[bold]{self.label}", total=_count(self.total))
         return self
 
     def advance(self, amount: float) -> None:
@@ -104,10 +109,8 @@ class StageProgressBar(RichProgressBar):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self.progress is not None and self.stage_task is None:
-            # a whole total reads "3/8", not "3/8.0"
-            total = int(self.total) if self.total.is_integer() else self.total
             self.stage_task = self.progress.add_task(
-                f"[bold]{self.label}", total=total, completed=self.done)
+                f"[bold]{self.label}", total=_count(self.total), completed=self.done)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
