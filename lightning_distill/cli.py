@@ -185,8 +185,8 @@ class DistillTrainer(pl.Trainer):
         from .callbacks.sharpness import sharpness_settings
         from .data.augment import dsa_flip_for
         from .modules.expert import ExpertTrajectoryModule
-        from .stages._common import make_callbacks
-        from .stages.experts import ExpertPlan, check_plan, run_experts, say
+        from .stages._common import make_callbacks, say
+        from .stages.experts import ExpertPlan, check_plan, run_experts
 
         if not isinstance(model, ExpertTrajectoryModule):
             raise TypeError(f"experts needs an ExpertTrajectoryModule, got {type(model).__name__}")

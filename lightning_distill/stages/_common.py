@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from pytorch_lightning.callbacks import Callback, ProgressBar, RichProgressBar
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 
 console = Console()
+
+
+def say(message: str, rule: bool = False) -> None:
+    """Print a stage message on rank 0 (a rule: a heading line)."""
+    if rank_zero_only.rank == 0:
+        (console.rule if rule else console.print)(message)
 
 
 def make_callbacks(progress_bar: bool, callbacks: list[Callback]) -> list[Callback]:

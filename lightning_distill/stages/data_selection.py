@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_only
 
 from ..callbacks.data_selection import PADDataSelection
 from ..config import TrainerConfig
 from ..functional.difficulty import PADSchedule
-from ._common import console
+from ._common import say
 
 __all__ = [
     "DataSelectionConfig",
@@ -115,11 +114,6 @@ def data_selection_hparams(cfg: DataSelectionConfig) -> dict[str, Any]:
     return {"data_selection": asdict(cfg)} if cfg.enabled else {}
 
 
-def _say(message: str) -> None:
-    if rank_zero_only.rank == 0:
-        console.print(message)
-
-
 def score_device(trainer: TrainerConfig) -> torch.device:
     """Where the scoring networks train: the experts' accelerator, first (or this local
     rank's) device."""
@@ -164,14 +158,14 @@ def data_selection_callback(
         score_seed=cfg.score_seed)
     path = Path(cfg.cache) if cfg.cache else Path(store.path) / DIFFICULTY_FILE
     if not path.is_file():
-        _say(f"Data selection (PAD): scoring the {len(dm.train_set)} training images with EL2N "
+        say(f"Data selection (PAD): scoring the {len(dm.train_set)} training images with EL2N "
              f"over {cfg.num_models} networks x {cfg.score_epochs} epochs into {path}")
     # scored once here, before the first expert: the callback then has them for every fit
-    callback.prepare(dm, model, path, device=score_device(trainer), log=_say)
+    callback.prepare(dm, model, path, device=score_device(trainer), log=say)
     scores, select = callback.scores, callback.select
     _, labels = dm.train_set.tensors
     s = select.schedule
-    _say(f"Data selection (PAD): EL2N scores {'computed' if scores.computed else 'loaded'} "
+    say(f"Data selection (PAD): EL2N scores {'computed' if scores.computed else 'loaded'} "
          f"({path}, digest {scores.digest}); epoch 0 trains on {int(select.sizes(0).sum())} of "
          f"{len(labels)} images, all from epoch {s.add_end_epoch}, without the easiest "
          f"{s.remove_ratios[0]:g} after epoch {s.remove_epochs[0]} and the easiest "

@@ -89,7 +89,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only
 
 from ..callbacks.progress import StageProgressBar
 from ..callbacks.same_expert import SameExpertOnAllRanks
@@ -101,7 +100,7 @@ from ..functional.evaluation import DEFAULT_GROUP_SIZE
 from ..modules.expert import ExpertTrajectoryModule, GroupExpertModule
 from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
-from ._common import console, make_callbacks
+from ._common import make_callbacks, say
 from .data_selection import (
     DataSelectionConfig,
     check_data_selection,
@@ -178,12 +177,6 @@ def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
     if method == "gsam":
         return GSAM(rho=cfg.rho, alpha=cfg.alpha)
     raise ValueError(f"sharpness.method must be none, sam, asam or gsam; got {cfg.method!r}")
-
-
-def say(message: str, rule: bool = False) -> None:
-    """Print a stage message on rank 0 (a rule: a heading line)."""
-    if rank_zero_only.rank == 0:
-        (console.rule if rule else console.print)(message)
 
 
 @dataclass
