@@ -9,8 +9,9 @@
 #   bash benchmarks/fashion_mnist_cpu.sh save     # keep the finished parts in git
 #
 # outputs/ is not in git, and the whole run takes longer than one working session, so
-# `save` copies what is finished (the experts' store, every finished set and its
-# validation-selected best.pt, results.json, the log) to benchmarks/artifacts/
+# `save` copies what a fresh checkout needs to go on (the experts' store; per
+# distillation its set, the validation-selected best.pt and the last checkpoint, so an
+# unfinished one resumes; results.json; the log) to benchmarks/artifacts/
 # fashion_mnist_cpu/, and a start restores from there whatever the work directory
 # lacks: a fresh checkout resumes the benchmark instead of training the experts again.
 set -euo pipefail
@@ -28,10 +29,13 @@ if [ "${1:-}" = "save" ]; then
   fi
   for run in "$WORK"/*/; do
     name=$(basename "$run")
-    [ -f "$run/synthetic.pt" ] || continue   # written when a distillation finishes
+    [ -f "$run/synthetic.pt" ] || continue   # a distillation's directory
     mkdir -p "$ART/$name"
     cp "$run/synthetic.pt" "$ART/$name/"
     [ -f "$run/best.pt" ] && cp "$run/best.pt" "$ART/$name/"
+    if [ -f "$run/checkpoints/last.ckpt" ]; then
+      mkdir -p "$ART/$name/checkpoints" && cp "$run/checkpoints/last.ckpt" "$ART/$name/checkpoints/"
+    fi
   done
   for f in results.json benchmark.log; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$ART/"
