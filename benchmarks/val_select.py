@@ -1,0 +1,58 @@
+"""Validation accuracy of synthetic sets under the evaluation protocol, to choose among
+them without the test set (issue 13: the choice between configurations of one ipc).
+
+Each set trains ``--runs`` fresh networks (run r seeded with ``seed + r``, the protocol
+of ``lightning-distill evaluate``: 1000 epochs, SGD momentum 0.9, lr = the set's syn_lr,
+DSA) and is tested on the data module's validation split (held out of the experts, the
+initialisation and the distillation).
+
+    python benchmarks/val_select.py --data fashion_mnist --width 32 a/best.pt b/best.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lightning_distill.data.augment import protocol_dsa
+from lightning_distill.data.datamodule import RealDataModule
+from lightning_distill.data.synthetic import SyntheticSet
+from lightning_distill.functional.evaluation import EvalProtocol, summarize
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sets", nargs="+")
+    ap.add_argument("--data", default="fashion_mnist")
+    ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--model", default="ConvNet")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dm = RealDataModule(args.data, val_fraction=args.val_fraction)
+    dm.setup("fit")
+    vx, vy = dm.val_set.tensors
+    protocol = EvalProtocol(epochs=args.epochs, group_size=args.runs)
+    out = {}
+    for path in args.sets:
+        syn = SyntheticSet.load(path)
+        accs = protocol.train_runs(
+            args.model, {"width": args.width}, [args.seed + r for r in range(args.runs)],
+            syn.images, syn.labels, set_lr=syn.lr, num_classes=syn.num_classes,
+            test_images=vx, test_labels=vy, augment=protocol_dsa(protocol, args.data))
+        mean, std = summarize(accs)
+        out[path] = {"accs": accs, "mean": mean, "std": std}
+        print(f"{path}: validation accuracy {100 * mean:.1f} +- {100 * std:.1f} % "
+              f"({args.runs} networks x {args.epochs} epochs)", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
