@@ -39,6 +39,7 @@ __all__ = [
     "check_data_selection",
     "data_selection_callback",
     "data_selection_hparams",
+    "pad_callback",
     "pad_schedule",
     "score_device",
 ]
@@ -83,12 +84,7 @@ class DataSelectionConfig:
 
 def pad_schedule(cfg: DataSelectionConfig) -> PADSchedule:
     """The :class:`PADSchedule` of ``cfg`` (validates the values)."""
-    return PADSchedule(
-        initial_ratio=cfg.initial_ratio,
-        add_end_epoch=cfg.add_end_epoch,
-        remove_epochs=tuple(cfg.remove_epochs),
-        remove_ratios=tuple(cfg.remove_ratios),
-    )
+    return pad_callback(cfg).schedule
 
 
 def check_data_selection(cfg: DataSelectionConfig) -> None:
@@ -97,15 +93,19 @@ def check_data_selection(cfg: DataSelectionConfig) -> None:
         return
     if cfg.score not in _SCORES:
         raise ValueError(f"data_selection.score must be one of {_SCORES}; got {cfg.score!r}")
-    if cfg.num_models < 1 or cfg.score_epochs < 1 or not cfg.score_lr > 0:
-        raise ValueError(
-            "data_selection: num_models and score_epochs must be >= 1 and score_lr > 0; got "
-            f"{cfg.num_models}, {cfg.score_epochs}, {cfg.score_lr}"
-        )
     try:
-        pad_schedule(cfg)
+        pad_callback(cfg)  # the callback checks the schedule and the scoring settings
     except ValueError as e:
         raise ValueError(f"data_selection: {e}") from e
+
+
+def pad_callback(cfg: DataSelectionConfig) -> PADDataSelection:
+    """The :class:`PADDataSelection` of the section's values (not prepared yet)."""
+    return PADDataSelection(
+        initial_ratio=cfg.initial_ratio, add_end_epoch=cfg.add_end_epoch,
+        remove_epochs=cfg.remove_epochs, remove_ratios=cfg.remove_ratios,
+        num_models=cfg.num_models, score_epochs=cfg.score_epochs, score_lr=cfg.score_lr,
+        score_seed=cfg.score_seed)
 
 
 def data_selection_hparams(cfg: DataSelectionConfig) -> dict[str, Any]:
@@ -151,11 +151,7 @@ def data_selection_callback(
     from ..difficulty import DIFFICULTY_FILE
 
     check_data_selection(cfg)
-    callback = PADDataSelection(
-        initial_ratio=cfg.initial_ratio, add_end_epoch=cfg.add_end_epoch,
-        remove_epochs=cfg.remove_epochs, remove_ratios=cfg.remove_ratios,
-        num_models=cfg.num_models, score_epochs=cfg.score_epochs, score_lr=cfg.score_lr,
-        score_seed=cfg.score_seed)
+    callback = pad_callback(cfg)
     path = Path(cfg.cache) if cfg.cache else Path(store.path) / DIFFICULTY_FILE
     if not path.is_file():
         say(f"Data selection (PAD): scoring the {len(dm.train_set)} training images with EL2N "
