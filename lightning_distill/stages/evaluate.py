@@ -17,12 +17,18 @@ Prints a table (mean +- std, population std as in the papers) and writes it to
 ``output`` (JSON, atomically; docs/formats.md, 'results.json'): per row and model the
 runs' accuracies, their mean and std, and the per-class test accuracies (``class_accs``
 per run, ``class_mean`` over the runs) that :func:`evaluate_synthetic` returns.
+
+The file is rewritten after every row, so an interrupted evaluation resumes: a rerun
+with the same ``output`` reuses each row whose numbers cannot differ (the same
+configuration, data, device type and, for a distilled row, the same set file by
+SHA-256) and trains only the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,45 +174,127 @@ def evaluate_sets(
                   model_kwargs=architecture_kwargs(models, model_kwargs,
                                                    [syn for _, syn in sets]),
                   on_progress=lambda runs: progress.advance(task, runs))
+    identity = _identity(dm, config, device)
+    done = _finished_rows(output, identity)
+
+    def save(rows: list[dict[str, Any]], complete: bool) -> None:
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(output, {"config": config or {}, "identity": identity,
+                                       "complete": complete, "rows": rows})
+
+    def reuse(key: str, label: str) -> dict[str, Any] | None:
+        row = done.get(key)
+        if row is not None:
+            console.print(f"{label}: the row of {output} (same settings, data and set)")
+            progress.advance(task, len(models) * runs)
+        return row
+
     with progress:
         rows = _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
-                              full_epochs, full_lr, full_batch_size)
+                              full_epochs, full_lr, full_batch_size, reuse=reuse,
+                              on_row=lambda rows: save(rows, complete=False))
     print_table(rows, list(models), title=f"{name}: test accuracy (%), "
                 f"mean +- std over {runs} networks")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(output, {"config": config or {}, "rows": rows})
+        save(rows, complete=True)
         console.print(f"[green]results: {output}[/]")
     return rows
 
 
+def _sha256(data: bytes | torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(data if isinstance(data, bytes) else data.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _identity(dm: Any, config: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """What every row's numbers depend on besides its own training set: the evaluation
+    settings (``config`` without the list of sets and baselines), the device type and
+    the data (SHA-256 of the training and test split tensors, so another split or
+    normalisation counts as other data)."""
+    splits = [dm.test_set]
+    if getattr(dm, "train_set", None) is not None:
+        splits.insert(0, dm.train_set)
+    data = "".join(_sha256(t) for split in splits for t in split.tensors)
+    settings = {k: v for k, v in (config or {}).items() if k not in ("synthetic", "baselines")}
+    # through JSON, so that it compares equal to what a results.json holds
+    return json.loads(json.dumps({"settings": settings, "device": device.type,
+                                  "data": _sha256(data.encode())}))
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    """A row's own training set: the random baseline of an ipc, the full training split,
+    or the distilled set file's SHA-256."""
+    if row["kind"] == "random":
+        return f"random {row['ipc']}"
+    return "full" if row["kind"] == "full" else f"distilled {row['sha256']}"
+
+
+def _finished_rows(output: str | None, identity: dict[str, Any]) -> dict[str, dict]:
+    """The rows of an earlier ``output`` written with the same ``identity``, by key."""
+    if not output or not Path(output).exists():
+        return {}
+    try:
+        previous = json.loads(Path(output).read_text())
+    except (OSError, ValueError):
+        return {}  # not ours, or unreadable: it is overwritten
+    if not isinstance(previous, dict) or previous.get("identity") != identity:
+        return {}
+    return {_row_key(row): row for row in previous.get("rows", [])}
+
+
 def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr, full_epochs,
-                   full_lr, full_batch_size) -> list[dict[str, Any]]:
-    """The table's rows: the random-real baselines, the sets, the full-data baseline."""
+                   full_lr, full_batch_size,
+                   reuse: Callable[[str, str], dict[str, Any] | None] = lambda key, label: None,
+                   on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+                   ) -> list[dict[str, Any]]:
+    """The table's rows: the random-real baselines, the sets, the full-data baseline.
+
+    ``reuse(key, label)`` returns a finished row to take instead of training (see
+    :func:`_row_key`); ``on_row(rows)`` is called with the rows so far after each one."""
     name = dm.name
     test_x, test_y = dm.test_set.tensors
     rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        on_row(rows)
+
     if "random" in baselines:
         train_x, train_y = dm.train_set.tensors
         ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]
         for ipc in ipcs:
-            console.print(f"evaluating random real ipc {ipc} ...")
-            res = _random_real(runs, seed, random_lr, dm, train_x, train_y, ipc, test_x,
-                               test_y, protocol, common)
-            rows.append(_row(f"random real, ipc {ipc}", "random", ipc, res))
+            label = f"random real, ipc {ipc}"
+            row = reuse(f"random {ipc}", label)
+            if row is None:
+                console.print(f"evaluating random real ipc {ipc} ...")
+                res = _random_real(runs, seed, random_lr, dm, train_x, train_y, ipc, test_x,
+                                   test_y, protocol, common)
+                row = _row(label, "random", ipc, res)
+            add(row)
     for path, syn in sets:
-        console.print(f"evaluating {path} (ipc {syn.ipc}, lr {syn.lr:.4g}) ...")
-        res = evaluate_synthetic(syn, test_x, test_y, protocol=protocol, **common)
-        rows.append(_row(f"distilled, ipc {syn.ipc} ({path})", "distilled", syn.ipc, res))
+        digest = _sha256(Path(path).read_bytes())
+        label = f"distilled, ipc {syn.ipc} ({path})"
+        row = reuse(f"distilled {digest}", label)
+        if row is None:
+            console.print(f"evaluating {path} (ipc {syn.ipc}, lr {syn.lr:.4g}) ...")
+            res = evaluate_synthetic(syn, test_x, test_y, protocol=protocol, **common)
+            row = {**_row(label, "distilled", syn.ipc, res), "sha256": digest}
+        add({**row, "label": label})  # the same file may have moved
     if "full" in baselines:
-        train_x, train_y = dm.train_set.tensors
-        full = SyntheticSet(images=train_x, labels=train_y, lr=full_lr,
-                            meta={"dataset": name, "input_space": dm.input_space,
-                                  "num_classes": dm.num_classes})
-        console.print(f"evaluating the full training set ({train_x.shape[0]} images) ...")
-        res = evaluate_synthetic(full, test_x, test_y, protocol=protocol, epochs=full_epochs,
-                                 batch_size=full_batch_size, lr=full_lr, **common)
-        rows.append(_row("full training set", "full", None, res))
+        row = reuse("full", "full training set")
+        if row is None:
+            train_x, train_y = dm.train_set.tensors
+            full = SyntheticSet(images=train_x, labels=train_y, lr=full_lr,
+                                meta={"dataset": name, "input_space": dm.input_space,
+                                      "num_classes": dm.num_classes})
+            console.print(f"evaluating the full training set ({train_x.shape[0]} images) ...")
+            res = evaluate_synthetic(full, test_x, test_y, protocol=protocol,
+                                     epochs=full_epochs, batch_size=full_batch_size,
+                                     lr=full_lr, **common)
+            row = _row("full training set", "full", None, res)
+        add(row)
     return rows
 
 

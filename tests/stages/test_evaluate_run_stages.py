@@ -92,6 +92,59 @@ def test_random_baseline_draws_a_new_subset_per_network(digits, monkeypatch):
     assert rows[0]["results"]["ConvNet"]["accs"] == [0.5, 0.5, 0.5]
 
 
+def test_evaluate_resumes_row_by_row(digits, tmp_path, monkeypatch):
+    """results.json is written after every row; a rerun reuses the rows whose numbers
+    cannot differ (same settings, data, device and set file) and trains the rest."""
+    import lightning_distill.stages.evaluate as stage
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    _random_set(digits, 1, seed=0).save(a)
+    _random_set(digits, 1, seed=1).save(b)
+    out = tmp_path / "results.json"
+    cfg = EvaluateConfig(data=DataConfig(name="digits"), synthetic=[str(a), str(b)],
+                         models="ConvNet", runs=2, epochs=3, batch_size=16,
+                         baselines=["random", "full"], full_epochs=1, full_batch_size=256,
+                         seed=3, device="cpu", output=str(out))
+    real = stage.evaluate_synthetic
+    trained = []
+
+    def counting(syn, *args, **kw):
+        trained.append(syn.images.shape[0])
+        if fail_at is not None and len(trained) == fail_at:
+            raise KeyboardInterrupt  # the run is stopped while training this row
+        return real(syn, *args, **kw)
+
+    monkeypatch.setattr(stage, "evaluate_synthetic", counting)
+    fail_at = 3  # random, a, then stopped in b
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False
+    assert [r["kind"] for r in partial["rows"]] == ["random", "distilled"]
+    fail_at, trained[:] = None, []
+    rows = evaluate(cfg)
+    assert trained == [10, len(digits.train_set)]  # only b and the full baseline
+    assert [r["results"] for r in rows[:2]] == [r["results"] for r in partial["rows"]]
+    assert json.loads(out.read_text())["complete"] is True
+    # an uninterrupted run into another file gives the same rows, bit for bit
+    fresh = evaluate(dataclasses.replace(cfg, output=str(tmp_path / "fresh.json")))
+    assert [r["results"] for r in fresh] == [r["results"] for r in rows]
+    # rerun: nothing trained; a moved set file is still its row
+    trained[:] = []
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(b.read_bytes())
+    again = evaluate(dataclasses.replace(cfg, synthetic=[str(a), str(moved)]))
+    assert trained == [] and again[2]["label"].endswith("moved.pt)")
+    assert [r["results"] for r in again] == [r["results"] for r in rows]
+    # a changed set retrains its row only; other settings retrain everything
+    _random_set(digits, 1, seed=2).save(b)
+    evaluate(cfg)
+    assert trained == [10]
+    trained[:] = []
+    evaluate(dataclasses.replace(cfg, epochs=2))
+    assert len(trained) == 4
+
+
 def test_evaluate_refuses_a_mismatched_synthetic_set(digits, tmp_path):
     bad = SyntheticSet(images=torch.zeros(10, 3, 8, 8), labels=torch.arange(10), lr=0.01,
                        meta={"dataset": "digits"})
