@@ -67,6 +67,8 @@ SCALES = {
     "digits": (1, 8, 32, 2, 32),
     "mnist": (1, 28, 128, 3, 256),
     "cifar": (3, 32, 128, 3, 256),
+    # the Fashion-MNIST CPU benchmark's networks (recipes/fashion_mnist_cpu/run.yaml)
+    "fmnist32": (1, 28, 32, 3, 256),
 }
 
 

@@ -54,15 +54,25 @@ if [ "${1:-}" = "reproduce" ]; then
   # data beyond Fashion-MNIST itself): the evaluate stage's own configuration, pointed
   # at benchmarks/artifacts/ and without the baselines; writes $WORK/reproduce.json.
   # The table's rows by default (ipc1 is the validation-chosen ipc 1 variant); other
-  # names after `reproduce` (ipc1_datm, say) test those instead.
+  # names after `reproduce` (ipc1_datm, say) test those instead, and arguments that
+  # start with -- are evaluate overrides (--model.protocol.group_size 1, say).
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   shift
+  names=() overrides=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --*) overrides+=("$1" "$2"); shift 2 ;;
+      *) names+=("$1"); shift ;;
+    esac
+  done
+  [ ${#names[@]} -gt 0 ] || names=(ipc1 ipc10 ipc50)
   sets=""
-  for name in ${*:-ipc1 ipc10 ipc50}; do
+  for name in "${names[@]}"; do
     sets="$sets${sets:+, }$ART/$name/best.pt"
   done
   exec $PY evaluate --config "$ART/configs/evaluate.yaml" --synthetic "[$sets]" \
-    --baselines "[]" --output "$WORK/reproduce.json" --trainer.enable_progress_bar false
+    --baselines "[]" --output "$WORK/reproduce.json" --trainer.enable_progress_bar false \
+    "${overrides[@]}"
 fi
 
 if [ -d "$ART" ]; then  # restore, never overwrite
