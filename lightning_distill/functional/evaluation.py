@@ -54,6 +54,7 @@ from .batched import StackedNetworks, augment_members, chunks, gather_members, m
 from .losses import classification_loss
 
 __all__ = [
+    "CPU_GROUP_MAX_PIXELS",
     "DEFAULT_GROUP_SIZE",
     "class_accuracies",
     "evaluate_accuracy",
@@ -441,6 +442,24 @@ def _test_group(group: StackedNetworks, images: Tensor, labels: Tensor, batch_si
 #: (benchmarks/RESULTS.md, "Training K networks as one")
 DEFAULT_GROUP_SIZE = 8
 
+#: On a CPU a group pays only while a member's step is small: images per batch x pixels
+#: per image at most this. Measured on 2 cores (benchmarks/RESULTS.md, "Training K
+#: networks as one"), groups of 8 evaluation runs gain 1.3-2.5x on digits ipc 1 / 10
+#: (640 / 6400) and break even on Fashion-MNIST ipc 1 (7840), but lose on digits ipc 50
+#: (16384: 0.64x) and Fashion-MNIST ipc 10 / 50 (78400 / 200704: 0.48x / 0.46x), where
+#: the arithmetic, not the per-step overhead, sets the time.
+CPU_GROUP_MAX_PIXELS = 8192
+
+
+def auto_group_size(device: torch.device | str, batch: int, image_shape: Sequence[int]) -> int:
+    """The group size ``group_size: null`` resolves to: :data:`DEFAULT_GROUP_SIZE` on an
+    accelerator; on a CPU the same while ``batch x H x W`` is at most
+    :data:`CPU_GROUP_MAX_PIXELS`, else 1 (one at a time)."""
+    if torch.device(device).type != "cpu":
+        return DEFAULT_GROUP_SIZE
+    pixels = int(batch) * int(np.prod([int(s) for s in image_shape[-2:]]))
+    return DEFAULT_GROUP_SIZE if pixels <= CPU_GROUP_MAX_PIXELS else 1
+
 
 @dataclass(frozen=True)
 class EvalProtocol:
@@ -458,7 +477,8 @@ class EvalProtocol:
       DATM), ``dsa_flip`` (``None``: dropped for digit data sets), turned into an
       augmenter by :func:`lightning_distill.data.augment.make_dsa`;
     - ``group_size``: how many runs train together as one vectorised model
-      (:func:`train_and_evaluate_group`); 1 trains them one at a time.
+      (:func:`train_and_evaluate_group`); 1 trains them one at a time; ``None`` (the
+      default) chooses by device and step size (:meth:`group_size_for`).
     """
 
     epochs: int = 1000
@@ -470,15 +490,25 @@ class EvalProtocol:
     dsa: bool = True
     dsa_strategy: str | None = None
     dsa_flip: bool | None = None
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if int(self.epochs) < 1:
             raise ValueError(f"EvalProtocol: epochs must be >= 1, got {self.epochs}")
         if int(self.batch_size) < 1:
             raise ValueError(f"EvalProtocol: batch_size must be >= 1, got {self.batch_size}")
-        if int(self.group_size) < 1:
-            raise ValueError(f"EvalProtocol: group_size must be >= 1, got {self.group_size}")
+        if self.group_size is not None and int(self.group_size) < 1:
+            raise ValueError(f"EvalProtocol: group_size must be >= 1 or null (chosen by "
+                             f"device and step size), got {self.group_size}")
+
+    def group_size_for(self, device: torch.device | str, num_images: int,
+                       image_shape: Sequence[int]) -> int:
+        """The runs trained together on ``device`` for a training set of ``num_images``
+        images of ``image_shape``: ``group_size``, or when it is None
+        :func:`auto_group_size` at the step's batch (``min(batch_size, num_images)``)."""
+        if self.group_size is not None:
+            return int(self.group_size)
+        return auto_group_size(device, min(int(self.batch_size), int(num_images)), image_shape)
 
     @classmethod
     def resolve(cls, protocol: EvalProtocol | None, overrides: Mapping[str, Any],
@@ -533,8 +563,9 @@ class EvalProtocol:
         ``train_loss``, ``class_accuracy``), in the order of ``seeds``.
 
         Run ``s``'s network init, batch order and DSA draws derive from ``s``
-        (:func:`run_seeds`); the runs train ``group_size`` at a time as one vectorised
-        model (a group of one uses the plain loop, :func:`train_and_evaluate`).
+        (:func:`run_seeds`); the runs train ``group_size`` (:meth:`group_size_for`) at
+        a time as one vectorised model (a group of one uses the plain loop,
+        :func:`train_and_evaluate`).
         ``images``/``labels``: one training set for all runs, or one per run (sequences
         aligned with ``seeds``). ``set_lr`` is used when ``lr`` is None.
         ``on_progress(runs)`` is called after every epoch with the runs' worth of work it
@@ -549,7 +580,7 @@ class EvalProtocol:
         channels, image_size = int(first.shape[1]), tuple(int(s) for s in first.shape[2:])
         results: list[dict[str, Any]] = []
         positions = list(range(len(seeds)))
-        for part in chunks(positions, int(self.group_size)):
+        for part in chunks(positions, self.group_size_for(device, first.shape[0], first.shape)):
             streams = [run_seeds(seeds[i]) for i in part]
             nets = [seeded_model(model, channels, num_classes, image_size, seed=init,
                                  **dict(model_kwargs)).to(device) for init, _, _ in streams]

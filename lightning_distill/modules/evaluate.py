@@ -504,7 +504,9 @@ def evaluate_synthetic(
         if use_trainer:
             accs: list[float] = []
             class_accs: list[list[float | None]] = []
-            for part in chunks(seeds, protocol.group_size):
+            size = protocol.group_size_for(dev, synthetic.images.shape[0],
+                                           synthetic.images.shape)
+            for part in chunks(seeds, size):
                 a, c = _run_with_trainer(
                     synthetic, name, mkw, part, protocol, test_images, test_labels,
                     test_batch_size, dev,

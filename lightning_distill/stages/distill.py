@@ -25,7 +25,6 @@ from ..callbacks.iteration_checkpoint import IterationCheckpoint
 from ..callbacks.matching_window import MatchingWindow
 from ..config import DataConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
-from ..functional.evaluation import DEFAULT_GROUP_SIZE
 from ..modules.distill import DistillationModule
 from ._common import console, make_callbacks
 
@@ -91,7 +90,7 @@ class PeriodicEvalConfig:
     runs: int = 1
     epochs: int = 300
     batch_size: int = 256
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
 
 
 @dataclass

@@ -49,7 +49,7 @@ from rich.table import Table
 from ..config import DataConfig, build_datamodule
 from ..data.augment import dsa_flip_for
 from ..data.synthetic import SyntheticSet
-from ..functional.evaluation import DEFAULT_GROUP_SIZE, EvalProtocol
+from ..functional.evaluation import EvalProtocol
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
 from ..seeding import derive_seed
@@ -69,7 +69,7 @@ class EvaluateConfig:
     batch_size: int = 256
     lr: float | None = None
     dsa: bool = True
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
     baselines: list[str] = field(default_factory=list)
     random_lr: float = 0.01
     full_epochs: int = 50

@@ -115,3 +115,43 @@ def test_progress_is_reported_every_epoch_and_sums_to_the_runs(digits):
     # runs 0, 1 as a group of two (2/4 per epoch), then run 2 alone (1/4 per epoch)
     assert seen == [0.5] * 4 + [0.25] * 4 and sum(seen) == 3
     assert with_bar == p.train_runs(*args, **kw)
+
+
+def test_group_size_null_chooses_by_device_and_step_size(digits, monkeypatch):
+    """group_size None (the default): 8 on an accelerator; on a CPU 8 while a member's
+    step (batch x H x W) is at most CPU_GROUP_MAX_PIXELS, else one at a time."""
+    import lightning_distill.functional.evaluation as ev
+
+    assert EvalProtocol().group_size is None
+    assert ev.CPU_GROUP_MAX_PIXELS == 8192
+    assert ev.auto_group_size("cpu", 100, (1, 8, 8)) == 8          # digits ipc 10: 6400
+    assert ev.auto_group_size("cpu", 128, (1, 8, 8)) == 8          # 8192: at the bound
+    assert ev.auto_group_size("cpu", 129, (1, 8, 8)) == 1
+    assert ev.auto_group_size("cpu", 10, (1, 28, 28)) == 8         # Fashion-MNIST ipc 1
+    assert ev.auto_group_size("cpu", 100, (1, 28, 28)) == 1        # Fashion-MNIST ipc 10
+    assert ev.auto_group_size(torch.device("cuda"), 256, (3, 32, 32)) == 8
+    p = EvalProtocol(batch_size=256)
+    # the step's batch is the set's size when the set is smaller than batch_size
+    assert p.group_size_for("cpu", 100, (100, 1, 8, 8)) == 8
+    assert p.group_size_for("cpu", 500, (500, 1, 8, 8)) == 1
+    assert EvalProtocol(group_size=3).group_size_for("cpu", 500, (500, 1, 8, 8)) == 3
+    # the runs follow it
+    calls = []
+    result = {"accuracy": 0.5, "loss": 0.0, "train_loss": 0.0, "class_accuracy": [0.5] * 10}
+
+    def plain(net, x, y, **kw):
+        calls.append(1)
+        return dict(result)
+
+    def group(nets, x, y, **kw):
+        calls.append(len(nets))
+        return [dict(result) for _ in nets]
+
+    monkeypatch.setattr(ev, "train_and_evaluate", plain)
+    monkeypatch.setattr(ev, "train_and_evaluate_group", group)
+    tx, ty = digits.test_set.tensors
+    for ipc, expect in ((10, [3]), (50, [1, 1, 1])):
+        calls.clear()
+        syn = _subset(digits, ipc, 0)
+        evaluate_synthetic(syn, tx, ty, runs=3, epochs=1, model_kwargs=MKW, device="cpu")
+        assert calls == expect, (ipc, calls)
