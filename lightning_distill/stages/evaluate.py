@@ -228,7 +228,7 @@ def _row_key(row: dict[str, Any]) -> str:
     or the distilled set file's SHA-256."""
     if row["kind"] == "random":
         return f"random {row['ipc']}"
-    return "full" if row["kind"] == "full" else f"distilled {row['sha256']}"
+    return "full" if row["kind"] == "full" else f"distilled {row.get('sha256')}"
 
 
 def _finished_rows(output: str | None, identity: dict[str, Any]) -> dict[str, dict]:
