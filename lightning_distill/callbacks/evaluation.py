@@ -161,7 +161,7 @@ class PeriodicEvaluation(Callback):
         dm = trainer.datamodule
         if self.val_images is None and self.evaluate_fn is None:
             val = getattr(dm, "val_set", None)
-            if val is None:
+            if val is None or len(val) == 0:
                 raise ValueError(
                     "PeriodicEvaluation: no validation data: pass val_images / val_labels, "
                     "or fit with a datamodule that has a validation split (RealDataModule "

@@ -419,3 +419,26 @@ def test_setup_says_what_it_loads_fits_and_how_long_it_took(caplog):
     assert "data: loading digits" in text
     assert "data: fitting ZCA on 1078 training images (regularization 0.1)" in text
     assert "1078 train / 120 validation / 599 test images, 1x8x8" in text and "ZCA-whitened" in text
+
+
+def test_val_fraction_zero_fits_and_periodic_evaluation_refuses():
+    """val_fraction 0 (the references' use of the whole training set): an expert fits on
+    all of the training set with an empty validation split, and PeriodicEvaluation,
+    which would have nothing to choose on, refuses with what to do."""
+    import pytorch_lightning as pl
+
+    from lightning_distill.callbacks import PeriodicEvaluation
+    from lightning_distill.modules.expert import ExpertTrajectoryModule
+
+    dm = RealDataModule("digits", val_fraction=0.0, batch_size=256)
+    dm.setup("fit")
+    assert len(dm.train_set) == 1198 and len(dm.val_set) == 0
+    module = ExpertTrajectoryModule(model="ConvNet", model_kwargs={"width": 4, "depth": 2},
+                                    lr=0.01)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.current_epoch == 1
+    with pytest.raises(ValueError, match="no validation data.*val_fraction > 0"):
+        PeriodicEvaluation(runs=1).setup(trainer, module, "fit")
