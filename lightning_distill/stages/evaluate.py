@@ -174,7 +174,8 @@ def evaluate_sets(
                   model_kwargs=architecture_kwargs(models, model_kwargs,
                                                    [syn for _, syn in sets]),
                   on_progress=lambda runs: progress.advance(task, runs))
-    identity = _identity(dm, config, device)
+    # hashing the splits costs a pass over the data: only when there is a file to resume
+    identity = _identity(dm, config, device) if output else {}
     done = _finished_rows(output, identity)
 
     def save(rows: list[dict[str, Any]], complete: bool) -> None:
