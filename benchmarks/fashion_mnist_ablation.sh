@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Issue 14, item 6 at ipc 1: PAD's parameter selection and ATT on the Fashion-MNIST CPU
-# benchmark (benchmarks/fashion_mnist_ablation.yaml says what each row changes). Uses
-# the benchmark's 4 experts (copied from benchmarks/artifacts/fashion_mnist_cpu/experts);
-# resumable: run it again after an interruption. Then the validation comparison of
-# every set, the base included (benchmarks/val_select.py: 5 networks x 1000 epochs on
-# the validation split) into validation.json; the run's evaluate stage writes the test
-# accuracies to results.json.
-#   bash benchmarks/fashion_mnist_ablation.sh      # in the background
+# Issue 14, item 6: PAD's parameter selection, PAD's data selection and ATT on the
+# Fashion-MNIST CPU benchmark. Two runs, one after the other in the background:
+#   ds    benchmarks/fashion_mnist_ablation_ds.yaml: 4 experts trained easy-to-hard
+#         (EL2N scores first), then ipc 1 and ipc 10 from them, in $WORK/ds;
+#   main  benchmarks/fashion_mnist_ablation.yaml: parameter selection and ATT at ipc 1
+#         and 10 from the benchmark's 4 experts (copied from
+#         benchmarks/artifacts/fashion_mnist_cpu/experts), in $WORK.
+# Then the validation comparison of every set, the bases included
+# (benchmarks/val_select.py: 5 networks x 1000 epochs on the validation split; a set
+# already in validation.json with the same SHA-256 is not trained again); each run's
+# evaluate stage writes the test accuracies to its results.json. Everything resumes:
+# run it again after an interruption.
+#   bash benchmarks/fashion_mnist_ablation.sh [ds|main|validate|all]   # default all
 #   tail -f outputs/fashion_mnist_ablation/ablation.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
 PY=${PY:-.venv/bin/lightning-distill}
 PYTHON=${PYTHON:-$(dirname "$PY")/python}
 WORK=${WORK:-outputs/fashion_mnist_ablation}
@@ -17,10 +23,20 @@ ART=${ART:-benchmarks/artifacts/fashion_mnist_cpu}
 mkdir -p "$WORK/experts"
 [ -f "$WORK/experts/meta.json" ] || cp "$ART"/experts/* "$WORK/experts/"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-nohup bash -c "date -u +'start %FT%TZ'; git rev-parse --short HEAD; \
-  time $PY run --config benchmarks/fashion_mnist_ablation.yaml --workdir $WORK \
-    --trainer.enable_progress_bar false || exit 1; \
-  time $PYTHON benchmarks/val_select.py $ART/ipc1/best.pt $WORK/ipc1_att/best.pt \
-    $WORK/ipc1_pad25/best.pt $WORK/ipc1_pad25_att/best.pt --json $WORK/validation.json; \
-  date -u +'end %FT%TZ'" >> "$WORK/ablation.log" 2>&1 &
-echo "started (pid $!); log: $WORK/ablation.log"
+RUN="$PY run --trainer.enable_progress_bar false"
+DS="$RUN --config benchmarks/fashion_mnist_ablation_ds.yaml --workdir $WORK/ds"
+MAIN="$RUN --config benchmarks/fashion_mnist_ablation.yaml --workdir $WORK"
+SETS="$ART/ipc1/best.pt $WORK/ipc1_att/best.pt $WORK/ipc1_pad25/best.pt \
+  $WORK/ipc1_pad25_att/best.pt $WORK/ds/ipc1_ds/best.pt $ART/ipc10/best.pt \
+  $WORK/ipc10_att/best.pt $WORK/ipc10_pad25/best.pt $WORK/ds/ipc10_ds/best.pt"
+VALIDATE="$PYTHON benchmarks/val_select.py $SETS --json $WORK/validation.json"
+case "$PART" in
+  ds) STEPS="$DS" ;;
+  main) STEPS="$MAIN" ;;
+  validate) STEPS="$VALIDATE" ;;
+  all) STEPS="$DS && $MAIN && $VALIDATE" ;;
+  *) echo "usage: $0 [ds|main|validate|all]" >&2; exit 2 ;;
+esac
+nohup bash -c "date -u +'start $PART %FT%TZ'; git rev-parse --short HEAD; \
+  time ( $STEPS ) || exit 1; date -u +'end %FT%TZ'" >> "$WORK/ablation.log" 2>&1 &
+echo "started $PART (pid $!); log: $WORK/ablation.log"

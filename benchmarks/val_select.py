@@ -12,7 +12,9 @@ initialisation and the distillation).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 
 from lightning_distill.data.augment import protocol_dsa
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None,
+                    help="write the numbers here; a set already there with the same SHA-256 "
+                         "and settings is not trained again")
     args = ap.parse_args(argv)
     dm = RealDataModule(args.data, val_fraction=args.val_fraction)
     dm.setup("fit")
@@ -39,21 +43,43 @@ def main(argv: list[str] | None = None) -> int:
     # group_size null: chosen by device and step size (groups of 8 only for small steps
     # on a CPU; the ipc 1 numbers of RESULTS.md were measured with the 5 runs as one group)
     protocol = EvalProtocol(epochs=args.epochs)
+    settings = {k: getattr(args, k) for k in
+                ("data", "val_fraction", "model", "width", "runs", "epochs", "seed")}
     out = {}
+    if args.json and os.path.exists(args.json):
+        with open(args.json, encoding="utf-8") as f:
+            out = json.load(f)
     for path in args.sets:
+        digest = _sha256(path)
+        done = out.get(path, {})
+        if done.get("sha256") == digest and done.get("settings") == settings:
+            print(f"{path}: validation accuracy {100 * done['mean']:.1f} +- "
+                  f"{100 * done['std']:.1f} % (from {args.json})", flush=True)
+            continue
         syn = SyntheticSet.load(path)
         accs = protocol.train_runs(
             args.model, {"width": args.width}, [args.seed + r for r in range(args.runs)],
             syn.images, syn.labels, set_lr=syn.lr, num_classes=syn.num_classes,
             test_images=vx, test_labels=vy, augment=protocol_dsa(protocol, args.data))
         mean, std = summarize(accs)
-        out[path] = {"accs": accs, "mean": mean, "std": std}
+        out[path] = {"accs": accs, "mean": mean, "std": std, "sha256": digest,
+                     "settings": settings}
         print(f"{path}: validation accuracy {100 * mean:.1f} +- {100 * std:.1f} % "
               f"({args.runs} networks x {args.epochs} epochs)", flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+        if args.json:  # after every set, atomically: an interrupted run keeps what it did
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=1)
+            os.replace(tmp, args.json)
     return 0
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 if __name__ == "__main__":
