@@ -73,37 +73,35 @@ def run_trainer(settings, store, iterations, dm) -> tuple[float, list[float]]:
 
 
 def run_bare(settings, store, iterations, dm) -> tuple[float, list[float]]:
-    m = _module(settings, store, iterations, dm)
-    opts = m.configure_optimizers()
+    step = _stepper(settings, store, iterations, dm, warm_up=False)
     stamps, losses = [], []
     for it in range(iterations):
+        losses.append(step(it))
+        stamps.append(time.perf_counter())
+    return _per_iteration(stamps), losses
+
+
+def _stepper(settings, store, iterations, dm, *, warm_up: bool = True):
+    """A fresh module's ``step(it) -> loss``: the method's work of one outer iteration
+    (the loss, the threshold rule, backward, the optimizer steps); warmed up by one
+    iteration unless ``warm_up`` is False."""
+    m = _module(settings, store, iterations + int(warm_up), dm)
+    opts = m.configure_optimizers()
+    threshold = m.hparams.threshold
+
+    def step(it: int) -> float:
         for opt in opts:
             opt.zero_grad(set_to_none=False)
         loss, _ = m.matching_loss(it)
         value = float(loss.detach())
-        if m.hparams.threshold is None or value <= m.hparams.threshold:
+        if threshold is None or value <= threshold:
             loss.backward()
             for opt in opts:
                 opt.step()
-        stamps.append(time.perf_counter())
-        losses.append(value)
-    return _per_iteration(stamps), losses
+        return value
 
-
-def _stepper(settings, store, iterations, dm):
-    """A fresh module's ``step(it)`` (every iteration takes its step), warmed up by one."""
-    m = _module(settings, store, iterations + 1, dm)
-    opts = m.configure_optimizers()
-
-    def step(it: int) -> None:
-        for opt in opts:
-            opt.zero_grad(set_to_none=False)
-        loss, _ = m.matching_loss(it)
-        loss.backward()
-        for opt in opts:
-            opt.step()
-
-    step(0)
+    if warm_up:
+        step(0)
     return step
 
 

@@ -16,11 +16,13 @@ import hashlib
 import json
 import os
 import sys
+from pathlib import Path
 
 from lightning_distill.data.augment import protocol_dsa
 from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.functional.evaluation import EvalProtocol, summarize
+from lightning_distill.io import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, encoding="utf-8") as f:
             out = json.load(f)
     for path in args.sets:
-        digest = _sha256(path)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         done = out.get(path, {})
         if done.get("sha256") == digest and done.get("settings") == settings:
             print(f"{path}: validation accuracy {100 * done['mean']:.1f} +- "
@@ -67,19 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: validation accuracy {100 * mean:.1f} +- {100 * std:.1f} % "
               f"({args.runs} networks x {args.epochs} epochs)", flush=True)
         if args.json:  # after every set, atomically: an interrupted run keeps what it did
-            tmp = f"{args.json}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(out, f, indent=1)
-            os.replace(tmp, args.json)
+            atomic_write_json(args.json, out, indent=1)
     return 0
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 if __name__ == "__main__":
