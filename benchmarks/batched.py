@@ -21,7 +21,7 @@ weight decay 5e-4,
   (``--ipcs``) at the ``--eval-scale`` (``digits`` or ``cifar``).
 
 Random data of the right shapes (throughput does not depend on the pixel values).
-``--backends`` adds the ``vmap`` backend next to the default ``grouped`` one (the
+``--backends`` adds the ``vmap`` and ``loop`` backends next to the default ``grouped`` one (the
 measurement behind the choice). Cases are interleaved over ``--repeats`` and the table
 gives the median ratio (and the best): on a shared machine the ratio of two timings
 taken next to each other is steadier than either.
@@ -171,7 +171,8 @@ def main(argv=None) -> None:
                    help="evaluation set sizes (none: skip the evaluation table)")
     p.add_argument("--epochs", type=int, default=40, help="evaluation epochs per case")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--backends", nargs="+", default=["grouped"], choices=["grouped", "vmap"])
+    p.add_argument("--backends", nargs="+", default=["grouped"],
+                   choices=["grouped", "vmap", "loop"])
     p.add_argument("--cpu-quick", action="store_true",
                    help="CPU settings that fit in ~10 minutes on 2 cores: big scales at "
                         "K = 1, 2, 4 with 2 timed steps, 1 warm-up, 2 repeats")
