@@ -15,9 +15,8 @@ initialisation, data order and augmentation.
   subclasses): the members' channels side by side, ``[B, K * C, H, W]``, one grouped
   convolution (``groups=K``) per block in channels-last memory format, instance /
   group / batch norm as one norm over ``K * C`` channels, the classifier as one
-  ``baddbmm``. Measured fastest (``benchmarks/batched.py``; on 2 CPU cores the
-  channels-last grouped convolution is about twice as fast as the contiguous one that
-  ``vmap`` produces).
+  ``baddbmm``. On 2 CPU cores the fastest for the smallest steps (the digits experts
+  and ipc 1 sets, ``benchmarks/batched.py``).
 - ``"vmap"`` (any ``build_model`` network): ``torch.func.stack_module_state`` +
   ``vmap(functional_call)``.
 - ``"loop"`` (any network): each member's own network operations, one member after the
@@ -59,9 +58,11 @@ from ..models.params import ParamSpec
 
 __all__ = [
     "BACKENDS",
+    "CPU_GROUPED_MAX_PIXELS",
     "GroupMemoryError",
     "StackedNetworks",
     "augment_members",
+    "auto_backend",
     "check_group_memory",
     "chunks",
     "estimate_group_memory",
@@ -71,6 +72,24 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "grouped", "vmap", "loop")
+
+#: ``"auto"`` on a CPU runs the grouped convolutions only while a member's step is at
+#: most this many pixels (images x H x W), the loop above. Measured on 2 cores
+#: (benchmarks/RESULTS.md, "Training K networks as one", groups of 8): grouped beats
+#: loop on the digits experts (batch 32: 2048 pixels, 2.4x against 2.0x one-at-a-time
+#: throughput) and digits ipc 1 (640: 1.9x against 1.0x); loop beats grouped from digits
+#: ipc 10 up (6400: 1.16x against 1.04x; 16384: 1.13x against 0.62x).
+CPU_GROUPED_MAX_PIXELS = 4096
+
+
+def auto_backend(grouped_ok: bool, device: torch.device | str, pixels: int) -> str:
+    """The backend ``"auto"`` runs a step of ``pixels`` per member (images x H x W) with:
+    on an accelerator ``"grouped"`` where supported, else ``"vmap"`` (one launch per
+    operation for all members); on a CPU ``"grouped"`` where supported and ``pixels`` is
+    at most :data:`CPU_GROUPED_MAX_PIXELS`, else ``"loop"``."""
+    if torch.device(device).type != "cpu":
+        return "grouped" if grouped_ok else "vmap"
+    return "grouped" if grouped_ok and pixels <= CPU_GROUPED_MAX_PIXELS else "loop"
 
 
 def _grouped_supported(net: nn.Module) -> bool:
@@ -95,7 +114,8 @@ class StackedNetworks(nn.Module):
         nets: the members, all of the same architecture (the same ``ParamSpec``); their
             current parameters and buffers are copied (the modules are not kept).
         backend: ``"grouped"`` (ConvNet family only), ``"vmap"`` or ``"loop"`` (any
-            network), or ``"auto"`` (grouped when supported).
+            network), or ``"auto"``: chosen at every forward pass by the device and the
+            member's step size (:func:`auto_backend`).
         channels_last: run the grouped convolutions in channels-last memory format
             (default: on; measured faster on CPU).
 
@@ -133,8 +153,8 @@ class StackedNetworks(nn.Module):
                 f"StackedNetworks: backend 'grouped' supports the ConvNet family, got "
                 f"{type(nets[0]).__name__}; use backend 'vmap'"
             )
-        self.backend = "grouped" if backend == "auto" and grouped_ok else (
-            "vmap" if backend == "auto" else backend)
+        self.backend = backend
+        self.grouped_ok = grouped_ok
         self.members = len(nets)
         self.spec = spec
         self.channels_last = bool(channels_last)
@@ -179,6 +199,14 @@ class StackedNetworks(nn.Module):
         return net
 
     # ------------------------------------------------------------------ forward
+    def backend_for(self, batch: Tensor) -> str:
+        """The backend that runs a member's ``batch [B, C, H, W]``: the one asked for, or
+        for ``"auto"`` :func:`auto_backend` by its device and ``B x H x W``."""
+        if self.backend != "auto":
+            return self.backend
+        pixels = math.prod(batch.shape[:1] + batch.shape[2:])
+        return auto_backend(self.grouped_ok, batch.device, pixels)
+
     def forward(self, x: Tensor) -> Tensor:
         """Member k's logits on member k's batch: ``x [K, B, ...] -> [K, B, classes]``."""
         if x.shape[0] != self.members:
@@ -186,18 +214,20 @@ class StackedNetworks(nn.Module):
                 f"StackedNetworks: input has {x.shape[0]} member batches, the group has "
                 f"{self.members} members (use forward_shared for one batch seen by all)"
             )
-        if self.backend == "grouped":
+        backend = self.backend_for(x[0])
+        if backend == "grouped":
             k, b = x.shape[:2]
             return self._grouped(x.transpose(0, 1).reshape(b, -1, *x.shape[3:]))
-        if self.backend == "loop":
+        if backend == "loop":
             return self._looped(x.unbind(0))
         return self._vmapped(x, 0)
 
     def forward_shared(self, x: Tensor) -> Tensor:
         """Every member's logits on the same batch: ``x [B, ...] -> [K, B, classes]``."""
-        if self.backend == "grouped":
+        backend = self.backend_for(x)
+        if backend == "grouped":
             return self._grouped(x.repeat(1, self.members, 1, 1))
-        if self.backend == "loop":
+        if backend == "loop":
             return self._looped([x] * self.members)
         return self._vmapped(x, None)
 

@@ -393,7 +393,7 @@ def train_and_evaluate_group(
                 losses.sum().backward()
                 opt.step()
                 total += losses.detach() * int(idx.shape[1])
-            train_loss = total.cpu() / n
+            train_loss = total.cpu().double() / n  # as the plain loop: float(total) / n
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     accs, test_losses, per_class = _test_group(group, test_images, test_labels,
@@ -444,11 +444,13 @@ DEFAULT_GROUP_SIZE = 8
 
 #: On a CPU a group pays only while a member's step is small: images per batch x pixels
 #: per image at most this. Measured on 2 cores (benchmarks/RESULTS.md, "Training K
-#: networks as one"), groups of 8 evaluation runs gain 1.3-2.5x on digits ipc 1 / 10
-#: (640 / 6400) and break even on Fashion-MNIST ipc 1 (7840), but lose on digits ipc 50
-#: (16384: 0.64x) and Fashion-MNIST ipc 10 / 50 (78400 / 200704: 0.48x / 0.46x), where
-#: the arithmetic, not the per-step overhead, sets the time.
-CPU_GROUP_MAX_PIXELS = 8192
+#: networks as one"), groups of 8 evaluation runs (the backend ``"auto"`` picks,
+#: functional/batched.py) gain 1.9x on digits ipc 1 (640 pixels, grouped), 1.16x and
+#: 1.13x on digits ipc 10 / 50 (6400 / 16384, loop) and 1.23x on Fashion-MNIST ipc 1
+#: (7840, loop); they break even on Fashion-MNIST ipc 10 (78400: 1.00x) and lose on
+#: Fashion-MNIST ipc 50 (200704: 0.75x), where the members' activations no longer fit
+#: the caches.
+CPU_GROUP_MAX_PIXELS = 32768
 
 
 def auto_group_size(device: torch.device | str, batch: int, image_shape: Sequence[int]) -> int:

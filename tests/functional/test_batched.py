@@ -60,14 +60,30 @@ def test_group_forward_is_each_members_forward(float64, norm, backend):
                                   n.features[0].norm.running_mean, atol=1e-12)
 
 
-def test_grouped_backend_is_the_default_for_convnets_and_vmap_serves_the_rest():
-    assert StackedNetworks(_nets()).backend == "grouped"
+def test_auto_backend_chooses_by_device_and_step_size():
+    """"auto": grouped convolutions for the ConvNet family on an accelerator and for
+    small CPU steps (at most CPU_GROUPED_MAX_PIXELS = images x H x W), the loop for
+    larger CPU steps; other networks vmap on an accelerator, the loop on a CPU."""
+    from lightning_distill.functional.batched import CPU_GROUPED_MAX_PIXELS, auto_backend
+
+    group = StackedNetworks(_nets())
+    assert group.backend == "auto" and group.grouped_ok
+    assert CPU_GROUPED_MAX_PIXELS == 4096
+    assert group.backend_for(torch.zeros(64, 1, 8, 8)) == "grouped"  # 4096: at the bound
+    assert group.backend_for(torch.zeros(65, 1, 8, 8)) == "loop"
+    assert auto_backend(True, "cuda", 10**6) == "grouped"
+    assert auto_backend(False, "cuda", 10) == "vmap"
+    assert auto_backend(False, "cpu", 10) == "loop"
+    assert StackedNetworks(_nets(), backend="vmap").backend_for(torch.zeros(1, 1, 8, 8)) == "vmap"
+    x = torch.randn(3, 100, 1, 8, 8)  # a loop step and a grouped step compute the same
+    assert torch.allclose(group(x), StackedNetworks(_nets(), backend="grouped")(x), atol=1e-5)
     alex = [build_model("AlexNet", 1, 3, 32) for _ in range(2)]
     group = StackedNetworks(alex)
-    assert group.backend == "vmap"
+    assert not group.grouped_ok and group.backend_for(torch.zeros(2, 1, 32, 32)) == "loop"
     x = torch.randn(2, 2, 1, 32, 32)
     assert torch.allclose(group(x), torch.stack([n(x[k]) for k, n in enumerate(alex)]),
                           atol=1e-5)
+    assert torch.allclose(StackedNetworks(alex, backend="vmap")(x), group(x), atol=1e-5)
     with pytest.raises(ValueError, match="ConvNet family"):
         StackedNetworks(alex, backend="grouped")
     with pytest.raises(ValueError, match="differs in architecture"):
