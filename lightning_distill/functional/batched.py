@@ -26,9 +26,10 @@ initialisation, data order and augmentation.
   step for all members. On a CPU, where the grouped convolutions are slower per member
   than K dense ones once the maps are large, this is the faster way to run a group.
 
-Both are exact per member: member k's output, loss and gradient are member k's alone
+All three are exact per member: member k's output, loss and gradient are member k's alone
 (they differ from a one-at-a-time network only by floating-point rounding, the tests
-check 1e-10 relative in float64 after 20 steps). Since SGD (momentum, weight decay) is
+check 1e-10 relative in float64 after 20 steps; the loop's rounding is the one-at-a-time
+network's own). Since SGD (momentum, weight decay) is
 element-wise, ``torch.optim.SGD`` over the stacked parameters is per-member SGD; the
 loss to minimise is the SUM of the members' losses (:func:`member_losses`), whose
 gradient with respect to member k's parameters is member k's gradient.
