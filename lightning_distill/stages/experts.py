@@ -18,7 +18,9 @@ Resuming: an expert file is written atomically when the expert finishes (by
 leaves the finished experts and no trace of the interrupted one; running the same
 command again trains exactly the missing experts.
 
-Groups (``experts.group_size: K``, default :data:`DEFAULT_GROUP_SIZE`): the missing
+Groups (``experts.group_size: K``; the default, null, chooses by device and step size
+as the evaluation protocol does, :func:`~lightning_distill.functional.evaluation.auto_group_size`:
+8 on an accelerator, on a CPU 8 for steps of at most 32768 pixels, else 1): the missing
 experts of this process are trained K at a time as ONE vectorised model
 (:class:`~lightning_distill.modules.GroupExpertModule` on a
 :class:`~lightning_distill.functional.batched.StackedNetworks`): member k of a group
@@ -82,7 +84,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -96,7 +98,7 @@ from ..callbacks.trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
 from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
 from ..functional.batched import check_group_memory, chunks
-from ..functional.evaluation import DEFAULT_GROUP_SIZE
+from ..functional.evaluation import auto_group_size
 from ..modules.expert import ExpertTrajectoryModule, GroupExpertModule
 from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
@@ -124,7 +126,8 @@ __all__ = [
 class ExpertTrainingConfig:
     """How each expert trains (MTT's experts: SGD 0.01, no momentum, DSA; docs/method.md, 'Expert
     trajectories');
-    ``group_size`` experts train together as one vectorised model (1: one at a time)."""
+    ``group_size`` experts train together as one vectorised model (1: one at a time;
+    None: chosen by device and step size, :func:`auto_group_size`)."""
 
     num_experts: int = 10
     epochs: int = 50
@@ -134,7 +137,7 @@ class ExpertTrainingConfig:
     dsa: bool = True
     dsa_strategy: str = DEFAULT_DSA_STRATEGY
     check_val_every_n_epoch: int = 1
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
 
 
 @dataclass
@@ -198,7 +201,7 @@ class ExpertPlan:
     make_trainer: Callable[[list[Callback], str, bool], pl.Trainer]
     extra_callbacks: Callable[[Sequence[int]], list[Callback]]
     seed: int = 0
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
     shard_index: int = 0
     num_shards: int = 1
     data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
@@ -296,14 +299,19 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
     if not todo:
         say(f"[green]{plan.store}: all {plan.num_experts} experts{shard} present[/green]")
         return store
-    if plan.group_size < 1:
-        raise ValueError(f"experts.group_size must be >= 1, got {plan.group_size}")
+    if plan.group_size is not None and plan.group_size < 1:
+        raise ValueError(f"experts.group_size must be >= 1 or null (chosen by device and "
+                         f"step size), got {plan.group_size}")
     group_size = plan.group_size
+    if group_size is None:
+        group_size = auto_group_size(_group_device(plan.accelerator), dm.batch_size,
+                                     dm.real.image_size)
     if plan.data_selection.enabled and group_size > 1:
         # the schedule is applied through the datamodule's per-epoch loader, which a group
         # (one loader per member) does not use yet
         say(f"data_selection: experts train one at a time (group_size {group_size} -> 1)")
         group_size = 1
+    plan = replace(plan, group_size=group_size)  # resolved: the messages name it
     groups = chunks(todo, group_size)
     say(f"Training {len(todo)} expert(s){shard} into {plan.store} "
          f"({len(done)} of {plan.num_experts} already present"

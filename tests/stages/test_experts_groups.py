@@ -110,3 +110,28 @@ def test_a_group_that_would_not_fit_is_refused_before_training(tmp_path, monkeyp
                        "batch 128 need about .*MiB.*(use group_size|lower the batch size)"):
         _train(_cfg(tmp_path, "refused", group_size=4))
     assert TrajectoryStore.open(tmp_path / "refused").expert_indices() == []
+
+
+def test_group_size_null_is_chosen_by_device_and_step_size(tmp_path, monkeypatch):
+    """``experts.group_size: null`` (the default) asks auto_group_size for the device, the
+    batch and the image size, as the evaluation protocol does; the groups follow it."""
+    import lightning_distill.stages.experts as stage
+
+    assert ExpertTrainingConfig().group_size is None
+    asked, formed = [], []
+    monkeypatch.setattr(stage, "auto_group_size",
+                        lambda device, batch, shape: asked.append(
+                            (torch.device(device).type, batch, tuple(shape))) or 2)
+    monkeypatch.setattr(stage, "_train_group",
+                        lambda plan, dm, store, group, *a, **k: formed.append(
+                            (plan.group_size, list(group))))
+    monkeypatch.setattr(stage, "_train_one",
+                        lambda plan, dm, store, index, *a, **k: formed.append((1, [index])))
+    train_experts(_cfg(tmp_path, "auto", group_size=None, num_experts=3))
+    assert asked == [("cpu", 128, (8, 8))]
+    assert formed == [(2, [0, 1]), (1, [2])]
+    # on a CPU the rule itself: the digits experts group, Fashion-MNIST's batch 256 does not
+    from lightning_distill.functional.evaluation import auto_group_size
+
+    assert auto_group_size("cpu", 32, (8, 8)) == 8
+    assert auto_group_size("cpu", 256, (28, 28)) == 1
