@@ -21,10 +21,12 @@ weight decay 5e-4,
   (``--ipcs``) at the ``--eval-scale`` (``digits`` or ``cifar``).
 
 Random data of the right shapes (throughput does not depend on the pixel values).
-``--backends`` adds the ``vmap`` and ``loop`` backends next to the default ``grouped`` one (the
-measurement behind the choice). Cases are interleaved over ``--repeats`` and the table
-gives the median ratio (and the best): on a shared machine the ratio of two timings
-taken next to each other is steadier than either.
+``--backends`` adds the ``vmap`` and ``loop`` backends next to the default ``grouped`` one
+(the measurement behind the choice), and ``grouped-cl``: the grouped backend in
+channels-last memory format (``StackedNetworks(channels_last=True)``, its default before
+2026-12-03). Cases are interleaved over ``--repeats`` and the table gives the median
+ratio (and the best): on a shared machine the ratio of two timings taken next to each
+other is steadier than either.
 
 Examples::
 
@@ -35,6 +37,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import platform
@@ -42,6 +45,7 @@ import statistics
 import subprocess
 import time
 import warnings
+from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -52,6 +56,7 @@ from experts import _sync, _Timer
 from lightning_distill.callbacks.sharpness import GSAM
 from lightning_distill.data.augment import DSA
 from lightning_distill.data.datamodule import MemberBatches, TensorBatchLoader
+from lightning_distill.functional.batched import StackedNetworks
 from lightning_distill.functional.evaluation import (
     seeded_model,
     train_and_evaluate,
@@ -74,6 +79,15 @@ SCALES = {
 
 
 
+def _backend(name: str) -> tuple[str, contextlib.AbstractContextManager]:
+    """The library backend of a ``--backends`` name, and the context to run it in:
+    ``grouped-cl`` is ``grouped`` with every group built with ``channels_last=True``."""
+    if name != "grouped-cl":
+        return name, contextlib.nullcontext()
+    return "grouped", mock.patch.object(
+        StackedNetworks.__init__, "__defaults__", ("auto", True))
+
+
 def _fit(module, loader, device, steps, warmup) -> float:
     timer = _Timer(warmup, device)
     trainer = pl.Trainer(
@@ -88,6 +102,12 @@ def _fit(module, loader, device, steps, warmup) -> float:
 
 def expert_case(scale: str, k: int | None, device, steps, warmup, backend) -> float:
     """Member images per second: one expert (``k`` None) or a group of ``k``."""
+    backend, context = _backend(backend)
+    with context:
+        return _expert_case(scale, k, device, steps, warmup, backend)
+
+
+def _expert_case(scale: str, k: int | None, device, steps, warmup, backend) -> float:
     c, s, width, depth, batch = SCALES[scale]
     n = batch * (warmup + steps)  # one epoch holds every step
     g = torch.Generator().manual_seed(0)
@@ -115,6 +135,12 @@ def expert_case(scale: str, k: int | None, device, steps, warmup, backend) -> fl
 
 def eval_case(scale: str, ipc: int, k: int | None, device, epochs, backend) -> float:
     """Member images per second of evaluation training (epochs x set size / time)."""
+    backend, context = _backend(backend)
+    with context:
+        return _eval_case(scale, ipc, k, device, epochs, backend)
+
+
+def _eval_case(scale: str, ipc: int, k: int | None, device, epochs, backend) -> float:
     c, s, width, depth, _ = SCALES[scale]
     n = 10 * ipc
     g = torch.Generator().manual_seed(0)
@@ -172,7 +198,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=40, help="evaluation epochs per case")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", nargs="+", default=["grouped"],
-                   choices=["grouped", "vmap", "loop"])
+                   choices=["grouped", "grouped-cl", "vmap", "loop"])
     p.add_argument("--cpu-quick", action="store_true",
                    help="CPU settings that fit in ~10 minutes on 2 cores: big scales at "
                         "K = 1, 2, 4 with 2 timed steps, 1 warm-up, 2 repeats")

@@ -13,10 +13,12 @@ initialisation, data order and augmentation.
 
 - ``"grouped"`` (ConvNet family: :class:`~lightning_distill.models.ConvNet` and its
   subclasses): the members' channels side by side, ``[B, K * C, H, W]``, one grouped
-  convolution (``groups=K``) per block in channels-last memory format, instance /
-  group / batch norm as one norm over ``K * C`` channels, the classifier as one
-  ``baddbmm``. On 2 CPU cores the fastest for the smallest steps (the digits experts
-  and ipc 1 sets, ``benchmarks/batched.py``).
+  convolution (``groups=K``) per block, instance / group / batch norm as one norm over
+  ``K * C`` channels, the classifier as one ``baddbmm``. Contiguous (NCHW) memory by
+  default: on the CPU, ``group_norm`` and its backward are ~15x slower on channels-last
+  tensors, which made the whole step 1.3-1.7x slower (``benchmarks/RESULTS.md``). On
+  2 CPU cores the fastest backend for the smallest steps (the digits experts and ipc 1
+  sets, ``benchmarks/batched.py``).
 - ``"vmap"`` (any ``build_model`` network): ``torch.func.stack_module_state`` +
   ``vmap(functional_call)``.
 - ``"loop"`` (any network): each member's own network operations, one member after the
@@ -59,6 +61,7 @@ from ..models.params import ParamSpec
 
 __all__ = [
     "BACKENDS",
+    "CPU_GROUPED_MAX_IMAGE",
     "CPU_GROUPED_MAX_PIXELS",
     "GroupMemoryError",
     "StackedNetworks",
@@ -74,23 +77,65 @@ __all__ = [
 
 BACKENDS = ("auto", "grouped", "vmap", "loop")
 
-#: ``"auto"`` on a CPU runs the grouped convolutions only while a member's step is at
-#: most this many pixels (images x H x W), the loop above. Measured on 2 cores
-#: (benchmarks/RESULTS.md, "Training K networks as one", groups of 8): grouped beats
-#: loop on the digits experts (batch 32: 2048 pixels, 2.4x against 2.0x one-at-a-time
-#: throughput) and digits ipc 1 (640: 1.9x against 1.0x); loop beats grouped from digits
-#: ipc 10 up (6400: 1.16x against 1.04x; 16384: 1.13x against 0.62x).
-CPU_GROUPED_MAX_PIXELS = 4096
+#: ``"auto"`` on a CPU runs the grouped backend only for images of at most this many
+#: pixels (H x W) and member steps of at most :data:`CPU_GROUPED_MAX_PIXELS` (images x H x
+#: W), the loop otherwise. Measured on 2 cores (benchmarks/RESULTS.md, "Training K
+#: networks as one", groups of 8, contiguous memory): at 8x8 grouped beats the loop from
+#: the digits experts (batch 32, 3.3x against 1.8x one-at-a-time throughput) to digits
+#: ipc 50 (batch 256: 16384 pixels, 1.5x against 1.4x); at 28x28 the loop wins from
+#: Fashion-MNIST ipc 1 (7840 pixels: 1.05x against 0.75x) on.
+CPU_GROUPED_MAX_IMAGE = 64
+CPU_GROUPED_MAX_PIXELS = 16384
 
 
-def auto_backend(grouped_ok: bool, device: torch.device | str, pixels: int) -> str:
-    """The backend ``"auto"`` runs a step of ``pixels`` per member (images x H x W) with:
-    on an accelerator ``"grouped"`` where supported, else ``"vmap"`` (one launch per
-    operation for all members); on a CPU ``"grouped"`` where supported and ``pixels`` is
-    at most :data:`CPU_GROUPED_MAX_PIXELS`, else ``"loop"``."""
+def auto_backend(grouped_ok: bool, device: torch.device | str, images: int,
+                 image_pixels: int) -> str:
+    """The backend ``"auto"`` runs a member's step of ``images`` images of ``image_pixels``
+    (H x W) each with: on an accelerator ``"grouped"`` where supported, else ``"vmap"``
+    (one launch per operation for all members); on a CPU ``"grouped"`` where supported,
+    ``image_pixels`` is at most :data:`CPU_GROUPED_MAX_IMAGE` and the step at most
+    :data:`CPU_GROUPED_MAX_PIXELS`, else ``"loop"``."""
     if torch.device(device).type != "cpu":
         return "grouped" if grouped_ok else "vmap"
-    return "grouped" if grouped_ok and pixels <= CPU_GROUPED_MAX_PIXELS else "loop"
+    small = (image_pixels <= CPU_GROUPED_MAX_IMAGE
+             and images * image_pixels <= CPU_GROUPED_MAX_PIXELS)
+    return "grouped" if grouped_ok and small else "loop"
+
+
+#: The grouped backend on a CPU takes a 2x2 average pool of maps of this many pixels (H x W)
+#: as one matrix product with a fixed pooling matrix: on contiguous maps avg_pool2d's CPU
+#: kernel works plane by plane, and for 4x4 and 8x8 maps the product was 2-4x faster
+#: (forward + backward, 2 cores; even at 16x16, slower from 28x28; benchmarks/RESULTS.md).
+CPU_MATMUL_POOL_PIXELS = (16, 64)
+
+
+def _pool(pool: nn.Module, h: Tensor) -> Tensor:
+    """``pool(h)``; on a CPU a 2x2 / stride 2 average pool of small maps as one matmul."""
+    hh, ww = h.shape[-2:]
+    lo, hi = CPU_MATMUL_POOL_PIXELS
+    if (h.device.type != "cpu" or not isinstance(pool, nn.AvgPool2d)
+            or not lo <= hh * ww <= hi or hh % 2 or ww % 2
+            or (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
+            not in (((2, 2), (2, 2), 0, False), (2, 2, 0, False))
+            or pool.divisor_override is not None):
+        return pool(h)
+    b, c = h.shape[:2]
+    return (h.reshape(b * c, hh * ww) @ _pool_matrix(hh, ww, h.dtype)).view(b, c, hh // 2, ww // 2)
+
+
+_POOL_MATRICES: dict[tuple[int, int, torch.dtype], Tensor] = {}
+
+
+def _pool_matrix(hh: int, ww: int, dtype: torch.dtype) -> Tensor:
+    """``[H * W, H * W / 4]``: column (i, j) averages the input's 2x2 window at (2i, 2j)."""
+    key = (hh, ww, dtype)
+    if key not in _POOL_MATRICES:
+        cell = torch.arange(hh).div(2, rounding_mode="floor")[:, None] * (ww // 2) \
+            + torch.arange(ww).div(2, rounding_mode="floor")[None, :]
+        m = torch.zeros(hh * ww, hh * ww // 4, dtype=dtype)
+        m[torch.arange(hh * ww), cell.reshape(-1)] = 0.25
+        _POOL_MATRICES[key] = m
+    return _POOL_MATRICES[key]
 
 
 def _grouped_supported(net: nn.Module) -> bool:
@@ -117,8 +162,9 @@ class StackedNetworks(nn.Module):
         backend: ``"grouped"`` (ConvNet family only), ``"vmap"`` or ``"loop"`` (any
             network), or ``"auto"``: chosen at every forward pass by the device and the
             member's step size (:func:`auto_backend`).
-        channels_last: run the grouped convolutions in channels-last memory format
-            (default: on; measured faster on CPU).
+        channels_last: run the grouped backend in channels-last memory format (default:
+            off; on 2 CPU cores contiguous tensors are 1.3-1.7x faster for the whole
+            step, because the norms are much slower on channels-last tensors).
 
     ``parameters()`` yields one tensor ``[K, *shape]`` per parameter of a member, in the
     member's ``named_parameters()`` order; buffers (BatchNorm running statistics) are
@@ -133,7 +179,7 @@ class StackedNetworks(nn.Module):
     """
 
     def __init__(
-        self, nets: Sequence[nn.Module], backend: str = "auto", channels_last: bool = True
+        self, nets: Sequence[nn.Module], backend: str = "auto", channels_last: bool = False
     ) -> None:
         super().__init__()
         nets = list(nets)
@@ -202,11 +248,11 @@ class StackedNetworks(nn.Module):
     # ------------------------------------------------------------------ forward
     def backend_for(self, batch: Tensor) -> str:
         """The backend that runs a member's ``batch [B, C, H, W]``: the one asked for, or
-        for ``"auto"`` :func:`auto_backend` by its device and ``B x H x W``."""
+        for ``"auto"`` :func:`auto_backend` by its device, ``B`` and ``H x W``."""
         if self.backend != "auto":
             return self.backend
-        pixels = math.prod(batch.shape[:1] + batch.shape[2:])
-        return auto_backend(self.grouped_ok, batch.device, pixels)
+        return auto_backend(self.grouped_ok, batch.device, batch.shape[0],
+                            math.prod(batch.shape[2:]))
 
     def forward(self, x: Tensor) -> Tensor:
         """Member k's logits on member k's batch: ``x [K, B, ...] -> [K, B, classes]``."""
@@ -274,7 +320,7 @@ class StackedNetworks(nn.Module):
                          groups=k)
             h = self._norm(block.norm, h, p, bufs, pre + "norm.")
             h = block.act(h)
-            h = block.pool(h)
+            h = _pool(block.pool, h)
         b = h.shape[0]
         feats = h.reshape(b, k, -1).transpose(0, 1)  # [K, B, width * h * w], member order
         weight = p["classifier.weight"]  # [K, classes, F]

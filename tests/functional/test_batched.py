@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lightning_distill.data.augment import DSA
 from lightning_distill.functional.batched import (
@@ -60,22 +61,29 @@ def test_group_forward_is_each_members_forward(float64, norm, backend):
                                   n.features[0].norm.running_mean, atol=1e-12)
 
 
-def test_auto_backend_chooses_by_device_and_step_size():
-    """"auto": grouped convolutions for the ConvNet family on an accelerator and for
-    small CPU steps (at most CPU_GROUPED_MAX_PIXELS = images x H x W), the loop for
-    larger CPU steps; other networks vmap on an accelerator, the loop on a CPU."""
-    from lightning_distill.functional.batched import CPU_GROUPED_MAX_PIXELS, auto_backend
+def test_auto_backend_chooses_by_device_image_and_step_size():
+    """"auto": grouped convolutions for the ConvNet family on an accelerator and on a CPU
+    for small images (at most CPU_GROUPED_MAX_IMAGE = H x W) in steps of at most
+    CPU_GROUPED_MAX_PIXELS (images x H x W), the loop for the rest on a CPU; other
+    networks vmap on an accelerator, the loop on a CPU."""
+    from lightning_distill.functional.batched import (
+        CPU_GROUPED_MAX_IMAGE,
+        CPU_GROUPED_MAX_PIXELS,
+        auto_backend,
+    )
 
     group = StackedNetworks(_nets())
     assert group.backend == "auto" and group.grouped_ok
-    assert CPU_GROUPED_MAX_PIXELS == 4096
-    assert group.backend_for(torch.zeros(64, 1, 8, 8)) == "grouped"  # 4096: at the bound
-    assert group.backend_for(torch.zeros(65, 1, 8, 8)) == "loop"
-    assert auto_backend(True, "cuda", 10**6) == "grouped"
-    assert auto_backend(False, "cuda", 10) == "vmap"
-    assert auto_backend(False, "cpu", 10) == "loop"
+    assert (CPU_GROUPED_MAX_IMAGE, CPU_GROUPED_MAX_PIXELS) == (64, 16384)
+    assert group.backend_for(torch.zeros(256, 1, 8, 8)) == "grouped"  # 16384: at the bound
+    assert group.backend_for(torch.zeros(257, 1, 8, 8)) == "loop"
+    assert group.backend_for(torch.zeros(1, 1, 9, 8)) == "loop"  # 72-pixel images
+    assert auto_backend(True, "cpu", 4, 28 * 28) == "loop"
+    assert auto_backend(True, "cuda", 10**6, 28 * 28) == "grouped"
+    assert auto_backend(False, "cuda", 10, 64) == "vmap"
+    assert auto_backend(False, "cpu", 10, 64) == "loop"
     assert StackedNetworks(_nets(), backend="vmap").backend_for(torch.zeros(1, 1, 8, 8)) == "vmap"
-    x = torch.randn(3, 100, 1, 8, 8)  # a loop step and a grouped step compute the same
+    x = torch.randn(3, 300, 1, 8, 8)  # a loop step and a grouped step compute the same
     assert torch.allclose(group(x), StackedNetworks(_nets(), backend="grouped")(x), atol=1e-5)
     alex = [build_model("AlexNet", 1, 3, 32) for _ in range(2)]
     group = StackedNetworks(alex)
@@ -215,3 +223,32 @@ def test_a_group_that_does_not_fit_is_refused_with_the_estimate_and_a_smaller_k(
         estimate_group_memory(net, (3, 32, 32), 256, 3)
     with pytest.raises(GroupMemoryError, match="even one network does not fit"):
         check_group_memory(net, (3, 32, 32), 256, 2, "cpu", budget=10)
+
+
+def test_cpu_matmul_pooling_is_the_average_pool():
+    """The grouped backend's 2x2 average pool of small CPU maps (one matmul with a fixed
+    pooling matrix) is avg_pool2d's value (float64, to rounding: the window's four terms
+    may be summed in another order) and exactly its gradient (one term per input, scaled by
+    0.25); other pools and sizes go to the module itself."""
+    from lightning_distill.functional.batched import CPU_MATMUL_POOL_PIXELS, _pool
+
+    assert CPU_MATMUL_POOL_PIXELS == (16, 64)
+    g = torch.Generator().manual_seed(0)
+    for hw in [(4, 4), (4, 8), (8, 8), (6, 6), (8, 2)]:
+        x = torch.randn(3, 5, *hw, dtype=torch.float64, generator=g, requires_grad=True)
+        w = torch.randn(3, 5, hw[0] // 2, hw[1] // 2, dtype=torch.float64, generator=g)
+        pool = nn.AvgPool2d(2)
+        want = pool(x)
+        (grad_want,) = torch.autograd.grad((want * w).sum(), x)
+        got = _pool(pool, x)
+        (grad_got,) = torch.autograd.grad((got * w).sum(), x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+        torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=0)  # x 0.25: exact
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    for pool in (nn.MaxPool2d(2), nn.AvgPool2d(2, stride=1), nn.AvgPool2d(2, padding=1),
+                 nn.AvgPool2d(2, ceil_mode=True), nn.AvgPool2d(2, divisor_override=3),
+                 nn.Identity()):
+        assert torch.equal(_pool(pool, x), pool(x)), pool
+    big = torch.randn(1, 2, 10, 10, dtype=torch.float64, generator=g)  # 100 > 64 pixels
+    assert torch.equal(_pool(nn.AvgPool2d(2), big), F.avg_pool2d(big, 2))
