@@ -445,11 +445,11 @@ DEFAULT_GROUP_SIZE = 8
 #: On a CPU a group pays only while a member's step is small: images per batch x pixels
 #: per image at most this. Measured on 2 cores (benchmarks/RESULTS.md, "Training K
 #: networks as one"), groups of 8 evaluation runs (the backend ``"auto"`` picks,
-#: functional/batched.py) gain 1.9x on digits ipc 1 (640 pixels, grouped), 1.16x and
-#: 1.13x on digits ipc 10 / 50 (6400 / 16384, loop) and 1.23x on Fashion-MNIST ipc 1
-#: (7840, loop); they break even on Fashion-MNIST ipc 10 (78400: 1.00x) and lose on
-#: Fashion-MNIST ipc 50 (200704: 0.75x), where the members' activations no longer fit
-#: the caches.
+#: functional/batched.py) gain 2.3x, 1.8x and 1.4x on digits ipc 1 / 10 / 50 (640 /
+#: 6400 / 16384 pixels, grouped) and 1.05-1.23x on Fashion-MNIST ipc 1 (7840, loop);
+#: they break even on Fashion-MNIST ipc 10 (78400: 0.93-1.00x) and lose on
+#: Fashion-MNIST ipc 50 (200704: 0.75-0.78x), where the members' activations no longer
+#: fit the caches.
 CPU_GROUP_MAX_PIXELS = 32768
 
 
