@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import logging
 import platform
 import statistics
@@ -85,7 +86,8 @@ def _backend(name: str) -> tuple[str, contextlib.AbstractContextManager]:
     if name != "grouped-cl":
         return name, contextlib.nullcontext()
     return "grouped", mock.patch.object(
-        StackedNetworks.__init__, "__defaults__", ("auto", True))
+        StackedNetworks, "__init__",
+        functools.partialmethod(StackedNetworks.__init__, channels_last=True))
 
 
 def _fit(module, loader, device, steps, warmup) -> float:

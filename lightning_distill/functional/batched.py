@@ -46,6 +46,7 @@ would not fit, before any training, with the estimate and a smaller K.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.modules.utils import _pair
 
 from ..models.convnet import ConvBlock, ConvNet
 from ..models.params import ParamSpec
@@ -115,27 +117,20 @@ def _pool(pool: nn.Module, h: Tensor) -> Tensor:
     lo, hi = CPU_MATMUL_POOL_PIXELS
     if (h.device.type != "cpu" or not isinstance(pool, nn.AvgPool2d)
             or not lo <= hh * ww <= hi or hh % 2 or ww % 2
-            or (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
-            not in (((2, 2), (2, 2), 0, False), (2, 2, 0, False))
+            or _pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2)
+            or _pair(pool.padding) != (0, 0) or pool.ceil_mode
             or pool.divisor_override is not None):
         return pool(h)
     b, c = h.shape[:2]
     return (h.reshape(b * c, hh * ww) @ _pool_matrix(hh, ww, h.dtype)).view(b, c, hh // 2, ww // 2)
 
 
-_POOL_MATRICES: dict[tuple[int, int, torch.dtype], Tensor] = {}
-
-
+@functools.cache
 def _pool_matrix(hh: int, ww: int, dtype: torch.dtype) -> Tensor:
-    """``[H * W, H * W / 4]``: column (i, j) averages the input's 2x2 window at (2i, 2j)."""
-    key = (hh, ww, dtype)
-    if key not in _POOL_MATRICES:
-        cell = torch.arange(hh).div(2, rounding_mode="floor")[:, None] * (ww // 2) \
-            + torch.arange(ww).div(2, rounding_mode="floor")[None, :]
-        m = torch.zeros(hh * ww, hh * ww // 4, dtype=dtype)
-        m[torch.arange(hh * ww), cell.reshape(-1)] = 0.25
-        _POOL_MATRICES[key] = m
-    return _POOL_MATRICES[key]
+    """``[H * W, H * W / 4]``, the 2x2 average pool as a matrix: row i is the pool of the
+    i-th basis image."""
+    basis = torch.eye(hh * ww, dtype=dtype).view(hh * ww, 1, hh, ww)
+    return F.avg_pool2d(basis, 2).view(hh * ww, -1)
 
 
 def _grouped_supported(net: nn.Module) -> bool:
