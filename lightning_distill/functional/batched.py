@@ -46,7 +46,6 @@ would not fit, before any training, with the estimate and a smaller K.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -56,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.nn.modules.utils import _pair
 
 from ..models.convnet import ConvBlock, ConvNet
 from ..models.params import ParamSpec
@@ -102,35 +100,6 @@ def auto_backend(grouped_ok: bool, device: torch.device | str, images: int,
     small = (image_pixels <= CPU_GROUPED_MAX_IMAGE
              and images * image_pixels <= CPU_GROUPED_MAX_PIXELS)
     return "grouped" if grouped_ok and small else "loop"
-
-
-#: The grouped backend on a CPU takes a 2x2 average pool of maps of this many pixels (H x W)
-#: as one matrix product with a fixed pooling matrix: on contiguous maps avg_pool2d's CPU
-#: kernel works plane by plane, and for 4x4 and 8x8 maps the product was 2-4x faster
-#: (forward + backward, 2 cores; even at 16x16, slower from 28x28; benchmarks/RESULTS.md).
-CPU_MATMUL_POOL_PIXELS = (16, 64)
-
-
-def _pool(pool: nn.Module, h: Tensor) -> Tensor:
-    """``pool(h)``; on a CPU a 2x2 / stride 2 average pool of small maps as one matmul."""
-    hh, ww = h.shape[-2:]
-    lo, hi = CPU_MATMUL_POOL_PIXELS
-    if (h.device.type != "cpu" or not isinstance(pool, nn.AvgPool2d)
-            or not lo <= hh * ww <= hi or hh % 2 or ww % 2
-            or _pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2)
-            or _pair(pool.padding) != (0, 0) or pool.ceil_mode
-            or pool.divisor_override is not None):
-        return pool(h)
-    b, c = h.shape[:2]
-    return (h.reshape(b * c, hh * ww) @ _pool_matrix(hh, ww, h.dtype)).view(b, c, hh // 2, ww // 2)
-
-
-@functools.cache
-def _pool_matrix(hh: int, ww: int, dtype: torch.dtype) -> Tensor:
-    """``[H * W, H * W / 4]``, the 2x2 average pool as a matrix: row i is the pool of the
-    i-th basis image."""
-    basis = torch.eye(hh * ww, dtype=dtype).view(hh * ww, 1, hh, ww)
-    return F.avg_pool2d(basis, 2).view(hh * ww, -1)
 
 
 def _grouped_supported(net: nn.Module) -> bool:
@@ -315,7 +284,7 @@ class StackedNetworks(nn.Module):
                          groups=k)
             h = self._norm(block.norm, h, p, bufs, pre + "norm.")
             h = block.act(h)
-            h = _pool(block.pool, h)
+            h = block.pool(h)
         b = h.shape[0]
         feats = h.reshape(b, k, -1).transpose(0, 1)  # [K, B, width * h * w], member order
         weight = p["classifier.weight"]  # [K, classes, F]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .pooling import AvgPool2x2
 from .registry import register_model, to_hw
 
 __all__ = [
@@ -107,7 +108,8 @@ class ConvNet(nn.Module):
         depth: number of blocks D (3 for 32 px, 4 for 64 px, 5 for 128 px).
         norm: one of ``NORMS``.
         act: one of ``ACTIVATIONS``.
-        pooling: one of ``POOLINGS`` (2x2, stride 2).
+        pooling: one of ``POOLINGS`` (2x2, stride 2; the average pool is
+            :class:`~lightning_distill.models.pooling.AvgPool2x2`).
     """
 
     def __init__(
@@ -143,7 +145,7 @@ class ConvNet(nn.Module):
                         f"ConvNet: image_size {hw} is too small for depth {depth} "
                         f"(block {d} would pool a {h}x{w} map); use a smaller depth"
                     )
-                pool = nn.AvgPool2d(2, 2) if pooling == "avgpooling" else nn.MaxPool2d(2, 2)
+                pool = AvgPool2x2() if pooling == "avgpooling" else nn.MaxPool2d(2, 2)
                 h, w = h // 2, w // 2
             blocks.append(ConvBlock(conv, norm_layer, make_act(act), pool))
             in_ch = width

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightning_distill.data.augment import DSA
 from lightning_distill.functional.batched import (
@@ -223,32 +222,3 @@ def test_a_group_that_does_not_fit_is_refused_with_the_estimate_and_a_smaller_k(
         estimate_group_memory(net, (3, 32, 32), 256, 3)
     with pytest.raises(GroupMemoryError, match="even one network does not fit"):
         check_group_memory(net, (3, 32, 32), 256, 2, "cpu", budget=10)
-
-
-def test_cpu_matmul_pooling_is_the_average_pool():
-    """The grouped backend's 2x2 average pool of small CPU maps (one matmul with a fixed
-    pooling matrix) is avg_pool2d's value (float64, to rounding: the window's four terms
-    may be summed in another order) and exactly its gradient (one term per input, scaled by
-    0.25); other pools and sizes go to the module itself."""
-    from lightning_distill.functional.batched import CPU_MATMUL_POOL_PIXELS, _pool
-
-    assert CPU_MATMUL_POOL_PIXELS == (16, 64)
-    g = torch.Generator().manual_seed(0)
-    for hw in [(4, 4), (4, 8), (8, 8), (6, 6), (8, 2)]:
-        x = torch.randn(3, 5, *hw, dtype=torch.float64, generator=g, requires_grad=True)
-        w = torch.randn(3, 5, hw[0] // 2, hw[1] // 2, dtype=torch.float64, generator=g)
-        pool = nn.AvgPool2d(2)
-        want = pool(x)
-        (grad_want,) = torch.autograd.grad((want * w).sum(), x)
-        got = _pool(pool, x)
-        (grad_got,) = torch.autograd.grad((got * w).sum(), x)
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
-        torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=0)  # x 0.25: exact
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
-    for pool in (nn.MaxPool2d(2), nn.AvgPool2d(2, stride=1), nn.AvgPool2d(2, padding=1),
-                 nn.AvgPool2d(2, ceil_mode=True), nn.AvgPool2d(2, divisor_override=3),
-                 nn.Identity()):
-        assert torch.equal(_pool(pool, x), pool(x)), pool
-    big = torch.randn(1, 2, 10, 10, dtype=torch.float64, generator=g)  # 100 > 64 pixels
-    assert torch.equal(_pool(nn.AvgPool2d(2), big), F.avg_pool2d(big, 2))

@@ -150,6 +150,44 @@ def test_convnet_act_and_pooling_variants():
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
+def test_cpu_matmul_pooling_is_the_average_pool():
+    """ConvNet's average pool (AvgPool2x2): on small CPU maps one matmul with a fixed
+    pooling matrix, avg_pool2d's value (float64, to rounding: a window's four terms may be
+    summed in another order) and exactly its gradient (one term per input, x 0.25), also
+    through a double backward; other sizes are avg_pool2d itself."""
+    import torch.nn.functional as F
+
+    from lightning_distill.models.pooling import CPU_MATMUL_POOL_PIXELS, AvgPool2x2
+
+    assert CPU_MATMUL_POOL_PIXELS == (16, 64)
+    net = build_model("ConvNet", 1, 3, 8, width=4, depth=2)
+    assert all(type(b.pool) is AvgPool2x2 and isinstance(b.pool, nn.AvgPool2d)
+               for b in net.features)
+    pool = AvgPool2x2()
+    assert (pool.kernel_size, pool.stride, pool.padding) == (2, 2, 0)
+    g = torch.Generator().manual_seed(0)
+    for hw in [(4, 4), (4, 8), (8, 8), (6, 6), (8, 2)]:
+        x = torch.randn(3, 5, *hw, dtype=torch.float64, generator=g, requires_grad=True)
+        w = torch.randn(3, 5, hw[0] // 2, hw[1] // 2, dtype=torch.float64, generator=g)
+        want = F.avg_pool2d(x, 2)
+        (grad_want,) = torch.autograd.grad((want.square() * w).sum(), x, create_graph=True)
+        got = pool(x)
+        (grad_got,) = torch.autograd.grad((got.square() * w).sum(), x, create_graph=True)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+        torch.testing.assert_close(grad_got, grad_want, rtol=1e-15, atol=1e-15)
+        (hvp_want,) = torch.autograd.grad(grad_want.sum(), x)
+        (hvp_got,) = torch.autograd.grad(grad_got.sum(), x)
+        torch.testing.assert_close(hvp_got, hvp_want, rtol=1e-15, atol=1e-15)
+        v = torch.randn_like(want)
+        (vjp_want,) = torch.autograd.grad(F.avg_pool2d(x, 2), x, v)
+        (vjp_got,) = torch.autograd.grad(pool(x), x, v)
+        assert torch.equal(vjp_got, vjp_want)  # x 0.25: exact
+    for hw in [(10, 10), (2, 2), (5, 5), (7, 4), (16, 16)]:  # outside 16..64 px, or odd
+        x = torch.randn(2, 3, *hw, dtype=torch.float64, generator=g)
+        assert torch.equal(pool(x), F.avg_pool2d(x, 2)), hw
+
+
 def test_instancenorm_equals_hand_computed_normalisation():
     m = build_model("ConvNet", 2, 3, 8, width=4, depth=1).double()
     norm = m.features[0].norm
