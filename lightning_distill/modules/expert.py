@@ -34,6 +34,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator, dsa_flip_for
@@ -159,6 +160,29 @@ class _ExpertSteps(pl.LightningModule):
                 "it under a Trainer with a datamodule, or pass the shapes")
         return self.net
 
+    def _build_train_metrics(self, num_classes: int) -> None:
+        self.train_loss = MeanMetric()
+        self.train_acc = _accuracy(num_classes)
+
+    def _log_train_step(self, loss: Tensor, batch_size: int) -> None:
+        """One ``self.log`` per step, the step's loss (this rank, for the progress bar and
+        the loggers). The epoch's loss (weighted by ``batch_size``) and accuracy accumulate
+        in torchmetrics objects and are logged once, in :meth:`on_train_epoch_end`: each
+        ``self.log`` call costs about a millisecond of Lightning's bookkeeping, a fifth of
+        a digits expert's step (benchmarks/RESULTS.md, 'Per-step logging')."""
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.train_loss.update(loss, batch_size)
+
+    def on_train_epoch_end(self) -> None:
+        """``train/loss_epoch`` and ``train/acc``: the epoch's means over every rank
+        (torchmetrics synchronises them when computed), then reset for the next epoch."""
+        if not self.train_loss.update_called:  # no training batch this epoch
+            return
+        self.log("train/loss_epoch", self.train_loss.compute())
+        self.log("train/acc", self.train_acc.compute())
+        self.train_loss.reset()
+        self.train_acc.reset()
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
@@ -249,7 +273,7 @@ class ExpertTrajectoryModule(_ExpertSteps):
             hp.model, channels=channels, num_classes=num_classes, image_size=image_size,
             **(hp.model_kwargs or {}),
         )
-        self.train_acc = _accuracy(num_classes)
+        self._build_train_metrics(num_classes)
         self.val_acc = _accuracy(num_classes)
         self.test_acc = _accuracy(num_classes)
 
@@ -287,10 +311,7 @@ class ExpertTrajectoryModule(_ExpertSteps):
         # Loss protocol for SAM/ASAM/GSAM: recompute on the SAME augmented batch.
         self.loss_closure = lambda: F.cross_entropy(self.net(x), y)
         self.train_acc.update(logits.detach(), y)
-        # Per-step loss: this rank's (no communication); epoch means: over all ranks.
-        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._log_train_step(loss.detach(), y.shape[0])
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
@@ -381,7 +402,7 @@ class GroupExpertModule(_ExpertSteps):
         nets = [seeded_model(hp.model, channels, num_classes, image_size, seed=s,
                              **hp.model_kwargs) for s in hp.init_seeds]
         self.net = StackedNetworks(nets, backend=hp.backend)
-        self.train_acc = _accuracy(num_classes)
+        self._build_train_metrics(num_classes)
         self.val_acc = _accuracy(num_classes)
         self.test_acc = _accuracy(num_classes)
         self.val_member_acc = nn.ModuleList(_accuracy(num_classes) for _ in nets)
@@ -419,10 +440,7 @@ class GroupExpertModule(_ExpertSteps):
         mean_loss = losses.detach().mean()
         # every member sees B samples: accuracy over the K * B predictions = member mean
         self.train_acc.update(logits.detach().flatten(0, 1), y.flatten())
-        self.log("train/loss_step", mean_loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/loss_epoch", mean_loss, on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=y.shape[1])
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._log_train_step(mean_loss, y.shape[1])
         return losses.sum()
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], prefix: str) -> None:
