@@ -69,11 +69,11 @@ def test_float64_group_of_experts_equals_the_single_experts_after_20_steps(sharp
 def test_float32_one_epoch_of_the_digits_network_within_1e4():
     """The quickstart's experts (digits, ConvNet width 32, depth 2, batch 32, lr 0.05,
     GSAM, DSA), one epoch of the 1078 training images (34 steps): measured max relative
-    difference 6.3e-8 per member (float32 rounding of the grouped kernels; 4.8e-7 with
-    their channels-last layout, the default before 2026-12-03; float64 gives 1.5e-16 on
-    the same run). On pure-noise images the same run is chaotic: the float32
-    rounding differences grow ~1.5x a step, to 8.7e-4 after 34 steps, while float64
-    stays at 1e-16, so the real data is the meaningful test."""
+    difference 4.8e-7 per member (float32 rounding of the grouped kernels, 2026-12-04;
+    7.3e-8 with their channels-last layout; float64 gives 1.5e-16 on the same run). On
+    pure-noise images the same run is chaotic: the float32 rounding differences grow
+    ~1.5x a step, to 8.7e-4 after 34 steps, while float64 stays at 1e-16, so the real
+    data is the meaningful test."""
     from lightning_distill.data.datamodule import RealDataModule
 
     dm = RealDataModule("digits")
