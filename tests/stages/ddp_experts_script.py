@@ -4,7 +4,8 @@ Usage: ``python tests/stages/ddp_experts_script.py OUTDIR [GROUP_SIZE] [pad]``. 
 subprocess launcher re-runs this script for rank 1 at the first ``fit`` (hence the ``__main__``
 guard), and both ranks then walk the same list of experts. A callback added here (not
 in the library) saves every rank's final flat parameters of each expert to
-``OUTDIR/rank{r}_expert{i}.pt``; the store goes to ``OUTDIR/store``. With ``pad``, the
+``OUTDIR/rank{r}_expert{i}.pt``, with its step losses and the last logged
+``train/loss_epoch``; the store goes to ``OUTDIR/store``. With ``pad``, the
 experts train with PAD's data selection, and the file also holds the training-set rows
 (the first pixel carries the row index, see ``IndexPixel``) every rank saw per epoch.
 """
@@ -39,10 +40,20 @@ class SaveFinalParameters(Callback):
     def __init__(self, outdir: Path, index: int) -> None:
         self.outdir, self.index = outdir, index
         self.rows: dict[int, list[int]] = {}
+        self.losses: dict[int, list[tuple[float, int]]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         rows = batch[0][:, 0, 0, 0].round().long().tolist()
         self.rows.setdefault(trainer.current_epoch, []).extend(rows)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # this rank's step loss (a group returns the members' sum: their mean is logged)
+        # and its batch size, for the epoch mean over both ranks
+        group = hasattr(pl_module.net, "flat_members")
+        members = len(pl_module.expert_indices) if group else 1
+        size = batch[1].shape[-1]
+        self.losses.setdefault(trainer.current_epoch, []).append(
+            (float(outputs["loss"]) / members, size))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = pl_module.net
@@ -53,7 +64,8 @@ class SaveFinalParameters(Callback):
         torch.save(
             {"final": final.detach().clone(),
              "world_size": trainer.world_size, "global_step": trainer.global_step,
-             "rows": self.rows},
+             "rows": self.rows, "losses": self.losses,
+             "loss_epoch": float(trainer.callback_metrics["train/loss_epoch"])},
             self.outdir / f"rank{trainer.global_rank}_expert{self.index}.pt",
         )
 

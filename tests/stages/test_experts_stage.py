@@ -264,6 +264,13 @@ def test_ddp_two_processes_write_one_store_with_identical_ranks(tmp_path, group_
         snaps = store.load_expert(i, mmap=False)
         assert torch.equal(snaps[-1], r0["final"])
         assert (snaps[-1] - snaps[0]).abs().max() > 1e-3
+        # train/loss_epoch, logged at the epoch's end from a MeanMetric: the same on both
+        # ranks, the batch-weighted mean of both ranks' step losses of the last epoch
+        last = max(r0["losses"])
+        steps = r0["losses"][last] + r1["losses"][last]
+        mean = sum(loss * b for loss, b in steps) / sum(b for _, b in steps)
+        assert r0["loss_epoch"] == r1["loss_epoch"] == pytest.approx(mean, rel=1e-6)
+        assert r0["losses"][last] != r1["losses"][last]  # the ranks saw different batches
     assert not torch.equal(store.load_expert(0)[0], store.load_expert(1)[0])
 
 
