@@ -175,14 +175,12 @@ class _ExpertSteps(pl.LightningModule):
         self.train_loss.update(loss, batch_size)
 
     def on_train_epoch_end(self) -> None:
-        """``train/loss_epoch`` and ``train/acc``: the epoch's means over every rank
-        (torchmetrics synchronises them when computed), then reset for the next epoch."""
+        """``train/loss_epoch`` and ``train/acc``: the metric objects, which Lightning
+        computes (torchmetrics synchronises them over the ranks) and resets."""
         if not self.train_loss.update_called:  # no training batch this epoch
             return
-        self.log("train/loss_epoch", self.train_loss.compute())
-        self.log("train/acc", self.train_acc.compute())
-        self.train_loss.reset()
-        self.train_acc.reset()
+        self.log("train/loss_epoch", self.train_loss)
+        self.log("train/acc", self.train_acc)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

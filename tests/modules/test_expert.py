@@ -108,6 +108,52 @@ def test_dsa_generator_state_through_checkpoint_resumes_bit_identically(tmp_path
     assert not torch.equal(_flat(blind.net), _flat(full.net))
 
 
+def test_epoch_metrics_are_each_epochs_own_means():
+    """train/loss_epoch and train/acc, logged at each epoch's end from torchmetrics
+    objects, are that epoch's batch-weighted mean loss and accuracy (reset between
+    epochs, a partial last batch weighted by its size), against a hand-written loop."""
+    x, y = _data(10)  # batches of 4, 4, 2
+    m = _module(seed=5, dsa=False, lr=0.1)
+    net = copy.deepcopy(m.net)
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def _take(self, trainer):
+            cm = trainer.callback_metrics
+            self.seen.append((float(cm["train/loss_epoch"]), float(cm["train/acc"])))
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch > 0:  # the previous epoch's values
+                self._take(trainer)
+
+        def on_train_end(self, trainer, pl_module):
+            self._take(trainer)
+
+    rec = Record()
+    _trainer(max_epochs=3, callbacks=[rec]).fit(m, _loader(x, y))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    hand = []
+    for _ in range(3):
+        total, correct = 0.0, 0
+        for xb, yb in _loader(x, y):
+            opt.zero_grad()
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+        hand.append((total / 10, correct / 10))
+    assert torch.equal(_flat(m.net), _flat(net))
+    assert len(rec.seen) == 3
+    for (loss, acc), (hand_loss, hand_acc) in zip(rec.seen, hand, strict=True):
+        assert loss == pytest.approx(hand_loss, rel=1e-6)
+        assert acc == pytest.approx(hand_acc, abs=1e-7)
+    assert len({round(v[0], 6) for v in rec.seen}) == 3  # the loss moved between epochs
+
+
 def test_one_epoch_without_dsa_equals_hand_sgd_and_logs_metrics(tmp_path: Path):
     from pytorch_lightning.loggers import TensorBoardLogger
 
