@@ -88,6 +88,43 @@ def test_trainer_run_equals_plain_loop_bitwise(soft):
     assert module.test_accuracy == evaluate_accuracy(net, test_x, test_y)
 
 
+class _EpochLoss(pl.Callback):
+    """Each step's mean loss and batch size, and the logged train/loss of each epoch."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[tuple[float, int]]] = {}
+        self.logged: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        runs = len(pl_module.seeds) if pl_module.grouped else 1  # a group returns the sum
+        self.steps.setdefault(trainer.current_epoch, []).append(
+            (float(outputs["loss"]) / runs, batch[1].shape[-1]))
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            self.logged.append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.logged.append(float(trainer.callback_metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("seed", [3, [3, 4]], ids=["one_run", "group_of_2"])
+def test_train_loss_is_each_epochs_batch_weighted_mean(seed):
+    """train/loss (Lightning's epoch mean of the per-step values) is every epoch's own
+    mean of the step losses (over a group's runs too), weighted by the batch sizes (4, 2)."""
+    module = EvalModule(_set(), model="ConvNet", model_kwargs=TINY, epochs=3, batch_size=4,
+                        seed=seed)
+    rec = _EpochLoss()
+    _trainer(3, [rec]).fit(module)
+    assert len(rec.logged) == 3 and sorted(rec.steps) == [0, 1, 2]
+    for epoch, logged in enumerate(rec.logged):
+        steps = rec.steps[epoch]
+        assert [b for _, b in steps] == [4, 2]
+        want = sum(loss * b for loss, b in steps) / sum(b for _, b in steps)
+        assert logged == pytest.approx(want, rel=1e-6)
+    assert len({round(v, 6) for v in rec.logged}) == 3
+
+
 class _StopAfter(pl.Callback):
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
