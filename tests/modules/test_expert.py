@@ -108,6 +108,21 @@ def test_dsa_generator_state_through_checkpoint_resumes_bit_identically(tmp_path
     assert not torch.equal(_flat(blind.net), _flat(full.net))
 
 
+def _hand_epoch(net, opt, x, y) -> tuple[list[tuple[float, int]], int]:
+    """One epoch of the hand-written SGD loop on ``_loader``'s batches: each step's
+    (loss, batch size) and the number of correct predictions before the steps."""
+    steps, correct = [], 0
+    for xb, yb in _loader(x, y):
+        opt.zero_grad()
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        loss.backward()
+        opt.step()
+        steps.append((loss.item(), len(yb)))
+        correct += int((logits.argmax(1) == yb).sum())
+    return steps, correct
+
+
 def test_epoch_metrics_are_each_epochs_own_means():
     """train/loss_epoch and train/acc, logged at each epoch's end from torchmetrics
     objects, are that epoch's batch-weighted mean loss and accuracy (reset between
@@ -136,16 +151,8 @@ def test_epoch_metrics_are_each_epochs_own_means():
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     hand = []
     for _ in range(3):
-        total, correct = 0.0, 0
-        for xb, yb in _loader(x, y):
-            opt.zero_grad()
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-        hand.append((total / 10, correct / 10))
+        losses, correct = _hand_epoch(net, opt, x, y)
+        hand.append((sum(loss * b for loss, b in losses) / 10, correct / 10))
     assert torch.equal(_flat(m.net), _flat(net))
     assert len(rec.seen) == 3
     for (loss, acc), (hand_loss, hand_acc) in zip(rec.seen, hand, strict=True):
@@ -168,15 +175,8 @@ def test_one_epoch_without_dsa_equals_hand_sgd_and_logs_metrics(tmp_path: Path):
 
     # the hand-written loop on the same batches
     opt = torch.optim.SGD(net.parameters(), **hp)
-    losses, correct = [], 0
-    for xb, yb in _loader(x, y):
-        opt.zero_grad()
-        logits = net(xb)
-        loss = F.cross_entropy(logits, yb)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        correct += int((logits.argmax(1) == yb).sum())
+    steps, correct = _hand_epoch(net, opt, x, y)
+    losses = [loss for loss, _ in steps]
     assert torch.equal(_flat(m.net), _flat(net))
     assert _flat(m.net).sub(_flat(_module(seed=5).net)).abs().max() > 1e-3  # it moved
 
