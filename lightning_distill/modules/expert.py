@@ -161,7 +161,10 @@ class _ExpertSteps(pl.LightningModule):
         return self.net
 
     def _build_train_metrics(self, num_classes: int) -> None:
-        self.train_loss = MeanMetric()
+        # no NaN check per update: it reads the loss back to the host (a device sync on a
+        # GPU every step), and a NaN loss reaches the epoch mean as it did through self.log.
+        # (torchmetrics' "disable" ignores the weights: _log_train_step passes B copies.)
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_acc = _accuracy(num_classes)
 
     def _log_train_step(self, loss: Tensor, batch_size: int) -> None:
@@ -173,7 +176,7 @@ class _ExpertSteps(pl.LightningModule):
         (benchmarks/RESULTS.md, 'The matmul pool in every ConvNet; one log call per expert
         step')."""
         self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.train_loss.update(loss, batch_size)
+        self.train_loss.update(loss.expand(batch_size))  # weight batch_size
 
     def on_train_epoch_end(self) -> None:
         """``train/loss_epoch`` and ``train/acc``: the metric objects, which Lightning
