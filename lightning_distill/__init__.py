@@ -6,6 +6,7 @@ MTT (match expert trajectories), FTD (flat GSAM experts, EMA images) and DATM
 
 from ._version import __version__
 from .data import DSA, ZCA, RealDataModule, SyntheticDataModule, SyntheticSet
+from .errors import LightningDistillError
 from .models import build_model
 from .modules import DistillationModule, EvalModule, ExpertTrajectoryModule
 from .replay_buffers import import_replay_buffers
@@ -18,6 +19,7 @@ __all__ = [
     "DistillationModule",
     "EvalModule",
     "ExpertTrajectoryModule",
+    "LightningDistillError",
     "RealDataModule",
     "SyntheticDataModule",
     "SyntheticSet",

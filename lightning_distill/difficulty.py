@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import DataFormatError, InputError
 from .functional.difficulty import el2n_scores
 from .functional.evaluation import seeded_model, train_and_evaluate
 from .io import atomic_save, atomic_save_new
@@ -67,7 +68,7 @@ FORMAT_VERSION = 1
 _SCORE_BATCH = 1024
 
 
-class DifficultyScoresError(RuntimeError):
+class DifficultyScoresError(DataFormatError, RuntimeError):
     """A difficulty-score file is corrupt or belongs to other data or settings."""
 
 
@@ -134,14 +135,14 @@ def el2n_settings(
 ) -> dict[str, Any]:
     """The settings dict of :func:`compute_el2n` (also the cache's ``settings``), checked."""
     if int(num_models) < 1 or int(epochs) < 1 or int(batch_size) < 1:
-        raise ValueError(
+        raise InputError(
             "EL2N scores: num_models, epochs and batch_size must be >= 1; got "
             f"{num_models}, {epochs}, {batch_size}"
         )
     if not float(lr) > 0:
-        raise ValueError(f"EL2N scores: lr must be > 0, got {lr}")
+        raise InputError(f"EL2N scores: lr must be > 0, got {lr}")
     if "name" not in model:
-        raise ValueError(f"EL2N scores: model needs a 'name' (build_model kwargs), got {model!r}")
+        raise InputError(f"EL2N scores: model needs a 'name' (build_model kwargs), got {model!r}")
     return {
         "score": "el2n",
         "model": {k: list(v) if isinstance(v, tuple) else v for k, v in dict(model).items()},
@@ -263,7 +264,7 @@ def load_or_compute_el2n(
         log: optional ``print``-like function.
     """
     if on_mismatch not in ("error", "recompute"):
-        raise ValueError(f"on_mismatch must be 'error' or 'recompute', got {on_mismatch!r}")
+        raise InputError(f"on_mismatch must be 'error' or 'recompute', got {on_mismatch!r}")
     path = Path(path)
     identity = data_identity(dm)
     settings = dict(settings)

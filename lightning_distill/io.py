@@ -23,6 +23,8 @@ from typing import IO, Any
 
 import torch
 
+from .errors import InputError, MissingFileError
+
 __all__ = [
     "atomic_open",
     "atomic_save",
@@ -72,7 +74,7 @@ def _create_temp(target: Path) -> tuple[int, Path]:
 
 def _check_parent(target: Path) -> None:
     if not target.parent.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"cannot write {target}: directory {target.parent} does not exist (create it first)"
         )
 
@@ -97,7 +99,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             image.save(f, format="PNG")
     """
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open supports mode 'w' or 'wb', got {mode!r}")
+        raise InputError(f"atomic_open supports mode 'w' or 'wb', got {mode!r}")
     target = Path(path)
     _check_parent(target)
     fd, tmp = _create_temp(target)

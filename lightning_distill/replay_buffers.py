@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .data.input_space import InputSpace
+from .errors import MissingFileError
 from .models.params import ParamSpec
 from .trajectories import TrajectoryStore, TrajectoryStoreError
 
@@ -45,12 +46,12 @@ def _expand_buffer_files(files: Sequence[str | os.PathLike] | str | os.PathLike)
         if p.is_dir():
             found = sorted(p.glob("replay_buffer_*.pt"), key=_natural_key)
             if not found:
-                raise FileNotFoundError(f"no replay_buffer_*.pt files in directory {p}")
+                raise MissingFileError(f"no replay_buffer_*.pt files in directory {p}")
             out.extend(found)
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"replay buffer file {p} not found")
+            raise MissingFileError(f"replay buffer file {p} not found")
     return out
 
 

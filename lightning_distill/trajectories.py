@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .data.input_space import InputSpace
+from .errors import InputError, StateError
 from .io import atomic_save, atomic_write_json
 from .models.params import ParamSpec
 
@@ -63,7 +64,7 @@ _REQUIRED_FIELDS = ("format_version", *_IDENTITY_FIELDS)
 _REGENERATE = "delete it and re-run `lightning-distill experts` to regenerate it"
 
 
-class TrajectoryStoreError(RuntimeError):
+class TrajectoryStoreError(StateError):
     """A trajectory store (or a file in it) is missing, corrupt, or inconsistent."""
 
 
@@ -147,9 +148,9 @@ class TrajectoryStore:
         experts of two configurations. Differing ``hparams`` only warn.
         """
         if int(num_snapshots) < 1:
-            raise ValueError(f"num_snapshots must be >= 1 (epochs + 1), got {num_snapshots}")
+            raise InputError(f"num_snapshots must be >= 1 (epochs + 1), got {num_snapshots}")
         if "name" not in model:
-            raise ValueError(f"model dict needs a 'name' key (build_model kwargs), got {model!r}")
+            raise InputError(f"model dict needs a 'name' key (build_model kwargs), got {model!r}")
         meta = {
             "format_version": FORMAT_VERSION,
             "dataset": str(dataset),
@@ -343,7 +344,7 @@ class TrajectoryStore:
             raise TypeError(f"snapshots must be a floating-point Tensor, got {type(snapshots)}")
         expected = (self.num_snapshots, self.num_params)
         if tuple(snapshots.shape) != expected:
-            raise ValueError(
+            raise InputError(
                 f"expert {index}: snapshots have shape {list(snapshots.shape)}, the store "
                 f"({self.path / META_FILE}) expects {list(expected)} [num_snapshots, P]"
             )

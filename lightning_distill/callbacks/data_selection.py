@@ -20,6 +20,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["DataSelection", "PADDataSelection"]
 
 
@@ -80,7 +82,7 @@ class DataSelection(Callback):
         dm = self._datamodule(trainer)
         n = trainer.reload_dataloaders_every_n_epochs
         if n not in (0, 1):
-            raise ValueError(
+            raise InputError(
                 f"DataSelection: Trainer(reload_dataloaders_every_n_epochs={n}) would keep one "
                 "epoch's subset for several epochs; leave it at 0 or 1"
             )
@@ -152,7 +154,7 @@ class PADDataSelection(DataSelection):
                                     remove_epochs=tuple(int(e) for e in remove_epochs),
                                     remove_ratios=tuple(float(r) for r in remove_ratios))
         if int(num_models) < 1 or int(score_epochs) < 1 or not float(score_lr) > 0:
-            raise ValueError(
+            raise InputError(
                 "PADDataSelection: num_models and score_epochs must be >= 1 and score_lr > 0; "
                 f"got {num_models}, {score_epochs}, {score_lr}")
         self.num_models, self.score_epochs = int(num_models), int(score_epochs)
@@ -162,15 +164,16 @@ class PADDataSelection(DataSelection):
         self._prepared_for: Any = None
         super().__init__(self._unprepared)
 
-    def hparams(self) -> dict[str, Any]:
-        """What a store records of this selection (the keys of the experts stage's
-        ``data_selection:`` section)."""
+    def store_record(self) -> dict[str, Any]:
+        """What a trajectory store records of this selection (``hparams["data_selection"]``,
+        docs/formats.md): the callback's arguments."""
         s = self.schedule
-        return {"enabled": True, "score": "el2n", "num_models": self.num_models,
-                "score_epochs": self.score_epochs, "score_lr": self.score_lr,
-                "score_seed": self.score_seed, "cache": self.scores_path,
-                "initial_ratio": s.initial_ratio, "add_end_epoch": s.add_end_epoch,
-                "remove_epochs": list(s.remove_epochs), "remove_ratios": list(s.remove_ratios)}
+        return {"data_selection": {
+            "score": "el2n", "num_models": self.num_models, "score_epochs": self.score_epochs,
+            "score_lr": self.score_lr, "score_seed": self.score_seed,
+            "scores_path": self.scores_path, "initial_ratio": s.initial_ratio,
+            "add_end_epoch": s.add_end_epoch, "remove_epochs": list(s.remove_epochs),
+            "remove_ratios": list(s.remove_ratios)}}
 
     @staticmethod
     def _unprepared(epoch: int) -> Tensor:
@@ -211,7 +214,7 @@ class PADDataSelection(DataSelection):
         for cb in trainer.callbacks:
             if isinstance(cb, TrajectoryRecorder):
                 return cb.store_path / DIFFICULTY_FILE
-        raise ValueError("PADDataSelection: set scores_path (the EL2N score file), or fit "
+        raise InputError("PADDataSelection: set scores_path (the EL2N score file), or fit "
                          "with a TrajectoryRecorder (the file then goes into its store)")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

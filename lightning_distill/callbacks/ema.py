@@ -27,13 +27,15 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from ..errors import InputError
+
 
 class SyntheticEMA(Callback):
     """EMA of ``pl_module.images`` over the image steps that were taken."""
 
     def __init__(self, decay: float = 0.999, bias_correction: bool = False) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"SyntheticEMA: decay must be in (0, 1), got {decay}")
+            raise InputError(f"SyntheticEMA: decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
         self.bias_correction = bool(bias_correction)
         self.initial: Tensor | None = None

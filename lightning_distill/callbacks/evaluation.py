@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ..data.augment import protocol_dsa
 from ..data.synthetic import SyntheticSet
+from ..errors import InputError
 from ..functional.evaluation import EvalProtocol, summarize
 from ..modules.evaluate import check_eval_data
 from .progress import PhaseProgress
@@ -106,10 +107,10 @@ class PeriodicEvaluation(Callback):
     ) -> None:
         self.protocol = EvalProtocol.resolve(protocol, overrides, "PeriodicEvaluation")
         if (val_images is None) != (val_labels is None):
-            raise ValueError("PeriodicEvaluation: give both val_images and val_labels, or "
+            raise InputError("PeriodicEvaluation: give both val_images and val_labels, or "
                              "neither (then the validation split of trainer.datamodule)")
         if every_n_steps < 0 or runs < 1:
-            raise ValueError(
+            raise InputError(
                 f"PeriodicEvaluation: every_n_steps must be >= 0 and runs >= 1, got "
                 f"{every_n_steps} and {runs}"
             )
@@ -140,12 +141,12 @@ class PeriodicEvaluation(Callback):
 
     def _set_validation(self, images: Tensor, labels: Tensor) -> None:
         if images.dim() != 4 or labels.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 "PeriodicEvaluation: val_images must be [N, C, H, W] and val_labels [N] class "
                 f"ids, got {tuple(images.shape)} and {tuple(labels.shape)}"
             )
         if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-            raise ValueError(
+            raise InputError(
                 f"PeriodicEvaluation: {images.shape[0]} validation images but "
                 f"{labels.shape[0]} labels (need the same number, at least one)"
             )
@@ -162,7 +163,7 @@ class PeriodicEvaluation(Callback):
         if self.val_images is None and self.evaluate_fn is None:
             val = getattr(dm, "val_set", None)
             if val is None or len(val) == 0:
-                raise ValueError(
+                raise InputError(
                     "PeriodicEvaluation: no validation data: pass val_images / val_labels, "
                     "or fit with a datamodule that has a validation split (RealDataModule "
                     "with val_fraction > 0; its val_set after setup)")
@@ -188,7 +189,7 @@ class PeriodicEvaluation(Callback):
         """
         if self.evaluate_fn is not None:
             if run_ids is not None:
-                raise ValueError("PeriodicEvaluation: evaluate_fn evaluates all runs at once; "
+                raise InputError("PeriodicEvaluation: evaluate_fn evaluates all runs at once; "
                                  "run_ids cannot select some of them")
             return [float(a) for a in self.evaluate_fn(synthetic)]
         if self.val_images is None or self.val_labels is None:

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from ..errors import InputError
 from ..functional.matching import sample_start_epoch, window_upper_bound
 
 
@@ -45,7 +46,7 @@ class MatchingWindow(Callback):
         sequential: bool = False,
     ) -> None:
         if sequential and (current_max_start_epoch is None or expansion_end is None):
-            raise ValueError("MatchingWindow: sequential generation needs "
+            raise InputError("MatchingWindow: sequential generation needs "
                              "current_max_start_epoch and expansion_end")
         self.min_start_epoch = int(min_start_epoch)
         self.max_start_epoch = int(max_start_epoch)
@@ -95,7 +96,7 @@ class MatchingWindow(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = {k: state_dict[k] for k in self._config() if k in state_dict}
         if saved != self._config():
-            raise ValueError(
+            raise InputError(
                 f"MatchingWindow: the checkpoint was written with window {saved}, but this "
                 f"run configures {self._config()}; resume with the same window or start a "
                 "new run")

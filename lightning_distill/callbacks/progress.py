@@ -21,6 +21,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
+from ..errors import InputError
+
 __all__ = ["PhaseProgress", "StageProgressBar"]
 
 
@@ -93,7 +95,7 @@ class StageProgressBar(RichProgressBar):
                  leave: bool = False, **kwargs: Any) -> None:
         super().__init__(leave=leave, **kwargs)
         if total <= 0 or not 0 <= done <= total or units < 0:
-            raise ValueError(f"StageProgressBar: need total > 0 and 0 <= done <= total, got "
+            raise InputError(f"StageProgressBar: need total > 0 and 0 <= done <= total, got "
                              f"total={total}, done={done}, units={units}")
         self.label, self.total, self.done, self.units = str(label), float(total), float(done), \
             float(units)

@@ -72,6 +72,8 @@ from torch.nn.modules.batchnorm import _NormBase
 from lightning_distill.functional.batched import StackedNetworks
 from lightning_distill.functional.sharpness import gsam_gradient, perturbation
 
+from ..errors import InputError
+
 __all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware", "sharpness_settings"]
 
 _SUPPORTED_PRECISION = ("32-true", "64-true", "16-true", "bf16-true")
@@ -284,13 +286,13 @@ class GSAM(SharpnessAware):
 def _validate(rho: Any, alpha: Any, adaptive: Any, eps: Any) -> tuple[float, float, bool, float]:
     rho, alpha, eps = float(rho), float(alpha), float(eps)
     if not rho >= 0 or rho == float("inf"):
-        raise ValueError(f"sharpness-aware callback: rho must be a finite number >= 0, got {rho}")
+        raise InputError(f"sharpness-aware callback: rho must be a finite number >= 0, got {rho}")
     if not abs(alpha) < float("inf"):
-        raise ValueError(f"sharpness-aware callback: alpha must be finite, got {alpha}")
+        raise InputError(f"sharpness-aware callback: alpha must be finite, got {alpha}")
     if not eps > 0:
-        raise ValueError(f"sharpness-aware callback: eps must be > 0, got {eps}")
+        raise InputError(f"sharpness-aware callback: eps must be > 0, got {eps}")
     if not isinstance(adaptive, bool):
-        raise ValueError(
+        raise InputError(
             f"sharpness-aware callback: adaptive must be True or False, got {adaptive!r}"
         )
     return rho, alpha, adaptive, eps

@@ -29,6 +29,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..io import atomic_save
 from ..models.params import flatten_parameters
 from ..trajectories import META_FILE, TrajectoryStore
@@ -129,9 +130,9 @@ class TrajectoryRecorder(Callback):
     ) -> None:
         super().__init__()
         if expert_index is not None and int(expert_index) < 0:
-            raise ValueError(f"expert_index must be >= 0, got {expert_index}")
+            raise InputError(f"expert_index must be >= 0, got {expert_index}")
         if int(every_n_epochs) < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+            raise InputError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self._store_arg = store
         self.store: TrajectoryStore | None = store if isinstance(store, TrajectoryStore) else None
         self._auto_index = expert_index is None
@@ -228,7 +229,7 @@ class TrajectoryRecorder(Callback):
         max_epochs = trainer.max_epochs
         expected = (self.store.num_snapshots - 1) * self.every_n_epochs
         if max_epochs is not None and max_epochs != -1 and max_epochs != expected:
-            raise ValueError(
+            raise InputError(
                 f"TrajectoryRecorder: Trainer(max_epochs={max_epochs}) but the store "
                 f"{self.store.path} holds {self.store.num_snapshots} snapshots per expert "
                 f"(every_n_epochs={self.every_n_epochs}), i.e. max_epochs={expected}"
@@ -257,7 +258,7 @@ class TrajectoryRecorder(Callback):
         missing = [k for k in ("model", "channels", "num_classes", "image_size")
                    if hp.get(k) is None]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{name}: {self._store_arg} is not a trajectory store yet, and "
                 f"{type(pl_module).__name__} has no hyperparameters {missing} to create it "
                 "from (ExpertTrajectoryModule has them); create the store first "
@@ -269,7 +270,7 @@ class TrajectoryRecorder(Callback):
         except RuntimeError:  # RealDataModule before setup()
             input_space = None
         if dataset is None or input_space is None:
-            raise ValueError(
+            raise InputError(
                 f"{name}: {self._store_arg} is not a trajectory store yet; creating it needs "
                 "the data set's name and input space from the Trainer's datamodule "
                 "(RealDataModule's name and input_space), but "
@@ -277,18 +278,13 @@ class TrajectoryRecorder(Callback):
                 "; fit with datamodule=RealDataModule(...) or create the store first")
         max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs < 1 or max_epochs % self.every_n_epochs:
-            raise ValueError(
+            raise InputError(
                 f"{name}: creating {self._store_arg} needs Trainer(max_epochs) set to a "
                 f"multiple of every_n_epochs={self.every_n_epochs} (the number of snapshots "
                 f"is max_epochs / every_n_epochs + 1), got max_epochs={max_epochs}")
-        sharpness = sharpness_settings(trainer.callbacks)
-        hparams = {
-            "module": {k: v for k, v in hp.items()  # not "_instantiator" (LightningCLI's)
-                       if k not in _NOT_STORE_HPARAMS and not k.startswith("_") and _is_json(v)},
-            "epochs": int(max_epochs),
-            "batch_size": getattr(dm, "batch_size", None),
-            "sharpness": sharpness,
-        }
+        hparams = store_hparams(hp, epochs=int(max_epochs),
+                                batch_size=getattr(dm, "batch_size", None),
+                                callbacks=trainer.callbacks)
         kwargs = dict(
             name=hp["model"], channels=hp["channels"], num_classes=hp["num_classes"],
             image_size=hp["image_size"], model_kwargs=dict(hp.get("model_kwargs") or {}),
@@ -315,7 +311,7 @@ class TrajectoryRecorder(Callback):
             space = None
         diff = None if space is None else self.store.input_space.mismatch(space)
         if diff is not None:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__}: the datamodule's input space differs from the "
                 f"store {self.store.path}'s ({diff}, store vs data); experts of different "
                 "input spaces cannot share a store: use another store directory")
@@ -408,12 +404,12 @@ class TrajectoryRecorder(Callback):
             if saved is not None:  # resume the expert the checkpoint was recording
                 self.expert_index = int(saved)
         elif saved is None or int(saved) != self.expert_index:
-            raise ValueError(
+            raise InputError(
                 f"TrajectoryRecorder state is for expert {saved}, "
                 f"this recorder records expert {self.expert_index}"
             )
         if int(state_dict.get("every_n_epochs", 1)) != self.every_n_epochs:
-            raise ValueError(
+            raise InputError(
                 f"TrajectoryRecorder state was recorded with every_n_epochs="
                 f"{state_dict.get('every_n_epochs')}, this recorder uses {self.every_n_epochs}"
             )
@@ -460,7 +456,7 @@ class GroupTrajectoryRecorder(TrajectoryRecorder):
     ) -> None:
         indices = [int(i) for i in expert_indices]
         if not indices or len(set(indices)) != len(indices):
-            raise ValueError(f"expert_indices must be distinct and non-empty, got {indices}")
+            raise InputError(f"expert_indices must be distinct and non-empty, got {indices}")
         super().__init__(store, indices[0], every_n_epochs, module_attr, allow_partial)
         self.expert_indices = indices
 
@@ -474,7 +470,7 @@ class GroupTrajectoryRecorder(TrajectoryRecorder):
     def _flat(self, target: nn.Module) -> Tensor:
         flat = target.flat_members()  # type: ignore[operator]
         if flat.shape[0] != len(self.expert_indices):
-            raise ValueError(
+            raise InputError(
                 f"GroupTrajectoryRecorder: the module has {flat.shape[0]} members but "
                 f"{len(self.expert_indices)} expert indices were given"
             )
@@ -504,8 +500,29 @@ class GroupTrajectoryRecorder(TrajectoryRecorder):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if [int(i) for i in state_dict.get("expert_indices", [])] != self.expert_indices:
-            raise ValueError(
+            raise InputError(
                 f"GroupTrajectoryRecorder state is for experts "
                 f"{state_dict.get('expert_indices')}, this recorder records {self.expert_indices}"
             )
         super().load_state_dict(state_dict)
+
+
+def store_hparams(module: dict[str, Any], *, epochs: int, batch_size: int | None,
+                  callbacks: Any = (), **run: Any) -> dict[str, Any]:
+    """The training hyperparameters a trajectory store records in ``meta.json``
+    (docs/formats.md, 'Trajectory store'), written by the experts stage and by a
+    :class:`TrajectoryRecorder` that creates its store alike: ``module`` (the expert
+    module's arguments that are JSON values, without shapes and seeds), ``epochs``,
+    ``batch_size``, ``sharpness`` (the SAM / ASAM / GSAM callback's settings, or
+    ``{"method": "none"}``), what a callback's ``store_record()`` returns
+    (PADDataSelection: ``data_selection``) and what the run adds (the experts stage:
+    ``num_experts``, ``seed``)."""
+    out = {"module": {k: v for k, v in dict(module).items()  # not LightningCLI's "_..."
+                      if k not in _NOT_STORE_HPARAMS and not k.startswith("_") and _is_json(v)},
+           "epochs": int(epochs), "batch_size": batch_size,
+           "sharpness": sharpness_settings(callbacks)}
+    for c in callbacks or ():  # a callback that changes what the experts train on
+        record = getattr(c, "store_record", None)
+        if callable(record):
+            out.update(record())
+    return {**out, **run}

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
 from ..functional.device import to_device
 
 __all__ = [
@@ -109,7 +110,7 @@ def _parse_strategy(strategy: str, flip: bool) -> tuple[str, ...]:
     families = tuple(p for p in s.split("_") if p)
     unknown = [p for p in families if p not in FAMILIES]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"DSA strategy {strategy!r}: unknown augmentation family {unknown[0]!r}; "
             f"use families from {list(FAMILIES)} joined by '_' (or 'none')"
         )
@@ -150,10 +151,10 @@ class DSA:
         cutout: float = 0.5,
     ) -> None:
         if scale < 1.0:
-            raise ValueError(f"DSA scale must be >= 1 (factors in [1/scale, scale]), got {scale}")
+            raise InputError(f"DSA scale must be >= 1 (factors in [1/scale, scale]), got {scale}")
         for name, value in (("crop", crop), ("cutout", cutout)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"DSA {name} must be a fraction in [0, 1], got {value}")
+                raise InputError(f"DSA {name} must be a fraction in [0, 1], got {value}")
         self.strategy = strategy
         self.flip = bool(flip)
         self.scale = float(scale)
@@ -218,7 +219,7 @@ class DSA:
                     )
                 family = self.families[k]
         elif family != _IDENTITY and family not in FAMILIES:
-            raise ValueError(f"DSA.sample: unknown family {family!r}; use one of {list(FAMILIES)}")
+            raise InputError(f"DSA.sample: unknown family {family!r}; use one of {list(FAMILIES)}")
         if family == _IDENTITY:
             return DSAParams(_IDENTITY)
 
@@ -272,10 +273,10 @@ class DSA:
         if fam == _IDENTITY:
             return x
         if fam not in FAMILIES:
-            raise ValueError(f"DSA.apply: unknown family {fam!r} in DSAParams")
+            raise InputError(f"DSA.apply: unknown family {fam!r} in DSAParams")
         nb = params.batch_size
         if nb is not None and nb != x.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"DSA.apply: params were sampled for a batch of {nb} images, got {x.shape[0]}; "
                 "sample new params for this batch"
             )
@@ -424,6 +425,6 @@ def _round(v: float) -> int:
 def _check_images(x: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"DSA expects a batch of images [N, C, H, W], got {shape}")
+        raise InputError(f"DSA expects a batch of images [N, C, H, W], got {shape}")
     if not x.is_floating_point():
-        raise ValueError(f"DSA expects floating-point images, got dtype {x.dtype}")
+        raise InputError(f"DSA expects floating-point images, got dtype {x.dtype}")

@@ -47,6 +47,8 @@ from lightning_distill.data.datasets import RealDataset, get_dataset
 from lightning_distill.data.datasets.container import draw_indices
 from lightning_distill.data.input_space import InputSpace
 
+from ..errors import InputError
+
 __all__ = ["MemberBatches", "RealDataModule", "TensorBatchLoader", "shard_indices"]
 
 _CHUNK = 4096
@@ -62,7 +64,7 @@ def shard_indices(order: Tensor, rank: int, world: int) -> Tensor:
     ``pad`` indices of ``order`` are seen twice per epoch.
     """
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"shard_indices: need 0 <= rank < world, got rank={rank}, world={world}")
+        raise InputError(f"shard_indices: need 0 <= rank < world, got rank={rank}, world={world}")
     n = order.numel()
     total = math.ceil(n / world) * world
     if total > n:
@@ -125,12 +127,12 @@ class TensorBatchLoader:
         indices: Tensor | None = None,
     ) -> None:
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"TensorBatchLoader: images ({images.shape[0]}) and labels "
                 f"({labels.shape[0]}) must have the same length"
             )
         if batch_size < 1:
-            raise ValueError(f"TensorBatchLoader: batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"TensorBatchLoader: batch_size must be >= 1, got {batch_size}")
         self.tensors = (images, labels)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -142,7 +144,7 @@ class TensorBatchLoader:
             indices = torch.as_tensor(indices, dtype=torch.long).flatten()
             n = images.shape[0]
             if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-                raise ValueError(f"TensorBatchLoader: indices must lie in [0, {n})")
+                raise InputError(f"TensorBatchLoader: indices must lie in [0, {n})")
         self.indices = indices
 
     def _positions(self) -> int:
@@ -207,7 +209,7 @@ class MemberBatches:
 
     def __init__(self, loaders: list) -> None:
         if not loaders:
-            raise ValueError("MemberBatches: need at least one loader")
+            raise InputError("MemberBatches: need at least one loader")
         self.loaders = list(loaders)
 
     def __len__(self) -> int:
@@ -278,11 +280,11 @@ class RealDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if loader not in _LOADERS:
-            raise ValueError(f"RealDataModule: loader must be one of {_LOADERS}, got {loader!r}")
+            raise InputError(f"RealDataModule: loader must be one of {_LOADERS}, got {loader!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.name = name
         self.root = root
@@ -462,12 +464,12 @@ class RealDataModule(pl.LightningDataModule):
         n = len(self.train_set)
         idx = torch.as_tensor(self.train_selection(int(epoch)), dtype=torch.long).flatten().cpu()
         if idx.numel() == 0:
-            raise ValueError(
+            raise InputError(
                 f"RealDataModule: the data selection keeps no training sample at epoch {epoch} "
                 f"(of {n}); raise its ratios or use a larger training split"
             )
         if int(idx.min()) < 0 or int(idx.max()) >= n:
-            raise ValueError(f"RealDataModule: selected indices must lie in [0, {n})")
+            raise InputError(f"RealDataModule: selected indices must lie in [0, {n})")
         return idx
 
     def _selected_loader(self) -> DataLoader | TensorBatchLoader:

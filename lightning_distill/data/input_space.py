@@ -33,6 +33,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["InputSpace"]
 
 #: the known fields, in the order they are written and compared
@@ -49,7 +51,7 @@ def _floats(value: Any, key: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"input space: {key} must be a list of numbers, got {value!r}") from e
+        raise InputError(f"input space: {key} must be a list of numbers, got {value!r}") from e
 
 
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
@@ -90,13 +92,13 @@ class InputSpace(Mapping):
         for key in ("dataset", "normalization", "zca_fingerprint"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"input space: {key} must be a string, got {value!r}")
+                raise InputError(f"input space: {key} must be a string, got {value!r}")
         if self.zca_regularization is not None:
             object.__setattr__(self, "zca_regularization", float(self.zca_regularization))
         extra = tuple(sorted((str(k), v) for k, v in dict(self.extra).items()))
         clash = [k for k, _ in extra if k in _FIELDS]
         if clash:
-            raise ValueError(f"input space: extra keys {clash} are known fields")
+            raise InputError(f"input space: extra keys {clash} are known fields")
         object.__setattr__(self, "extra", extra)
 
     # ------------------------------------------------------------------ constructors
@@ -120,7 +122,7 @@ class InputSpace(Mapping):
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
-            raise ValueError(f"input space must be a dict, got {type(data).__name__}")
+            raise InputError(f"input space must be a dict, got {type(data).__name__}")
         known = {k: data[k] for k in _FIELDS if k in data}
         extra = tuple((str(k), v) for k, v in data.items() if k not in _FIELDS)
         return cls(**known, extra=extra)

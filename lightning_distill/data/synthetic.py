@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError, MissingFileError
 from ..io import atomic_open, atomic_save
 from .input_space import InputSpace
 
@@ -92,7 +93,7 @@ def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
         return (image_size, image_size)
     hw = tuple(int(s) for s in image_size)
     if len(hw) != 2:
-        raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
+        raise InputError(f"image_size must be an int or (H, W), got {image_size!r}")
     return hw  # type: ignore[return-value]
 
 
@@ -163,28 +164,28 @@ class SyntheticSet:
     def __post_init__(self) -> None:
         if not isinstance(self.images, Tensor) or self.images.dim() != 4:
             shape = tuple(self.images.shape) if isinstance(self.images, Tensor) else None
-            raise ValueError(f"SyntheticSet images must be a [N, C, H, W] tensor, got {shape}")
+            raise InputError(f"SyntheticSet images must be a [N, C, H, W] tensor, got {shape}")
         if not self.images.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"SyntheticSet images must be floating point (input space), got {self.images.dtype}"
             )
         if not isinstance(self.labels, Tensor):
-            raise ValueError(f"SyntheticSet labels must be a tensor, got {type(self.labels)}")
+            raise InputError(f"SyntheticSet labels must be a tensor, got {type(self.labels)}")
         if self.labels.is_floating_point():
             if self.labels.dim() != 2:
-                raise ValueError(
+                raise InputError(
                     "SyntheticSet soft labels must be [N, K] logits, got shape "
                     f"{tuple(self.labels.shape)}"
                 )
         else:
             if self.labels.dim() != 1:
-                raise ValueError(
+                raise InputError(
                     "SyntheticSet hard labels must be [N] class ids, got shape "
                     f"{tuple(self.labels.shape)}"
                 )
             self.labels = self.labels.long()
         if self.labels.shape[0] != self.images.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"SyntheticSet has {self.images.shape[0]} images but {self.labels.shape[0]} "
                 "labels; give one label per image"
             )
@@ -268,7 +269,7 @@ class SyntheticSet:
         """
         name = self.meta.get("path") or "synthetic set"
         if self.channels != int(channels):
-            raise ValueError(
+            raise InputError(
                 f"{name}: channels mismatch: the synthetic images have {self.channels} "
                 f"channels, the data set has {int(channels)}; evaluate it on the data set "
                 "it was distilled from (meta dataset="
@@ -276,7 +277,7 @@ class SyntheticSet:
             )
         hw = _hw(image_size)
         if self.image_size != hw:
-            raise ValueError(
+            raise InputError(
                 f"{name}: image size mismatch: the synthetic images are {self.image_size}, "
                 f"the data set's are {hw}; evaluate it on the data set it was distilled from "
                 f"(meta dataset={self.meta.get('dataset')!r}) at the same resolution"
@@ -284,14 +285,14 @@ class SyntheticSet:
         k = self.num_classes
         if k != int(num_classes) or (self.soft and self.labels.shape[1] != int(num_classes)):
             got = self.labels.shape[1] if self.soft else k
-            raise ValueError(
+            raise InputError(
                 f"{name}: classes mismatch: the synthetic set has {got} classes, the data "
                 f"set has {int(num_classes)}; evaluate it on the data set it was distilled "
                 f"from (meta dataset={self.meta.get('dataset')!r})"
             )
         diff = InputSpace.coerce(self.input_space).mismatch(input_space)
         if diff is not None:
-            raise ValueError(
+            raise InputError(
                 f"{name}: input space mismatch ({diff}): the synthetic images live in "
                 f"{self.input_space}, the test data in {InputSpace.coerce(input_space)}; transform "
                 "the test data the same way as the distillation data (same normalisation, "
@@ -308,7 +309,7 @@ class SyntheticSet:
                 continue  # hard labels are integers, always finite
             bad = int((~torch.isfinite(t.detach())).sum())
             if bad:
-                raise ValueError(
+                raise InputError(
                     f"{name}: the synthetic {what} hold {bad} NaN or inf value(s) (of "
                     f"{t.numel()}); the distillation that wrote them diverged. Do not "
                     "evaluate this set: use a set saved before the divergence (best.pt, or "
@@ -334,10 +335,10 @@ class SyntheticSet:
         the random draw (``torch.randperm`` with ``generator``, on the CPU).
         """
         if ipc < 1:
-            raise ValueError(f"from_real: ipc must be >= 1, got {ipc}")
+            raise InputError(f"from_real: ipc must be >= 1, got {ipc}")
         labels = labels.long().reshape(-1)
         if labels.shape[0] != images.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"from_real: {images.shape[0]} images but {labels.shape[0]} labels"
             )
         lab_cpu = labels.cpu()
@@ -345,7 +346,7 @@ class SyntheticSet:
         for c in range(int(num_classes)):
             idx = torch.nonzero(lab_cpu == c, as_tuple=False).reshape(-1)
             if idx.numel() < ipc:
-                raise ValueError(
+                raise InputError(
                     f"from_real: class {c} has only {idx.numel()} images, fewer than ipc={ipc}; "
                     "lower ipc or use a larger training split"
                 )
@@ -434,7 +435,7 @@ class SyntheticSet:
         if not isinstance(payload, dict) or payload.get("kind", _KIND) != _KIND or (
             "format_version" not in payload
         ):
-            raise ValueError(
+            raise InputError(
                 f"{where} is not a lightning_distill synthetic set (expected a dict with "
                 f"'format_version' and kind {_KIND!r}, got "
                 f"{type(payload).__name__}{' with keys ' + str(sorted(map(str, payload))) if isinstance(payload, dict) else ''}); "  # noqa: E501
@@ -442,21 +443,21 @@ class SyntheticSet:
             )
         version = payload["format_version"]
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{where}: synthetic set format_version {version!r} is newer than this "
                 f"library reads ({FORMAT_VERSION}); upgrade lightning_distill"
             )
         missing = [k for k in _REQUIRED if k not in payload]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{where}: synthetic set file is missing key(s) {missing}; re-create it with "
                 "SyntheticSet.save"
             )
         images, labels = payload["images"], payload["labels"]
         if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
-            raise ValueError(f"{where}: 'images' and 'labels' must be tensors")
+            raise InputError(f"{where}: 'images' and 'labels' must be tensors")
         if labels.shape[:1] != images.shape[:1]:
-            raise ValueError(
+            raise InputError(
                 f"{where}: label count mismatch: "
                 f"{images.shape[0] if images.dim() else '?'} images but "
                 f"{labels.shape[0] if labels.dim() else '?'} labels; the file is damaged, "
@@ -466,12 +467,12 @@ class SyntheticSet:
         if isinstance(lr, Tensor):
             lr = float(lr.item())
         if not isinstance(lr, (int, float)) or not math.isfinite(float(lr)):
-            raise ValueError(f"{where}: lr must be a finite number, got {lr!r}")
+            raise InputError(f"{where}: lr must be a finite number, got {lr!r}")
         meta = dict(payload.get("meta") or {})
         try:
             out = cls(images, labels, float(lr), meta)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
+            raise InputError(f"{where}: {e}") from e
         return out
 
     @classmethod
@@ -491,18 +492,18 @@ class SyntheticSet:
         a file whose images or labels hold NaN or inf is refused (:meth:`check_finite`)."""
         p = Path(path)
         if not p.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"synthetic set file {p} does not exist; run distillation first or pass the "
                 "path of a .pt file written by SyntheticSet.save"
             )
         if p.is_dir():
-            raise IsADirectoryError(
+            raise InputError(
                 f"synthetic set path {p} is a directory; pass the .pt file inside it"
             )
         try:
             payload = torch.load(p, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any read failure becomes one clear error
-            raise ValueError(
+            raise InputError(
                 f"cannot read synthetic set file {p}: {type(e).__name__}: {str(e)[:300]}. "
                 "The file is corrupt, truncated or not a torch file; re-create it "
                 "(distill again) or point to the right file"
@@ -541,7 +542,7 @@ def check_eval_data(
         input_space=input_space,
     )
     if labels.numel() and int(labels.max()) >= synthetic.num_classes:
-        raise ValueError(
+        raise InputError(
             f"{where}: {what} labels reach class {int(labels.max())} but the synthetic set "
             f"has {synthetic.num_classes} classes{hint}"
         )

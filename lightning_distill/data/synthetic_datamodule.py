@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from ..errors import InputError
 from .datamodule import RealDataModule, TensorBatchLoader
 from .input_space import InputSpace
 from .synthetic import SyntheticSet, check_eval_data
@@ -108,14 +109,14 @@ def synthetic_train_loader(
     """
     gens = list(generators)
     if not gens:
-        raise ValueError("synthetic_train_loader: need at least one generator")
+        raise InputError("synthetic_train_loader: need at least one generator")
     if int(batch_size) < 1:
-        raise ValueError(f"synthetic_train_loader: batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"synthetic_train_loader: batch_size must be >= 1, got {batch_size}")
     x, y = images.detach().cpu(), labels.detach().cpu()
     if stacked:
         return _GroupEpochLoader(x, y, int(batch_size), gens)
     if len(gens) != 1:
-        raise ValueError(f"synthetic_train_loader: {len(gens)} generators for one run; pass "
+        raise InputError(f"synthetic_train_loader: {len(gens)} generators for one run; pass "
                          "stacked=True for a group of runs")
     ds = TensorDataset(x, y)
     return DataLoader(ds, batch_size=int(batch_size),
@@ -185,7 +186,7 @@ class SyntheticDataModule(pl.LightningDataModule):
                                 f"{type(real).__name__}")
             given = sorted(k for k, v in plain.items() if v != _REAL_DEFAULTS[k])
             if given:
-                raise ValueError(
+                raise InputError(
                     f"SyntheticDataModule: got real=RealDataModule(...) and {given}; the real "
                     "data comes from one of them: set those on the RealDataModule instead"
                 )
@@ -193,7 +194,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             if name is None:
                 name = synthetic.meta.get("dataset")
                 if name is None:
-                    raise ValueError(
+                    raise InputError(
                         f"SyntheticDataModule: {where} records no data set (meta['dataset']); "
                         "pass name=... (the data set it was distilled from)"
                     )
@@ -204,7 +205,7 @@ class SyntheticDataModule(pl.LightningDataModule):
             )
         source = synthetic.meta.get("dataset")
         if source is not None and str(source) != real.name:
-            raise ValueError(
+            raise InputError(
                 f"SyntheticDataModule: {where} was distilled from the data set {source!r}, but "
                 f"the real data is {real.name!r}; pass name={str(source)!r} (with the same "
                 "normalisation / ZCA settings as the distillation)"

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["ZCA"]
 
 _FORMAT_VERSION = 1
@@ -44,9 +46,9 @@ class ZCA:
 
     def __init__(self, regularization: float = 0.1, *, chunk_size: int = 4096) -> None:
         if regularization < 0:
-            raise ValueError(f"ZCA regularization must be >= 0, got {regularization}")
+            raise InputError(f"ZCA regularization must be >= 0, got {regularization}")
         if chunk_size < 1:
-            raise ValueError(f"ZCA chunk_size must be >= 1, got {chunk_size}")
+            raise InputError(f"ZCA chunk_size must be >= 1, got {chunk_size}")
         self.regularization = float(regularization)
         self.chunk_size = int(chunk_size)
         self._shape: tuple[int, ...] | None = None
@@ -140,10 +142,10 @@ class ZCA:
         required = ("regularization", "shape", "mean", "whiten", "unwhiten")
         missing = [k for k in required if k not in state]
         if missing:
-            raise ValueError(f"ZCA state dict is missing {missing}; was it saved by ZCA.save?")
+            raise InputError(f"ZCA state dict is missing {missing}; was it saved by ZCA.save?")
         version = int(state.get("format_version", _FORMAT_VERSION))
         if version > _FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"ZCA state format_version {version} is newer than supported "
                 f"({_FORMAT_VERSION}); upgrade lightning_distill"
             )
@@ -155,7 +157,7 @@ class ZCA:
         def f64(key: str, expected: tuple[int, ...]) -> Tensor:
             t = torch.as_tensor(state[key]).detach().to("cpu", torch.float64).contiguous()
             if tuple(t.shape) != expected:
-                raise ValueError(
+                raise InputError(
                     f"ZCA state field {key!r} has shape {list(t.shape)}, expected {list(expected)}"
                 )
             return t
@@ -199,10 +201,10 @@ class ZCA:
         """
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"ZCA.fit expects training images [N, C, H, W], got {shape}")
+            raise InputError(f"ZCA.fit expects training images [N, C, H, W], got {shape}")
         n = int(x.shape[0])
         if n < 2:
-            raise ValueError(f"ZCA.fit needs at least 2 images for a covariance, got {n}")
+            raise InputError(f"ZCA.fit needs at least 2 images for a covariance, got {n}")
         shape = tuple(int(v) for v in x.shape[1:])
         flat = x.detach().reshape(n, -1)
         d = flat.shape[1]
@@ -222,7 +224,7 @@ class ZCA:
         del cov
         shifted = s + self.regularization
         if bool((shifted <= 0).any()):
-            raise ValueError(
+            raise InputError(
                 "ZCA.fit: covariance eigenvalue + regularization is not positive; "
                 "use regularization > 0 for rank-deficient data"
             )
@@ -246,7 +248,7 @@ class ZCA:
         k = len(self._shape)
         if not isinstance(x, Tensor) or x.dim() < k or tuple(x.shape[-k:]) != self._shape:
             got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
+            raise InputError(
                 f"ZCA.{what}: expected images of shape [..., {', '.join(map(str, self._shape))}]"
                 f" (the [C,H,W] it was fitted on), got {got}"
             )

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from ..errors import InputError
 from ..models.convnet import ConvBlock, ConvNet
 from ..models.params import ParamSpec
 
@@ -148,19 +149,19 @@ class StackedNetworks(nn.Module):
         super().__init__()
         nets = list(nets)
         if not nets:
-            raise ValueError("StackedNetworks: need at least one network")
+            raise InputError("StackedNetworks: need at least one network")
         if backend not in BACKENDS:
-            raise ValueError(f"StackedNetworks: backend must be one of {BACKENDS}, got {backend!r}")
+            raise InputError(f"StackedNetworks: backend must be one of {BACKENDS}, got {backend!r}")
         spec = ParamSpec.of(nets[0])
         for k, net in enumerate(nets[1:], 1):
             if ParamSpec.of(net) != spec or type(net) is not type(nets[0]):
-                raise ValueError(
+                raise InputError(
                     f"StackedNetworks: member {k} ({type(net).__name__}) differs in "
                     f"architecture from member 0 ({type(nets[0]).__name__})"
                 )
         grouped_ok = _grouped_supported(nets[0])
         if backend == "grouped" and not grouped_ok:
-            raise ValueError(
+            raise InputError(
                 f"StackedNetworks: backend 'grouped' supports the ConvNet family, got "
                 f"{type(nets[0]).__name__}; use backend 'vmap'"
             )
@@ -221,7 +222,7 @@ class StackedNetworks(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Member k's logits on member k's batch: ``x [K, B, ...] -> [K, B, classes]``."""
         if x.shape[0] != self.members:
-            raise ValueError(
+            raise InputError(
                 f"StackedNetworks: input has {x.shape[0]} member batches, the group has "
                 f"{self.members} members (use forward_shared for one batch seen by all)"
             )
@@ -344,7 +345,7 @@ def member_losses(logits: Tensor, labels: Tensor) -> Tensor:
                               reduction="none")
         return per.view(k, b).mean(dim=1)
     if labels.shape != logits.shape:
-        raise ValueError(f"member_losses: soft labels {tuple(labels.shape)} must match the "
+        raise InputError(f"member_losses: soft labels {tuple(labels.shape)} must match the "
                          f"logits {tuple(logits.shape)}")
     log_p = F.log_softmax(logits, dim=2)
     q = F.softmax(labels.to(log_p.dtype), dim=2)
@@ -374,7 +375,7 @@ def augment_members(augment: Any, x: Tensor, generators: Sequence[torch.Generato
     """
     k = x.shape[0]
     if len(generators) != k:
-        raise ValueError(f"augment_members: {len(generators)} generators for {k} members")
+        raise InputError(f"augment_members: {len(generators)} generators for {k} members")
     sample = getattr(augment, "sample", None)
     apply = getattr(augment, "apply", None)
     if sample is None or apply is None:
@@ -401,7 +402,7 @@ def augment_members(augment: Any, x: Tensor, generators: Sequence[torch.Generato
 
 
 # ---------------------------------------------------------------------- memory
-class GroupMemoryError(ValueError):
+class GroupMemoryError(InputError):
     """A group of networks would not fit in the device's memory (raised before training)."""
 
 
@@ -502,6 +503,6 @@ def _mib(n: int) -> str:
 def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     """``items`` in consecutive groups of ``size`` (the last one shorter)."""
     if size < 1:
-        raise ValueError(f"group_size must be >= 1, got {size}")
+        raise InputError(f"group_size must be >= 1, got {size}")
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = [
     "PADSchedule",
     "PADSelection",
@@ -66,9 +68,9 @@ def el2n_scores(logits: Tensor, labels: Tensor) -> Tensor:
         labels: ``[N]`` class indices in ``0..K-1``.
     """
     if logits.dim() != 2:
-        raise ValueError(f"el2n_scores: logits must be [N, K], got shape {tuple(logits.shape)}")
+        raise InputError(f"el2n_scores: logits must be [N, K], got shape {tuple(logits.shape)}")
     if labels.shape != (logits.shape[0],):
-        raise ValueError(
+        raise InputError(
             f"el2n_scores: labels must be [N] = [{logits.shape[0]}], got {tuple(labels.shape)}"
         )
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -82,7 +84,7 @@ def _ratio(value: float, name: str) -> Fraction:
     try:
         r = Fraction(str(value))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"PADSchedule: {name} must be a number, got {value!r}") from e
+        raise InputError(f"PADSchedule: {name} must be a number, got {value!r}") from e
     return r
 
 
@@ -108,25 +110,25 @@ class PADSchedule:
         object.__setattr__(self, "remove_epochs", tuple(int(e) for e in self.remove_epochs))
         object.__setattr__(self, "remove_ratios", tuple(float(r) for r in self.remove_ratios))
         if len(self.remove_epochs) != 2 or len(self.remove_ratios) != 2:
-            raise ValueError(
+            raise InputError(
                 "PADSchedule: remove_epochs and remove_ratios take two values each "
                 f"(rm1, rm2) and (r1, r2); got {list(self.remove_epochs)} and "
                 f"{list(self.remove_ratios)}"
             )
         ir = _ratio(self.initial_ratio, "initial_ratio")
         if not 0 < ir <= 1:
-            raise ValueError(f"PADSchedule: initial_ratio must be in (0, 1], got "
+            raise InputError(f"PADSchedule: initial_ratio must be in (0, 1], got "
                              f"{self.initial_ratio}")
         aee = int(self.add_end_epoch)
         rm1, rm2 = self.remove_epochs
         if not 0 <= aee <= rm1 <= rm2:
-            raise ValueError(
+            raise InputError(
                 "PADSchedule: need 0 <= add_end_epoch <= remove_epochs[0] <= remove_epochs[1]; "
                 f"got add_end_epoch={self.add_end_epoch}, remove_epochs={list(self.remove_epochs)}"
             )
         r1, r2 = (_ratio(r, "remove_ratios") for r in self.remove_ratios)
         if not 0 <= r1 <= r2 < 1:
-            raise ValueError(
+            raise InputError(
                 f"PADSchedule: need 0 <= remove_ratios[0] <= remove_ratios[1] < 1; got "
                 f"{list(self.remove_ratios)}"
             )
@@ -145,7 +147,7 @@ class PADSchedule:
         of a class of ``n`` samples."""
         n, e = int(n), _check_epoch(epoch)
         if n < 0:
-            raise ValueError(f"PADSchedule: a class size must be >= 0, got {n}")
+            raise InputError(f"PADSchedule: a class size must be >= 0, got {n}")
         rm1, rm2 = self.remove_epochs
         if e <= self.add_end_epoch:
             return 0, math.floor(self.fraction_added(e) * n)
@@ -158,7 +160,7 @@ class PADSchedule:
 def _check_epoch(epoch: int) -> int:
     e = int(epoch)
     if e < 0:
-        raise ValueError(f"PADSchedule: epoch must be >= 0 (0-based), got {epoch}")
+        raise InputError(f"PADSchedule: epoch must be >= 0 (0-based), got {epoch}")
     return e
 
 
@@ -186,12 +188,12 @@ def class_difficulty_order(
 ) -> list[Tensor]:
     """Per class, its sample indices easiest first: ascending score, ties in index order."""
     if scores.dim() != 1 or labels.shape != scores.shape:
-        raise ValueError(
+        raise InputError(
             f"scores and labels must both be [N]; got {tuple(scores.shape)} and "
             f"{tuple(labels.shape)}"
         )
     if not bool(torch.isfinite(scores).all()):
-        raise ValueError("difficulty scores contain NaN or Inf")
+        raise InputError("difficulty scores contain NaN or Inf")
     labels = labels.long().cpu()
     scores = scores.cpu()
     k = int(labels.max()) + 1 if num_classes is None and labels.numel() else int(num_classes or 0)

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .batched import StackedNetworks, augment_members, chunks, gather_members, member_losses
 from .losses import classification_loss
 
@@ -125,7 +126,7 @@ def summarize(accs: Sequence[float]) -> tuple[float, float]:
     """
     a = np.asarray(list(accs), dtype=np.float64)
     if a.size == 0:
-        raise ValueError("summarize: no accuracies given (run at least one network)")
+        raise InputError("summarize: no accuracies given (run at least one network)")
     return float(a.mean()), float(a.std())
 
 
@@ -150,9 +151,9 @@ def _test(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int
     """(accuracy, mean cross-entropy, per-class accuracy) of ``net`` in eval mode; counts
     are exact integers."""
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise InputError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
-        raise ValueError("test data is empty")
+        raise InputError("test data is empty")
     dev = _device_of(net)
     net.eval()
     correct = 0
@@ -230,16 +231,16 @@ def train_and_evaluate(
         images) and ``"train_loss"``, the mean training loss of the last epoch.
     """
     if epochs < 1:
-        raise ValueError(f"train_and_evaluate: epochs must be >= 1, got {epochs}")
+        raise InputError(f"train_and_evaluate: epochs must be >= 1, got {epochs}")
     if batch_size < 1:
-        raise ValueError(f"train_and_evaluate: batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"train_and_evaluate: batch_size must be >= 1, got {batch_size}")
     if not float(lr) > 0:
-        raise ValueError(
+        raise InputError(
             f"train_and_evaluate: lr must be > 0, got {lr} (a learned syn_lr that went "
             "negative means distillation diverged)"
         )
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"training data: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise InputError(f"training data: {images.shape[0]} images but {labels.shape[0]} labels")
     dev = _device_of(net)
     x_all = images.detach().to(dev)
     y_all = labels.detach().to(dev)
@@ -332,38 +333,38 @@ def train_and_evaluate_group(
     """
     k = len(nets)
     if k < 1:
-        raise ValueError("train_and_evaluate_group: need at least one network")
+        raise InputError("train_and_evaluate_group: need at least one network")
     if len(generators) != k:
-        raise ValueError(f"train_and_evaluate_group: {len(generators)} generators for {k} nets")
+        raise InputError(f"train_and_evaluate_group: {len(generators)} generators for {k} nets")
     if epochs < 1 or batch_size < 1:
-        raise ValueError(f"train_and_evaluate_group: epochs and batch_size must be >= 1, got "
+        raise InputError(f"train_and_evaluate_group: epochs and batch_size must be >= 1, got "
                          f"{epochs} and {batch_size}")
     if not float(lr) > 0:
-        raise ValueError(
+        raise InputError(
             f"train_and_evaluate_group: lr must be > 0, got {lr} (a learned syn_lr that went "
             "negative means distillation diverged)"
         )
     aug_gens = list(generators if augment_generators is None else augment_generators)
     if len(aug_gens) != k:
-        raise ValueError(f"train_and_evaluate_group: {len(aug_gens)} augment generators for "
+        raise InputError(f"train_and_evaluate_group: {len(aug_gens)} augment generators for "
                          f"{k} nets")
     dev = _device_of(nets[0])
     shared = isinstance(images, Tensor)
     if shared != isinstance(labels, Tensor):
-        raise ValueError("train_and_evaluate_group: images and labels must both be shared "
+        raise InputError("train_and_evaluate_group: images and labels must both be shared "
                          "tensors or both per-member sequences")
     if shared:
         x_all = images.detach().to(dev)
         y_all = labels.detach().to(dev)
     else:
         if len(images) != k or len(labels) != k:
-            raise ValueError(f"train_and_evaluate_group: {len(images)} training sets for {k} "
+            raise InputError(f"train_and_evaluate_group: {len(images)} training sets for {k} "
                              "nets")
         x_all = torch.stack([t.detach() for t in images]).to(dev)
         y_all = torch.stack([t.detach() for t in labels]).to(dev)
     n = int(x_all.shape[0 if shared else 1])
     if int(y_all.shape[0 if shared else 1]) != n:
-        raise ValueError(f"training data: {n} images but {y_all.shape[0 if shared else 1]} labels")
+        raise InputError(f"training data: {n} images but {y_all.shape[0 if shared else 1]} labels")
     group = StackedNetworks(nets, backend=backend).to(dev)
     lr = float(lr)
     decay = resolve_decay_epoch(epochs, lr_decay_epoch)
@@ -409,9 +410,9 @@ def _test_group(group: StackedNetworks, images: Tensor, labels: Tensor, batch_si
     """Per-member (accuracy, mean cross-entropy, per-class accuracy) of a group in eval
     mode."""
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise InputError(f"test data: {images.shape[0]} images but {labels.shape[0]} labels")
     if images.shape[0] == 0:
-        raise ValueError("test data is empty")
+        raise InputError("test data is empty")
     dev = group.stacked[0].device
     group.eval()
     k = group.members
@@ -496,11 +497,11 @@ class EvalProtocol:
 
     def __post_init__(self) -> None:
         if int(self.epochs) < 1:
-            raise ValueError(f"EvalProtocol: epochs must be >= 1, got {self.epochs}")
+            raise InputError(f"EvalProtocol: epochs must be >= 1, got {self.epochs}")
         if int(self.batch_size) < 1:
-            raise ValueError(f"EvalProtocol: batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"EvalProtocol: batch_size must be >= 1, got {self.batch_size}")
         if self.group_size is not None and int(self.group_size) < 1:
-            raise ValueError(f"EvalProtocol: group_size must be >= 1 or null (chosen by "
+            raise InputError(f"EvalProtocol: group_size must be >= 1 or null (chosen by "
                              f"device and step size), got {self.group_size}")
 
     def group_size_for(self, device: torch.device | str, num_images: int,
@@ -577,7 +578,7 @@ class EvalProtocol:
         lr = set_lr if self.lr is None else self.lr
         shared = isinstance(images, Tensor)
         if not shared and len(images) != len(seeds):
-            raise ValueError(f"train_runs: {len(images)} training sets for {len(seeds)} runs")
+            raise InputError(f"train_runs: {len(images)} training sets for {len(seeds)} runs")
         first = images if shared else images[0]
         channels, image_size = int(first.shape[1]), tuple(int(s) for s in first.shape[2:])
         results: list[dict[str, Any]] = []

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["class_permutations", "correct_sample_indices", "soft_label_logits"]
 
 LogitsFn = Callable[[int, Tensor], Tensor]
@@ -41,7 +43,7 @@ def class_permutations(
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         if idx.numel() < ipc:
-            raise ValueError(
+            raise InputError(
                 f"ipc={ipc} but class {c} has only {idx.numel()} training images; lower ipc"
             )
         perms.append(idx[torch.randperm(idx.numel(), generator=generator)])
@@ -81,7 +83,7 @@ def correct_sample_indices(
     with the most correct images is used and the rest filled with misclassified images.
     """
     if not experts:
-        raise ValueError("correct_sample_indices: no experts given")
+        raise InputError("correct_sample_indices: no experts given")
     best, best_expert = None, experts[0]
     for e in experts:
         good = _first_correct(images, perm, c, k, e, logits_fn, chunk)
@@ -106,7 +108,7 @@ def soft_label_logits(
     """DATM's soft labels: per image, the mean raw logits of the experts that classify it
     as ``class_ids``; the mean over all experts for an image that none classifies right."""
     if not experts:
-        raise ValueError("soft_label_logits: no experts given")
+        raise InputError("soft_label_logits: no experts given")
     class_ids = class_ids.cpu()
     total = count = fallback = None
     for e in experts:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["classification_loss", "soft_cross_entropy"]
 
 
@@ -20,7 +22,7 @@ def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
     gradient flows into both arguments.
     """
     if logits.shape != target_logits.shape or logits.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"soft_cross_entropy: logits {tuple(logits.shape)} and target_logits "
             f"{tuple(target_logits.shape)} must both be [B, K] with the same shape"
         )
@@ -37,13 +39,13 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """
     if not labels.is_floating_point():
         if labels.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"classification_loss: hard labels must be [B] class ids, got shape "
                 f"{tuple(labels.shape)}"
             )
         return F.cross_entropy(logits, labels.long())
     if labels.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"classification_loss: floating labels must be [B, K] logits, got shape "
             f"{tuple(labels.shape)}; pass class ids as an integer tensor"
         )

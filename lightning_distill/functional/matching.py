@@ -60,6 +60,8 @@ from lightning_distill.functional.device import to_device
 from lightning_distill.functional.losses import classification_loss
 from lightning_distill.models.params import ParamSpec, has_running_stats
 
+from ..errors import InputError
+
 __all__ = [
     "MATCHING_MODES",
     "MATCH_RULES",
@@ -474,11 +476,11 @@ def trajectory_matching(
     TESLA computes for a k*-step unroll.
     """
     if mode not in MATCHING_MODES:
-        raise ValueError(
+        raise InputError(
             f"trajectory_matching_loss: mode={mode!r}, expected one of {MATCHING_MODES}"
         )
     if match not in MATCH_RULES:
-        raise ValueError(
+        raise InputError(
             f"trajectory_matching_loss: match={match!r}, expected one of {MATCH_RULES}"
         )
     prob, images, labels, syn_lr = _prepare(
@@ -538,12 +540,12 @@ def parameter_mask(
     """
     spec = model if isinstance(model, ParamSpec) else ParamSpec.of(model)
     if (drop_ratio is None) == (layers is None):
-        raise ValueError("parameter_mask: give exactly one of drop_ratio and layers")
+        raise InputError("parameter_mask: give exactly one of drop_ratio and layers")
     total = spec.total
     if drop_ratio is not None:
         a = float(drop_ratio)
         if not 0.0 <= a < 1.0:
-            raise ValueError(f"parameter_mask: drop_ratio must be in [0, 1), got {drop_ratio}")
+            raise InputError(f"parameter_mask: drop_ratio must be in [0, 1), got {drop_ratio}")
         mask = torch.zeros(total, dtype=torch.bool)
         mask[math.floor(a * total):] = True
         return mask
@@ -554,7 +556,7 @@ def parameter_mask(
         hits = [i for i, n in enumerate(spec.names) if n == entry or n.startswith(entry + ".")]
         if not hits:
             modules = sorted({n.rsplit(".", 1)[0] for n in spec.names})
-            raise ValueError(
+            raise InputError(
                 f"parameter_mask: {entry!r} names no parameter of this model; parameter names "
                 f"are {list(spec.names)} (modules: {modules})"
             )
@@ -573,31 +575,31 @@ def _prepare(
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
     if has_running_stats(model):
-        raise ValueError(
+        raise InputError(
             f"{name}: the model keeps BatchNorm running statistics, which the functional inner "
             "loop cannot update correctly; use a network without them (e.g. ConvNet with "
             "norm='instancenorm', or BatchNorm with track_running_stats=False)"
         )
     if not torch.is_tensor(images) or not images.is_floating_point() or images.dim() < 2:
-        raise ValueError(f"{name}: images must be a floating tensor [N, ...]")
+        raise InputError(f"{name}: images must be a floating tensor [N, ...]")
     dtype, device = images.dtype, images.device
     n = images.shape[0]
     if not torch.is_tensor(labels):
         raise TypeError(f"{name}: labels must be a tensor ([N] class ids or [N, K] logits)")
     if labels.shape[0] != n:
-        raise ValueError(
+        raise InputError(
             f"{name}: labels have {labels.shape[0]} rows but images have {n}; pass one label "
             "per synthetic image"
         )
     if labels.is_floating_point():
         if labels.dim() != 2:
-            raise ValueError(
+            raise InputError(
                 f"{name}: soft labels must be [N, K] logits, got {tuple(labels.shape)}"
             )
     elif labels.dim() != 1:
-        raise ValueError(f"{name}: hard labels must be [N] class ids, got {tuple(labels.shape)}")
+        raise InputError(f"{name}: hard labels must be [N] class ids, got {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(
+        raise InputError(
             f"{name}: labels are on {labels.device} but images on {device}; put both on the "
             "same device"
         )
@@ -605,7 +607,7 @@ def _prepare(
     for what, vec in (("start", start), ("target", target)):
         if not torch.is_tensor(vec) or vec.dim() != 1 or vec.numel() != spec.total:
             shape = tuple(vec.shape) if torch.is_tensor(vec) else type(vec).__name__
-            raise ValueError(
+            raise InputError(
                 f"{name}: {what} must be a flat parameter vector [{spec.total}] for this model "
                 f"(named_parameters order), got {shape}"
             )
@@ -618,38 +620,38 @@ def _prepare(
             or param_mask.shape != (spec.total,)
         ):
             shape = tuple(param_mask.shape) if torch.is_tensor(param_mask) else param_mask
-            raise ValueError(
+            raise InputError(
                 f"{name}: param_mask must be a boolean tensor [{spec.total}] over the flat "
                 f"parameters (see parameter_mask), got {shape}"
             )
         if not bool(param_mask.any()):
-            raise ValueError(f"{name}: param_mask selects no parameter")
+            raise InputError(f"{name}: param_mask selects no parameter")
         param_mask = to_device(param_mask, device)
     if not torch.is_tensor(syn_lr):
         syn_lr = torch.tensor(float(syn_lr), dtype=dtype, device=device)
     if syn_lr.numel() != 1 or not syn_lr.is_floating_point():
-        raise ValueError(f"{name}: syn_lr must be a one-element floating tensor")
+        raise InputError(f"{name}: syn_lr must be a one-element floating tensor")
     if len(batches) == 0:
-        raise ValueError(f"{name}: batches is empty; pass one index tensor per inner step")
+        raise InputError(f"{name}: batches is empty; pass one index tensor per inner step")
     idxs = []
     for i, b in enumerate(batches):
         b = torch.as_tensor(b)
         if b.dim() != 1 or b.numel() == 0 or b.is_floating_point() or b.dtype == torch.bool:
-            raise ValueError(f"{name}: batches[{i}] must be a non-empty 1-D integer index tensor")
+            raise InputError(f"{name}: batches[{i}] must be a non-empty 1-D integer index tensor")
         idxs.append(b.long())
     # validate where the indices are (CPU batches: no GPU sync), then move all at once
     flat = torch.cat([b.to(idxs[0].device) for b in idxs])
     lo, hi = torch.aminmax(flat)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= n:
-        raise ValueError(f"{name}: batch indices span [{lo}, {hi}] but there are {n} images")
+        raise InputError(f"{name}: batch indices span [{lo}, {hi}] but there are {n} images")
     idxs = list(to_device(flat, device).split([b.numel() for b in idxs]))
     if loss == "auto":
         loss_fn = classification_loss
     elif callable(loss):
         loss_fn = loss
     else:
-        raise ValueError(f"{name}: loss must be 'auto' or a callable (logits, labels) -> scalar")
+        raise InputError(f"{name}: loss must be 'auto' or a callable (logits, labels) -> scalar")
     prob = _Problem(
         model=model,
         spec=spec,
@@ -663,7 +665,7 @@ def _prepare(
     )
     if not prob.denom > 0:
         where = "on the masked parameters " if param_mask is not None else ""
-        raise ValueError(
+        raise InputError(
             f"{name}: start and target coincide {where}(||start - target||^2 = {prob.denom})"
         )
     return prob, images, labels, syn_lr
@@ -725,21 +727,21 @@ def sample_start_epoch(
 def _check_window(it, t_min, t_cur, t_max, expansion_end, sequential):
     where = "matching window"
     if it < 0:
-        raise ValueError(f"{where}: iteration must be >= 0, got {it}")
+        raise InputError(f"{where}: iteration must be >= 0, got {it}")
     if t_min < 0:
-        raise ValueError(f"{where}: min_start_epoch must be >= 0, got {t_min}")
+        raise InputError(f"{where}: min_start_epoch must be >= 0, got {t_min}")
     if t_max <= t_min:
-        raise ValueError(
+        raise InputError(
             f"{where}: max_start_epoch ({t_max}) must exceed min_start_epoch ({t_min})"
         )
     if sequential:
         if not t_min < t_cur <= t_max:
-            raise ValueError(
+            raise InputError(
                 f"{where}: need min_start_epoch < current_max_start_epoch <= max_start_epoch, "
                 f"got {t_min}, {t_cur}, {t_max}"
             )
         if expansion_end <= 0:
-            raise ValueError(f"{where}: expansion_end must be > 0, got {expansion_end}")
+            raise InputError(f"{where}: expansion_end must be > 0, got {expansion_end}")
 
 
 def sample_minibatches(
@@ -757,7 +759,7 @@ def sample_minibatches(
     generator's device, then moved to ``device`` (if given) in one copy.
     """
     if num_images <= 0 or batch_size <= 0 or steps <= 0:
-        raise ValueError(
+        raise InputError(
             f"sample_minibatches: num_images ({num_images}), batch_size ({batch_size}) and "
             f"steps ({steps}) must be positive"
         )

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 __all__ = ["global_norm", "gsam_gradient", "inner_product", "perturbation"]
 
 
@@ -38,7 +40,7 @@ def global_norm(tensors: Sequence[Tensor], per_member: bool = False) -> Tensor:
     """Euclidean norm of the concatenation of ``tensors`` (a 0-d tensor); with
     ``per_member``, one norm per member (leading dimension): a ``[K]`` tensor."""
     if len(tensors) == 0:
-        raise ValueError("global_norm: got an empty list of tensors")
+        raise InputError("global_norm: got an empty list of tensors")
     if per_member:
         parts = [torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors]
         return torch.linalg.vector_norm(torch.stack(parts, dim=1), dim=1)
@@ -82,7 +84,7 @@ def perturbation(
     """
     _check_lengths(params, grads, "perturbation")
     if rho < 0:
-        raise ValueError(f"perturbation: rho must be >= 0, got {rho}")
+        raise InputError(f"perturbation: rho must be >= 0, got {rho}")
     with torch.no_grad():
         if adaptive:
             norm = global_norm([w.abs() * g for w, g in zip(params, grads, strict=True)],
@@ -125,9 +127,9 @@ def gsam_gradient(
 
 def _check_lengths(a: Sequence[Tensor], b: Sequence[Tensor], where: str) -> None:
     if len(a) != len(b):
-        raise ValueError(f"{where}: the two tensor lists differ in length ({len(a)} vs {len(b)})")
+        raise InputError(f"{where}: the two tensor lists differ in length ({len(a)} vs {len(b)})")
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x.shape != y.shape:
-            raise ValueError(
+            raise InputError(
                 f"{where}: entry {i} has mismatched shapes {tuple(x.shape)} and {tuple(y.shape)}"
             )

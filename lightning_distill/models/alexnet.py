@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .registry import register_model, to_hw
 
 __all__ = ["AlexNet"]
@@ -68,7 +69,7 @@ class AlexNet(ConvFeaturesLinear):
             layers += [nn.Conv2d(in_ch, out_ch, k, padding=pad), nn.ReLU()]
             h, w = h + 2 * pad - k + 1, w + 2 * pad - k + 1
             if min(h, w) < 1:
-                raise ValueError(f"AlexNet: image_size {hw} is too small")
+                raise InputError(f"AlexNet: image_size {hw} is too small")
             if pool and min(h, w) >= 2:
                 layers.append(nn.MaxPool2d(2, 2))
                 h, w = h // 2, w // 2

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .pooling import AvgPool2x2
 from .registry import register_model, to_hw
 
@@ -42,7 +43,7 @@ POOLINGS = ("avgpooling", "maxpooling", "none")
 
 def _check_choice(field: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
-        raise ValueError(f"models: unknown {field} {value!r}; choose one of {list(choices)}")
+        raise InputError(f"models: unknown {field} {value!r}; choose one of {list(choices)}")
     return value
 
 
@@ -60,11 +61,11 @@ def make_norm(norm: str, channels: int, shape: tuple[int, int] | None = None) ->
         return nn.BatchNorm2d(channels)
     if norm == "layernorm":
         if shape is None:
-            raise ValueError("models: norm 'layernorm' needs the feature map shape")
+            raise InputError("models: norm 'layernorm' needs the feature map shape")
         return nn.LayerNorm([channels, *shape], elementwise_affine=True)
     if norm == "groupnorm":
         if channels % 4:
-            raise ValueError(
+            raise InputError(
                 f"models: norm 'groupnorm' uses 4 groups and needs channels divisible by 4, "
                 f"got {channels}; change the width"
             )
@@ -128,7 +129,7 @@ class ConvNet(nn.Module):
         _check_choice("act", act, ACTIVATIONS)
         _check_choice("pooling", pooling, POOLINGS)
         if depth < 1 or width < 1:
-            raise ValueError(f"ConvNet: depth and width must be >= 1, got {depth}, {width}")
+            raise InputError(f"ConvNet: depth and width must be >= 1, got {depth}, {width}")
         h, w = hw = to_hw(image_size)
         blocks = []
         in_ch = channels
@@ -141,7 +142,7 @@ class ConvNet(nn.Module):
                 pool: nn.Module = nn.Identity()
             else:
                 if min(h, w) < 2:
-                    raise ValueError(
+                    raise InputError(
                         f"ConvNet: image_size {hw} is too small for depth {depth} "
                         f"(block {d} would pool a {h}x{w} map); use a smaller depth"
                     )

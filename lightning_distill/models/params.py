@@ -16,6 +16,8 @@ from math import prod
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -40,7 +42,7 @@ class ParamSpec:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split a flat vector [P] into ``{name: view}`` (views share memory and autograd)."""
         if flat.dim() != 1 or flat.numel() != self.total:
-            raise ValueError(
+            raise InputError(
                 f"flat parameter vector has shape {tuple(flat.shape)}, expected [{self.total}]"
             )
         chunks = torch.split(flat, self.numels)

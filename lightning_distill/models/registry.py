@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = ["build_model", "is_model", "list_models", "model_entrypoint", "register_model", "to_hw"]
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -34,7 +36,7 @@ def register_model(fn: F | None = None, *, name: str | None = None) -> F | Calla
     def decorator(f: F) -> F:
         key = name or f.__name__
         if key in _MODELS and _MODELS[key] is not f:
-            raise ValueError(f"register_model: model name {key!r} is already registered")
+            raise InputError(f"register_model: model name {key!r} is already registered")
         _MODELS[key] = f
         return f
 
@@ -57,7 +59,7 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     except KeyError:
         hint = [k for k in _MODELS if k.lower() == str(name).lower()]
         did = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(
+        raise InputError(
             f"build_model: unknown model name {name!r}{did}; known models: {list_models()}"
         ) from None
 
@@ -74,7 +76,7 @@ def to_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
         or any(isinstance(s, bool) or not isinstance(s, Integral) for s in items)
         or min(items) < 1
     ):
-        raise ValueError(
+        raise InputError(
             f"image_size must be a positive int or a pair (H, W) of positive ints, "
             f"got {image_size!r}"
         )
@@ -90,7 +92,7 @@ def _check_kwargs(name: str, fn: Callable[..., Any], kw: dict[str, Any]) -> None
     accepted = [k for k in params if k not in fixed and k != "self"]
     unknown = sorted(k for k in kw if k not in params or k in fixed)
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"build_model: model {name!r} does not take keyword(s) {unknown}; "
             f"accepted keywords: {accepted}"
         )

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .convnet import _check_choice, make_norm
 from .registry import register_model, to_hw
 
@@ -91,7 +92,7 @@ class ResNet(nn.Module):
         h, w = hw = to_hw(image_size)
         widths = (64, 128, 256, 512)[: len(layers)]
         if len(layers) < 1 or len(layers) > 4:
-            raise ValueError(f"ResNet: layers must have 1 to 4 stages, got {list(layers)}")
+            raise InputError(f"ResNet: layers must have 1 to 4 stages, got {list(layers)}")
         self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
         self.norm1 = make_norm(norm, 64)
         self.act1 = nn.ReLU()
@@ -109,7 +110,7 @@ class ResNet(nn.Module):
                 h, w = ((h // 2, w // 2) if avgpool_downsample
                         else ((h + 1) // 2, (w + 1) // 2))
                 if min(h, w) < 1:
-                    raise ValueError(f"ResNet: image_size {hw} is too small (use >= 8)")
+                    raise InputError(f"ResNet: image_size {hw} is too small (use >= 8)")
             stages.append(nn.Sequential(*blocks))
         self.layer1 = stages[0]
         self.layer2 = stages[1] if len(stages) > 1 else nn.Identity()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..errors import InputError
 from .alexnet import ConvFeaturesLinear
 from .convnet import _check_choice, make_norm
 from .registry import register_model, to_hw
@@ -52,7 +53,7 @@ class VGG(ConvFeaturesLinear):
                     h, w = h // 2, w // 2
                 continue
             if isinstance(v, str) or int(v) < 1:
-                raise ValueError(f"VGG: cfg entries must be positive ints or 'M', got {v!r}")
+                raise InputError(f"VGG: cfg entries must be positive ints or 'M', got {v!r}")
             pad = 3 if first and hw == (28, 28) else 1
             first = False
             h, w = h + 2 * pad - 2, w + 2 * pad - 2

@@ -65,6 +65,7 @@ from torch.func import functional_call
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for
 from ..data.input_space import InputSpace
+from ..errors import InputError
 from ..functional.initialization import (
     class_permutations,
     correct_sample_indices,
@@ -193,39 +194,39 @@ class DistillationModule(pl.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         if image_init not in IMAGE_INITS:
-            raise ValueError(f"image_init must be one of {IMAGE_INITS}, got {image_init!r}")
+            raise InputError(f"image_init must be one of {IMAGE_INITS}, got {image_init!r}")
         if label_init not in LABEL_INITS:
-            raise ValueError(f"label_init must be one of {LABEL_INITS}, got {label_init!r}")
+            raise InputError(f"label_init must be one of {LABEL_INITS}, got {label_init!r}")
         if ipc < 1:
-            raise ValueError(f"ipc must be >= 1, got {ipc}")
+            raise InputError(f"ipc must be >= 1, got {ipc}")
         if mode not in MATCHING_MODES:
-            raise ValueError(f"mode must be one of {MATCHING_MODES}, got {mode!r}")
+            raise InputError(f"mode must be one of {MATCHING_MODES}, got {mode!r}")
         if match not in MATCH_RULES:
-            raise ValueError(f"match must be one of {MATCH_RULES}, got {match!r}")
+            raise InputError(f"match must be one of {MATCH_RULES}, got {match!r}")
         if param_mask is not None and param_drop_ratio:
-            raise ValueError("give param_mask (parameter names) or param_drop_ratio (a depth "
+            raise InputError("give param_mask (parameter names) or param_drop_ratio (a depth "
                              "ratio), not both")
         if label_experts is not None and label_experts < 1:
-            raise ValueError(f"label_experts must be >= 1 or None (all), got {label_experts}")
+            raise InputError(f"label_experts must be >= 1 or None (all), got {label_experts}")
         if not 0.0 < syn_lr_min < syn_lr_max:
-            raise ValueError(f"need 0 < syn_lr_min < syn_lr_max, got syn_lr_min={syn_lr_min}, "
+            raise InputError(f"need 0 < syn_lr_min < syn_lr_max, got syn_lr_min={syn_lr_min}, "
                              f"syn_lr_max={syn_lr_max}")
         if not syn_lr_min <= lr_teacher <= syn_lr_max:
-            raise ValueError(f"lr_teacher={lr_teacher} (the initial syn_lr) is outside "
+            raise InputError(f"lr_teacher={lr_teacher} (the initial syn_lr) is outside "
                              f"[syn_lr_min, syn_lr_max] = [{syn_lr_min}, {syn_lr_max}]")
         if iterations < 0 or syn_steps < 1 or expert_epochs < 1 or max_start_epoch < 1:
-            raise ValueError("need iterations >= 0, syn_steps >= 1, expert_epochs >= 1 and "
+            raise InputError("need iterations >= 0, syn_steps >= 1, expert_epochs >= 1 and "
                              f"max_start_epoch >= 1, got {iterations}, {syn_steps}, "
                              f"{expert_epochs}, {max_start_epoch}")
         if max_nonfinite < 1:
-            raise ValueError(f"max_nonfinite must be >= 1, got {max_nonfinite}")
+            raise InputError(f"max_nonfinite must be >= 1, got {max_nonfinite}")
         for name, value in (("lr_img", lr_img), ("lr_lr", lr_lr), ("lr_y", lr_y)):
             if not value >= 0:  # also NaN
-                raise ValueError(f"{name} must be >= 0 (an SGD learning rate), got {value}")
+                raise InputError(f"{name} must be >= 0 (an SGD learning rate), got {value}")
         for name, value in (("img_momentum", img_momentum), ("lr_momentum", lr_momentum),
                             ("y_momentum", y_momentum)):
             if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+                raise InputError(f"{name} must be in [0, 1), got {value}")
         self._store: TrajectoryStore | None = None
         st = self.store
         m = st.model
@@ -283,23 +284,23 @@ class DistillationModule(pl.LightningModule):
     def _check_store(self) -> None:
         hp, st = self.hparams, self.store
         if not self._experts:
-            raise ValueError(f"trajectory store {st.path} holds no experts; run "
+            raise InputError(f"trajectory store {st.path} holds no experts; run "
                              "`lightning-distill experts` first")
         st.validate(deep=True)  # sizes, and every file's header (dtype, shape): no data read
         self.check_window(hp.max_start_epoch)
         if hp.init_expert not in self._experts:
-            raise ValueError(f"init_expert={hp.init_expert} is not in {st.path} "
+            raise InputError(f"init_expert={hp.init_expert} is not in {st.path} "
                              f"(experts present: {self._experts[:10]}...)")
         batch = self.hparams.batch_syn
         if batch is not None and not 0 < batch <= self.images.shape[0]:
-            raise ValueError(f"batch_syn={batch} must be in [1, {self.images.shape[0]}] "
+            raise InputError(f"batch_syn={batch} must be in [1, {self.images.shape[0]}] "
                              f"(classes * ipc)")
 
     def check_window(self, max_start_epoch: int) -> None:
         """Refuse a window whose last start epoch + M runs past the snapshots."""
         need = max_start_epoch - 1 + self.hparams.expert_epochs
         if need > self.store.num_snapshots - 1:
-            raise ValueError(
+            raise InputError(
                 f"matching window runs past the stored snapshots: max_start_epoch="
                 f"{max_start_epoch} with expert_epochs={self.hparams.expert_epochs} needs "
                 f"snapshot {need}, but {self.store.path} has epochs 0.."
@@ -326,7 +327,7 @@ class DistillationModule(pl.LightningModule):
         hp = self.hparams
         if train_images is None:
             if datamodule is None:
-                raise ValueError("initialize needs a datamodule or train_images/train_labels")
+                raise InputError("initialize needs a datamodule or train_images/train_labels")
             if getattr(datamodule, "train_set", None) is None:
                 datamodule.setup("fit")
             train_images, train_labels = datamodule.train_set.tensors
@@ -335,7 +336,7 @@ class DistillationModule(pl.LightningModule):
             if getattr(datamodule, "from_input_space", None) is not None:
                 self.to_pixels = datamodule.from_input_space
         if tuple(train_images.shape[1:]) != tuple(self.images.shape[1:]):
-            raise ValueError(f"real images have shape {tuple(train_images.shape[1:])}, the "
+            raise InputError(f"real images have shape {tuple(train_images.shape[1:])}, the "
                              f"store's model expects {tuple(self.images.shape[1:])}")
         start = time.monotonic()
         soft = hp.label_init == "soft" or hp.learn_labels
@@ -373,7 +374,7 @@ class DistillationModule(pl.LightningModule):
     def _check_input_space(self, input_space: dict) -> None:
         diff = InputSpace.coerce(input_space).mismatch(self.input_space)
         if diff is not None:
-            raise ValueError(
+            raise InputError(
                 f"the real data's input space differs from the trajectory store's: "
                 f"{diff} in {self.store.path}/meta.json; "
                 "use the data settings (normalisation / ZCA) the experts were trained with")

@@ -52,6 +52,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..data.augment import ResumableGenerator, protocol_dsa
 from ..data.synthetic import SyntheticSet, check_eval_data
 from ..data.synthetic_datamodule import SyntheticDataModule, synthetic_train_loader
+from ..errors import InputError
 from ..functional.batched import StackedNetworks, augment_members, chunks, member_losses
 from ..functional.evaluation import (
     EvalProtocol,
@@ -116,7 +117,7 @@ class EvalModule(pl.LightningModule):
         protocol = EvalProtocol.resolve(protocol, overrides, "EvalModule")
         seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
         if not seeds:
-            raise ValueError("EvalModule: seed must be an int or a non-empty list of ints")
+            raise InputError("EvalModule: seed must be an int or a non-empty list of ints")
         self.save_hyperparameters({
             "model": model, "model_kwargs": dict(model_kwargs or {}),
             "seed": seed if isinstance(seed, int) else seeds, **protocol.as_kwargs()})
@@ -150,7 +151,7 @@ class EvalModule(pl.LightningModule):
         protocol, seeds = self.protocol, self.seeds
         lr = float(synthetic.lr if protocol.lr is None else protocol.lr)
         if not lr > 0:
-            raise ValueError(f"EvalModule: lr must be > 0, got {lr}")
+            raise InputError(f"EvalModule: lr must be > 0, got {lr}")
         self.synthetic = synthetic.detach_clone()
         self.eval_lr = lr
         streams = [run_seeds(s) for s in seeds]
@@ -183,7 +184,7 @@ class EvalModule(pl.LightningModule):
         except RuntimeError:  # not attached to a Trainer
             dm = None
         if not isinstance(dm, SyntheticDataModule):
-            raise ValueError(
+            raise InputError(
                 "EvalModule got no synthetic set: pass one (a SyntheticSet or a .pt path), or "
                 "fit with datamodule=SyntheticDataModule(...), whose set it then trains on"
                 f"{'' if dm is None else f' (the datamodule is a {type(dm).__name__})'}")
@@ -251,14 +252,14 @@ class EvalModule(pl.LightningModule):
         if isinstance(dm, SyntheticDataModule):
             self._check_same_set(dm.synthetic)
         elif dm is not None and is_overridden("train_dataloader", dm):
-            raise ValueError(
+            raise InputError(
                 "EvalModule trains on its synthetic set, but trainer.fit got a datamodule "
                 f"({type(dm).__name__}) whose train_dataloader would replace it; use a "
                 "SyntheticDataModule, or call trainer.fit(module, "
                 "val_dataloaders=dm.val_dataloader()) and trainer.test(module, datamodule=dm)"
             )
         if self.trainer.max_epochs != self.epochs:
-            raise ValueError(
+            raise InputError(
                 f"EvalModule(epochs={self.epochs}) needs Trainer(max_epochs={self.epochs}), "
                 f"got max_epochs={self.trainer.max_epochs}: the lr schedule (x0.1 at epoch "
                 f"{self.decay_epoch}) is defined by the module's epochs"
@@ -274,7 +275,7 @@ class EvalModule(pl.LightningModule):
             and torch.equal(other.labels.detach().cpu(), mine.labels.detach().cpu())
         )
         if not same:
-            raise ValueError(
+            raise InputError(
                 "EvalModule: the SyntheticDataModule serves another synthetic set "
                 f"({other.meta.get('path') or other!r}) than the module was built on "
                 f"({mine.meta.get('path') or mine!r}); give both the same set (file)"
@@ -474,9 +475,9 @@ def evaluate_synthetic(
     if isinstance(synthetic, (str, os.PathLike)):
         synthetic = SyntheticSet.load(synthetic)
     if runs < 1:
-        raise ValueError(f"evaluate_synthetic: runs must be >= 1, got {runs}")
+        raise InputError(f"evaluate_synthetic: runs must be >= 1, got {runs}")
     if test_images.dim() != 4:
-        raise ValueError(
+        raise InputError(
             f"evaluate_synthetic: test_images must be [N, C, H, W], got {tuple(test_images.shape)}"
         )
     check_eval_data(
@@ -485,9 +486,9 @@ def evaluate_synthetic(
     )
     if train_sets is not None:
         if len(train_sets) != runs:
-            raise ValueError(f"evaluate_synthetic: {len(train_sets)} train_sets for {runs} runs")
+            raise InputError(f"evaluate_synthetic: {len(train_sets)} train_sets for {runs} runs")
         if use_trainer:
-            raise ValueError("evaluate_synthetic: train_sets needs the plain loop "
+            raise InputError("evaluate_synthetic: train_sets needs the plain loop "
                              "(use_trainer=False)")
     dev = torch.device(device) if device is not None else synthetic.images.device
     seeds = [int(seed) + r for r in range(runs)]

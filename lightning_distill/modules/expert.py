@@ -38,6 +38,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator, dsa_flip_for
+from ..errors import InputError
 from ..functional.batched import StackedNetworks, augment_members, member_losses
 from ..functional.evaluation import seeded_model
 from ..models import build_model, to_hw
@@ -146,7 +147,7 @@ class _ExpertSteps(pl.LightningModule):
                      "datamodule=...))" if dm is None else
                      f"the datamodule {type(dm).__name__} does not provide "
                      f"{', '.join(problems)}")
-            raise ValueError(
+            raise InputError(
                 f"{name}: {missing} not given and {where}; pass channels, num_classes and "
                 "image_size, or fit with a datamodule exposing them after setup() "
                 "(RealDataModule does)")
@@ -380,12 +381,12 @@ class GroupExpertModule(_ExpertSteps):
         init_seeds = [int(s) for s in init_seeds]
         dsa_seeds = [int(s) for s in dsa_seeds]
         if not init_seeds or len(init_seeds) != len(dsa_seeds):
-            raise ValueError(f"GroupExpertModule: need as many dsa_seeds ({len(dsa_seeds)}) as "
+            raise InputError(f"GroupExpertModule: need as many dsa_seeds ({len(dsa_seeds)}) as "
                              f"init_seeds ({len(init_seeds)}), at least one")
         indices = list(range(len(init_seeds))) if expert_indices is None else [
             int(i) for i in expert_indices]
         if len(indices) != len(init_seeds):
-            raise ValueError("GroupExpertModule: one expert index per member")
+            raise InputError("GroupExpertModule: one expert index per member")
         self.save_hyperparameters({
             "model": model, "channels": channels, "num_classes": num_classes,
             "image_size": image_size, "model_kwargs": dict(model_kwargs or {}),

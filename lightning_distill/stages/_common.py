@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pytorch_lightning.callbacks import Callback, ProgressBar, RichProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
@@ -24,3 +26,12 @@ def make_callbacks(progress_bar: bool, callbacks: list[Callback]) -> list[Callba
     if not progress_bar:
         return others
     return [*others, bars[0] if bars else RichProgressBar(leave=False)]
+
+
+def prepare(datamodule: Any, stage: str) -> None:
+    """``prepare_data()`` on global rank 0 (a download, a cache), then ``setup(stage)``:
+    the datamodule ready before a stage reads it outside ``Trainer.fit``. Under DDP
+    started by Lightning the other ranks start inside ``fit``, after this ran on rank 0."""
+    if rank_zero_only.rank == 0:
+        datamodule.prepare_data()
+    datamodule.setup(stage)

@@ -29,11 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 from rich.progress import (
@@ -46,44 +44,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..config import DataConfig, build_datamodule
-from ..data.augment import dsa_flip_for
 from ..data.synthetic import SyntheticSet
+from ..errors import ConfigError, InputError
 from ..functional.evaluation import EvalProtocol
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
 from ..seeding import derive_seed
-from ._common import console
-
-
-@dataclass
-class EvaluateConfig:
-    """Everything ``lightning-distill evaluate`` needs; the keys of ``evaluate.yaml``."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    synthetic: list[str] | str = field(default_factory=list)
-    models: list[str] | str = field(default_factory=lambda: ["ConvNet"])
-    model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    runs: int = 5
-    epochs: int = 1000
-    batch_size: int = 256
-    lr: float | None = None
-    dsa: bool = True
-    group_size: int | None = None
-    baselines: list[str] = field(default_factory=list)
-    random_lr: float = 0.01
-    full_epochs: int = 50
-    full_lr: float = 0.01
-    full_batch_size: int = 256
-    seed: int = 0
-    device: str = "auto"
-    output: str | None = None
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from ._common import console, prepare
 
 
 def architecture_kwargs(models: Sequence[str], model_kwargs: dict[str, dict[str, Any]],
@@ -111,32 +78,62 @@ def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[st
     return {"label": label, "kind": kind, "ipc": ipc, "results": res}
 
 
-def evaluate(cfg: EvaluateConfig) -> list[dict[str, Any]]:
-    """Evaluate the synthetic sets and baselines of ``cfg``; returns the table rows."""
-    # ``--synthetic FILE`` and ``--models NAME`` may name a single item
-    synthetic = [cfg.synthetic] if isinstance(cfg.synthetic, str) else list(cfg.synthetic)
-    models = [cfg.models] if isinstance(cfg.models, str) else list(cfg.models)
-    check_request(synthetic, cfg.baselines)
-    pl.seed_everything(cfg.seed, verbose=False)
-    protocol = EvalProtocol(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                            dsa=cfg.dsa, dsa_flip=dsa_flip_for(cfg.data.name),
-                            group_size=cfg.group_size)
+def evaluate_stage(model: Any, datamodule: Any, *, device: torch.device,
+                   synthetic: list[str] | str | None = None,
+                   models: list[str] | str | None = None,
+                   model_kwargs: dict[str, dict[str, Any]] | None = None, runs: int = 5,
+                   baselines: list[str] | None = None, random_lr: float = 0.01,
+                   full_epochs: int = 50, full_lr: float = 0.01, full_batch_size: int = 256,
+                   output: str | None = None) -> list[dict[str, Any]]:
+    """The ``evaluate`` subcommand: every run is ``model`` (an
+    :class:`~lightning_distill.EvalModule` without a set: its architecture, evaluation
+    protocol and seed) trained on each set, ``runs`` networks per set and architecture
+    (run r: seed + r), tested on ``datamodule``'s test split on ``device``.
+    ``DistillTrainer.evaluate`` documents the arguments."""
+    from ..modules.evaluate import EvalModule
+
+    if not isinstance(model, EvalModule):
+        raise InputError(f"evaluate needs an EvalModule, got {type(model).__name__}")
+    if type(model) is not EvalModule:
+        # the runs are trained by the evaluation protocol (K at a time, baselines beside
+        # them), not by the module's own steps, which a subclass may change
+        raise ConfigError(
+            f"evaluate: model.class_path {type(model).__name__} is a subclass of EvalModule, "
+            "whose steps this subcommand does not run (it trains the runs with the "
+            "evaluation protocol); fit and test it with `lightning-distill fit --model "
+            f"{type(model).__name__} --data lightning_distill.SyntheticDataModule` and "
+            "`test`, or use EvalModule")
+    if not isinstance(model.hparams.seed, int):
+        raise ConfigError("evaluate: model.seed must be one int (run r uses seed + r)")
+    if datamodule is None:
+        raise ConfigError("evaluate needs the real data: a datamodule (data: in a recipe)")
+    sets = [synthetic] if isinstance(synthetic, str) else list(synthetic or [])
+    archs = [models] if isinstance(models, str) else list(models or [model.hparams.model])
+    kwargs = {model.hparams.model: dict(model.hparams.model_kwargs or {})}
+    for name, kw in (model_kwargs or {}).items():
+        kwargs[name] = {**kwargs.get(name, {}), **kw}
+    baselines = list(baselines or [])
+    check_request(sets, baselines)
+    prepare(datamodule, "test")
+    seed = int(model.hparams.seed)
+    config = {"synthetic": sets, "models": archs, "model_kwargs": kwargs, "runs": runs,
+              "baselines": baselines, "random_lr": random_lr, "full_epochs": full_epochs,
+              "full_lr": full_lr, "full_batch_size": full_batch_size, "seed": seed,
+              "protocol": model.protocol.as_kwargs(), "data": datamodule.name}
     return evaluate_sets(
-        build_datamodule(cfg.data, setup="test"), synthetic, protocol=protocol, models=models,
-        model_kwargs=cfg.model_kwargs, runs=cfg.runs, seed=cfg.seed,
-        device=_device(cfg.device), baselines=cfg.baselines, random_lr=cfg.random_lr,
-        full_epochs=cfg.full_epochs, full_lr=cfg.full_lr,
-        full_batch_size=cfg.full_batch_size, output=cfg.output,
-        config={**asdict(cfg), "synthetic": synthetic, "models": models})
+        datamodule, sets, protocol=model.protocol, models=archs, model_kwargs=kwargs,
+        runs=runs, seed=seed, device=device, baselines=baselines, random_lr=random_lr,
+        full_epochs=full_epochs, full_lr=full_lr, full_batch_size=full_batch_size,
+        output=output, config=config)
 
 
 def check_request(synthetic: Sequence[str], baselines: Sequence[str]) -> None:
     """Refuse an evaluation with nothing to do or an unknown baseline."""
     unknown = set(baselines) - {"random", "full"}
     if unknown:
-        raise ValueError(f"baselines: unknown {sorted(unknown)}; use 'random' and/or 'full'")
+        raise InputError(f"baselines: unknown {sorted(unknown)}; use 'random' and/or 'full'")
     if not synthetic and not baselines:
-        raise ValueError("nothing to evaluate: give --synthetic FILE and/or --baselines")
+        raise InputError("nothing to evaluate: give --synthetic FILE and/or --baselines")
 
 
 def evaluate_sets(
@@ -157,7 +154,7 @@ def evaluate_sets(
         syn = SyntheticSet.load(path)
         source = syn.meta.get("dataset")
         if source is not None and str(source) != name:
-            raise ValueError(
+            raise InputError(
                 f"{path} was distilled from the data set {source!r}, but the evaluation "
                 f"uses data.name={name!r}; pass --data.name {source} (with the same "
                 "normalisation / ZCA settings as the distillation)")

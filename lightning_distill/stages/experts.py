@@ -70,21 +70,24 @@ Parallelism, two ways (both combine with groups):
   ``data.loader``), and DDP averages the stacked gradients, i.e. each member's gradient
   over the ranks, exactly as for one expert.
 
-Data selection (PAD, off by default; ``data_selection:``, see
-:mod:`~lightning_distill.stages.data_selection`): the EL2N scores are computed once into
-``<store>/difficulty_el2n.pt`` (before the first expert; later runs, shards and DDP ranks
-load the file) and every expert trains epoch ``e`` on the subset
-:class:`~lightning_distill.functional.PADSchedule` gives for ``e``; the settings go to the
-store's ``hparams["data_selection"]``. With data selection the experts train one at a time
-(``group_size`` falls back to 1, with a message): the schedule reaches the experts through
-the datamodule's per-epoch loader, which a group's per-member loader does not use yet.
+Data selection (PAD, off by default): a
+:class:`~lightning_distill.callbacks.PADDataSelection` among the Trainer's callbacks. It
+loads the EL2N scores from ``<store>/difficulty_el2n.pt`` (the first expert computes
+them; later experts, runs, shards and DDP ranks load the file) and trains every epoch
+``e`` on the subset :class:`~lightning_distill.functional.PADSchedule` gives for ``e``;
+its settings go to the store's ``hparams["data_selection"]``. With data selection the
+experts train one at a time (``group_size`` falls back to 1, with a message): the
+schedule reaches the experts through the datamodule's per-epoch loader, which a group's
+per-member loader does not use.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -92,119 +95,43 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from ..callbacks.data_selection import PADDataSelection
 from ..callbacks.progress import StageProgressBar
 from ..callbacks.same_expert import SameExpertOnAllRanks
-from ..callbacks.trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
-from ..config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
-from ..data.augment import DEFAULT_DSA_STRATEGY, dsa_flip_for
+from ..callbacks.trajectory import GroupTrajectoryRecorder, TrajectoryRecorder, store_hparams
+from ..data.augment import dsa_flip_for
+from ..errors import ConfigError, InputError
 from ..functional.batched import check_group_memory, chunks
 from ..functional.evaluation import auto_group_size
 from ..modules.expert import ExpertTrajectoryModule, GroupExpertModule
 from ..seeding import expert_seeds
 from ..trajectories import TrajectoryStore
-from ._common import make_callbacks, say
-from .data_selection import (
-    DataSelectionConfig,
-    check_data_selection,
-    data_selection_callback,
-    data_selection_hparams,
-)
+from ._common import make_callbacks, prepare, say
 
-__all__ = [
-    "DataSelectionConfig",
-    "ExpertTrainingConfig",
-    "ExpertsConfig",
-    "SharpnessConfig",
-    "dsa_flip_for",
-    "expert_seeds",
-    "sharpness_callback",
-    "train_experts",
-]
-
-
-@dataclass
-class ExpertTrainingConfig:
-    """How each expert trains (MTT's experts: SGD 0.01, no momentum, DSA; docs/method.md, 'Expert
-    trajectories');
-    ``group_size`` experts train together as one vectorised model (1: one at a time;
-    None: chosen by device and step size, :func:`auto_group_size`)."""
-
-    num_experts: int = 10
-    epochs: int = 50
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    dsa: bool = True
-    dsa_strategy: str = DEFAULT_DSA_STRATEGY
-    check_val_every_n_epoch: int = 1
-    group_size: int | None = None
-
-
-@dataclass
-class SharpnessConfig:
-    """Flat trajectories (FTD/DATM): method none | sam | asam | gsam."""
-
-    method: str = "gsam"
-    rho: float = 0.01
-    alpha: float = 0.3
-
-
-@dataclass
-class ExpertsConfig:
-    """Everything ``lightning-distill experts`` needs; the keys of ``experts.yaml``."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    experts: ExpertTrainingConfig = field(default_factory=ExpertTrainingConfig)
-    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    store: str = "outputs/digits/experts"
-    log_dir: str = "outputs/digits/logs"
-    seed: int = 0
-    shard_index: int = 0
-    num_shards: int = 1
-    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
-
-
-def sharpness_callback(cfg: SharpnessConfig) -> Callback | None:
-    """The SAM / ASAM / GSAM callback for ``cfg`` (None for method "none")."""
-    from ..callbacks.sharpness import ASAM, GSAM, SAM
-
-    method = cfg.method.lower()
-    if method == "none":
-        return None
-    if method == "sam":
-        return SAM(rho=cfg.rho)
-    if method == "asam":
-        return ASAM(rho=cfg.rho)
-    if method == "gsam":
-        return GSAM(rho=cfg.rho, alpha=cfg.alpha)
-    raise ValueError(f"sharpness.method must be none, sam, asam or gsam; got {cfg.method!r}")
+__all__ = ["ExpertPlan", "expert_seeds", "run_experts", "train_experts"]
 
 
 @dataclass
 class ExpertPlan:
-    """One experts run, however it was configured (a stage dataclass, a LightningCLI
-    config, Python): what :func:`run_experts` needs besides the data.
+    """One experts run as :func:`train_experts` resolved it: what :func:`run_experts`
+    needs besides the data.
 
-    ``module_kwargs`` are the arguments ExpertTrajectoryModule and GroupExpertModule share
-    (``model``, ``model_kwargs``, ``lr``, ``momentum``, ``weight_decay``, ``dsa``,
-    ``dsa_strategy``, ``dsa_flip``; the shapes come from the data); ``make_trainer(callbacks,
-    version, first)`` builds the Trainer of one expert or group (``version`` names its
-    logs, ``first`` is the run's first Trainer); ``extra_callbacks(indices)`` the callbacks
-    it adds for those experts (fresh ones each time: SAM / GSAM hold per-fit state)."""
+    ``module_kwargs`` are the arguments of ``module_class`` (ExpertTrajectoryModule's are
+    also GroupExpertModule's: ``model``, ``model_kwargs``, ``lr``, ``momentum``,
+    ``weight_decay``, ``dsa``, ``dsa_strategy``, ``dsa_flip``; the shapes come from the
+    data); ``make_trainer(callbacks, version, first)`` builds the Trainer of one expert or
+    group (``version`` names its logs, ``first`` is the run's first Trainer) with fresh
+    copies of the user's callbacks (SAM / GSAM hold per-fit state)."""
 
     store: str
     num_experts: int
     epochs: int
     module_kwargs: dict[str, Any]
     make_trainer: Callable[[list[Callback], str, bool], pl.Trainer]
-    extra_callbacks: Callable[[Sequence[int]], list[Callback]]
     seed: int = 0
     group_size: int | None = None
     shard_index: int = 0
     num_shards: int = 1
-    data_selection: DataSelectionConfig = field(default_factory=DataSelectionConfig)
     accelerator: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
     #: the class of a one-at-a-time expert (a user's subclass of ExpertTrajectoryModule
@@ -212,69 +139,108 @@ class ExpertPlan:
     module_class: type = ExpertTrajectoryModule
 
 
-def train_experts(
-    cfg: ExpertsConfig,
-    callbacks: Callable[[int], Sequence[Callback]] | None = None,
-) -> TrajectoryStore:
-    """Train the missing experts of ``cfg.store`` (this shard's) and return the store.
+def train_experts(model: ExpertTrajectoryModule, datamodule: pl.LightningDataModule | None,
+                  trainer_kwargs: dict[str, Any], *, trainer_class: type = pl.Trainer,
+                  store: str = "outputs/experts", num_experts: int = 10,
+                  group_size: int | None = None, seed: int = 0, shard_index: int = 0,
+                  num_shards: int = 1, log_dir: str | None = None) -> TrajectoryStore:
+    """Train the missing experts of ``store`` (this shard's) and return the store.
+
+    Expert i is a fresh ``model`` (the template: its class and arguments; the shapes
+    come from the data) trained for ``trainer_kwargs["max_epochs"]`` epochs by a
+    ``trainer_class(**trainer_kwargs)`` with fresh copies of its callbacks (GSAM,
+    PADDataSelection, ...), all its randomness from ``(seed, i)``. The ``experts``
+    subcommand calls this with its Trainer's own arguments (``DistillTrainer.experts``).
 
     Args:
-        cfg: the stage configuration (``experts.yaml``).
-        callbacks: optional factory ``expert_index -> callbacks`` whose callbacks are
-            added to that expert's Trainer (e.g. early diagnostics, a profiler hook).
+        model: an :class:`~lightning_distill.ExpertTrajectoryModule` (or a subclass).
+        datamodule: the real data (a :class:`~lightning_distill.RealDataModule`).
+        trainer_kwargs: the Trainer's arguments (``max_epochs``: every expert's epochs).
+        store: the trajectory store's directory.
+        num_experts: experts in the store (this run trains the missing ones).
+        group_size: experts trained together as one vectorised model (1: one at a
+            time; None: chosen by device and step size).
+        seed: the experts' base seed.
+        shard_index, num_shards: this process trains experts shard_index,
+            shard_index + num_shards, ... (several processes on one store).
+        log_dir: TensorBoard logs per expert (None: ``logs/`` beside the store) when the
+            Trainer's logger is the default.
     """
-    ex = cfg.experts
-    sharpness_callback(cfg.sharpness)  # validate the method name before any work
+    if not isinstance(model, ExpertTrajectoryModule):
+        raise InputError(f"experts needs an ExpertTrajectoryModule, got {type(model).__name__}")
+    if datamodule is None:
+        raise ConfigError("experts needs the real data: a datamodule (data: in a recipe)")
+    epochs = trainer_kwargs.get("max_epochs")
+    if epochs is None:
+        raise ConfigError("experts: set trainer.max_epochs (the epochs of every expert)")
+    hp = model.hparams
+    cls = type(model)
+    module_kwargs = {"model": hp.model, "model_kwargs": dict(hp.model_kwargs or {}),
+                     "lr": hp.lr, "momentum": hp.momentum, "weight_decay": hp.weight_decay,
+                     "dsa": hp.dsa, "dsa_strategy": hp.dsa_strategy,
+                     "dsa_flip": hp.dsa_flip if hp.dsa_flip is not None
+                     else dsa_flip_for(datamodule.name)}
+    if cls is not ExpertTrajectoryModule:
+        # a user's subclass: built with its own arguments too (LightningCLI adds
+        # `_class_path` and the like to the hparams: not arguments)
+        module_kwargs.update({k: v for k, v in hp.items() if not k.startswith("_") and
+                              k not in (*module_kwargs, "channels", "num_classes",
+                                        "image_size", "dsa_seed")})
+    given = trainer_kwargs.get("callbacks") or []
+    given = list(given) if isinstance(given, (list, tuple)) else [given]
+    # LightningCLI's SaveConfigCallback is shared (it saves the config once); the others
+    # are copied afresh for each Trainer
+    shared = [c for c in given if type(c).__name__ == "SaveConfigCallback"]
+    templates = [c for c in given if c not in shared]
+    selections = [c for c in templates if isinstance(c, PADDataSelection)]
+    if len(selections) > 1:
+        raise ConfigError("experts: one PADDataSelection callback at a time")
+    # a vectorised group is GroupExpertModule, which knows nothing of a subclass, and
+    # trains from one loader per member, which a selection callback does not reach
+    alone = (f"{cls.__name__} is a subclass of ExpertTrajectoryModule"
+             if cls is not ExpertTrajectoryModule else
+             "a PADDataSelection callback selects the data" if selections else None)
+    if alone is not None and group_size != 1:
+        say(f"experts: {alone}, so its experts train one at a time (group_size 1, not "
+            f"{group_size})")
+        group_size = 1
+    logs = Path(log_dir) if log_dir is not None else Path(store).parent / "logs"
 
     def make_trainer(cbs: list[Callback], version: str, first: bool) -> pl.Trainer:
-        return pl.Trainer(
-            max_epochs=ex.epochs,
-            callbacks=make_callbacks(cfg.trainer.enable_progress_bar, cbs),
-            logger=TensorBoardLogger(cfg.log_dir, name="experts", version=version,
-                                     default_hp_metric=False),
-            enable_checkpointing=False,
-            enable_model_summary=first,
-            check_val_every_n_epoch=ex.check_val_every_n_epoch,
-            **cfg.trainer.kwargs(),
-        )
+        kw = dict(trainer_kwargs)
+        kw["callbacks"] = make_callbacks(kw.get("enable_progress_bar") is not False,
+                                         [*copy.deepcopy(templates), *shared, *cbs])
+        logger = kw.get("logger")
+        kw["logger"] = (TensorBoardLogger(str(logs), name="experts", version=version,
+                                          default_hp_metric=False)
+                        if logger in (None, True) else copy.deepcopy(logger))
+        kw.setdefault("enable_checkpointing", False)  # the store is what an expert leaves
+        kw["enable_model_summary"] = first and kw.get("enable_model_summary") is not False
+        return trainer_class(**kw)
 
-    def extra(indices: Sequence[int]) -> list[Callback]:
-        out: list[Callback] = []
-        sharp = sharpness_callback(cfg.sharpness)
-        if sharp is not None:
-            out.append(sharp)
-        if callbacks is not None:
-            for i in indices:
-                out.extend(callbacks(i))
-        return out
-
+    # group_size does not change the experts (member k is expert k): not an hparam
+    hparams = store_hparams(module_kwargs, epochs=int(epochs),
+                            batch_size=datamodule.batch_size, callbacks=templates,
+                            num_experts=num_experts, seed=seed)
     plan = ExpertPlan(
-        store=cfg.store, num_experts=ex.num_experts, epochs=ex.epochs,
-        module_kwargs={"model": cfg.model.name, "model_kwargs": dict(cfg.model.kwargs),
-                       "lr": ex.lr, "momentum": ex.momentum, "weight_decay": ex.weight_decay,
-                       "dsa": ex.dsa, "dsa_strategy": ex.dsa_strategy,
-                       "dsa_flip": dsa_flip_for(cfg.data.name)},
-        make_trainer=make_trainer, extra_callbacks=extra, seed=cfg.seed,
-        group_size=ex.group_size, shard_index=cfg.shard_index, num_shards=cfg.num_shards,
-        data_selection=cfg.data_selection, accelerator=cfg.trainer.accelerator,
-        # group_size does not change the experts (member k is expert k): not an hparam
-        hparams={"experts": {k: v for k, v in asdict(ex).items() if k != "group_size"},
-                 "sharpness": asdict(cfg.sharpness), "seed": cfg.seed,
-                 "batch_size": cfg.data.batch_size},
-    )
+        store=str(store), num_experts=num_experts, epochs=int(epochs),
+        module_kwargs=module_kwargs, make_trainer=make_trainer, seed=seed,
+        group_size=group_size, shard_index=shard_index, num_shards=num_shards,
+        module_class=cls, accelerator=str(trainer_kwargs.get("accelerator", "auto")),
+        hparams=hparams)
     check_plan(plan)  # before any data is read
-    return run_experts(plan, build_datamodule(cfg.data, setup="fit"))
+    prepare(datamodule, "fit")
+    return run_experts(plan, datamodule)
 
 
 def check_plan(plan: ExpertPlan) -> None:
     """Refuse impossible numbers and data-selection settings, saying what to change."""
     if not 0 <= plan.shard_index < plan.num_shards:
-        raise ValueError(f"shard_index must be in [0, num_shards={plan.num_shards}); "
+        raise InputError(f"shard_index must be in [0, num_shards={plan.num_shards}); "
                          f"got {plan.shard_index}")
     if plan.num_experts < 0 or plan.epochs < 1:
-        raise ValueError(f"experts.num_experts must be >= 0 and experts.epochs >= 1; got "
+        raise InputError(f"num_experts must be >= 0 and trainer.max_epochs >= 1; got "
                          f"{plan.num_experts} and {plan.epochs}")
-    check_data_selection(plan.data_selection)
 
 
 def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
@@ -290,7 +256,7 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
         num_snapshots=plan.epochs + 1,
         dataset=dm.name,
         input_space=dm.input_space,
-        hparams={**plan.hparams, **data_selection_hparams(plan.data_selection)},
+        hparams=plan.hparams,
     )
     done = set(store.expert_indices())
     todo = [i for i in range(plan.shard_index, plan.num_experts, plan.num_shards)
@@ -300,33 +266,24 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
         say(f"[green]{plan.store}: all {plan.num_experts} experts{shard} present[/green]")
         return store
     if plan.group_size is not None and plan.group_size < 1:
-        raise ValueError(f"experts.group_size must be >= 1 or null (chosen by device and "
+        raise InputError(f"experts.group_size must be >= 1 or null (chosen by device and "
                          f"step size), got {plan.group_size}")
     group_size = plan.group_size
     if group_size is None:
         group_size = auto_group_size(_group_device(plan.accelerator), dm.batch_size,
                                      dm.real.image_size)
-    if plan.data_selection.enabled and group_size > 1:
-        # the schedule is applied through the datamodule's per-epoch loader, which a group
-        # (one loader per member) does not use yet
-        say(f"data_selection: experts train one at a time (group_size {group_size} -> 1)")
-        group_size = 1
     plan = replace(plan, group_size=group_size)  # resolved: the messages name it
     groups = chunks(todo, group_size)
     say(f"Training {len(todo)} expert(s){shard} into {plan.store} "
          f"({len(done)} of {plan.num_experts} already present"
          f"{f'; {len(groups)} group(s) of up to {group_size}' if group_size > 1 else ''})")
-    selection = data_selection_callback(
-        plan.data_selection, dm, store=store, model=store.model,
-        trainer=TrainerConfig(accelerator=plan.accelerator), batch_size=dm.batch_size)
     start = time.perf_counter()
     finished = 0
     for n, group in enumerate(groups, 1):
         remaining = [i for g in groups[n:] for i in g]
         bar = StageProgressBar("experts", total=len(todo), done=finished, units=len(group))
         if len(group) == 1:
-            _train_one(plan, dm, store, group[0], remaining, first=n == 1,
-                       selection=selection, progress=bar)
+            _train_one(plan, dm, store, group[0], remaining, first=n == 1, progress=bar)
         else:
             _train_group(plan, dm, store, group, remaining, first=n == 1, progress=bar)
         finished += len(group)
@@ -357,8 +314,7 @@ def _shapes(dm) -> dict[str, Any]:
 
 
 def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: list[int],
-               first: bool, selection: Callback | None = None,
-               progress: Callback | None = None) -> None:
+               first: bool, progress: Callback | None = None) -> None:
     """Expert ``i`` on its own: ``plan.module_class``, :class:`ExpertTrajectoryModule` by
     default (``group_size: 1``)."""
     seeds = expert_seeds(plan.seed, i)
@@ -368,9 +324,7 @@ def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: 
     module = plan.module_class(**plan.module_kwargs, **_shapes(dm), dsa_seed=seeds["dsa"])
     cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
-                           *([selection] if selection is not None else []),
-                           *([progress] if progress is not None else []),
-                           *plan.extra_callbacks([i])]
+                           *([progress] if progress is not None else [])]
     plan.make_trainer(cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
     _check_written(store, [i])
 
@@ -399,8 +353,7 @@ def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
                        where=f"experts.group_size {plan.group_size}")
     cbs: list[Callback] = [SameExpertOnAllRanks(group, remaining),
                            GroupTrajectoryRecorder(store, group, module_attr="net"),
-                           *([progress] if progress is not None else []),
-                           *plan.extra_callbacks(group)]
+                           *([progress] if progress is not None else [])]
     name = f"experts_{group[0]:05d}-{group[-1]:05d}"
     plan.make_trainer(cbs, name, first).fit(
         module, train_dataloaders=dm.member_train_dataloader([s["data"] for s in seeds]),

@@ -33,10 +33,11 @@ from typing import Any
 import yaml
 from pytorch_lightning.utilities import rank_zero_only
 
+from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ._common import console
 
-__all__ = ["RUN_KEYS", "merge", "run_pipeline", "stage_configs"]
+__all__ = ["RUN_KEYS", "compose_run", "merge", "run_pipeline", "stage_configs"]
 
 #: the top-level keys of a run recipe
 RUN_KEYS = ("workdir", "seed", "data", "trainer", "experts", "distill", "evaluate")
@@ -53,6 +54,88 @@ def merge(base: Any, over: Any) -> Any:
     return copy.deepcopy(over)
 
 
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data[a][b]... = value`` for ``dotted = "a.b..."``; a segment inside a list is an
+    index or the ``name`` of an entry (``distill.ipc10.model.iterations``)."""
+    node: Any = data
+    keys = dotted.split(".")
+    for k, key in enumerate(keys):
+        if isinstance(node, list):
+            index = next((i for i, item in enumerate(node)
+                          if isinstance(item, dict) and item.get("name") == key), None)
+            if index is None and key.isdigit() and int(key) < len(node):
+                index = int(key)
+            if index is None:
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise ConfigError(f"--{dotted}: no entry {key!r} in {'.'.join(keys[:k])} "
+                                  f"(entries: {names})")
+            key = index
+        elif k < len(keys) - 1:
+            node.setdefault(key, {})
+        if k == len(keys) - 1:
+            node[key] = value
+        else:
+            node = node[key]
+
+
+def compose_run(argv: Sequence[str]) -> dict[str, Any]:
+    """The run recipe of a ``run`` command line: its ``--config`` files (already
+    resolved) merged in order, then every ``--dotted.key value`` (a YAML value) set.
+    Only the top level is checked here (:data:`RUN_KEYS`); each section is checked when
+    its subcommand's LightningCLI parses it (:func:`run_pipeline`). ``--help`` and
+    ``--print_config`` print and exit (SystemExit 0)."""
+    args = [a for a in argv if a != "run"]
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: lightning-distill run [--config FILE|RECIPE ...] [--KEY.PATH VALUE ...] "
+              "[--print_config]\n\nexperts -> distill -> evaluate from one recipe "
+              "(docs/recipes.md, 'run'): one section per stage in its subcommand's format, "
+              "merged over the shared data / trainer; --distill.<name>.model.iterations 100 "
+              "reaches a distillation by its name.\n\noptions: "
+              + " ".join(f"--{k}" for k in RUN_KEYS))
+        raise SystemExit(0)
+    recipe: dict[str, Any] = {}
+    printing = "--print_config" in args
+    args = [a for a in args if a != "--print_config"]
+    pairs = []
+    for k, arg in enumerate(args):
+        if not arg.startswith("--"):
+            if k == 0 or "=" in args[k - 1] or not args[k - 1].startswith("--"):
+                raise ConfigError(f"unexpected argument {arg!r}")
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if k + 1 >= len(args) or args[k + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            value = args[k + 1]
+        pairs.append((key, value))
+    for key, value in pairs:
+        if key == "config":
+            data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{value}: a run recipe is a mapping")
+            _check_keys(data, value)
+            recipe = merge(recipe, data)
+        else:
+            _check_keys({key.split(".", 1)[0]: None}, "the command line")
+            _set_path(recipe, key, yaml.safe_load(value))
+    if printing:
+        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        raise SystemExit(0)
+    return recipe
+
+
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    import difflib
+
+    for key in data:
+        if key not in RUN_KEYS:
+            close = difflib.get_close_matches(key, RUN_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}; a run recipe holds "
+                              f"{', '.join(RUN_KEYS)}, each stage's section in its "
+                              "subcommand's format")
+
+
 def _has_callback(section: dict[str, Any], name: str) -> bool:
     callbacks = (section.get("trainer") or {}).get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -63,10 +146,7 @@ def _has_callback(section: dict[str, Any], name: str) -> bool:
 def stage_configs(recipe: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """The run's stages as ``(subcommand, label, config)``: experts, every distillation,
     evaluate; each config the section merged over the shared part and the run's paths."""
-    unknown = [k for k in recipe if k not in RUN_KEYS]
-    if unknown:
-        raise ValueError(f"run recipe: unknown keys {unknown}; a run recipe holds "
-                         f"{', '.join(RUN_KEYS)} (docs/recipes.md, 'run')")
+    _check_keys(recipe, "run recipe")
     work = Path(recipe.get("workdir") or "outputs/run")
     seed = int(recipe.get("seed", 0))
     shared = {"data": dict(recipe.get("data") or {}),
@@ -78,7 +158,7 @@ def stage_configs(recipe: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
     out: list[tuple[str, str, dict[str, Any]]] = [("experts", "experts", ex)]
     runs = recipe.get("distill") or []
     if not isinstance(runs, list):
-        raise ValueError("run recipe: `distill` is a list of distillations, each with a "
+        raise InputError("run recipe: `distill` is a list of distillations, each with a "
                          "`name` (its directory under workdir)")
     synthetic = []
     names = set()
@@ -86,7 +166,7 @@ def stage_configs(recipe: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
         section = dict(section or {})
         name = section.pop("name", None)
         if not name or name in names:
-            raise ValueError(f"run recipe: distill[{k}] needs a `name` of its own (the "
+            raise InputError(f"run recipe: distill[{k}] needs a `name` of its own (the "
                              f"directory under {work}); got {name!r}")
         names.add(name)
         d = merge(merge(shared, {"output": str(work / name),
@@ -109,37 +189,35 @@ def _chosen(path: str, selected: bool) -> str:
     return str(best) if selected and best.exists() else path
 
 
-def run_pipeline(recipe: dict[str, Any],
-                 launch: Callable[[str, Sequence[str]], Any],
-                 check: Callable[[str, Sequence[str]], Any]) -> None:
-    """Run the stages of ``recipe``: write each merged section to
-    ``workdir/configs/``, ``check(subcommand, argv)`` every one (parse only), then
-    ``launch(subcommand, argv)`` them in order (the CLI's LightningCLI), evaluating the
-    validation-selected set of each distillation that has a PeriodicEvaluation."""
+def run_pipeline(argv: Sequence[str], launch: Callable[[Sequence[str]], Any],
+                 check: Callable[[Sequence[str]], Any]) -> None:
+    """Run the stages of the ``run`` command line ``argv`` (:func:`compose_run`): write
+    each merged section to ``workdir/configs/``, ``check(argv)`` every one (the
+    subcommand's LightningCLI parses it: types and keys, nothing runs), then
+    ``launch(argv)`` them in order, evaluating the validation-selected set of each
+    distillation that has a PeriodicEvaluation."""
+    recipe = compose_run(argv)
     stages = stage_configs(recipe)
     configs = Path(recipe.get("workdir") or "outputs/run") / "configs"
-    files = []
+    commands = []
     for sub, label, cfg in stages:
-        name = "distill_" + label.split(" ", 1)[1] if sub == "distill" else sub
-        path = configs / f"{name}.yaml"
+        path = configs / f"{'distill_' + label.split(' ', 1)[1] if sub == 'distill' else sub}.yaml"
         if rank_zero_only.rank == 0:
             configs.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
-        files.append(path)
-    for (sub, _, _), path in zip(stages, files, strict=True):
-        check(sub, [sub, "--config", str(path)])
-    selected = [(str(Path(cfg["output"]) / "synthetic.pt"),
-                 _has_callback(cfg, "PeriodicEvaluation"))
-                for sub, _, cfg in stages if sub == "distill"]
-    n = len(stages)
-    for k, ((sub, label, _), path) in enumerate(zip(stages, files, strict=True), 1):
-        console.rule(f"[bold]{k}/{n} {label}")
-        argv = [sub, "--config", str(path)]
+        commands.append([sub, "--config", str(path)])
+    for command in commands:
+        check(command)
+    sets = [(str(Path(cfg["output"]) / "synthetic.pt"), _has_callback(cfg, "PeriodicEvaluation"))
+            for sub, _, cfg in stages if sub == "distill"]
+    for k, ((sub, label, _), command) in enumerate(zip(stages, commands, strict=True), 1):
+        console.rule(f"[bold]{k}/{len(stages)} {label}")
         if sub == "evaluate":
             if rank_zero_only.rank != 0:
                 return  # the evaluation is plain loops: rank 0 alone does it
-            given = (recipe.get("evaluate") or {}).get("synthetic")
-            if given is None:  # the run's own sets, validation-selected where possible
-                argv += ["--synthetic", yaml.safe_dump(
-                    [_chosen(p, s) for p, s in selected], default_flow_style=True).strip()]
-        launch(sub, argv)
+            if (recipe.get("evaluate") or {}).get("synthetic") is None:
+                # the run's own sets, validation-selected where possible
+                chosen = [_chosen(path, selected) for path, selected in sets]
+                command += ["--synthetic", yaml.safe_dump(chosen, default_flow_style=True)
+                            .strip()]
+        launch(command)

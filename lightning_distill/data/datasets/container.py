@@ -14,10 +14,12 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ...errors import DataFormatError, InputError
+
 __all__ = ["DatasetFormatError", "RealDataset", "draw_indices", "mean_std", "stratified_split"]
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(DataFormatError):
     """A data file exists but is truncated, corrupt, or not in the expected format."""
 
 
@@ -33,7 +35,7 @@ def stratified_split(
     Both index tensors are sorted int64; they are disjoint and cover ``0..N-1``.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+        raise InputError(f"split fraction must be in [0, 1), got {fraction}")
     labels = torch.as_tensor(labels).long()
     k = int(labels.max().item()) + 1 if num_classes is None and labels.numel() else num_classes
     g = torch.Generator().manual_seed(int(seed))
@@ -58,7 +60,7 @@ def draw_indices(
     if n is None:
         return index
     if n > index.numel():
-        raise ValueError(f"{asked} has only {index.numel()}")
+        raise InputError(f"{asked} has only {index.numel()}")
     return index[torch.randperm(index.numel(), generator=generator)[:n]]
 
 
@@ -92,29 +94,29 @@ class RealDataset:
         for split in ("train", "test"):
             data, labels = getattr(self, f"{split}_data"), getattr(self, f"{split}_labels")
             if data.dtype != torch.uint8 or data.dim() != 4:
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: {split}_data must be uint8 [N, C, H, W], got "
                     f"{data.dtype} {tuple(data.shape)}"
                 )
             labels = labels.long()
             setattr(self, f"{split}_labels", labels)
             if labels.shape != (data.shape[0],):
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: {split} has {data.shape[0]} images but labels of shape "
                     f"{tuple(labels.shape)}"
                 )
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
+                raise InputError(
                     f"{self.name}: {split} labels must lie in [0, {self.num_classes}), got "
                     f"[{int(labels.min())}, {int(labels.max())}]"
                 )
         if self.train_data.shape[1:] != self.test_data.shape[1:] and self.test_data.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: train images {tuple(self.train_data.shape[1:])} and test images "
                 f"{tuple(self.test_data.shape[1:])} differ in shape"
             )
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: mean/std need one value per channel ({self.channels}), got "
                 f"{self.mean} / {self.std}"
             )
@@ -145,7 +147,7 @@ class RealDataset:
     # -- pixels ------------------------------------------------------------------------
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise InputError(f"split must be 'train' or 'test', got {split!r}")
         return getattr(self, f"{split}_data"), getattr(self, f"{split}_labels")
 
     def images(self, split: str = "train", index: Tensor | Sequence[int] | None = None) -> Tensor:
@@ -185,7 +187,7 @@ class RealDataset:
     def _check_class(self, c: int) -> int:
         c = int(c)
         if not 0 <= c < self.num_classes:
-            raise ValueError(f"{self.name}: class {c} out of range [0, {self.num_classes})")
+            raise InputError(f"{self.name}: class {c} out of range [0, {self.num_classes})")
         return c
 
     def indices_of_class(self, c: int, split: str = "train") -> Tensor:

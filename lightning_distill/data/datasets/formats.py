@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...errors import InputError
 from .container import DatasetFormatError
 
 __all__ = [
@@ -230,7 +231,7 @@ def load_images(
     without it every image must have the first image's size.
     """
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise InputError(f"channels must be 1 or 3, got {channels}")
     size = _as_hw(image_size)
     if not paths:
         h, w = size or (0, 0)

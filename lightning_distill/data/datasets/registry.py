@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...errors import InputError
 from .container import RealDataset
 
 __all__ = ["DATA_ENV_VAR", "default_data_root", "get_dataset", "list_datasets", "register_dataset"]
@@ -34,7 +35,7 @@ def register_dataset(name: str, loader: Loader | None = None) -> Any:
 
     def deco(fn: Loader) -> Loader:
         if _key(name) in {_key(k) for k in _REGISTRY}:
-            raise ValueError(f"a data set named {name!r} is already registered")
+            raise InputError(f"a data set named {name!r} is already registered")
         _REGISTRY[name] = fn
         return fn
 
@@ -60,6 +61,6 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, **kw: Any) -> 
     """
     matches = [k for k in _REGISTRY if _key(k) == _key(name)]
     if not matches:
-        raise ValueError(f"unknown data set {name!r}; registered: {', '.join(list_datasets())}")
+        raise InputError(f"unknown data set {name!r}; registered: {', '.join(list_datasets())}")
     path = Path(root).expanduser() if root is not None else default_data_root()
     return _REGISTRY[matches[0]](path, **kw)
