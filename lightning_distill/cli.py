@@ -27,7 +27,6 @@ import argparse
 import difflib
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -35,20 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import yaml
 from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
-from .errors import ConfigError, LightningDistillError
-
-#: the YAML recipes shipped inside the package (``recipes/`` in a checkout links here)
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-
-#: the packaged recipe a subcommand reads when the command line names no ``--config``:
-#: the digits pipeline (scikit-learn's bundled data set, minutes on a CPU)
-DEFAULT_RECIPES = {"experts": "digits/experts", "distill": "digits/ipc10",
-                   "evaluate": "digits/evaluate", "run": "digits/quickstart"}
+from .errors import LightningDistillError, describe, user_error
+from .stages.recipes import (  # noqa: F401  (public here too)
+    DEFAULT_RECIPES,
+    RECIPES_DIR,
+    config_files,
+    default_recipe,
+    packaged_recipes,
+    prepare_argv,
+    resolve_config,
+)
 
 #: one line per subcommand, for ``lightning-distill --help``
 SUBCOMMAND_HELP = {
@@ -60,68 +59,6 @@ SUBCOMMAND_HELP = {
     "validate": "Lightning's validate of any module",
     "test": "Lightning's test of any module",
 }
-
-
-def packaged_recipes() -> dict[str, Path]:
-    """``{"digits/quickstart": path, ...}``: every recipe shipped with the package."""
-    return {f"{p.parent.name}/{p.stem}": p for p in sorted(RECIPES_DIR.glob("*/*.yaml"))}
-
-
-def resolve_config(value: str) -> str:
-    """A ``--config`` value as a file path: an existing file as given, else a packaged
-    recipe named ``dataset/name`` (``.yaml`` and a leading ``recipes/`` optional)."""
-    if Path(value).expanduser().is_file():
-        return value
-    recipes = packaged_recipes()
-    key = value.removeprefix("recipes/").removesuffix(".yaml")
-    if key in recipes:
-        return str(recipes[key])
-    raise ConfigError(f"--config {value}: no such file, and no packaged recipe of that name. "
-                      f"Packaged recipes (pass as --config NAME): {', '.join(recipes)}")
-
-
-def _config_values(argv: Sequence[str]) -> list[tuple[int, str, bool]]:
-    """Every ``--config`` value: (index of its token, value, ``--config=VALUE`` form)."""
-    out = []
-    for k, arg in enumerate(argv):
-        if arg == "--config" and k + 1 < len(argv):
-            out.append((k + 1, argv[k + 1], False))
-        elif arg.startswith("--config="):
-            out.append((k, arg.split("=", 1)[1], True))
-    return out
-
-
-def default_recipe(argv: Sequence[str]) -> str | None:
-    """The recipe :func:`main` adds to a command line without ``--config`` (None when it
-    has one, asks for help, or names no stage)."""
-    stage = next((a for a in argv if a in DEFAULT_RECIPES), None)
-    if stage is None or any(a in ("-h", "--help") for a in argv) or _config_values(argv):
-        return None
-    return DEFAULT_RECIPES[stage]
-
-
-def prepare_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` with the default recipe added when it names no ``--config`` (said on
-    stderr) and every ``--config`` resolved to a file and checked to be YAML."""
-    argv = list(argv)
-    recipe = default_recipe(argv)
-    if recipe is not None:
-        if "--print_config" not in argv:
-            print(f"lightning-distill: no --config given: using the packaged recipe {recipe} "
-                  f"({RECIPES_DIR / recipe}.yaml)", file=sys.stderr)
-        k = next(i for i, a in enumerate(argv) if a in DEFAULT_RECIPES)
-        argv[k + 1 : k + 1] = ["--config", recipe]
-    for k, value, eq_form in _config_values(argv):
-        file = resolve_config(value)
-        argv[k] = ("--config=" if eq_form else "") + file
-        try:
-            yaml.safe_load(Path(file).read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{file}{where}: not valid YAML: "
-                              f"{getattr(err, 'problem', None) or err}") from None
-    return argv
 
 
 # ---------------------------------------------------------------- LightningCLI
@@ -315,76 +252,13 @@ def parse_lightning_config(argv: Sequence[str]) -> Namespace:
 
 
 # ---------------------------------------------------------------- errors in one line
-def _user_error(err: BaseException) -> LightningDistillError | None:
-    """The library's own error behind ``err`` (a class that refused its arguments while
-    the parser instantiated it is wrapped by jsonargparse)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, LightningDistillError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _one_line(argv: Sequence[str], err: BaseException) -> str:
-    """The useful sentence of a parser or Lightning configuration error: the key, the
-    reason, a close match and the ``--config`` file that holds the key, never a dump of
-    the values or the whole usage."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    head = re.match(r'Parser key "([\w.]+)"', lines[0]) if lines else None
-    reasons, cls = [], None
-    for ln in lines[1:]:
-        problem = re.match(r"- Problem with given class_path '([\w.]+)'", ln)
-        if problem:
-            cls = problem.group(1)
-        elif ln.startswith("- ") and not re.match(r"- (Expected a <class 'NoneType'>|Not a "
-                                                  r"valid subclass|a (class path|dict))", ln):
-            reasons.append(ln[2:])
-        elif re.match(r"(Option|Key) '", ln) or ln.startswith("Unrecognized"):
-            reasons.append(ln)
-    if not reasons:
-        reasons = [lines[0] if lines else type(err).__name__]
-    text = reasons[0]
-    bad = re.search(r"(?:Option|Key|arguments:) '?(?:--)?([\w.]+)'?", text)
-    if bad and cls is not None:
-        names = _init_names(cls)
-        close = difflib.get_close_matches(bad.group(1).rsplit(".", 1)[-1], names, n=1)
-        text += f" by {cls.rsplit('.', 1)[-1]}" + (f" (did you mean '{close[0]}'?)"
-                                                  if close else f"; its keys: {', '.join(names)}")
-    key = f"key '{head.group(1)}': " if head else ""
-    where = _file_of(argv, bad.group(1).rsplit(".", 1)[-1]) if bad else None
-    return f"{where + ': ' if where else ''}{key}{text}"
-
-
-def _init_names(class_path: str) -> list[str]:
-    import importlib
-    import inspect
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return []
-    return [n for n, p in inspect.signature(cls).parameters.items()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _file_of(argv: Sequence[str], key: str) -> str | None:
-    """The last ``--config`` file whose text holds ``key`` as a YAML key."""
-    pattern = re.compile(rf"^\s*-?\s*{re.escape(key)}\s*:", re.M)
-    hits = [v for _, v, _ in _config_values(argv)
-            if Path(v).is_file() and pattern.search(Path(v).read_text(encoding="utf-8"))]
-    return hits[-1] if hits else None
-
-
 def _report(name: str, argv: Sequence[str], err: BaseException) -> int:
     """One line for a user error on stderr, exit status 2, unless
     LIGHTNING_DISTILL_TRACEBACK=1."""
     if os.environ.get("LIGHTNING_DISTILL_TRACEBACK", "") not in ("", "0"):
         raise err
-    own = _user_error(err)
-    message = str(own) if own is not None else _one_line(argv, err)
+    own = user_error(err)
+    message = str(own) if own is not None else describe(err, config_files(argv))
     print(f"lightning-distill {name}: error: {message.strip()} (docs/recipes.md; "
           "LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
     return 2
@@ -446,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LightningDistillError, argparse.ArgumentError, MisconfigurationException) as err:
         return _report(name, argv, err)
     except ValueError as err:  # a class that refused its arguments while being instantiated
-        if _user_error(err) is None and "Does not validate" not in str(err):
+        if user_error(err) is None and "Does not validate" not in str(err):
             raise
         return _report(name, argv, err)
 

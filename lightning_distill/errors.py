@@ -10,6 +10,13 @@ naming the file or field and what to do, with exit status 2
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
 __all__ = [
     "ConfigError",
     "DataFormatError",
@@ -17,6 +24,8 @@ __all__ = [
     "LightningDistillError",
     "MissingFileError",
     "StateError",
+    "describe",
+    "user_error",
 ]
 
 
@@ -46,3 +55,66 @@ class MissingFileError(LightningDistillError, FileNotFoundError):
 class StateError(LightningDistillError, RuntimeError):
     """What is on disk or in a run cannot go on as asked (a store of another
     configuration, a half-finished artifact, ranks that disagree)."""
+
+
+# ---------------------------------------------------------------- telling the user
+def user_error(err: BaseException) -> LightningDistillError | None:
+    """The library's own error behind ``err`` (a class that refused its arguments while
+    the parser instantiated it is wrapped by jsonargparse)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LightningDistillError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def describe(err: BaseException, files: Sequence[str] = ()) -> str:
+    """The useful sentence of a parser or Lightning configuration error: the key, the
+    reason, a close match and the ``--config`` file that holds the key, never a dump of
+    the values or the whole usage."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    head = re.match(r'Parser key "([\w.]+)"', lines[0]) if lines else None
+    reasons, cls = [], None
+    for ln in lines[1:]:
+        problem = re.match(r"- Problem with given class_path '([\w.]+)'", ln)
+        if problem:
+            cls = problem.group(1)
+        elif ln.startswith("- ") and not re.match(r"- (Expected a <class 'NoneType'>|Not a "
+                                                  r"valid subclass|a (class path|dict))", ln):
+            reasons.append(ln[2:])
+        elif re.match(r"(Option|Key) '", ln) or ln.startswith("Unrecognized"):
+            reasons.append(ln)
+    if not reasons:
+        reasons = [lines[0] if lines else type(err).__name__]
+    text = reasons[0]
+    bad = re.search(r"(?:Option|Key|arguments:) '?(?:--)?([\w.]+)'?", text)
+    if bad and cls is not None:
+        names = _init_names(cls)
+        close = difflib.get_close_matches(bad.group(1).rsplit(".", 1)[-1], names, n=1)
+        text += f" by {cls.rsplit('.', 1)[-1]}" + (f" (did you mean '{close[0]}'?)"
+                                                  if close else f"; its keys: {', '.join(names)}")
+    key = f"key '{head.group(1)}': " if head else ""
+    where = _file_of(files, bad.group(1).rsplit(".", 1)[-1]) if bad else None
+    return f"{where + ': ' if where else ''}{key}{text}"
+
+
+def _init_names(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    return [n for n, p in inspect.signature(cls).parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _file_of(files: Sequence[str], key: str) -> str | None:
+    """The last of ``files`` whose text holds ``key`` as a YAML key."""
+    pattern = re.compile(rf"^\s*-?\s*{re.escape(key)}\s*:", re.M)
+    hits = [v for v in files
+            if Path(v).is_file() and pattern.search(Path(v).read_text(encoding="utf-8"))]
+    return hits[-1] if hits else None
+
+
