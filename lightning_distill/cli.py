@@ -38,7 +38,7 @@ from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
-from .errors import LightningDistillError, describe, user_error
+from .errors import ConfigError, LightningDistillError, describe, user_error
 from .stages.recipes import (  # noqa: F401  (public here too)
     DEFAULT_RECIPES,
     RECIPES_DIR,
@@ -190,6 +190,9 @@ class LightningDistillCLI(LightningCLI):
         kwargs.setdefault("trainer_class", DistillTrainer)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # the library's modules train with their method's own optimizer: no --optimizer
+        # (check_own_optimizer refuses one set on a module under any LightningCLI)
+        kwargs.setdefault("auto_configure_optimizers", model_class is None)
         kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS.get(self.requested, {})))
         parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
         parser_kwargs.setdefault("prog", "lightning-distill")
@@ -308,6 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not any(isinstance(f, _OnceFilter) for f in handler.filters):
                 handler.addFilter(_OnceFilter())
     try:
+        if name in ("experts", "distill", "evaluate") and any(
+                a.split("=", 1)[0] in ("--optimizer", "--lr_scheduler") for a in argv):
+            raise ConfigError(f"--optimizer / --lr_scheduler: the {name} module trains with "
+                              "its method's own SGD; set its lr and momentum through "
+                              "--model.* (see --model.help)")
         argv = prepare_argv(argv)
         if name == "run":
             from .stages.pipeline import run_pipeline

@@ -6,7 +6,7 @@ from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
 from .iteration_checkpoint import IterationCheckpoint
 from .matching_window import MatchingWindow
-from .progress import StageProgressBar
+from .progress import IterationProgressBar, StageProgressBar
 from .sharpness import ASAM, GSAM, SAM, SharpnessAware
 from .trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 
@@ -21,6 +21,7 @@ __all__ = [
     "MatchingWindow",
     "PeriodicEvaluation",
     "SharpnessAware",
+    "IterationProgressBar",
     "StageProgressBar",
     "SyntheticEMA",
     "SyntheticImageLogger",

@@ -20,7 +20,8 @@ every rank receives all accuracies, identical to a single-process evaluation (ea
 rank groups its own runs; a run's accuracy depends only on its seed, up to the
 last-bit rounding differences of batched arithmetic).
 
-Logged (to every logger of the Trainer, at step = iteration): ``val/acc_mean``,
+Logged (to every logger of the Trainer; the set after k iterations at step k - 1, the
+step of the iteration that made it, docs/design.md): ``val/acc_mean``,
 ``val/acc_std``, ``val_ema/acc_mean``, ``val_ema/acc_std``, ``val/best_acc``; the same
 values are put in ``trainer.callback_metrics``.
 
@@ -290,8 +291,8 @@ class PeriodicEvaluation(Callback):
                             if k.endswith("acc_mean")),
             100 * self.best_accuracy, self.best_step, self.best_source))
         self.last_eval_step = int(step)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=int(step))
+        for logger in trainer.loggers:  # the set after `step` iterations: made at step - 1
+            logger.log_metrics(metrics, step=max(0, int(step) - 1))
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
         if improved and self.best_path is not None and trainer.is_global_zero:

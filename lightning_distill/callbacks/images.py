@@ -1,7 +1,9 @@
 """SyntheticImageLogger: synthetic image grids in TensorBoard.
 
 Every ``every_n_steps`` outer iterations (and at the end of training) the synthetic
-images, one row per class, go to the logger as an image grid, mapped back to pixels
+images, one row per class, each enlarged by nearest neighbour to at least
+``min_image_side`` pixels a side (64 by default), go to the logger as an image grid at
+the step of the iteration that produced them, mapped back to pixels
 by ``pl_module.to_pixels`` (de-normalisation or inverse ZCA, set by the distill stage
 from :meth:`RealDataModule.from_input_space`) or, without it, by per-image min-max
 scaling. Loggers without ``experiment.add_image`` (CSV, none) are skipped.
@@ -14,12 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from ..data.synthetic import class_grid
+from ..data.synthetic import GRID_MIN_IMAGE_SIDE, class_grid
 
 __all__ = ["SyntheticImageLogger", "class_grid"]
 
@@ -27,9 +30,11 @@ __all__ = ["SyntheticImageLogger", "class_grid"]
 class SyntheticImageLogger(Callback):
     """Log grids of the synthetic (and EMA) images every ``every_n_steps`` iterations."""
 
-    def __init__(self, every_n_steps: int = 100, max_per_class: int = 10) -> None:
+    def __init__(self, every_n_steps: int = 100, max_per_class: int = 10,
+                 min_image_side: int = GRID_MIN_IMAGE_SIDE) -> None:
         self.every_n_steps = int(every_n_steps)
         self.max_per_class = int(max_per_class)
+        self.min_image_side = int(min_image_side)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -37,15 +42,18 @@ class SyntheticImageLogger(Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
             return
-        step = int(pl_module.iteration)
+        # the set after k iterations is logged at step k - 1, the iteration that made it
+        # (docs/design.md, 'Steps are iterations')
+        step = max(0, int(pl_module.iteration) - 1)
         to_pixels = getattr(pl_module, "to_pixels", None)
         class_ids = pl_module.class_ids()
-        experiment.add_image("synthetic/images", class_grid(
-            pl_module.images, class_ids, to_pixels, self.max_per_class), step)
+        grid = functools.partial(class_grid, class_ids=class_ids, to_pixels=to_pixels,
+                                 max_per_class=self.max_per_class,
+                                 min_image_side=self.min_image_side)
+        experiment.add_image("synthetic/images", grid(pl_module.images), step)
         ema = getattr(pl_module, "synthetic_ema", None)
         if ema is not None and ema.initial is not None:
-            experiment.add_image("synthetic/ema_images", class_grid(
-                ema.average, class_ids, to_pixels, self.max_per_class), step)
+            experiment.add_image("synthetic/ema_images", grid(ema.average), step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

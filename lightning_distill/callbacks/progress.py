@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 
 from ..errors import InputError
 
-__all__ = ["PhaseProgress", "StageProgressBar"]
+__all__ = ["IterationProgressBar", "PhaseProgress", "StageProgressBar"]
 
 
 def _count(total: float) -> float:
@@ -120,4 +120,18 @@ class StageProgressBar(RichProgressBar):
             epochs = max(1, int(trainer.max_epochs or 1))
             fraction = min(1.0, (trainer.current_epoch + 1) / epochs)
             self.progress.update(self.stage_task, completed=self.done + self.units * fraction)
+            self.refresh()
+
+
+class IterationProgressBar(RichProgressBar):
+    """A RichProgressBar whose training row counts a distillation's outer iterations:
+    ``iterations  k/N`` instead of ``Epoch 0/-2`` (a DistillationModule's fit is one
+    epoch of its N iterations, under ``max_epochs=-1`` since the module stops itself).
+    The ``distill`` subcommand adds one; add it to your own Trainer's callbacks too.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, description="iterations")
             self.refresh()

@@ -106,6 +106,7 @@ def class_grid(
     num_classes: int | None = None,
     padding: int = 1,
     pad_value: float = 1.0,
+    min_image_side: int = 1,
 ) -> Tensor:
     """A [3, H', W'] image grid in [0, 1], one row per class, images in set order.
 
@@ -118,6 +119,11 @@ def class_grid(
     at most ``max_per_class`` images (None: all); shorter rows are filled with black cells.
     With R rows of at most n [C, H, W] images and padding p (of value ``pad_value``),
     H' = R (H + p) + p and W' = n (W + p) + p.
+
+    ``min_image_side``: each image is first enlarged by the smallest whole factor f that
+    makes its shorter side at least this many pixels, by nearest neighbour (every pixel
+    becomes an f x f block, so pixels stay pixels); H and W above are then f H and f W.
+    An 8x8 digit needs f = 8 to be seen at 64 pixels.
     """
     from torchvision.utils import make_grid
 
@@ -133,6 +139,9 @@ def class_grid(
         x = x.clamp(0.0, 1.0)
         if x.shape[1] not in (1, 3):
             x = x[:, :1]
+        f = upscale_factor(x.shape[-2:], min_image_side)
+        if f > 1:
+            x = x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
         ids = class_ids.detach().cpu()
         if num_classes is None:
             classes = torch.unique(ids).tolist()
@@ -143,6 +152,17 @@ def class_grid(
         blank = torch.zeros_like(x[:1])
         tiles = [torch.cat([r, blank.repeat(ncol - r.shape[0], 1, 1, 1)]) for r in rows]
         return make_grid(torch.cat(tiles), nrow=ncol, padding=padding, pad_value=pad_value)
+
+
+def upscale_factor(image_size: Sequence[int], min_image_side: int) -> int:
+    """The smallest whole factor that makes the shorter side of ``image_size`` at least
+    ``min_image_side`` pixels (1 when it already is)."""
+    return max(1, -(-int(min_image_side) // max(1, min(int(v) for v in image_size))))
+
+
+#: the shorter side, in pixels, that grids of synthetic images give each image by default
+#: (PNG files and logger images): an 8x8 digit or a 28x28 Fashion-MNIST item is legible
+GRID_MIN_IMAGE_SIDE = 64
 
 
 @dataclass
@@ -404,26 +424,30 @@ class SyntheticSet:
         return target
 
     def grid_tensor(
-        self, to_pixels: Callable[[Tensor], Tensor] | None = None, padding: int = 2
+        self, to_pixels: Callable[[Tensor], Tensor] | None = None, padding: int = 2,
+        min_image_side: int = GRID_MIN_IMAGE_SIDE,
     ) -> Tensor:
         """[3, H', W'] image grid in [0, 1]: one row per class, images in set order.
 
         :func:`class_grid` with a row for every class 0..num_classes - 1 (an empty class is
-        a blank row), no cap on the row length and black padding.
+        a blank row), no cap on the row length, black padding and every image enlarged
+        by nearest neighbour to at least ``min_image_side`` pixels a side.
         """
         return class_grid(
             self.images, self.class_ids, to_pixels, max_per_class=None,
             num_classes=self.num_classes, padding=padding, pad_value=0.0,
+            min_image_side=min_image_side,
         )
 
     def save_grid(
-        self, path: str | os.PathLike, to_pixels: Callable[[Tensor], Tensor] | None = None
+        self, path: str | os.PathLike, to_pixels: Callable[[Tensor], Tensor] | None = None,
+        min_image_side: int = GRID_MIN_IMAGE_SIDE,
     ) -> Path:
         """Write :meth:`grid_tensor` as a PNG, atomically."""
         from torchvision.utils import save_image
 
         target = Path(path)
-        g = self.grid_tensor(to_pixels)
+        g = self.grid_tensor(to_pixels, min_image_side=min_image_side)
         with atomic_open(target, "wb") as f:
             save_image(g, f, format="png")
         return target

@@ -14,7 +14,8 @@ step size syn_lr. Each step:
    :func:`~lightning_distill.functional.trajectory_matching_loss` (full, recompute or
    tesla mode);
 3. skip the iteration if the loss is above ``threshold`` (DATM) or not finite;
-   otherwise step SGD on X (lr_img, momentum 0.5), syn_lr (lr_lr, 0.5) and Y (lr_y, 0.9).
+   otherwise step SGD on X (lr_img, momentum 0.5), syn_lr (lr_lr, 0.5) and Y (lr_y, 0.9)
+   (one optimizer, one step per iteration).
 
 Guards: a non-finite loss or gradient skips the iteration and is counted;
 ``max_nonfinite`` consecutive iterations without a step and with a non-finite loss (on
@@ -80,6 +81,7 @@ from ..functional.matching import (
 )
 from ..seeding import derive_seed
 from ..trajectories import TrajectoryStore
+from ._build import check_fit
 
 IMAGE_INITS = ("real", "samples_predicted_correctly", "noise")
 LABEL_INITS = ("hard", "soft")
@@ -383,13 +385,18 @@ class DistillationModule(pl.LightningModule):
     def train_dataloader(self) -> _IterationLoader:
         return _IterationLoader(self)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """ONE SGD optimizer, a parameter group each for the pixels (lr_img,
+        img_momentum), syn_lr (lr_lr, lr_momentum) and, when learned, the labels (lr_y,
+        y_momentum): the same update as one SGD per tensor, and one optimizer step per
+        iteration, so ``trainer.global_step`` counts iterations (docs/design.md, 'Steps
+        are iterations')."""
         hp = self.hparams
-        opts = [torch.optim.SGD([self.images], lr=hp.lr_img, momentum=hp.img_momentum),
-                torch.optim.SGD([self.syn_lr], lr=hp.lr_lr, momentum=hp.lr_momentum)]
+        groups = [{"params": [self.images], "lr": hp.lr_img, "momentum": hp.img_momentum},
+                  {"params": [self.syn_lr], "lr": hp.lr_lr, "momentum": hp.lr_momentum}]
         if hp.learn_labels:
-            opts.append(torch.optim.SGD([self.labels], lr=hp.lr_y, momentum=hp.y_momentum))
-        return opts
+            groups.append({"params": [self.labels], "lr": hp.lr_y, "momentum": hp.y_momentum})
+        return torch.optim.SGD(groups)
 
     #: The training "batches" are this module's outer iterations, whatever datamodule is
     #: attached: :class:`~lightning_distill.data.RealDataModule` serves
@@ -404,6 +411,7 @@ class DistillationModule(pl.LightningModule):
             return None
 
     def setup(self, stage: str) -> None:
+        check_fit(self)
         if self.matching_window is not None:
             self.check_window(self.matching_window.max_start_epoch)
         trainer = self._attached_trainer()
@@ -501,10 +509,8 @@ class DistillationModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         hp = self.hparams
         it = int(self.iteration)
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        for opt in opts:
-            opt.zero_grad(set_to_none=False)
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=False)
         loss, info = self.matching_loss(it)
         value = float(loss.detach())
         finite = math.isfinite(value)
@@ -525,14 +531,20 @@ class DistillationModule(pl.LightningModule):
             stats["grad/syn_lr"] = float(self.syn_lr.grad)
             if hp.learn_labels:
                 stats["grad_norm/labels"] = float(self.labels.grad.norm())
-            for opt in opts:
-                opt.step()
+            opt.step()
             self._clamp_syn_lr()
             self.nonfinite_streak.zero_()
             self.last_step_taken = True
             if self.synthetic_ema is not None:  # here, not in a hook: callback order is free
                 self.synthetic_ema.update(self.images)
         else:
+            # a skipped iteration is still a step of the run: a step without gradients
+            # changes no parameter and no momentum, and the Trainer counts it (not under
+            # a GradScaler, 16-mixed, which refuses a step without gradients)
+            opt.zero_grad(set_to_none=True)
+            trainer = self._attached_trainer()
+            if getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is None:
+                opt.step()
             self.skipped += 1
             self.last_step_taken = False
             if nonfinite or not grads_finite:
@@ -638,3 +650,14 @@ class DistillationModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_generator_states = checkpoint.get("distill_generator_states")
         self._generator = None
+        states = checkpoint.get("optimizer_states")
+        if isinstance(states, list) and len(states) > 1:
+            # a checkpoint of version 0.1.0.dev0 before one optimizer: one SGD per tensor,
+            # each of one group, in the order of today's groups
+            groups, state = [], {}
+            for k, old in enumerate(states):
+                (group,) = old["param_groups"]
+                groups.append({**group, "params": [k]})
+                if old["state"]:
+                    state[k] = old["state"][0]
+            checkpoint["optimizer_states"] = [{"state": state, "param_groups": groups}]

@@ -64,7 +64,7 @@ from ..functional.evaluation import (
     summarize,
 )
 from ..functional.losses import classification_loss
-from ._build import cpu_float32
+from ._build import check_fit, cpu_float32
 
 __all__ = ["EvalModule", "EvalProtocol", "check_eval_data", "evaluate_synthetic"]
 
@@ -87,8 +87,14 @@ class EvalModule(pl.LightningModule):
             exactly as in :func:`~lightning_distill.functional.train_and_evaluate` via
             :func:`evaluate_synthetic`. (``protocol.group_size`` is
             :func:`evaluate_synthetic`'s business: this module trains the seeds it gets.)
-        **overrides: :class:`EvalProtocol` fields (``epochs=...``, ``batch_size=...``),
-            applied on top of ``protocol``.
+        epochs: the protocol's epochs (``--model.epochs`` on a command line), over
+            ``protocol``.
+        **overrides: other :class:`EvalProtocol` fields (``batch_size=...``), applied on
+            top of ``protocol``.
+
+    ``hparams``: ``model``, ``model_kwargs``, ``seed`` and ``protocol`` (the resolved
+    protocol's fields, nested, so that none of them clashes with a datamodule's
+    hyperparameter of the same name in a logger).
 
     After ``trainer.test``: ``test_accuracies`` (one per run) and ``test_accuracy``
     (the run's, or the mean over the runs); ``val_accuracies`` / ``val_accuracy``
@@ -111,16 +117,22 @@ class EvalModule(pl.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
         protocol: EvalProtocol | None = None,
         seed: int | Sequence[int] = 0,
+        epochs: int | None = None,
         **overrides: Any,
     ) -> None:
         super().__init__()
+        if epochs is not None:
+            overrides = {**overrides, "epochs": epochs}
         protocol = EvalProtocol.resolve(protocol, overrides, "EvalModule")
         seeds = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
         if not seeds:
             raise InputError("EvalModule: seed must be an int or a non-empty list of ints")
+        # the protocol nested: its batch_size (the training batch) is not the
+        # datamodule's (the test batch), and Lightning merges the two into one logger
         self.save_hyperparameters({
             "model": model, "model_kwargs": dict(model_kwargs or {}),
-            "seed": seed if isinstance(seed, int) else seeds, **protocol.as_kwargs()})
+            "seed": seed if isinstance(seed, int) else seeds,
+            "protocol": protocol.as_kwargs()})
         self.protocol = protocol
         self.epochs = int(protocol.epochs)
         self.decay_epoch = resolve_decay_epoch(self.epochs, protocol.lr_decay_epoch)
@@ -248,6 +260,7 @@ class EvalModule(pl.LightningModule):
         return self.synthetic_train_dataloader(syn.images, syn.labels)
 
     def on_fit_start(self) -> None:
+        check_fit(self)
         dm = getattr(self.trainer, "datamodule", None)
         if isinstance(dm, SyntheticDataModule):
             self._check_same_set(dm.synthetic)

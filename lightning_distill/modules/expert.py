@@ -42,7 +42,7 @@ from ..errors import InputError
 from ..functional.batched import StackedNetworks, augment_members, member_losses
 from ..functional.evaluation import seeded_model
 from ..models import build_model, to_hw
-from ._build import cpu_float32
+from ._build import check_fit, cpu_float32
 
 __all__ = ["ExpertTrajectoryModule", "GroupExpertModule"]
 
@@ -86,6 +86,7 @@ class _ExpertSteps(pl.LightningModule):
         return DSA(hp.dsa_strategy, flip=flip)
 
     def setup(self, stage: str) -> None:
+        check_fit(self)
         if self.hparams.dsa and self.hparams.dsa_flip is None:
             try:
                 dataset = getattr(self.trainer.datamodule, "name", None)

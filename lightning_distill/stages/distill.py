@@ -142,5 +142,6 @@ def fill_distill_outputs(cfg: Namespace) -> None:
                                     dirpath=str(out / "checkpoints"), every_n=100))
     bars = [cb for cb in callbacks if str(cb.get("class_path", "")).endswith("ProgressBar")]
     if trainer.get("enable_progress_bar") is not False and not bars:
-        callbacks.append(_namespace("pytorch_lightning.callbacks.RichProgressBar", leave=False))
+        callbacks.append(_namespace("lightning_distill.callbacks.IterationProgressBar",
+                                    leave=False))
     trainer.callbacks = callbacks
