@@ -8,7 +8,7 @@
 # The GPU image has torch, pytorch-lightning, torchmetrics, torchvision, tensorboard,
 # rich, scikit-learn, scipy and pytest, but not jsonargparse: the CLI tests are skipped
 # there (they run in CI). Record the tables in benchmarks/RESULTS.md with date, device,
-# commit and this command.
+# commit and this command, and the dated entry in benchmarks/HISTORY.md.
 set -uo pipefail
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"

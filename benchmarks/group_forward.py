@@ -1,5 +1,5 @@
 """Forward + backward of K networks: one network alone against the ways of running K
-as one model (issue 12; benchmarks/RESULTS.md, 'Training K networks as one').
+as one model (issue 12; benchmarks/HISTORY.md, 'Fashion-MNIST scale (28x28, ...)').
 
 Times one forward + backward pass of the ConvNet on random data, with no optimizer,
 data loader or DSA, so what remains is the arithmetic of each way of running K members:

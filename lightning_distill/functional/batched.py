@@ -16,7 +16,8 @@ initialisation, data order and augmentation.
   convolution (``groups=K``) per block, instance / group / batch norm as one norm over
   ``K * C`` channels, the classifier as one ``baddbmm``. Contiguous (NCHW) memory by
   default: on the CPU, ``group_norm`` and its backward are ~15x slower on channels-last
-  tensors, which made the whole step 1.3-1.7x slower (``benchmarks/RESULTS.md``). On
+  tensors, which made the whole step 1.3-1.7x slower (``benchmarks/HISTORY.md``,
+  'Contiguous memory and matmul pooling for the grouped backend'). On
   2 CPU cores the fastest backend for the smallest steps (the digits experts and ipc 1
   sets, ``benchmarks/batched.py``).
 - ``"vmap"`` (any ``build_model`` network): ``torch.func.stack_module_state`` +
@@ -80,8 +81,8 @@ BACKENDS = ("auto", "grouped", "vmap", "loop")
 
 #: ``"auto"`` on a CPU runs the grouped backend only for images of at most this many
 #: pixels (H x W) and member steps of at most :data:`CPU_GROUPED_MAX_PIXELS` (images x H x
-#: W), the loop otherwise. Measured on 2 cores (benchmarks/RESULTS.md, "Training K
-#: networks as one", groups of 8, contiguous memory): at 8x8 grouped beats the loop from
+#: W), the loop otherwise. Measured on 2 cores (benchmarks/HISTORY.md, "Contiguous
+#: memory and matmul pooling for the grouped backend", groups of 8): at 8x8 grouped beats the loop from
 #: the digits experts (batch 32, 3.3x against 1.9x one-at-a-time throughput) to digits
 #: ipc 50 (batch 256: 16384 pixels, 1.4x against 1.2x); at 28x28 the loop wins from
 #: Fashion-MNIST ipc 1 (7840 pixels: 1.05x against 0.75x) on.

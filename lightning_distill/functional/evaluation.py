@@ -444,8 +444,9 @@ def _test_group(group: StackedNetworks, images: Tensor, labels: Tensor, batch_si
 DEFAULT_GROUP_SIZE = 8
 
 #: On a CPU a group pays only while a member's step is small: images per batch x pixels
-#: per image at most this. Measured on 2 cores (benchmarks/RESULTS.md, "Training K
-#: networks as one"), groups of 8 evaluation runs (the backend ``"auto"`` picks,
+#: per image at most this. Measured on 2 cores (benchmarks/HISTORY.md, "A third
+#: backend, `loop`" and "Contiguous memory and matmul pooling for the grouped
+#: backend"), groups of 8 evaluation runs (the backend ``"auto"`` picks,
 #: functional/batched.py) gain 2.3x, 1.8x and 1.4x on digits ipc 1 / 10 / 50 (640 /
 #: 6400 / 16384 pixels, grouped) and 1.05-1.23x on Fashion-MNIST ipc 1 (7840, loop);
 #: they break even on Fashion-MNIST ipc 10 (78400: 0.93-1.00x) and lose on

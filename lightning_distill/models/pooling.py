@@ -5,7 +5,7 @@ On a CPU, ``avg_pool2d`` of contiguous maps works plane by plane, which is slow 
 ones. :class:`AvgPool2x2` takes those maps (``CPU_MATMUL_POOL_PIXELS``) as one matrix
 product with a fixed pooling matrix: the same value up to the order in which a window's
 four terms are summed, and exactly the same gradient (each input's single term, scaled by
-0.25). Everything else goes to ``avg_pool2d``. ``benchmarks/RESULTS.md`` has the
+0.25). Everything else goes to ``avg_pool2d``. ``benchmarks/HISTORY.md`` has the
 measurements ("Contiguous memory and matmul pooling", "The matmul pool in every ConvNet").
 """
 

@@ -175,7 +175,7 @@ class _ExpertSteps(pl.LightningModule):
         in torchmetrics objects and are logged once, in :meth:`on_train_epoch_end`: each
         ``self.log`` call costs about a millisecond of Lightning's bookkeeping, and the three
         calls a step used to make were a fifth of a digits expert's step
-        (benchmarks/RESULTS.md, 'The matmul pool in every ConvNet; one log call per expert
+        (benchmarks/HISTORY.md, 'The matmul pool in every ConvNet; one log call per expert
         step')."""
         self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.train_loss.update(loss.expand(batch_size))  # weight batch_size
