@@ -195,7 +195,7 @@ def flat_config(cfg: Any) -> Any:
     """A parsed LightningCLI config with its subclass-mode ``model`` / ``data`` nodes
     (``class_path`` + ``init_args``) replaced by their init arguments, so tests read
     ``cfg.model.ipc`` whatever class the recipe names."""
-    from lightning_distill.cli import init_args
+    from lightning_distill.stages.distill import init_args
 
     cfg = cfg.clone()
     for key in ("model", "data"):

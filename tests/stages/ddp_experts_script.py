@@ -20,25 +20,24 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
+from lightning_distill.callbacks import GSAM, PADDataSelection
+from lightning_distill.callbacks.trajectory import TrajectoryRecorder
+from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.models.params import flatten_parameters
-from lightning_distill.stages.experts import (
-    DataSelectionConfig,
-    ExpertsConfig,
-    ExpertTrainingConfig,
-    SharpnessConfig,
-    train_experts,
-)
+from lightning_distill.modules.expert import ExpertTrajectoryModule
+from lightning_distill.stages.experts import train_experts
 
 NUM_EXPERTS = 2
 EPOCHS = 2
 
 
 class SaveFinalParameters(Callback):
-    """Every rank saves the expert network's final flat parameters."""
+    """Every rank saves the final flat parameters of each expert it trained (a copy of
+    this callback goes to every expert's Trainer: the experts come from the module, a
+    group's, or the TrajectoryRecorder, one at a time)."""
 
-    def __init__(self, outdir: Path, index: int) -> None:
-        self.outdir, self.index = outdir, index
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
         self.rows: dict[int, list[int]] = {}
         self.losses: dict[int, list[tuple[float, int]]] = {}
 
@@ -57,17 +56,20 @@ class SaveFinalParameters(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = pl_module.net
-        if hasattr(net, "flat_members"):  # a group: this expert's member
-            final = net.flat_members()[pl_module.expert_indices.index(self.index)]
+        if hasattr(net, "flat_members"):  # a group: one file per member
+            finals = dict(zip(pl_module.expert_indices, net.flat_members(), strict=True))
         else:
-            final = flatten_parameters(net)
-        torch.save(
-            {"final": final.detach().clone(),
-             "world_size": trainer.world_size, "global_step": trainer.global_step,
-             "rows": self.rows, "losses": self.losses,
-             "loss_epoch": float(trainer.callback_metrics["train/loss_epoch"])},
-            self.outdir / f"rank{trainer.global_rank}_expert{self.index}.pt",
-        )
+            (index,) = [cb.expert_index for cb in trainer.callbacks
+                        if isinstance(cb, TrajectoryRecorder)]
+            finals = {index: flatten_parameters(net)}
+        for index, final in finals.items():
+            torch.save(
+                {"final": final.detach().clone(),
+                 "world_size": trainer.world_size, "global_step": trainer.global_step,
+                 "rows": self.rows, "losses": self.losses,
+                 "loss_epoch": float(trainer.callback_metrics["train/loss_epoch"])},
+                self.outdir / f"rank{trainer.global_rank}_expert{index}.pt",
+            )
 
 
 def index_pixel(monkeypatch_target) -> None:
@@ -87,29 +89,20 @@ def index_pixel(monkeypatch_target) -> None:
 
 def main(outdir: str, group_size: int = 1, pad: bool = False) -> None:
     out = Path(outdir)
-    extra = {}
+    callbacks: list[Callback] = [GSAM(rho=0.05, alpha=0.3), SaveFinalParameters(out)]
     if pad:
-        from lightning_distill.data.datamodule import RealDataModule
-
         index_pixel(RealDataModule)
         # 2 epochs: half of each class (easiest first) at epoch 0, all of them at epoch 1
-        extra = dict(data_selection=DataSelectionConfig(
-            enabled=True, num_models=1, score_epochs=1, initial_ratio=0.5, add_end_epoch=1,
+        callbacks.append(PADDataSelection(
+            num_models=1, score_epochs=1, initial_ratio=0.5, add_end_epoch=1,
             remove_epochs=[1, 1], remove_ratios=[0.25, 0.25]))
-    cfg = ExpertsConfig(
-        data=DataConfig(name="digits", batch_size=128),
-        model=ModelConfig("ConvNet", {"width": 8, "depth": 2}),
-        experts=ExpertTrainingConfig(num_experts=NUM_EXPERTS, epochs=EPOCHS,
-                                     group_size=group_size, dsa=not pad),
-        sharpness=SharpnessConfig("gsam", rho=0.05, alpha=0.3),
-        trainer=TrainerConfig(accelerator="cpu", devices=2, strategy="ddp",
-                              enable_progress_bar=False),
-        store=str(out / "store"),
-        log_dir=str(out / "logs"),
-        seed=0,
-        **extra,
-    )
-    train_experts(cfg, callbacks=lambda i: [SaveFinalParameters(out, i)])
+    model = ExpertTrajectoryModule(model="ConvNet", model_kwargs={"width": 8, "depth": 2},
+                                   dsa=not pad)
+    trainer_kwargs = dict(accelerator="cpu", devices=2, strategy="ddp",
+                          enable_progress_bar=False, max_epochs=EPOCHS, callbacks=callbacks)
+    train_experts(model, RealDataModule("digits", batch_size=128), trainer_kwargs,
+                  store=str(out / "store"), log_dir=str(out / "logs"),
+                  num_experts=NUM_EXPERTS, group_size=group_size, seed=0)
     rank = int(os.environ.get("LOCAL_RANK", 0))
     (out / f"done_rank{rank}").write_text("ok")
 
