@@ -4,42 +4,38 @@ form their own groups, and a group that would not fit is refused before training
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
+from lightning_distill.callbacks import GSAM
+from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.functional import batched
-from lightning_distill.stages.experts import (
-    ExpertsConfig,
-    ExpertTrainingConfig,
-    SharpnessConfig,
-    train_experts,
-)
+from lightning_distill.modules.expert import ExpertTrajectoryModule
+from lightning_distill.stages.experts import train_experts
 from lightning_distill.trajectories import TrajectoryStore
 
 
-def _cfg(tmp: Path, name: str, group_size: int, num_experts: int = 4, **over) -> ExpertsConfig:
-    """Digits, ConvNet width 8 depth 2, 4 experts x 2 epochs, GSAM, batch 128."""
-    cfg = ExpertsConfig(
-        data=DataConfig(name="digits", batch_size=128),
-        model=ModelConfig("ConvNet", {"width": 8, "depth": 2}),
-        experts=ExpertTrainingConfig(num_experts=num_experts, epochs=2, group_size=group_size),
-        sharpness=SharpnessConfig("gsam", rho=0.05, alpha=0.3),
-        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
-        store=str(tmp / name), log_dir=str(tmp / f"{name}_logs"), seed=0,
-    )
-    return dataclasses.replace(cfg, **over)
+def _cfg(tmp: Path, name: str, group_size: int | None, num_experts: int = 4, **over):
+    """(model, datamodule, trainer_kwargs, kwargs) of :func:`train_experts`: digits,
+    ConvNet width 8 depth 2, 4 experts x 2 epochs, GSAM, batch 128."""
+    model = ExpertTrajectoryModule(model="ConvNet", model_kwargs={"width": 8, "depth": 2})
+    trainer_kwargs = dict(accelerator="cpu", enable_progress_bar=False, max_epochs=2,
+                          callbacks=[GSAM(rho=0.05, alpha=0.3)])
+    kw = dict(store=str(tmp / name), log_dir=str(tmp / f"{name}_logs"), seed=0,
+              num_experts=num_experts, group_size=group_size, **over)
+    return model, RealDataModule("digits", batch_size=128), trainer_kwargs, kw
 
 
-def _train(cfg: ExpertsConfig) -> TrajectoryStore:
+def _train(cfg) -> TrajectoryStore:
+    model, dm, trainer_kwargs, kw = cfg
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_experts(cfg)
+        return train_experts(model, dm, trainer_kwargs, **kw)
     finally:
         torch.set_num_threads(threads)
 
@@ -64,8 +60,10 @@ def test_a_group_store_equals_the_one_at_a_time_store(one_at_a_time, tmp_path):
     """Measured: max relative difference ~2e-8 (float32 rounding of batched kernels)."""
     grouped = _train(_cfg(tmp_path, "grouped", group_size=3))  # groups [0, 1, 2], [3]
     assert _max_rel(one_at_a_time, grouped) < 1e-5
-    meta = grouped.meta["hparams"]["experts"]
-    assert "group_size" not in meta  # the grouping does not change the experts
+    hp = grouped.hparams
+    # the grouping does not change the experts: not recorded
+    assert "group_size" not in hp and "group_size" not in hp["module"]
+    assert hp == one_at_a_time.hparams
 
 
 def test_resume_of_a_partial_group_retrains_only_the_missing_members(one_at_a_time, tmp_path):
@@ -117,7 +115,10 @@ def test_group_size_null_is_chosen_by_device_and_step_size(tmp_path, monkeypatch
     batch and the image size, as the evaluation protocol does; the groups follow it."""
     import lightning_distill.stages.experts as stage
 
-    assert ExpertTrainingConfig().group_size is None
+    from lightning_distill.cli import DistillTrainer
+
+    for fn in (train_experts, DistillTrainer.experts):
+        assert inspect.signature(fn).parameters["group_size"].default is None
     asked, formed = [], []
     monkeypatch.setattr(stage, "auto_group_size",
                         lambda device, batch, shape: asked.append(
@@ -127,7 +128,7 @@ def test_group_size_null_is_chosen_by_device_and_step_size(tmp_path, monkeypatch
                             (plan.group_size, list(group))))
     monkeypatch.setattr(stage, "_train_one",
                         lambda plan, dm, store, index, *a, **k: formed.append((1, [index])))
-    train_experts(_cfg(tmp_path, "auto", group_size=None, num_experts=3))
+    _train(_cfg(tmp_path, "auto", group_size=None, num_experts=3))
     assert asked == [("cpu", 128, (8, 8))]
     assert formed == [(2, [0, 1]), (1, [2])]
     # on a CPU the rule itself: the digits experts group, Fashion-MNIST's batch 256 does not
