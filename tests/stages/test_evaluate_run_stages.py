@@ -1,33 +1,40 @@
-"""`lightning-distill evaluate` and `run` (stages/evaluate.py, stages/run.py) on digits with
+"""`lightning-distill evaluate` and `run` (stages/evaluate.py, stages/pipeline.py) on digits with
 tiny settings: the table's numbers, the baselines, the JSON output, and that `run`
 resumes every stage from what is on disk."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 import yaml
 
-from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig, build_datamodule
+from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.data.synthetic import SyntheticSet
-from lightning_distill.modules.evaluate import evaluate_synthetic
-from lightning_distill.stages import run as run_stage
-from lightning_distill.stages.distill import DistillSettings, WindowConfig
-from lightning_distill.stages.evaluate import EvaluateConfig, architecture_kwargs, evaluate
-from lightning_distill.stages.experts import ExpertTrainingConfig, SharpnessConfig
-from lightning_distill.stages.run import DistillRun, RunConfig
+from lightning_distill.modules.evaluate import EvalModule, evaluate_synthetic
+from lightning_distill.stages.evaluate import architecture_kwargs, evaluate_stage
 
 SMALL = {"width": 8, "depth": 2}
 
 
 @pytest.fixture(scope="module")
 def digits():
-    dm = build_datamodule(DataConfig(name="digits"))
+    dm = RealDataModule("digits")
     dm.setup("fit")
     return dm
+
+
+def evaluate(*, seed: int = 0, epochs: int | None = None, batch_size: int | None = None,
+             data: dict | None = None, **kw):
+    """The ``evaluate`` stage on digits on the CPU: every run an :class:`EvalModule`
+    (``seed``, and the protocol's ``epochs`` / ``batch_size`` where given); ``kw`` are
+    :func:`evaluate_stage`'s (``synthetic``, ``models``, ``runs``, ``baselines``, ...)."""
+    protocol = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size))
+                if v is not None}
+    model = EvalModule(seed=seed, **protocol)
+    dm = RealDataModule(**{"name": "digits", **(data or {})})
+    return evaluate_stage(model, dm, device=torch.device("cpu"), **kw)
 
 
 def _random_set(dm, ipc: int, seed: int = 0) -> SyntheticSet:
@@ -43,11 +50,9 @@ def test_evaluate_stage_rows_equal_direct_evaluation(digits, tmp_path):
     syn_path = tmp_path / "syn.pt"
     _random_set(digits, 2).save(syn_path)
     out = tmp_path / "results.json"
-    cfg = EvaluateConfig(data=DataConfig(name="digits"), synthetic=str(syn_path),
-                         models="ConvNet", runs=2, epochs=4, batch_size=16,
-                         baselines=["random", "full"], full_epochs=1, full_batch_size=128,
-                         seed=5, device="cpu", output=str(out))
-    rows = evaluate(cfg)
+    rows = evaluate(synthetic=str(syn_path), models="ConvNet", runs=2, epochs=4, batch_size=16,
+                    baselines=["random", "full"], full_epochs=1, full_batch_size=128, seed=5,
+                    output=str(out))
     assert [r["kind"] for r in rows] == ["random", "distilled", "full"]
     assert rows[0]["ipc"] == 2 and rows[1]["ipc"] == 2 and rows[2]["ipc"] is None
     # the distilled row is exactly evaluate_synthetic with the experts' architecture
@@ -84,9 +89,7 @@ def test_random_baseline_draws_a_new_subset_per_network(digits, monkeypatch):
         return {"ConvNet": {"accs": [0.5] * len(train_sets), "mean": 0.5, "std": 0.0}}
 
     monkeypatch.setattr("lightning_distill.stages.evaluate.evaluate_synthetic", fake)
-    cfg = EvaluateConfig(data=DataConfig(name="digits"), runs=3, baselines=["random"],
-                         device="cpu")
-    rows = evaluate(cfg)
+    rows = evaluate(runs=3, baselines=["random"])
     assert [r["ipc"] for r in rows] == [1, 10]
     assert len(seen) == 6 and not torch.equal(seen[0], seen[1])
     assert rows[0]["results"]["ConvNet"]["accs"] == [0.5, 0.5, 0.5]
@@ -101,10 +104,9 @@ def test_evaluate_resumes_row_by_row(digits, tmp_path, monkeypatch):
     _random_set(digits, 1, seed=0).save(a)
     _random_set(digits, 1, seed=1).save(b)
     out = tmp_path / "results.json"
-    cfg = EvaluateConfig(data=DataConfig(name="digits"), synthetic=[str(a), str(b)],
-                         models="ConvNet", runs=2, epochs=3, batch_size=16,
-                         baselines=["random", "full"], full_epochs=1, full_batch_size=256,
-                         seed=3, device="cpu", output=str(out))
+    cfg = dict(synthetic=[str(a), str(b)], models="ConvNet", runs=2, epochs=3, batch_size=16,
+               baselines=["random", "full"], full_epochs=1, full_batch_size=256, seed=3,
+               output=str(out))
     real = stage.evaluate_synthetic
     trained = []
 
@@ -117,31 +119,31 @@ def test_evaluate_resumes_row_by_row(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "evaluate_synthetic", counting)
     fail_at = 3  # random, a, then stopped in b
     with pytest.raises(KeyboardInterrupt):
-        evaluate(cfg)
+        evaluate(**cfg)
     partial = json.loads(out.read_text())
     assert partial["complete"] is False
     assert [r["kind"] for r in partial["rows"]] == ["random", "distilled"]
     fail_at, trained[:] = None, []
-    rows = evaluate(cfg)
+    rows = evaluate(**cfg)
     assert trained == [10, len(digits.train_set)]  # only b and the full baseline
     assert [r["results"] for r in rows[:2]] == [r["results"] for r in partial["rows"]]
     assert json.loads(out.read_text())["complete"] is True
     # an uninterrupted run into another file gives the same rows, bit for bit
-    fresh = evaluate(dataclasses.replace(cfg, output=str(tmp_path / "fresh.json")))
+    fresh = evaluate(**{**cfg, "output": str(tmp_path / "fresh.json")})
     assert [r["results"] for r in fresh] == [r["results"] for r in rows]
     # rerun: nothing trained; a moved set file is still its row
     trained[:] = []
     moved = tmp_path / "moved.pt"
     moved.write_bytes(b.read_bytes())
-    again = evaluate(dataclasses.replace(cfg, synthetic=[str(a), str(moved)]))
+    again = evaluate(**{**cfg, "synthetic": [str(a), str(moved)]})
     assert trained == [] and again[2]["label"].endswith("moved.pt)")
     assert [r["results"] for r in again] == [r["results"] for r in rows]
     # a changed set retrains its row only; other settings retrain everything
     _random_set(digits, 1, seed=2).save(b)
-    evaluate(cfg)
+    evaluate(**cfg)
     assert trained == [10]
     trained[:] = []
-    evaluate(dataclasses.replace(cfg, epochs=2))
+    evaluate(**{**cfg, "epochs": 2})
     assert len(trained) == 4
 
 
@@ -150,18 +152,16 @@ def test_evaluate_refuses_a_mismatched_synthetic_set(digits, tmp_path):
                        meta={"dataset": "digits"})
     bad.save(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="channels"):
-        evaluate(EvaluateConfig(data=DataConfig(name="digits"),
-                                synthetic=[str(tmp_path / "bad.pt")], device="cpu"))
+        evaluate(synthetic=[str(tmp_path / "bad.pt")])
     other = SyntheticSet(images=torch.zeros(10, 1, 8, 8), labels=torch.arange(10), lr=0.01,
                          meta={"dataset": "mnist"})
     other.save(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="--data.name mnist"):
-        evaluate(EvaluateConfig(data=DataConfig(name="digits"),
-                                synthetic=[str(tmp_path / "other.pt")], device="cpu"))
+        evaluate(synthetic=[str(tmp_path / "other.pt")])
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        evaluate(EvaluateConfig(data=DataConfig(name="digits")))
+        evaluate()
     with pytest.raises(ValueError, match="baselines"):
-        evaluate(EvaluateConfig(data=DataConfig(name="digits"), baselines=["best"]))
+        evaluate(baselines=["best"])
 
 
 def test_architecture_kwargs_come_from_the_set_and_can_be_overridden(digits):
@@ -181,44 +181,61 @@ def test_cli_accepts_a_single_synthetic_file_and_model():
     assert (cfg.synthetic, cfg.models, cfg.runs) == ("a.pt", "AlexNet", 3)
 
 
-def _old_run_config(work) -> RunConfig:
-    return RunConfig(
-        data=DataConfig(name="digits", batch_size=64),
-        model=ModelConfig(name="ConvNet", kwargs=dict(SMALL)),
-        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
-        workdir=str(work), seed=1,
-        experts=ExpertTrainingConfig(num_experts=2, epochs=3, lr=0.05),
-        sharpness=SharpnessConfig(method="gsam"),
-        runs=[DistillRun(name="ipc1",
-                         distill=DistillSettings(ipc=1, iterations=3, syn_steps=3,
-                                                 lr_img=10.0, lr_lr=1e-4, lr_teacher=0.05),
-                         window=WindowConfig(max_start_epoch=1))],
-        evaluate=EvaluateConfig(runs=1, epochs=3, baselines=["random"], device="cpu"),
-        checkpoint_every_n_steps=10, image_every_n_steps=10)
+def _run_recipe(work) -> dict:
+    """A tiny run recipe: 2 GSAM experts x 3 epochs, one ipc-1 set of 3 iterations, one
+    evaluation network of 3 epochs against the random baseline."""
+    return {
+        "workdir": str(work), "seed": 1,
+        "data": {"name": "digits", "batch_size": 64},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False},
+        "experts": {"num_experts": 2,
+                    "model": {"model": "ConvNet", "model_kwargs": dict(SMALL), "lr": 0.05},
+                    "trainer": {"max_epochs": 3, "callbacks": [
+                        {"class_path": "lightning_distill.callbacks.GSAM"}]}},
+        "distill": [{"name": "ipc1",
+                     "model": {"ipc": 1, "iterations": 3, "syn_steps": 3, "lr_img": 10.0,
+                               "lr_lr": 1e-4, "lr_teacher": 0.05, "max_start_epoch": 1},
+                     "trainer": {"callbacks": [
+                         {"class_path": "lightning_distill.callbacks.MatchingWindow",
+                          "init_args": {"min_start_epoch": 0, "max_start_epoch": 1}},
+                         {"class_path": "lightning_distill.callbacks.IterationCheckpoint",
+                          "init_args": {"every_n": 10}}]}}],
+        "evaluate": {"runs": 1, "baselines": ["random"], "model": {"protocol": {"epochs": 3}}},
+    }
 
 
-def test_run_chains_the_stages_resumes_and_equals_the_older_pipeline(tmp_path):
-    """`lightning-distill run` on the converted recipe: the experts, the set and the rows
-    of the older RunConfig pipeline bit for bit; a rerun trains nothing again."""
+def test_run_chains_the_stages_and_resumes(tmp_path):
+    """`lightning-distill run`: its experts are those of the experts stage with the
+    merged settings, bit for bit, its rows those of the evaluate stage on its set; a
+    rerun trains nothing again."""
     from lightning_distill import cli
+    from lightning_distill.callbacks import GSAM
+    from lightning_distill.modules.expert import ExpertTrajectoryModule
+    from lightning_distill.stages.experts import train_experts
 
-    old = run_stage.run(_old_run_config(tmp_path / "old"))
     work = tmp_path / "work"
-    recipe = cli.convert_run_recipe(dataclasses.asdict(_old_run_config(work)))
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    path.write_text(yaml.safe_dump(_run_recipe(work)), encoding="utf-8")
     assert cli.main(["run", "--config", str(path)]) == 0
     assert sorted(p.name for p in (work / "experts").glob("expert_*.pt")) == [
         "expert_00000.pt", "expert_00001.pt"]
-    for name in ("expert_00000.pt", "expert_00001.pt"):
+    ref = train_experts(
+        ExpertTrajectoryModule(model="ConvNet", model_kwargs=dict(SMALL), lr=0.05),
+        RealDataModule("digits", batch_size=64),
+        dict(accelerator="cpu", enable_progress_bar=False, max_epochs=3, callbacks=[GSAM()]),
+        store=str(tmp_path / "ref"), num_experts=2, seed=1, log_dir=str(tmp_path / "logs"))
+    for i in (0, 1):
+        name = f"expert_{i:05d}.pt"
         assert torch.equal(torch.load(work / "experts" / name, weights_only=True),
-                           torch.load(tmp_path / "old" / "experts" / name, weights_only=True))
-    syn, ref = (SyntheticSet.load(w / "ipc1" / "synthetic.pt") for w in (work, tmp_path / "old"))
-    assert syn.meta["iteration"] == 3 and torch.equal(syn.images, ref.images)
+                           torch.load(ref.expert_path(i), weights_only=True))
+    syn = SyntheticSet.load(work / "ipc1" / "synthetic.pt")
+    assert syn.meta["iteration"] == 3 and syn.ipc == 1
     rows = json.loads((work / "results.json").read_text())["rows"]
     assert [r["kind"] for r in rows] == ["random", "distilled"] and rows[1]["ipc"] == 1
+    direct = evaluate(synthetic=[str(work / "ipc1" / "synthetic.pt")], runs=1, epochs=3,
+                      baselines=["random"], seed=1, data={"batch_size": 64})
     assert [r["results"]["ConvNet"]["accs"] for r in rows] == [
-        r["results"]["ConvNet"]["accs"] for r in old]
+        r["results"]["ConvNet"]["accs"] for r in direct]
     # every stage's merged config is on disk and reruns that stage alone
     assert sorted(p.name for p in (work / "configs").iterdir()) == [
         "distill_ipc1.yaml", "evaluate.yaml", "experts.yaml"]
@@ -243,17 +260,20 @@ def test_run_evaluates_on_global_rank_zero_only(monkeypatch, tmp_path):
         {"name": "b"}]}
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "best.pt").write_bytes(b"")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    argv = ["run", "--config", str(path)]
     calls = []
 
-    def launch(sub, argv):
-        calls.append((sub, list(argv)))
+    def launch(argv):
+        calls.append((argv[0], list(argv)))
 
     monkeypatch.setattr(rank_zero_only, "rank", 1)
-    run_pipeline(recipe, launch=launch, check=lambda sub, argv: None)
+    run_pipeline(argv, launch=launch, check=lambda argv: None)
     assert [c[0] for c in calls] == ["experts", "distill", "distill"]
     calls.clear()
     monkeypatch.setattr(rank_zero_only, "rank", 0)
-    run_pipeline(recipe, launch=launch, check=lambda sub, argv: None)
+    run_pipeline(argv, launch=launch, check=lambda argv: None)
     assert [c[0] for c in calls] == ["experts", "distill", "distill", "evaluate"]
     evaluate_argv = calls[-1][1]
     sets = yaml.safe_load(evaluate_argv[evaluate_argv.index("--synthetic") + 1])
