@@ -6,7 +6,8 @@ images, one row per class, each enlarged by nearest neighbour to at least
 the step of the iteration that produced them, mapped back to pixels
 by ``pl_module.to_pixels`` (de-normalisation or inverse ZCA, set by the distill stage
 from :meth:`RealDataModule.from_input_space`) or, without it, by per-image min-max
-scaling. Loggers without ``experiment.add_image`` (CSV, none) are skipped.
+scaling. Every logger whose ``experiment`` has ``add_image`` (TensorBoard) gets them; the
+others (CSV, none) are skipped.
 
 Example::
 
@@ -35,25 +36,32 @@ class SyntheticImageLogger(Callback):
         self.every_n_steps = int(every_n_steps)
         self.max_per_class = int(max_per_class)
         self.min_image_side = int(min_image_side)
+        self._logged: int | None = None  # the iteration last logged
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):
+        iteration = int(pl_module.iteration)
+        if not trainer.is_global_zero or iteration == self._logged:
+            return  # (the end of training right after a periodic grid: logged once)
+        self._logged = iteration
+        experiments = [e for e in (getattr(lg, "experiment", None) for lg in trainer.loggers)
+                       if hasattr(e, "add_image")]
+        if not experiments:
             return
         # the set after k iterations is logged at step k - 1, the iteration that made it
         # (docs/design.md, 'Steps are iterations')
-        step = max(0, int(pl_module.iteration) - 1)
+        step = max(0, iteration - 1)
         to_pixels = getattr(pl_module, "to_pixels", None)
         class_ids = pl_module.class_ids()
         grid = functools.partial(class_grid, class_ids=class_ids, to_pixels=to_pixels,
                                  max_per_class=self.max_per_class,
                                  min_image_side=self.min_image_side)
-        experiment.add_image("synthetic/images", grid(pl_module.images), step)
+        images = {"synthetic/images": grid(pl_module.images)}
         ema = getattr(pl_module, "synthetic_ema", None)
         if ema is not None and ema.initial is not None:
-            experiment.add_image("synthetic/ema_images", grid(ema.average), step)
+            images["synthetic/ema_images"] = grid(ema.average)
+        for experiment in experiments:
+            for tag, image in images.items():
+                experiment.add_image(tag, image, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -65,7 +65,7 @@ def _fake(iteration: int, ema=None):
                              class_ids=lambda: torch.tensor([0, 0, 1, 1, 2, 2]),
                              synthetic_ema=ema)
     rec = _Recorder()
-    trainer = SimpleNamespace(is_global_zero=True, logger=SimpleNamespace(experiment=rec))
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[SimpleNamespace(experiment=rec)])
     return trainer, module, rec
 
 
@@ -78,16 +78,23 @@ def test_logger_every_n_steps_with_ema_and_without_add_image():
     ema._start(module.images)
     module.iteration, module.synthetic_ema = torch.tensor(5), ema
     cb.on_train_batch_end(trainer, module, None, None, 4)
-    assert [(t, s) for t, _, s in rec.calls] == [("synthetic/images", 5),
-                                                 ("synthetic/ema_images", 5)]
-    expected = class_grid(module.images, module.class_ids())
+    # the set after 5 iterations, at the step of the iteration that made it
+    assert [(t, s) for t, _, s in rec.calls] == [("synthetic/images", 4),
+                                                 ("synthetic/ema_images", 4)]
+    expected = class_grid(module.images, module.class_ids(), min_image_side=64)
     assert torch.equal(rec.calls[0][1], expected)
+    assert expected.shape[-1] == 2 * (64 + 1) + 1  # 2x2 images enlarged 32x
+    cb.on_train_end(trainer, module)  # training ends right after: not logged twice
+    assert len(rec.calls) == 2
+    module.iteration = torch.tensor(7)
     cb.on_train_end(trainer, module)
-    assert len(rec.calls) == 4
+    assert [s for _, _, s in rec.calls[2:]] == [6, 6]
     # a logger without add_image (CSV) or no logger: nothing, no error
-    for logger in (None, SimpleNamespace(experiment=object())):
-        cb.on_train_end(SimpleNamespace(is_global_zero=True, logger=logger), module)
+    module.iteration = torch.tensor(8)
+    for loggers in ([], [SimpleNamespace(experiment=object())]):
+        cb.on_train_end(SimpleNamespace(is_global_zero=True, loggers=loggers), module)
     # only rank 0 logs
+    module.iteration = torch.tensor(9)
     trainer.is_global_zero = False
     cb.on_train_end(trainer, module)
     assert len(rec.calls) == 4
@@ -106,9 +113,12 @@ def test_tensorboard_events_hold_the_grids(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     assert set(acc.Tags()["images"]) == {"synthetic/images", "synthetic/ema_images"}
     steps = [e.step for e in acc.Images("synthetic/images")]
-    assert steps == [2, 4, 4]  # every 2 iterations, and at the end
+    # every 2 iterations (the set after 2 and after 4, at the steps that made them), and
+    # the end of training, which is iteration 4's grid already
+    assert steps == [1, 3]
     img = acc.Images("synthetic/images")[-1]
-    assert (img.height, img.width) == (3 * 9 + 1, 2 * 9 + 1)
+    # 8x8 images enlarged 8x to 64 pixels a side, padding 1
+    assert (img.height, img.width) == (3 * 65 + 1, 2 * 65 + 1)
     scalars = acc.Tags()["scalars"]
     for tag in ("distill/loss", "distill/syn_lr", "distill/skipped", "distill/start_epoch",
                 "distill/grad_norm/images"):
