@@ -261,7 +261,7 @@ def _report(name: str, argv: Sequence[str], err: BaseException) -> int:
     if os.environ.get("LIGHTNING_DISTILL_TRACEBACK", "") not in ("", "0"):
         raise err
     own = user_error(err)
-    message = str(own) if own is not None else describe(err, config_files(argv))
+    message = str(own) if own is not None else describe(err, argv)
     print(f"lightning-distill {name}: error: {message.strip()} (docs/recipes.md; "
           "LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
     return 2

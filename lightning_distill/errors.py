@@ -70,10 +70,11 @@ def user_error(err: BaseException) -> LightningDistillError | None:
     return None
 
 
-def describe(err: BaseException, files: Sequence[str] = ()) -> str:
+def describe(err: BaseException, argv: Sequence[str] = ()) -> str:
     """The useful sentence of a parser or Lightning configuration error: the key, the
     reason, a close match and the ``--config`` file that holds the key, never a dump of
-    the values or the whole usage."""
+    the values or the whole usage. ``argv`` is the command line (its ``--config`` files
+    are searched for the key; a key given on the command line is said to be there)."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     head = re.match(r'Parser key "([\w.]+)"', lines[0]) if lines else None
     reasons, cls = [], None
@@ -95,9 +96,28 @@ def describe(err: BaseException, files: Sequence[str] = ()) -> str:
         close = difflib.get_close_matches(bad.group(1).rsplit(".", 1)[-1], names, n=1)
         text += f" by {cls.rsplit('.', 1)[-1]}" + (f" (did you mean '{close[0]}'?)"
                                                   if close else f"; its keys: {', '.join(names)}")
+    if head is None and type(err).__name__ == "MisconfigurationException":
+        head = _trainer_key(text)
     key = f"key '{head.group(1)}': " if head else ""
-    where = _file_of(files, bad.group(1).rsplit(".", 1)[-1]) if bad else None
+    where = _where(argv, bad.group(1)) if bad else None
+    if where is None and head is not None:
+        where = _where(argv, head.group(1))
     return f"{where + ': ' if where else ''}{key}{text}"
+
+
+#: words in Lightning's Trainer errors, by the Trainer argument they are about
+_TRAINER_WORDS = {"accelerator": ("accelerator", "backend", "gpu", "cuda", "mps", "tpu"),
+                  "devices": ("devices",), "strategy": ("strategy",),
+                  "precision": ("precision",), "num_nodes": ("num_nodes",)}
+
+
+def _trainer_key(text: str) -> re.Match | None:
+    """A match whose group 1 is the ``trainer.<argument>`` a Trainer error is about."""
+    lower = text.lower()
+    for name, words in _TRAINER_WORDS.items():
+        if any(w in lower for w in words):
+            return re.match(r"(.*)", f"trainer.{name}")
+    return None
 
 
 def _init_names(class_path: str) -> list[str]:
@@ -110,8 +130,14 @@ def _init_names(class_path: str) -> list[str]:
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def _file_of(files: Sequence[str], key: str) -> str | None:
-    """The last of ``files`` whose text holds ``key`` as a YAML key."""
+def _where(argv: Sequence[str], dotted: str) -> str | None:
+    """Where the key ``dotted`` was given: "the command line" (a ``--...dotted`` option),
+    else the last ``--config`` file whose text holds its last part as a YAML key."""
+    if any(a.split("=", 1)[0].endswith(dotted) for a in argv if a.startswith("--")):
+        return "the command line"
+    key = dotted.rsplit(".", 1)[-1]
+    files = [argv[k + 1] for k, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     pattern = re.compile(rf"^\s*-?\s*{re.escape(key)}\s*:", re.M)
     hits = [v for v in files
             if Path(v).is_file() and pattern.search(Path(v).read_text(encoding="utf-8"))]

@@ -82,8 +82,8 @@ BACKENDS = ("auto", "grouped", "vmap", "loop")
 #: ``"auto"`` on a CPU runs the grouped backend only for images of at most this many
 #: pixels (H x W) and member steps of at most :data:`CPU_GROUPED_MAX_PIXELS` (images x H x
 #: W), the loop otherwise. Measured on 2 cores (benchmarks/HISTORY.md, "Contiguous
-#: memory and matmul pooling for the grouped backend", groups of 8): at 8x8 grouped beats the loop from
-#: the digits experts (batch 32, 3.3x against 1.9x one-at-a-time throughput) to digits
+#: memory and matmul pooling for the grouped backend", groups of 8): at 8x8 grouped beats
+#: the loop from the digits experts (batch 32, 3.3x against 1.9x one-at-a-time throughput) to digits
 #: ipc 50 (batch 256: 16384 pixels, 1.4x against 1.2x); at 28x28 the loop wins from
 #: Fashion-MNIST ipc 1 (7840 pixels: 1.05x against 0.75x) on.
 CPU_GROUPED_MAX_IMAGE = 64
