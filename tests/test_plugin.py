@@ -301,8 +301,9 @@ def test_grids_enlarge_each_image_by_nearest_neighbour():
 
 
 def test_the_distill_subcommand_shows_iterations_in_its_progress_bar(tmp_path):
-    from lightning_distill.stages.distill import fill_distill_outputs
     from jsonargparse import Namespace
+
+    from lightning_distill.stages.distill import fill_distill_outputs
 
     cfg = Namespace(output=str(tmp_path), model=Namespace(export_path=None),
                     trainer=Namespace(callbacks=None, logger=None, default_root_dir=None,
