@@ -90,7 +90,7 @@ def describe(err: BaseException, argv: Sequence[str] = ()) -> str:
     if not reasons:
         reasons = [lines[0] if lines else type(err).__name__]
     text = reasons[0]
-    bad = re.search(r"(?:Option|Key|arguments:) '?(?:--)?([\w.]+)'?", text)
+    bad = re.search(r"(?i)(?:option|key|arguments:) '?(?:--)?([\w.]+)'?", text)
     if bad and cls is not None:
         names = _init_names(cls)
         close = difflib.get_close_matches(bad.group(1).rsplit(".", 1)[-1], names, n=1)

@@ -151,7 +151,8 @@ def test_an_unknown_subcommand(capsys):
 def test_an_older_recipe_gets_one_line_pointing_to_the_recipes_doc(tmp_path, capsys):
     old = tmp_path / "old.yaml"  # the format before LightningCLI: a `distill:` section
     old.write_text("store: s\ndistill:\n  ipc: 1\n")
-    one_line(["distill", "--config", str(old)], capsys, "distill", "docs/recipes.md")
+    one_line(["distill", "--config", str(old)], capsys, str(old), "distill.ipc",
+             "docs/recipes.md")
     run = tmp_path / "run.yaml"
     run.write_text("runs:\n- name: ipc1\n")
     one_line(["run", "--config", str(run)], capsys, str(run), "runs", "docs/recipes.md")
