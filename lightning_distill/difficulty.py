@@ -34,8 +34,6 @@ all use the same scores.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -46,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .artifacts import check_header, header, sha256
 from .errors import DataFormatError, InputError
 from .functional.difficulty import el2n_scores
 from .functional.evaluation import seeded_model, train_and_evaluate
@@ -87,16 +86,11 @@ class DifficultyScores:
     @property
     def digest(self) -> str:
         """SHA-256 (16 hex digits) of the float32 scores: which scores the experts used."""
-        return hashlib.sha256(self.scores.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return sha256(self.scores.float().contiguous().numpy().tobytes(), length=16)
 
 
 def _sha(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().numpy()
-        h.update(f"{a.dtype}{list(a.shape)}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()[:16]
+    return sha256(*tensors, length=16)
 
 
 def data_identity(dm: Any) -> dict[str, Any]:
@@ -232,14 +226,18 @@ def _read(path: Path) -> dict[str, Any]:
             f"{path} is unreadable or corrupt ({type(e).__name__}: {str(e)[:200]}); delete it "
             "to recompute the scores"
         ) from e
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise DifficultyScoresError(f"{path} is not a lightning_distill difficulty-score file")
-    if obj.get("format_version") != FORMAT_VERSION:
-        raise DifficultyScoresError(
-            f"{path}: format_version {obj.get('format_version')} is not supported (expects "
-            f"{FORMAT_VERSION}); delete it to recompute the scores"
-        )
+    _check_scores_file(obj, path)
     return obj
+
+
+def _check_scores_file(obj: Any, path: Path) -> None:
+    """Refuse a file that is not a difficulty-score file this library reads (the header;
+    the scores' own identity and settings are compared by :func:`load_or_compute_el2n`)."""
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise DifficultyScoresError(f"{path} is not a lightning_distill difficulty-score file; "
+                                    "delete it to recompute the scores")
+    check_header(obj, FORMAT, FORMAT_VERSION, path, error=DifficultyScoresError,
+                 fix="delete it to recompute the scores")
 
 
 def load_or_compute_el2n(
@@ -295,16 +293,13 @@ def load_or_compute_el2n(
         replace = True
     result = compute_el2n(dm, settings, device=device, log=log)
     payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        **header(FORMAT, FORMAT_VERSION, dm.input_space.to_dict()),
         "score": "el2n",
         "scores": result.scores.contiguous(),
         "per_model": result.per_model.contiguous(),
         "identity": identity,
         "settings": settings,
         "model_accuracy": list(result.model_accuracy),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "library_version": _library_version(),
         "torch_version": str(torch.__version__),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,9 +312,3 @@ def load_or_compute_el2n(
         return load_or_compute_el2n(path, dm, settings, device, "error", log)
     result.path = path
     return result
-
-
-def _library_version() -> str:
-    from ._version import __version__
-
-    return __version__

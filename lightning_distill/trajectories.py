@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import re
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._version import __version__
+from .artifacts import check_header, header
 from .data.input_space import InputSpace
 from .errors import InputError, StateError
 from .io import atomic_save, atomic_write_json
@@ -54,6 +53,7 @@ from .models.params import ParamSpec
 
 __all__ = ["TrajectoryStore", "TrajectoryStoreError"]
 
+FORMAT = "lightning_distill.TrajectoryStore"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 _EXPERT_RE = re.compile(r"^expert_(\d{5,})\.pt$")
@@ -62,6 +62,24 @@ _EXPERT_RE = re.compile(r"^expert_(\d{5,})\.pt$")
 _IDENTITY_FIELDS = ("spec", "num_snapshots", "model", "dataset", "input_space")
 _REQUIRED_FIELDS = ("format_version", *_IDENTITY_FIELDS)
 _REGENERATE = "delete it and re-run `lightning-distill experts` to regenerate it"
+
+
+def _check_meta(meta: Any, meta_path: Path) -> None:
+    """Refuse a store's ``meta.json`` that is not one this library reads: the header
+    (:func:`~lightning_distill.artifacts.check_header`), the identity fields, a spec and
+    snapshot count that fit together."""
+    check_header(meta, FORMAT, FORMAT_VERSION, meta_path, error=TrajectoryStoreError,
+                 fix="restore it or regenerate the store")
+    missing = [k for k in _REQUIRED_FIELDS if k not in meta]
+    if missing:
+        raise TrajectoryStoreError(f"{meta_path} lacks required field(s) {missing}")
+    try:
+        spec = ParamSpec.from_json(meta["spec"])
+        num_snapshots = int(meta["num_snapshots"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrajectoryStoreError(f"{meta_path}: malformed 'spec' or 'num_snapshots' ({e})") from e
+    if len(spec.names) != len(spec.shapes) or num_snapshots < 1:
+        raise TrajectoryStoreError(f"{meta_path}: inconsistent 'spec' or 'num_snapshots'")
 
 
 class TrajectoryStoreError(StateError):
@@ -152,17 +170,15 @@ class TrajectoryStore:
         if "name" not in model:
             raise InputError(f"model dict needs a 'name' key (build_model kwargs), got {model!r}")
         meta = {
-            "format_version": FORMAT_VERSION,
+            **header(FORMAT, FORMAT_VERSION,
+                     _jsonable(InputSpace.coerce(input_space).to_dict())),
             "dataset": str(dataset),
             "model": _jsonable(dict(model)),
             "spec": spec.to_json(),
             "num_params": spec.total,
             "num_snapshots": int(num_snapshots),
             "dtype": "float32",
-            "input_space": _jsonable(InputSpace.coerce(input_space).to_dict()),
             "hparams": _jsonable(dict(hparams or {})),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "library_version": __version__,
             "torch_version": torch.__version__,
         }
         root = Path(path)
@@ -249,25 +265,7 @@ class TrajectoryStore:
             raise TrajectoryStoreError(
                 f"{meta_path} is unreadable or corrupt ({e}); restore it or regenerate the store"
             ) from e
-        if not isinstance(meta, dict):
-            raise TrajectoryStoreError(f"{meta_path} must hold a JSON object")
-        missing = [k for k in _REQUIRED_FIELDS if k not in meta]
-        if missing:
-            raise TrajectoryStoreError(f"{meta_path} lacks required field(s) {missing}")
-        if meta["format_version"] != FORMAT_VERSION:
-            raise TrajectoryStoreError(
-                f"{meta_path}: format_version {meta['format_version']} is not supported by "
-                f"lightning_distill {__version__} (expects {FORMAT_VERSION})"
-            )
-        try:
-            spec = ParamSpec.from_json(meta["spec"])
-            num_snapshots = int(meta["num_snapshots"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise TrajectoryStoreError(
-                f"{meta_path}: malformed 'spec' or 'num_snapshots' ({e})"
-            ) from e
-        if len(spec.names) != len(spec.shapes) or num_snapshots < 1:
-            raise TrajectoryStoreError(f"{meta_path}: inconsistent 'spec' or 'num_snapshots'")
+        _check_meta(meta, meta_path)
         return cls(root, meta, cache_size=cache_size)
 
     # ---------------------------------------------------------------- properties

@@ -10,7 +10,6 @@ to a ``trainer.fit`` with a :class:`~lightning_distill.data.RealDataModule`.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from ..artifacts import sha256
 from ..errors import InputError
 
 __all__ = ["DataSelection", "PADDataSelection"]
@@ -69,12 +69,8 @@ class DataSelection(Callback):
         return dm
 
     def _digest(self, epochs: int) -> str:
-        h = hashlib.sha256()
-        for e in range(epochs):
-            idx = torch.as_tensor(self.select(e), dtype=torch.long).contiguous().cpu()
-            h.update(idx.numpy().tobytes())
-            h.update(b"|")
-        return h.hexdigest()
+        return sha256(*(torch.as_tensor(self.select(e), dtype=torch.long)
+                        for e in range(epochs)))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

@@ -15,9 +15,11 @@ A synthetic set is the product of distillation and the input of evaluation:
   ``{"normalization": "meanstd", "mean": [...], "std": [...]}``), ``source_store``,
   ``iteration``, ``created``, ...
 
-File format (``format_version`` 1): ONE ``.pt`` file holding a plain dict
-``{"format_version": 1, "kind": "lightning_distill.SyntheticSet", "images": Tensor,
-"labels": Tensor, "lr": float, "meta": dict}`` (tensors and plain containers only, so
+File format (``format_version`` 1): ONE ``.pt`` file holding a plain dict, the
+artifacts' header (``format`` "lightning_distill.SyntheticSet", ``format_version`` 1,
+``library_version``, ``created``, ``input_space``; docs/formats.md) and
+``{"kind": "lightning_distill.SyntheticSet", "images": Tensor, "labels": Tensor,
+"lr": float, "meta": dict}`` (tensors and plain containers only, so
 ``torch.load(path, weights_only=True)`` reads it), written atomically, plus a PNG grid
 next to it (same stem, ``.png``): one row per class, pixels from ``to_pixels`` (e.g.
 de-normalisation or inverse ZCA) or a per-image min-max scaling.
@@ -26,7 +28,6 @@ de-normalisation or inverse ZCA) or a per-image min-max scaling.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..artifacts import check_header, header
 from ..errors import InputError, MissingFileError
 from ..io import atomic_open, atomic_save
 from .input_space import InputSpace
@@ -152,6 +154,14 @@ def class_grid(
         blank = torch.zeros_like(x[:1])
         tiles = [torch.cat([r, blank.repeat(ncol - r.shape[0], 1, 1, 1)]) for r in rows]
         return make_grid(torch.cat(tiles), nrow=ncol, padding=padding, pad_value=pad_value)
+
+
+def _check_payload(payload: Any, where: str) -> None:
+    """Refuse a payload that is not a synthetic set this library reads (the header,
+    :func:`~lightning_distill.artifacts.check_header`)."""
+    check_header(payload, _KIND, FORMAT_VERSION, where, legacy_format_key="kind",
+                 fix="write synthetic sets with SyntheticSet.save (or import a reference "
+                     "script's set)")
 
 
 def upscale_factor(image_size: Sequence[int], min_image_side: int) -> int:
@@ -393,10 +403,12 @@ class SyntheticSet:
         meta.setdefault("ipc", self.ipc)
         meta.setdefault("channels", self.channels)
         meta.setdefault("image_size", list(self.image_size))
-        meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        head = header(_KIND, FORMAT_VERSION, meta.get("input_space"))
+        meta.setdefault("created", head["created"])
         return {
-            "format_version": FORMAT_VERSION,
-            "kind": _KIND,
+            **head,
+            "created": meta["created"],
+            "kind": _KIND,  # the format's name as files before the header had it
             "images": self.images.detach().cpu().contiguous().clone(),
             "labels": self.labels.detach().cpu().contiguous().clone(),
             "lr": float(self.lr),
@@ -456,21 +468,7 @@ class SyntheticSet:
     def from_dict(cls, payload: Any, where: str = "synthetic set payload") -> SyntheticSet:
         """The inverse of :meth:`to_dict`, validated; errors start with ``where`` (the file
         name when called by :meth:`load`)."""
-        if not isinstance(payload, dict) or payload.get("kind", _KIND) != _KIND or (
-            "format_version" not in payload
-        ):
-            raise InputError(
-                f"{where} is not a lightning_distill synthetic set (expected a dict with "
-                f"'format_version' and kind {_KIND!r}, got "
-                f"{type(payload).__name__}{' with keys ' + str(sorted(map(str, payload))) if isinstance(payload, dict) else ''}); "  # noqa: E501
-                "write synthetic sets with SyntheticSet.save"
-            )
-        version = payload["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise InputError(
-                f"{where}: synthetic set format_version {version!r} is newer than this "
-                f"library reads ({FORMAT_VERSION}); upgrade lightning_distill"
-            )
+        _check_payload(payload, where)
         missing = [k for k in _REQUIRED if k not in payload]
         if missing:
             raise InputError(

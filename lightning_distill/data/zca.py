@@ -16,13 +16,13 @@ The whitened training covariance is W S W = U diag(s / (s + reg)) U^T.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..artifacts import sha256
 from ..errors import InputError
 
 __all__ = ["ZCA"]
@@ -112,11 +112,10 @@ class ZCA:
         """
         self._require_fitted()
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(repr((tuple(self.shape), self.regularization)).encode())
-            h.update(self.mean.numpy().tobytes())
-            h.update(self.whitening_matrix.numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            # bytes, not tensors: the digest of the first version (stores and sets record it)
+            self._fingerprint = sha256(repr((tuple(self.shape), self.regularization)),
+                                       self.mean.numpy().tobytes(),
+                                       self.whitening_matrix.numpy().tobytes(), length=16)
         return self._fingerprint
 
     def state_dict(self) -> dict:

@@ -26,7 +26,6 @@ SHA-256) and trains only the others.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ..artifacts import file_sha256, header, sha256
 from ..data.synthetic import SyntheticSet
 from ..errors import ConfigError, InputError
 from ..functional.evaluation import EvalProtocol
@@ -51,6 +51,10 @@ from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
 from ..seeding import derive_seed
 from ._common import console, prepare
+
+#: results.json's format (docs/formats.md, 'results.json')
+RESULTS_FORMAT = "lightning_distill.results"
+RESULTS_FORMAT_VERSION = 1
 
 
 def architecture_kwargs(models: Sequence[str], model_kwargs: dict[str, dict[str, Any]],
@@ -178,8 +182,10 @@ def evaluate_sets(
     def save(rows: list[dict[str, Any]], complete: bool) -> None:
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(output, {"config": config or {}, "identity": identity,
-                                       "complete": complete, "rows": rows})
+            atomic_write_json(output, {
+                **header(RESULTS_FORMAT, RESULTS_FORMAT_VERSION, dm.input_space.to_dict()),
+                "config": config or {}, "identity": identity, "complete": complete,
+                "rows": rows})
 
     def reuse(key: str, label: str) -> dict[str, Any] | None:
         row = done.get(key)
@@ -200,12 +206,6 @@ def evaluate_sets(
     return rows
 
 
-def _sha256(data: bytes | torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(data if isinstance(data, bytes) else data.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _identity(dm: Any, config: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
     """What every row's numbers depend on besides its own training set: the evaluation
     settings (``config`` without the list of sets and baselines), the device type and
@@ -214,11 +214,11 @@ def _identity(dm: Any, config: dict[str, Any] | None, device: torch.device) -> d
     splits = [dm.test_set]
     if getattr(dm, "train_set", None) is not None:
         splits.insert(0, dm.train_set)
-    data = "".join(_sha256(t) for split in splits for t in split.tensors)
+    data = sha256(*(t for split in splits for t in split.tensors))
     settings = {k: v for k, v in (config or {}).items() if k not in ("synthetic", "baselines")}
     # through JSON, so that it compares equal to what a results.json holds
     return json.loads(json.dumps({"settings": settings, "device": device.type,
-                                  "data": _sha256(data.encode())}))
+                                  "data": data}))
 
 
 def _row_key(row: dict[str, Any]) -> str:
@@ -237,7 +237,8 @@ def _finished_rows(output: str | None, identity: dict[str, Any]) -> dict[str, di
         previous = json.loads(Path(output).read_text())
     except (OSError, ValueError):
         return {}  # not ours, or unreadable: it is overwritten
-    if not isinstance(previous, dict) or previous.get("identity") != identity:
+    if not isinstance(previous, dict) or previous.get("identity") != identity or \
+            previous.get("format", RESULTS_FORMAT) != RESULTS_FORMAT:
         return {}
     return {_row_key(row): row for row in previous.get("rows", [])}
 
@@ -272,7 +273,7 @@ def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
                 row = _row(label, "random", ipc, res)
             add(row)
     for path, syn in sets:
-        digest = _sha256(Path(path).read_bytes())
+        digest = file_sha256(path)
         label = f"distilled, ipc {syn.ipc} ({path})"
         row = reuse(f"distilled {digest}", label)
         if row is None:

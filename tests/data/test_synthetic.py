@@ -45,6 +45,10 @@ def test_save_load_round_trip_bit_identical(tmp_path, soft):
     # the raw file is a plain dict readable with weights_only=True
     raw = torch.load(path, weights_only=True)
     assert raw["format_version"] == FORMAT_VERSION
+    # the artifacts' header (docs/formats.md, 'Header')
+    assert raw["format"] == raw["kind"] == "lightning_distill.SyntheticSet"
+    assert raw["library_version"] and raw["created"] == raw["meta"]["created"]
+    assert raw["input_space"] == raw["meta"].get("input_space")
     t = SyntheticSet.load(path)
     assert torch.equal(t.images, s.images) and t.images.dtype == s.images.dtype
     assert torch.equal(t.labels, s.labels) and t.labels.dtype == s.labels.dtype
@@ -53,9 +57,10 @@ def test_save_load_round_trip_bit_identical(tmp_path, soft):
         assert t.meta[key] == value
     assert t.meta["path"] == str(path) and "created" in t.meta
     assert t.meta["channels"] == 1 and t.meta["image_size"] == [8, 8]
-    # grid: one row per class (3), ipc columns (2), 8 px tiles with 2 px padding
+    # grid: one row per class (3), ipc columns (2), 8 px images enlarged 8x to 64 px
+    # tiles (nearest neighbour), 2 px padding
     with Image.open(png) as im:
-        assert im.size == (2 * 10 + 2, 3 * 10 + 2)
+        assert im.size == (2 * 66 + 2, 3 * 66 + 2)
     # no temporary files are left behind
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["set.png", "set.pt"]
 
@@ -63,11 +68,11 @@ def test_save_load_round_trip_bit_identical(tmp_path, soft):
 def test_grid_uses_to_pixels_or_minmax():
     images = torch.stack([torch.full((1, 2, 2), 0.25), torch.tensor([[[0.0, 1.0], [2.0, 4.0]]])])
     s = SyntheticSet(images, torch.tensor([0, 1]))
-    g = s.grid_tensor(to_pixels=lambda x: x * 2, padding=0)  # one column, two rows
+    g = s.grid_tensor(to_pixels=lambda x: x * 2, padding=0, min_image_side=1)  # 1 column, 2 rows
     assert g.shape == (3, 4, 2)
     assert torch.allclose(g[0, :2], torch.full((2, 2), 0.5))
     assert torch.allclose(g[0, 2:], torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # clamped to [0, 1]
-    g = s.grid_tensor(padding=0)  # per-image min-max scaling
+    g = s.grid_tensor(padding=0, min_image_side=1)  # per-image min-max scaling
     assert torch.allclose(g[0, 2:], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert torch.allclose(g[0, :2], torch.zeros(2, 2))  # a constant image maps to 0
 
@@ -88,7 +93,7 @@ def test_load_errors_name_the_file(tmp_path):
         SyntheticSet.load(trunc)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": torch.zeros(2)}, other)
-    with pytest.raises(ValueError, match="other.pt is not a lightning_distill synthetic set"):
+    with pytest.raises(ValueError, match="other.pt: not a lightning_distill.SyntheticSet file"):
         SyntheticSet.load(other)
     nolr = tmp_path / "nolr.pt"
     payload = _hard_set().to_dict()
@@ -106,7 +111,7 @@ def test_load_errors_name_the_file(tmp_path):
     payload = _hard_set().to_dict()
     payload["format_version"] = FORMAT_VERSION + 1
     torch.save(payload, newer)
-    with pytest.raises(ValueError, match="newer than this library"):
+    with pytest.raises(ValueError, match="newer than lightning_distill .* reads"):
         SyntheticSet.load(newer)
 
 
