@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..artifacts import sha256
 from ..errors import InputError
+from ..protocols import SelectableTrainData
 
 __all__ = ["DataSelection", "PADDataSelection"]
 
@@ -61,7 +62,7 @@ class DataSelection(Callback):
     @staticmethod
     def _datamodule(trainer: pl.Trainer) -> Any:
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "train_selection"):
+        if not isinstance(dm, SelectableTrainData):
             raise TypeError(
                 "DataSelection needs trainer.fit(..., datamodule=RealDataModule(...)); got "
                 f"{type(dm).__name__ if dm is not None else 'no datamodule'}"

@@ -73,6 +73,7 @@ from lightning_distill.functional.batched import StackedNetworks
 from lightning_distill.functional.sharpness import gsam_gradient, perturbation
 
 from ..errors import InputError
+from ..protocols import LossClosure
 
 __all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware", "sharpness_settings"]
 
@@ -161,7 +162,7 @@ class SharpnessAware(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        closure = getattr(pl_module, "loss_closure", None)
+        closure = pl_module.loss_closure if isinstance(pl_module, LossClosure) else None
         params = _params_with_grad(optimizer)
         if not params:  # training_step returned None: Lightning skipped backward
             if closure is not None:

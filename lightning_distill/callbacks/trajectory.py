@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..io import atomic_save
 from ..models.params import flatten_parameters
+from ..protocols import StoreRecord
 from ..trajectories import META_FILE, TrajectoryStore
 from .sharpness import sharpness_settings
 
@@ -522,7 +523,6 @@ def store_hparams(module: dict[str, Any], *, epochs: int, batch_size: int | None
            "epochs": int(epochs), "batch_size": batch_size,
            "sharpness": sharpness_settings(callbacks)}
     for c in callbacks or ():  # a callback that changes what the experts train on
-        record = getattr(c, "store_record", None)
-        if callable(record):
-            out.update(record())
+        if isinstance(c, StoreRecord):
+            out.update(c.store_record())
     return {**out, **run}

@@ -48,6 +48,7 @@ from lightning_distill.data.datasets.container import draw_indices
 from lightning_distill.data.input_space import InputSpace
 
 from ..errors import InputError
+from ..protocols import OwnsTrainLoader
 
 __all__ = ["MemberBatches", "RealDataModule", "TensorBatchLoader", "shard_indices"]
 
@@ -449,7 +450,7 @@ class RealDataModule(pl.LightningDataModule):
         (``train_set``) and of the validation callbacks (``val_set``)."""
         trainer = self.trainer
         model = getattr(trainer, "lightning_module", None)
-        if getattr(model, "owns_train_loader", False):
+        if isinstance(model, OwnsTrainLoader) and model.owns_train_loader:
             return model.train_dataloader()
         if self.train_selection is None:
             return self._loader(self.train_set, shuffle=True)

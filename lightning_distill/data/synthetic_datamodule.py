@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from ..errors import InputError
+from ..protocols import SyntheticTrainLoader
 from .datamodule import RealDataModule, TensorBatchLoader
 from .input_space import InputSpace
 from .synthetic import SyntheticSet, check_eval_data
@@ -263,8 +264,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         ``module.synthetic_train_dataloader(images, labels)`` (see the module docstring)."""
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
-        build = getattr(module, "synthetic_train_dataloader", None)
-        if not callable(build):
+        if not isinstance(module, SyntheticTrainLoader):
             raise RuntimeError(
                 "SyntheticDataModule.train_dataloader: the batch order and size belong to the "
                 "module that trains, and "
@@ -274,7 +274,7 @@ class SyntheticDataModule(pl.LightningDataModule):
                 + "; train with lightning_distill.EvalModule, or build the loader with "
                 "lightning_distill.data.synthetic_train_loader"
             )
-        return build(self.synthetic.images, self.synthetic.labels)
+        return module.synthetic_train_dataloader(self.synthetic.images, self.synthetic.labels)
 
     def val_dataloader(self) -> DataLoader | TensorBatchLoader | list:
         """The real validation split (no loader when ``val_fraction`` is 0)."""

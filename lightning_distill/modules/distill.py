@@ -79,6 +79,7 @@ from ..functional.matching import (
     sample_minibatches,
     trajectory_matching,
 )
+from ..protocols import DefersTrainLoader
 from ..seeding import derive_seed
 from ..trajectories import TrajectoryStore
 from ._build import check_fit
@@ -417,7 +418,7 @@ class DistillationModule(pl.LightningModule):
         trainer = self._attached_trainer()
         dm = trainer.datamodule if trainer is not None else None
         if (stage == "fit" and dm is not None and is_overridden("train_dataloader", dm)
-                and not getattr(dm, "defers_train_loader", False)):
+                and not (isinstance(dm, DefersTrainLoader) and dm.defers_train_loader)):
             raise TypeError(
                 f"DistillationModule: the datamodule {type(dm).__name__} defines "
                 "train_dataloader(), whose batches would replace the outer iterations; fit "
