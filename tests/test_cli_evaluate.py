@@ -1,5 +1,6 @@
-"""`lightning-distill evaluate` as a LightningCLI: the same rows as the EvaluateConfig
-stage path (bit for bit on CPU), results.json, and the older format refused."""
+"""`lightning-distill evaluate` as a LightningCLI: the same rows as the stage's builder
+(evaluate_stage) called directly (bit for bit on CPU), results.json, and the older
+format refused."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import json
 
 import pytest
 
+import torch
+
 from lightning_distill import cli
-from lightning_distill.config import DataConfig
+from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.modules.evaluate import EvalModule
-from lightning_distill.stages.evaluate import EvaluateConfig, evaluate
+from lightning_distill.stages.evaluate import evaluate_stage
 from tests.helpers import random_digits_set
 
 SMALL = {"width": 8, "depth": 2}
@@ -32,11 +35,11 @@ def test_cli_evaluate_gives_the_rows_of_the_stage_path(syn_path, tmp_path):
             "--model_kwargs", json.dumps({"ConvNet": SMALL}), "--trainer.accelerator",
             "cpu", "--output", str(out)]
     assert cli.main(argv) == 0
-    stage = evaluate(EvaluateConfig(
-        data=DataConfig(name="digits", batch_size=32), synthetic=[str(syn_path)],
-        models=["ConvNet"], model_kwargs={"ConvNet": SMALL}, runs=2, epochs=6, group_size=2,
-        baselines=["random", "full"], full_epochs=2, full_batch_size=64, device="cpu",
-        output=str(tmp_path / "stage.json")))
+    stage = evaluate_stage(
+        EvalModule(epochs=6, group_size=2), RealDataModule("digits", batch_size=32),
+        device=torch.device("cpu"), synthetic=[str(syn_path)], models=["ConvNet"],
+        model_kwargs={"ConvNet": SMALL}, runs=2, baselines=["random", "full"], full_epochs=2,
+        full_batch_size=64, output=str(tmp_path / "stage.json"))
     rows = json.loads(out.read_text())["rows"]
     assert [r["label"] for r in rows] == [r["label"] for r in stage]
     for ours, theirs in zip(rows, stage, strict=True):
@@ -47,17 +50,16 @@ def test_cli_evaluate_gives_the_rows_of_the_stage_path(syn_path, tmp_path):
     assert config["protocol"]["epochs"] == 6 and config["runs"] == 2
 
 
-def test_an_older_format_evaluate_recipe_is_refused_and_converts(tmp_path, capsys):
-    old = {"data": {"name": "digits"}, "epochs": 300, "group_size": 4, "seed": 2,
-           "models": ["ConvNet", "AlexNet"], "device": "cuda:1"}
+def test_an_older_format_evaluate_recipe_is_one_error_line_naming_the_file(tmp_path, capsys):
+    """The format before LightningCLI (``epochs``, ``group_size``, ``device`` at the top
+    level): one line naming the file and the key."""
     bad = tmp_path / "old.yaml"
-    bad.write_text(json.dumps(old), encoding="utf-8")
+    bad.write_text("data:\n  name: digits\nepochs: 300\ngroup_size: 4\nseed: 2\n"
+                   "models: [ConvNet, AlexNet]\ndevice: cuda:1\n", encoding="utf-8")
     assert cli.main(["evaluate", "--config", str(bad)]) == 2
-    assert "format before LightningCLI" in capsys.readouterr().err
-    new = cli.convert_evaluate_recipe(old)
-    assert new["model"]["protocol"]["epochs"] == 300 and new["model"]["seed"] == 2
-    assert new["model"]["model"] == "ConvNet" and new["models"] == ["ConvNet", "AlexNet"]
-    assert new["trainer"] == {"accelerator": "gpu", "devices": [1]}
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"lightning-distill evaluate: error: {bad}: ")
+    assert any(f"'{key}'" in err for key in ("epochs", "group_size", "seed", "device"))
 
 
 class MyEval(EvalModule):

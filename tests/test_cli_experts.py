@@ -1,5 +1,6 @@
-"""`lightning-distill experts` as a LightningCLI: the same experts as the stage
-dataclass path bit for bit, resume, shards, and the store the distillation reads."""
+"""`lightning-distill experts` as a LightningCLI: the same experts as the stage's builder
+(train_experts) called directly, bit for bit, resume, shards, and the store the
+distillation reads."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ import pytest
 import torch
 
 from lightning_distill import TrajectoryStore, cli
-from lightning_distill.config import DataConfig, ModelConfig, TrainerConfig
+from lightning_distill.callbacks import GSAM, PADDataSelection
+from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.modules.expert import ExpertTrajectoryModule
-from lightning_distill.stages.experts import (
-    ExpertsConfig,
-    ExpertTrainingConfig,
-    SharpnessConfig,
-    train_experts,
-)
+from lightning_distill.stages.experts import train_experts
 
 TINY = ["--config", "digits/experts", "--trainer.max_epochs", "2",
         "--model.model_kwargs", "{width: 4, depth: 2}", "--trainer.enable_progress_bar",
@@ -37,21 +34,27 @@ def snapshots(path) -> list[torch.Tensor]:
             for i in store.expert_indices()]
 
 
-def test_cli_experts_equal_the_stage_dataclass_path_bit_for_bit(tmp_path):
+def builder(tmp_path, store: str, callbacks=(), **kw) -> TrajectoryStore:
+    """The experts of :data:`TINY` (digits/experts with 2 epochs, ConvNet width 4) from
+    :func:`train_experts` called directly, into ``tmp_path / store``."""
+    model = ExpertTrajectoryModule(model="ConvNet", model_kwargs={"width": 4, "depth": 2},
+                                   lr=0.05)
+    trainer_kwargs = dict(accelerator="cpu", enable_progress_bar=False, max_epochs=2,
+                          callbacks=[GSAM(rho=0.01, alpha=0.3), *callbacks])
+    return train_experts(model, RealDataModule("digits", batch_size=32), trainer_kwargs,
+                         store=str(tmp_path / store), log_dir=str(tmp_path / f"{store}_logs"),
+                         **kw)
+
+
+def test_cli_experts_equal_the_builders_bit_for_bit(tmp_path):
     assert experts(tmp_path, "cli", "--num_experts", "3", "--group_size", "2") == 0
-    cfg = ExpertsConfig(
-        data=DataConfig(name="digits", batch_size=32),
-        model=ModelConfig("ConvNet", {"width": 4, "depth": 2}),
-        experts=ExpertTrainingConfig(num_experts=3, epochs=2, lr=0.05, group_size=2),
-        sharpness=SharpnessConfig("gsam", 0.01, 0.3),
-        trainer=TrainerConfig(accelerator="cpu", enable_progress_bar=False),
-        store=str(tmp_path / "stage"), log_dir=str(tmp_path / "stage_logs"))
-    train_experts(cfg)
+    builder(tmp_path, "stage", num_experts=3, group_size=2)
     ours, theirs = snapshots(tmp_path / "cli"), snapshots(tmp_path / "stage")
     assert len(ours) == len(theirs) == 3
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
     store = TrajectoryStore.open(tmp_path / "cli")
     assert store.hparams["sharpness"]["method"] == "gsam" and store.hparams["seed"] == 0
+    assert store.hparams == TrajectoryStore.open(tmp_path / "stage").hparams
     assert store.num_snapshots == 3 and store.dataset == "digits"
     # LightningCLI's config.yaml went to the first Trainer's log directory
     assert list((tmp_path / "logs").rglob("config.yaml"))
@@ -105,26 +108,31 @@ def test_subclass_mode_trains_a_users_expert_class_one_at_a_time(tmp_path, capsy
                                                  snapshots(tmp_path / "base"), strict=True))
 
 
-def test_pad_data_selection_as_a_yaml_callback_equals_the_data_selection_section(tmp_path,
-                                                                              capsys):
+def test_pad_data_selection_as_a_yaml_callback_equals_the_builders(tmp_path, capsys):
     """PADDataSelection in `trainer.callbacks` (YAML-writable: settings only) trains the
-    same experts, bit for bit, as the `data_selection:` section with the same values, and
-    the store records the same settings; the scores go into the store."""
+    same experts, bit for bit, as the callback object handed to train_experts, one at a
+    time whatever group_size, and the store records the same settings; the scores go
+    into the store."""
     values = dict(num_models=2, score_epochs=1, score_lr=0.05, initial_ratio=0.5,
                   add_end_epoch=1, remove_epochs=[1, 1], remove_ratios=[0.25, 0.25])
-    section = ["--data_selection", json.dumps({"enabled": True, **values})]
-    assert experts(tmp_path, "section", "--num_experts", "2", "--group_size", "1",
-                   *section) == 0
+    a = builder(tmp_path, "direct", callbacks=[PADDataSelection(**values)], num_experts=2,
+                group_size=1)
     callback = json.dumps({"class_path": "lightning_distill.callbacks.PADDataSelection",
                            "init_args": values})
+    capsys.readouterr()
     assert experts(tmp_path, "callback", "--num_experts", "2", "--group_size", "2",
                    "--trainer.callbacks+", callback) == 0
-    a, b = TrajectoryStore.open(tmp_path / "section"), TrajectoryStore.open(tmp_path / "callback")
+    out = " ".join(capsys.readouterr().out.split())  # as one line (rich wraps it)
+    assert "PADDataSelection callback selects the data" in out
+    assert "one at a time (group_size 1, not 2)" in out
+    b = TrajectoryStore.open(tmp_path / "callback")
     assert all(torch.equal(x, y) for x, y in zip(snapshots(a.path), snapshots(b.path),
                                                  strict=True))
     assert a.hparams["data_selection"] == b.hparams["data_selection"]
+    assert b.hparams["data_selection"]["initial_ratio"] == 0.5
     assert (b.path / "difficulty_el2n.pt").is_file()
     capsys.readouterr()
-    assert experts(tmp_path, "both", "--num_experts", "1", *section,
+    assert experts(tmp_path, "both", "--num_experts", "1", "--trainer.callbacks+", callback,
                    "--trainer.callbacks+", callback) == 2
-    assert "one data selection at a time" in capsys.readouterr().err
+    assert "one PADDataSelection callback at a time" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()
