@@ -197,32 +197,35 @@ def test_a_run_stopped_by_max_time_and_rerun_equals_an_uninterrupted_one(digits_
 
 
 def test_an_older_format_recipe_is_refused_with_what_to_do(tmp_path, capsys):
+    """The format before LightningCLI (``store`` / ``distill`` / ``window`` sections): one
+    line naming the file and the key, pointing to docs/recipes.md."""
     old = tmp_path / "old.yaml"
     old.write_text("store: s\ndistill:\n  ipc: 1\nwindow:\n  max_start_epoch: 2\n",
                    encoding="utf-8")
     assert run("--config", str(old)) == 2
-    err = capsys.readouterr().err
-    assert str(old) in err and "format before LightningCLI" in err and "docs/recipes.md" in err
-    new = cli.convert_distill_recipe({"store": "s", "distill": {"ipc": 1, "lr_img": 5},
-                                      "window": {"max_start_epoch": 2}, "seed": 4})
-    assert new["model"]["store"] == "s" and new["model"]["lr_img"] == 5
-    assert new["model"]["max_start_epoch"] == 2 and new["seed_everything"] == 4
-    names = [c["class_path"].rsplit(".", 1)[1] for c in new["trainer"]["callbacks"]]
-    assert names == ["MatchingWindow", "SyntheticImageLogger", "IterationCheckpoint"]
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"lightning-distill distill: error: {old}: ")
+    assert any(f"'{key}" in err for key in ("store", "distill", "window"))
+    assert "docs/recipes.md" in err
 
 
 @pytest.mark.parametrize("text, message", [
-    ("model:\n  ipcc: 1\n", "unknown key 'model.ipcc' (did you mean 'ipc'?)"),
-    ("modl:\n  ipc: 1\n", "unknown key 'modl' (did you mean 'model'?)"),
-    ("data:\n  nam: digits\n", "unknown key 'data.nam' (did you mean 'name'?)"),
+    ("model:\n  ipcc: 1\n", "key 'model': Option 'ipcc' is not accepted by DistillationModule "
+     "(did you mean 'ipc'?)"),
+    pytest.param("modl:\n  ipc: 1\n", "(did you mean 'model'?)", marks=pytest.mark.xfail(
+        strict=True, reason="package bug: an unknown top-level key gets no close match "
+        "(\"Subcommand 'distill' does not accept option 'modl.ipc'\")")),
+    ("data:\n  nam: digits\n", "key 'data': Option 'nam' is not accepted by RealDataModule "
+     "(did you mean 'name'?)"),
     ("model:\n  ipc: [1\n", "line 3, column 1: not valid YAML"),
 ])
 def test_bad_config_files_name_the_file_and_the_key_or_line(tmp_path, capsys, text, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text, encoding="utf-8")
     assert run("--config", str(bad)) == 2
-    err = capsys.readouterr().err
-    assert str(bad) in err and message in err
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"lightning-distill distill: error: {bad}")
+    assert message in err
 
 
 def test_an_invalid_value_names_its_key(digits_store, tmp_path, capsys):
