@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import lightning_distill.difficulty as difficulty
-from lightning_distill.config import derive_seed
 from lightning_distill.data.datamodule import RealDataModule
 from lightning_distill.difficulty import (
     DifficultyScoresError,
@@ -21,6 +20,7 @@ from lightning_distill.difficulty import (
 )
 from lightning_distill.functional import el2n_scores
 from lightning_distill.functional.evaluation import seeded_model, train_and_evaluate
+from lightning_distill.seeding import derive_seed
 
 MODEL = {"name": "ConvNet", "channels": 1, "num_classes": 10, "image_size": [8, 8],
          "width": 4, "depth": 2}

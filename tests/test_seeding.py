@@ -18,9 +18,8 @@ def test_expert_seeds_are_three_derived_streams():
 
 
 def test_old_import_paths_still_work():
-    from lightning_distill.config import derive_seed as from_config
     from lightning_distill.stages.experts import dsa_flip_for
     from lightning_distill.stages.experts import expert_seeds as from_stage
 
-    assert from_config is derive_seed and from_stage is expert_seeds
+    assert from_stage is expert_seeds
     assert dsa_flip_for("mnist") is False

@@ -288,16 +288,14 @@ def test_batched_loader_shards_under_fake_ddp(monkeypatch):
         range(10))
 
 
-def test_data_config_loader_field_and_cli():
+def test_loader_argument_and_cli():
     pytest.importorskip("jsonargparse")
     from lightning_distill.cli import parse_lightning_config
-    from lightning_distill.config import DataConfig, build_datamodule
+    from lightning_distill.stages.distill import init_args
 
-    assert DataConfig().loader == "batched"
-    assert build_datamodule(DataConfig()).loader == "batched"
-    assert build_datamodule(DataConfig(loader="dataloader")).loader == "dataloader"
-    assert build_datamodule(DataConfig(num_workers=1)).loader == "dataloader"
-    from lightning_distill.cli import init_args
+    assert RealDataModule("digits").loader == "batched"
+    assert RealDataModule("digits", loader="dataloader").loader == "dataloader"
+    assert RealDataModule("digits", num_workers=1).loader == "dataloader"
 
     cfg = parse_lightning_config(["experts", "--data.loader", "dataloader"])
     assert init_args(cfg.data).loader == "dataloader"
@@ -367,7 +365,7 @@ def test_batched_loader_shards_the_subset_under_fake_ddp(monkeypatch):
 
 @pytest.mark.parametrize("loader", ["batched", "dataloader"])
 def test_train_selection_serves_the_epochs_subset_in_an_epoch_seeded_order(loader):
-    from lightning_distill.config import derive_seed
+    from lightning_distill.seeding import derive_seed
 
     m = RealDataModule("digits", batch_size=64, val_fraction=0.1, split_seed=0, loader=loader,
                        shuffle_seed=11)
