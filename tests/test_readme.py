@@ -47,6 +47,13 @@ def test_the_python_example_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert best.meta["selected_by"] == "validation accuracy"
     accuracy = float(re.search(r"test accuracy (\d\.\d+)", capsys.readouterr().out)[1])
     assert 0.3 < accuracy <= 1.0  # ten classes: far above chance after 300 epochs
+    # every stage logged to its logger (issue 28: the modules under any logger)
+    logs = tmp_path / "outputs/example/logs"
+    for name, metric in (("expert_0", "train/loss_epoch"), ("expert_1", "val/acc"),
+                         ("evaluate", "test/acc")):
+        header = (logs / name / "version_0" / "metrics.csv").read_text().splitlines()[0]
+        assert metric in header.split(","), (name, header)
+    assert list((logs / "distill" / "version_0").glob("events.out.tfevents.*"))
 
 
 def test_the_stock_cli_main_py_records_experts(tmp_path, monkeypatch):
