@@ -18,6 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from lightning_distill.callbacks.iteration_checkpoint import IterationCheckpoint
 from lightning_distill.callbacks.sharpness import GSAM
 from lightning_distill.callbacks.trajectory import TrajectoryRecorder
 from lightning_distill.data.augment import DSA
@@ -28,7 +29,6 @@ from lightning_distill.models import build_model, flatten_parameters
 from lightning_distill.models.params import ParamSpec
 from lightning_distill.modules.evaluate import evaluate_synthetic, trainer_device_args
 from lightning_distill.modules.expert import ExpertTrajectoryModule
-from lightning_distill.stages.distill import IterationCheckpoint
 from lightning_distill.trajectories import TrajectoryStore
 from tests.helpers import (
     TINY_INPUT_SPACE,

@@ -114,7 +114,6 @@ def test_group_size_null_is_chosen_by_device_and_step_size(tmp_path, monkeypatch
     """``experts.group_size: null`` (the default) asks auto_group_size for the device, the
     batch and the image size, as the evaluation protocol does; the groups follow it."""
     import lightning_distill.stages.experts as stage
-
     from lightning_distill.cli import DistillTrainer
 
     for fn in (train_experts, DistillTrainer.experts):
