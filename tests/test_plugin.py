@@ -326,3 +326,38 @@ def test_store_written_by_the_recorder_records_its_hparams_in_one_layout(tmp_pat
     hp = json.loads((tmp_path / "store" / "meta.json").read_text())["hparams"]
     assert set(hp) == {"module", "epochs", "batch_size", "sharpness"}
     assert hp["module"]["lr"] == 0.05 and hp["sharpness"] == {"method": "none"}
+
+
+#: the keys of a packaged recipe that belong to lightning-distill, not to a stock
+#: LightningCLI (docs/recipes.md, 'Which keys are the library CLI's own')
+LIBRARY_KEYS = {"distill": ("output", "resume")}
+
+
+def test_a_packaged_recipe_runs_under_a_stock_lightning_cli(tmp_path, digits_store):
+    """docs/recipes.md: a recipe's model / data / trainer under a user's own
+    ``LightningCLI(DistillationModule, RealDataModule)``: drop the library's keys, give
+    the paths that ``output`` filled in (the set, the checkpoints), and fit."""
+    from lightning_distill.stages.recipes import resolve_config
+
+    recipe = yaml.safe_load(Path(resolve_config("digits/ipc10")).read_text())
+    for key in LIBRARY_KEYS["distill"]:
+        recipe.pop(key, None)
+    recipe["model"].update(store=str(digits_store), export_path=str(tmp_path / "set.pt"))
+    for cb in recipe["trainer"]["callbacks"]:  # the tiny store has 3 epochs
+        if cb["class_path"].endswith("MatchingWindow"):
+            cb["init_args"]["max_start_epoch"] = 1
+        if cb["class_path"].endswith("IterationCheckpoint"):
+            cb["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+        if cb["class_path"].endswith("PeriodicEvaluation"):
+            cb["init_args"]["protocol"]["epochs"] = 2
+    config = tmp_path / "ipc10.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = LightningCLI(DistillationModule, RealDataModule, args=[
+            "fit", "--config", str(config), "--model.iterations=2", "--model.syn_steps=2",
+            "--model.max_start_epoch=1", "--model.ipc=1", "--model.batch_syn=10",
+            "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 2
+    assert (tmp_path / "set.pt").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
