@@ -105,9 +105,10 @@ def test_keeps_best_set_by_validation_accuracy_and_logs(tmp_path):
                             best_path=best_path)
     logger = Capture()
     _trainer([cb], logger=logger).fit(StubDistill(batches=10))
-    # evaluations at iterations 3, 6, 9 and at train end (10)
+    # evaluations at iterations 3, 6, 9 and at train end (10), each logged at the step of
+    # the iteration that made the set (k - 1, docs/design.md, 'Steps are iterations')
     rows = [(s, m) for s, m in logger.rows if "val/best_acc" in m]
-    assert [s for s, _ in rows] == [3, 6, 9, 10]
+    assert [s for s, _ in rows] == [2, 5, 8, 9]
     assert [m["val/acc_mean"] for _, m in rows] == pytest.approx([0.30, 0.70, 0.50, 0.60])
     assert [m["val_ema/acc_mean"] for _, m in rows] == pytest.approx([0.10, 0.20, 0.75, 0.10])
     assert [m["val/acc_std"] for _, m in rows] == pytest.approx([0.05] * 4)
