@@ -15,7 +15,7 @@ pytest.importorskip("jsonargparse")  # the CLI's engine (the GPU image lacks it)
 
 from lightning_distill import cli
 from lightning_distill.cli import parse_lightning_config
-from lightning_distill.errors import LightningDistillError
+from lightning_distill.errors import ConfigError, LightningDistillError
 from lightning_distill.stages.pipeline import compose_run
 from tests.helpers import flat_config
 
@@ -141,9 +141,9 @@ def test_run_recipe_keys_and_overrides(tmp_path, capsys):
                             "1", "--workdir=/tmp/x"])
     assert recipe["distill"][1]["model"]["iterations"] == 7
     assert recipe["experts"]["group_size"] == 1 and recipe["workdir"] == "/tmp/x"
-    with pytest.raises(cli.ConfigError, match="no entry 'ipc5'"):
+    with pytest.raises(ConfigError, match="no entry 'ipc5'"):
         parse_run(["run", "--config", "digits/quickstart", "--distill.ipc5.model.ipc", "5"])
-    with pytest.raises(cli.ConfigError, match="did you mean 'workdir'"):
+    with pytest.raises(ConfigError, match="did you mean 'workdir'"):
         parse_run(["run", "--workdirr", "x"])
 
 
