@@ -303,6 +303,15 @@ class TrajectoryStore:
             raise IndexError(f"expert index must be >= 0, got {index}")
         return self.path / f"expert_{int(index):05d}.pt"
 
+    def require_written(self, indices: Iterable[int]) -> None:
+        """Refuse to go on when an expert that just finished training has no file (its
+        Trainer stopped before the last epoch, so its recorder wrote nothing)."""
+        for i in indices:
+            if not self.expert_path(i).is_file():
+                raise TrajectoryStoreError(
+                    f"expert {i} finished training but {self.expert_path(i)} was not written "
+                    "(training stopped before the last epoch?); see the warnings above")
+
     def expert_indices(self) -> list[int]:
         """Sorted indices of the expert files present (complete by construction)."""
         if not self.path.is_dir():

@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,8 @@ class ExpertPlan:
     group_size: int | None = None
     shard_index: int = 0
     num_shards: int = 1
-    accelerator: str = "auto"
+    #: where a group trains (its memory check, the automatic group size)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     hparams: dict[str, Any] = field(default_factory=dict)
     #: the class of a one-at-a-time expert (a user's subclass of ExpertTrajectoryModule
     #: trains with ``group_size: 1``; ``module_kwargs`` then holds its own arguments too)
@@ -226,7 +227,7 @@ def train_experts(model: ExpertTrajectoryModule, datamodule: pl.LightningDataMod
         store=str(store), num_experts=num_experts, epochs=int(epochs),
         module_kwargs=module_kwargs, make_trainer=make_trainer, seed=seed,
         group_size=group_size, shard_index=shard_index, num_shards=num_shards,
-        module_class=cls, accelerator=str(trainer_kwargs.get("accelerator", "auto")),
+        module_class=cls, device=_group_device(str(trainer_kwargs.get("accelerator", "auto"))),
         hparams=hparams)
     check_plan(plan)  # before any data is read
     prepare(datamodule, "fit")
@@ -270,7 +271,7 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
                          f"step size), got {plan.group_size}")
     group_size = plan.group_size
     if group_size is None:
-        group_size = auto_group_size(_group_device(plan.accelerator), dm.batch_size,
+        group_size = auto_group_size(plan.device, dm.batch_size,
                                      dm.real.image_size)
     plan = replace(plan, group_size=group_size)  # resolved: the messages name it
     groups = chunks(todo, group_size)
@@ -298,15 +299,6 @@ def run_experts(plan: ExpertPlan, dm) -> TrajectoryStore:
     return store
 
 
-def _check_written(store: TrajectoryStore, indices: Sequence[int]) -> None:
-    for i in indices:
-        if not store.expert_path(i).is_file():
-            raise RuntimeError(
-                f"expert {i} finished training but {store.expert_path(i)} was not written "
-                "(training stopped before the last epoch?); see the warnings above"
-            )
-
-
 def _shapes(dm) -> dict[str, Any]:
     real = dm.real
     return {"channels": real.channels, "num_classes": real.num_classes,
@@ -326,7 +318,7 @@ def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: 
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
                            *([progress] if progress is not None else [])]
     plan.make_trainer(cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
-    _check_written(store, [i])
+    store.require_written([i])
 
 
 def _group_device(accelerator: str) -> torch.device:
@@ -349,7 +341,7 @@ def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
     )
     real = dm.real
     check_group_memory(module.net.member(0), (real.channels, *real.image_size),
-                       dm.batch_size, len(group), _group_device(plan.accelerator),
+                       dm.batch_size, len(group), plan.device,
                        where=f"experts.group_size {plan.group_size}")
     cbs: list[Callback] = [SameExpertOnAllRanks(group, remaining),
                            GroupTrajectoryRecorder(store, group, module_attr="net"),
@@ -358,4 +350,4 @@ def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
     plan.make_trainer(cbs, name, first).fit(
         module, train_dataloaders=dm.member_train_dataloader([s["data"] for s in seeds]),
         val_dataloaders=dm.val_dataloader())
-    _check_written(store, group)
+    store.require_written(group)
