@@ -261,10 +261,31 @@ def _report(name: str, argv: Sequence[str], err: BaseException) -> int:
     if os.environ.get("LIGHTNING_DISTILL_TRACEBACK", "") not in ("", "0"):
         raise err
     own = user_error(err)
-    message = str(own) if own is not None else describe(err, argv)
+    message = str(own) if own is not None else describe(err, argv, _keys_of(name))
+    message = "; ".join(part.strip(" -") for part in message.splitlines() if part.strip())
     print(f"lightning-distill {name}: error: {message.strip()} (docs/recipes.md; "
           "LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
     return 2
+
+
+def _keys_of(subcommand: str):
+    """``section -> its valid keys`` for a subcommand: the top level (the Trainer
+    method's arguments and the config groups) and ``trainer``."""
+    import inspect
+
+    def names(fn: Any) -> list[str]:
+        return [n for n, p in inspect.signature(fn).parameters.items()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"]
+
+    def keys(section: str) -> list[str]:
+        if section == "trainer":
+            return names(pl.Trainer.__init__)
+        if section:
+            return []
+        method = getattr(DistillTrainer, subcommand, None)
+        own = [n for n in names(method) if n not in ("model", "datamodule")] if method else []
+        return ["seed_everything", "model", "data", "trainer", *own]
+    return keys
 
 
 class _OnceFilter(logging.Filter):

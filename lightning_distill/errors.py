@@ -14,7 +14,7 @@ import difflib
 import importlib
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -70,11 +70,14 @@ def user_error(err: BaseException) -> LightningDistillError | None:
     return None
 
 
-def describe(err: BaseException, argv: Sequence[str] = ()) -> str:
+def describe(err: BaseException, argv: Sequence[str] = (),
+             keys: Callable[[str], Sequence[str]] | None = None) -> str:
     """The useful sentence of a parser or Lightning configuration error: the key, the
     reason, a close match and the ``--config`` file that holds the key, never a dump of
     the values or the whole usage. ``argv`` is the command line (its ``--config`` files
-    are searched for the key; a key given on the command line is said to be there)."""
+    are searched for the key; a key given on the command line is said to be there);
+    ``keys(section)`` lists the valid keys of a section ("" the top level, "trainer"),
+    for the close match of an unknown key outside a class's arguments."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     head = re.match(r'Parser key "([\w.]+)"', lines[0]) if lines else None
     reasons, cls = [], None
@@ -88,7 +91,10 @@ def describe(err: BaseException, argv: Sequence[str] = ()) -> str:
         elif re.match(r"(Option|Key) '", ln) or ln.startswith("Unrecognized"):
             reasons.append(ln)
     if not reasons:
-        reasons = [lines[0] if lines else type(err).__name__]
+        missing = [c for c in re.findall(r"'class_path': '([\w.]+)'", str(err))
+                   if not _importable(c)]
+        reasons = [_no_such_class(missing[0]) if missing
+                   else lines[0] if lines else type(err).__name__]
     text = reasons[0]
     bad = re.search(r"(?i)(?:option|key|arguments:) '?(?:--)?([\w.]+)'?", text)
     if bad and cls is not None:
@@ -96,6 +102,13 @@ def describe(err: BaseException, argv: Sequence[str] = ()) -> str:
         close = difflib.get_close_matches(bad.group(1).rsplit(".", 1)[-1], names, n=1)
         text += f" by {cls.rsplit('.', 1)[-1]}" + (f" (did you mean '{close[0]}'?)"
                                                   if close else f"; its keys: {', '.join(names)}")
+    elif bad and keys is not None:  # a top-level key, or one of a section's own
+        first, _, rest = bad.group(1).partition(".")
+        top = list(keys(""))
+        section, name = ("", first) if first not in top or not rest else (first, rest)
+        close = difflib.get_close_matches(name.split(".")[0], list(keys(section)) or top, n=1)
+        if close:
+            text += f" (did you mean '{(section + '.' if section else '') + close[0]}'?)"
     if head is None and type(err).__name__ == "MisconfigurationException":
         head = _trainer_key(text)
     key = f"key '{head.group(1)}': " if head else ""
@@ -118,6 +131,26 @@ def _trainer_key(text: str) -> re.Match | None:
         if any(w in lower for w in words):
             return re.match(r"(.*)", f"trainer.{name}")
     return None
+
+
+def _importable(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+def _no_such_class(class_path: str) -> str:
+    """``class_path 'X' does not exist`` with the closest name of its module."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        names = [n for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+    except ImportError:
+        return f"class_path '{class_path}' does not exist (no module {module!r})"
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean '{module}.{close[0]}'?)" if close else ""
+    return f"class_path '{class_path}' does not exist{hint}"
 
 
 def _init_names(class_path: str) -> list[str]:

@@ -92,17 +92,11 @@ def test_several_config_files_merge_in_order(tmp_path):
     assert (cfg.seed, cfg.num_experts) == (4, 6)
 
 
-_TOP_LEVEL_KEY_BUG = pytest.mark.xfail(strict=True, reason=(
-    "package bug: an unknown top-level or trainer key is reported as \"FILE: Subcommand "
-    "'experts' does not accept option 'KEY'\" without a close match (errors.describe finds "
-    "one only among a class's init arguments)"))
-
-
 @pytest.mark.parametrize(
     ("text", "key", "suggestion"),
-    [pytest.param("num_expert: 3\n", "num_expert", "num_experts", marks=_TOP_LEVEL_KEY_BUG),
-     pytest.param("stor: here\n", "stor", "store", marks=_TOP_LEVEL_KEY_BUG),
-     pytest.param("trainer:\n  device: 2\n", "device", "devices", marks=_TOP_LEVEL_KEY_BUG),
+    [("num_expert: 3\n", "num_expert", "num_experts"),
+     ("stor: here\n", "stor", "store"),
+     ("trainer:\n  device: 2\n", "trainer.device", "trainer.devices"),
      ("model:\n  weight_decy: 2\n", "weight_decy", "weight_decay")],
 )
 def test_unknown_key_in_a_config_file_names_the_file_and_the_key(tmp_path, capsys, text, key,
@@ -239,10 +233,6 @@ def test_main_runs_the_stage_with_the_parsed_config(monkeypatch):
     assert dm.name == "digits" and dm.train_set is not None
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "package bug: a missing data set raises a plain FileNotFoundError "
-    "(data/datasets/loaders.py _missing), not a LightningDistillError (MissingFileError), so "
-    "cli.main lets it through as a traceback; its message is several lines"))
 def test_bad_input_in_a_stage_is_one_error_line_with_exit_status_2(tmp_path, capsys,
                                                                      monkeypatch):
     argv = ["experts", "--config", DIGITS, "--data.name", "cifar10", "--data.root",

@@ -140,9 +140,6 @@ def test_bad_settings_fail_before_training(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="errors.describe() reports a class_path that does "
-                   "not exist as 'key 'trainer.callbacks': Parser key \"trainer.callbacks\":' "
-                   "(the reason is only in the exception's __cause__ chain)")
 def test_an_unknown_sharpness_callback_is_one_error_line_naming_it(tmp_path, capsys):
     from lightning_distill.cli import main
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...errors import MissingFileError
 from .container import DatasetFormatError, RealDataset, mean_std, stratified_split
 from .formats import (
     IDX_FILES,
@@ -89,14 +90,14 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 # ------------------------------------------------------------------- shared helpers
 
-def _missing(name: str, looked: Sequence[str], how: Sequence[str]) -> FileNotFoundError:
+def _missing(name: str, looked: Sequence[str], how: Sequence[str]) -> MissingFileError:
     lines = [f"data set {name!r} not found. Looked in:"]
     lines += [f"  - {p}" for p in looked]
     lines += ["How to get it:"] + [f"  - {h}" for h in how]
     lines += ["In a recipe or on the lightning-distill command line: point data.root at the "
               "folder, or set data.kwargs: {download: true} where the loader can download "
               "(--data.root DIR, --data.kwargs '{download: true}')."]
-    return FileNotFoundError("\n".join(lines))
+    return MissingFileError("\n".join(lines))
 
 
 def _first_dir(
