@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import os
 import sys
 import warnings
@@ -39,6 +38,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
 from .errors import ConfigError, LightningDistillError, describe, user_error
+from .stages._common import quiet_lightning
 from .stages.recipes import (  # noqa: F401  (public here too)
     DEFAULT_RECIPES,
     RECIPES_DIR,
@@ -164,8 +164,9 @@ def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:
 TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {
     # the module stops itself after its iterations; an iteration takes seconds: log each
     "distill": {"max_epochs": -1, "log_every_n_steps": 1},
-    # the store is what an expert leaves: no per-expert ModelCheckpoint
-    "experts": {"enable_checkpointing": False},
+    # the store is what an expert leaves: no per-expert ModelCheckpoint; step metrics every
+    # 10 steps (Lightning's 50 is more than a small data set's epoch, and it warns)
+    "experts": {"enable_checkpointing": False, "log_every_n_steps": 10},
 }
 
 
@@ -288,23 +289,6 @@ def _keys_of(subcommand: str):
     return keys
 
 
-class _OnceFilter(logging.Filter):
-    """Pass each distinct INFO line once per process (a stage that starts one Trainer
-    per expert would repeat Lightning's banner lines); warnings and errors always pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.INFO:
-            return True
-        message = record.getMessage()
-        fresh = message not in self.seen
-        self.seen.add(message)
-        return fresh
-
-
 def _usage() -> str:
     lines = ["usage: lightning-distill SUBCOMMAND [--config FILE|RECIPE] [--KEY VALUE ...]",
              "", "Dataset distillation by trajectory matching (MTT, FTD, DATM).", "",
@@ -327,10 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightning-distill: error: unknown subcommand {name!r}{hint}; the "
               f"subcommands: {', '.join(SUBCOMMAND_HELP)}", file=sys.stderr)
         return 2
-    for logger in ("pytorch_lightning", "lightning_fabric"):
-        for handler in logging.getLogger(logger).handlers:
-            if not any(isinstance(f, _OnceFilter) for f in handler.filters):
-                handler.addFilter(_OnceFilter())
+    quiet_lightning()
     try:
         if name in ("experts", "distill", "evaluate") and any(
                 a.split("=", 1)[0] in ("--optimizer", "--lr_scheduler") for a in argv):

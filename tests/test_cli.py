@@ -251,7 +251,9 @@ def test_bad_input_in_a_stage_is_one_error_line_with_exit_status_2(tmp_path, cap
 def test_repeated_lightning_info_lines_pass_once():
     import logging
 
-    f = cli._OnceFilter()
+    from lightning_distill.stages._common import _OnceFilter
+
+    f = _OnceFilter()
 
     def record(level, msg):
         return logging.LogRecord("pytorch_lightning", level, __file__, 1, msg, None, None)

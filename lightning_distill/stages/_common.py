@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 from pytorch_lightning.callbacks import Callback, ProgressBar, RichProgressBar
@@ -35,3 +37,31 @@ def prepare(datamodule: Any, stage: str) -> None:
     if rank_zero_only.rank == 0:
         datamodule.prepare_data()
     datamodule.setup(stage)
+
+
+class _OnceFilter(logging.Filter):
+    """Pass each distinct INFO line once per process (a stage that starts one Trainer
+    per expert would repeat Lightning's banner lines); warnings and errors always pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        fresh = message not in self.seen
+        self.seen.add(message)
+        return fresh
+
+
+def quiet_lightning() -> None:
+    """What the command line shows of Lightning's messages: each INFO line once
+    (:class:`_OnceFilter`), and not the deprecation warning of Lightning 2.6's own use of
+    a ``torch.utils._pytree`` name (nothing a user can act on)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for logger in ("pytorch_lightning", "lightning_fabric"):
+        for handler in logging.getLogger(logger).handlers:
+            if not any(isinstance(f, _OnceFilter) for f in handler.filters):
+                handler.addFilter(_OnceFilter())
