@@ -139,13 +139,10 @@ class DistillTrainer(pl.Trainer):
             full_epochs, full_lr, full_batch_size: the full-data baseline's protocol.
             output: results.json (docs/formats.md).
         """
-        from .stages.evaluate import evaluate_stage
+        from .stages.evaluate import EVALUATE_OPTIONS, evaluate_stage
 
-        return evaluate_stage(model, datamodule, device=self.strategy.root_device,
-                              synthetic=synthetic, models=models, model_kwargs=model_kwargs,
-                              runs=runs, baselines=baselines, random_lr=random_lr,
-                              full_epochs=full_epochs, full_lr=full_lr,
-                              full_batch_size=full_batch_size, output=output)
+        options = {k: v for k, v in locals().items() if k in EVALUATE_OPTIONS}
+        return evaluate_stage(model, datamodule, device=self.strategy.root_device, **options)
 
 
 def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:

@@ -11,8 +11,9 @@ import torch
 
 from lightning_distill import cli
 from lightning_distill.data.datamodule import RealDataModule
+from lightning_distill.errors import InputError
 from lightning_distill.modules.evaluate import EvalModule
-from lightning_distill.stages.evaluate import evaluate_stage
+from lightning_distill.stages.evaluate import EVALUATE_OPTIONS, evaluate_stage
 from tests.helpers import random_digits_set
 
 SMALL = {"width": 8, "depth": 2}
@@ -47,6 +48,21 @@ def test_cli_evaluate_gives_the_rows_of_the_stage_path(syn_path, tmp_path):
             "class_mean"]
     config = json.loads(out.read_text())["config"]
     assert config["protocol"]["epochs"] == 6 and config["runs"] == 2
+
+
+def test_the_stage_options_are_the_trainer_methods_arguments():
+    """``DistillTrainer.evaluate`` (what the CLI parses and documents) and
+    ``evaluate_stage`` (which runs it) take the same options with the same defaults."""
+    import inspect
+
+    params = inspect.signature(cli.DistillTrainer.evaluate).parameters
+    method = {n: p.default for n, p in params.items() if n not in ("self", "model", "datamodule")}
+    assert method == EVALUATE_OPTIONS
+
+
+def test_evaluate_stage_refuses_an_unknown_option():
+    with pytest.raises(InputError, match=r"unknown option\(s\) \['run'\]"):
+        evaluate_stage(EvalModule(), None, device=torch.device("cpu"), run=3)
 
 
 def test_an_older_format_evaluate_recipe_is_one_error_line_naming_the_file(tmp_path, capsys):

@@ -82,20 +82,30 @@ def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[st
     return {"label": label, "kind": kind, "ipc": ipc, "results": res}
 
 
+#: the ``evaluate`` subcommand's own arguments and their defaults (the arguments of
+#: ``DistillTrainer.evaluate``, which documents them; tests/test_cli_evaluate.py keeps
+#: the two equal)
+EVALUATE_OPTIONS: dict[str, Any] = {
+    "synthetic": None, "models": None, "model_kwargs": None, "runs": 5, "baselines": None,
+    "random_lr": 0.01, "full_epochs": 50, "full_lr": 0.01, "full_batch_size": 256,
+    "output": None}
+
+
 def evaluate_stage(model: Any, datamodule: Any, *, device: torch.device,
-                   synthetic: list[str] | str | None = None,
-                   models: list[str] | str | None = None,
-                   model_kwargs: dict[str, dict[str, Any]] | None = None, runs: int = 5,
-                   baselines: list[str] | None = None, random_lr: float = 0.01,
-                   full_epochs: int = 50, full_lr: float = 0.01, full_batch_size: int = 256,
-                   output: str | None = None) -> list[dict[str, Any]]:
+                   **options: Any) -> list[dict[str, Any]]:
     """The ``evaluate`` subcommand: every run is ``model`` (an
     :class:`~lightning_distill.EvalModule` without a set: its architecture, evaluation
     protocol and seed) trained on each set, ``runs`` networks per set and architecture
-    (run r: seed + r), tested on ``datamodule``'s test split on ``device``.
-    ``DistillTrainer.evaluate`` documents the arguments."""
+    (run r: seed + r), tested on ``datamodule``'s test split on ``device``. ``options``
+    are the keys of :data:`EVALUATE_OPTIONS` (``DistillTrainer.evaluate`` documents
+    them); the others keep their defaults."""
     from ..modules.evaluate import EvalModule
 
+    unknown = sorted(set(options) - set(EVALUATE_OPTIONS))
+    if unknown:
+        raise InputError(f"evaluate: unknown option(s) {unknown}; the options: "
+                         f"{', '.join(EVALUATE_OPTIONS)}")
+    opts = {**EVALUATE_OPTIONS, **options}
     if not isinstance(model, EvalModule):
         raise InputError(f"evaluate needs an EvalModule, got {type(model).__name__}")
     if type(model) is not EvalModule:
@@ -111,24 +121,23 @@ def evaluate_stage(model: Any, datamodule: Any, *, device: torch.device,
         raise ConfigError("evaluate: model.seed must be one int (run r uses seed + r)")
     if datamodule is None:
         raise ConfigError("evaluate needs the real data: a datamodule (data: in a recipe)")
+    synthetic, models = opts["synthetic"], opts["models"]
     sets = [synthetic] if isinstance(synthetic, str) else list(synthetic or [])
     archs = [models] if isinstance(models, str) else list(models or [model.hparams.model])
     kwargs = {model.hparams.model: dict(model.hparams.model_kwargs or {})}
-    for name, kw in (model_kwargs or {}).items():
+    for name, kw in (opts["model_kwargs"] or {}).items():
         kwargs[name] = {**kwargs.get(name, {}), **kw}
-    baselines = list(baselines or [])
+    baselines = list(opts["baselines"] or [])
     check_request(sets, baselines)
     prepare(datamodule, "test")
     seed = int(model.hparams.seed)
-    config = {"synthetic": sets, "models": archs, "model_kwargs": kwargs, "runs": runs,
-              "baselines": baselines, "random_lr": random_lr, "full_epochs": full_epochs,
-              "full_lr": full_lr, "full_batch_size": full_batch_size, "seed": seed,
-              "protocol": model.protocol.as_kwargs(), "data": datamodule.name}
-    return evaluate_sets(
-        datamodule, sets, protocol=model.protocol, models=archs, model_kwargs=kwargs,
-        runs=runs, seed=seed, device=device, baselines=baselines, random_lr=random_lr,
-        full_epochs=full_epochs, full_lr=full_lr, full_batch_size=full_batch_size,
-        output=output, config=config)
+    options = {**opts, "synthetic": sets, "models": archs, "model_kwargs": kwargs,
+               "baselines": baselines}
+    output = options.pop("output")
+    config = {**options, "seed": seed, "protocol": model.protocol.as_kwargs(),
+              "data": datamodule.name}
+    return evaluate_sets(datamodule, protocol=model.protocol, seed=seed, device=device,
+                         output=output, config=config, **options)
 
 
 def check_request(synthetic: Sequence[str], baselines: Sequence[str]) -> None:
