@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .artifacts import check_header, header, sha256
-from .errors import DataFormatError, InputError
+from .errors import DataFormatError, InputError, StateError
 from .functional.difficulty import el2n_scores
 from .functional.evaluation import seeded_model, train_and_evaluate
 from .io import atomic_save, atomic_save_new
@@ -101,7 +101,7 @@ def data_identity(dm: Any) -> dict[str, Any]:
     into the data set's training images, their labels and their raw pixel codes.
     """
     if dm.train_set is None or dm.train_idx is None:
-        raise RuntimeError("data_identity: call setup() on the datamodule first")
+        raise StateError("data_identity: call setup() on the datamodule first")
     real = dm.real
     _, labels = dm.train_set.tensors
     idx = dm.train_idx.long()

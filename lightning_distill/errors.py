@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DataFormatError",
     "InputError",
+    "InputTypeError",
     "LightningDistillError",
     "MissingFileError",
     "StateError",
@@ -36,6 +37,11 @@ class LightningDistillError(Exception):
 class InputError(LightningDistillError, ValueError):
     """A value, setting or argument that cannot work (out of range, inconsistent with
     another setting, of the wrong kind)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong kind (a path where a set is needed, a module that is not
+    an ``nn.Module``); ``except TypeError`` keeps catching it."""
 
 
 class ConfigError(InputError):
@@ -88,7 +94,8 @@ def describe(err: BaseException, argv: Sequence[str] = (),
         elif ln.startswith("- ") and not re.match(r"- (Expected a <class 'NoneType'>|Not a "
                                                   r"valid subclass|a (class path|dict))", ln):
             reasons.append(ln[2:])
-        elif re.match(r"(Option|Key) '", ln) or ln.startswith("Unrecognized"):
+        elif re.match(r"(Option|Key) '", ln) or ln.startswith(
+                ("Unrecognized", "the following arguments are required")):
             reasons.append(ln)
     if not reasons:
         missing = [c for c in re.findall(r"'class_path': '([\w.]+)'", str(err))
@@ -96,8 +103,16 @@ def describe(err: BaseException, argv: Sequence[str] = (),
         reasons = [_no_such_class(missing[0]) if missing
                    else lines[0] if lines else type(err).__name__]
     text = reasons[0]
-    bad = re.search(r"(?i)(?:option|key|arguments:) '?(?:--)?([\w.]+)'?", text)
-    if bad and cls is not None:
+    required = re.match(r"the following arguments are required: (.+)", text)
+    bad = None if required else re.search(r"(?i)(?:option|key|arguments:) '?(?:--)?([\w.]+)'?",
+                                             text)
+    if required:
+        prefix = f"{head.group(1)}." if head else ""
+        args = [prefix + a.strip().lstrip("-") for a in required.group(1).split(",")]
+        owner = f"{cls.rsplit('.', 1)[-1]} needs" if cls else "missing"
+        text = (f"{owner} {', '.join(args)} (required: set it in the recipe or as "
+                f"--{args[0]} VALUE)")
+    elif bad and cls is not None:
         names = _init_names(cls)
         close = difflib.get_close_matches(bad.group(1).rsplit(".", 1)[-1], names, n=1)
         text += f" by {cls.rsplit('.', 1)[-1]}" + (f" (did you mean '{close[0]}'?)"

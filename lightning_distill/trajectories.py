@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .artifacts import check_header, header
 from .data.input_space import InputSpace
-from .errors import InputError, StateError
+from .errors import InputError, InputTypeError, StateError
 from .io import atomic_save, atomic_write_json
 from .models.params import ParamSpec
 
@@ -91,7 +91,7 @@ def _jsonable(x: Any) -> Any:
     try:
         return json.loads(json.dumps(x))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"value is not JSON-serialisable: {x!r} ({e})") from e
+        raise InputTypeError(f"value is not JSON-serialisable: {x!r} ({e})") from e
 
 
 def _same_identity(field: str, stored: Any, new: Any) -> bool:
@@ -348,7 +348,8 @@ class TrajectoryStore:
         Atomic: the file appears complete or not at all. Overwrites an existing file.
         """
         if not isinstance(snapshots, Tensor) or not snapshots.is_floating_point():
-            raise TypeError(f"snapshots must be a floating-point Tensor, got {type(snapshots)}")
+            raise InputTypeError(
+                f"snapshots must be a floating-point Tensor, got {type(snapshots)}")
         expected = (self.num_snapshots, self.num_params)
         if tuple(snapshots.shape) != expected:
             raise InputError(

@@ -70,6 +70,16 @@ def test_a_bad_recipe_key(tmp_path, capsys):
              "num_expertz")
 
 
+def test_a_missing_required_argument_names_the_file_the_key_and_the_class(tmp_path, capsys):
+    """A data set without its ``name`` (RealDataModule's one required argument): the
+    line names the recipe, ``data.name`` and the class, not the parser's wrapper."""
+    recipe = tmp_path / "noname.yaml"
+    recipe.write_text("data:\n  batch_size: 3\n", encoding="utf-8")
+    line = one_line(["experts", "--config", str(recipe)], capsys, str(recipe),
+                    "RealDataModule needs data.name", "--data.name VALUE")
+    assert "Parser key" not in line and "Given value" not in line
+
+
 def test_a_key_misspelt_inside_a_callbacks_init_args(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  callbacks:\n  - class_path: lightning_distill.callbacks."

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from ..artifacts import sha256
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, StateError
 from ..protocols import SelectableTrainData
 
 __all__ = ["DataSelection", "PADDataSelection"]
@@ -63,7 +63,7 @@ class DataSelection(Callback):
     def _datamodule(trainer: pl.Trainer) -> Any:
         dm = trainer.datamodule
         if not isinstance(dm, SelectableTrainData):
-            raise TypeError(
+            raise InputTypeError(
                 "DataSelection needs trainer.fit(..., datamodule=RealDataModule(...)); got "
                 f"{type(dm).__name__ if dm is not None else 'no datamodule'}"
             )
@@ -88,7 +88,7 @@ class DataSelection(Callback):
             mine = self._digest(epochs)
             reference = trainer.strategy.broadcast(mine, src=0)
             if not trainer.strategy.reduce_boolean_decision(reference == mine, all=True):
-                raise RuntimeError(
+                raise StateError(
                     f"DataSelection: the {trainer.world_size} ranks select different training "
                     f"subsets (rank {trainer.global_rank} differs from rank 0); every rank must "
                     "load the same difficulty scores"
@@ -174,7 +174,7 @@ class PADDataSelection(DataSelection):
 
     @staticmethod
     def _unprepared(epoch: int) -> Tensor:
-        raise RuntimeError("PADDataSelection: no scores yet (setup() prepares them)")
+        raise StateError("PADDataSelection: no scores yet (setup() prepares them)")
 
     def settings(self, model: dict[str, Any], batch_size: int) -> dict[str, Any]:
         """The EL2N settings for ``model`` (build_model keywords) and ``batch_size``."""
@@ -220,7 +220,7 @@ class PADDataSelection(DataSelection):
             net = getattr(pl_module, "net", None)
             model = getattr(net, "model_config", None)
             if model is None:
-                raise TypeError(
+                raise InputTypeError(
                     f"PADDataSelection: {type(pl_module).__name__} has no net.model_config "
                     "(the architecture the scoring networks use); train an "
                     "ExpertTrajectoryModule")

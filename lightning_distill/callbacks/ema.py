@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, StateError
 
 
 class SyntheticEMA(Callback):
@@ -79,7 +79,7 @@ class SyntheticEMA(Callback):
     def average(self) -> Tensor:
         """The EMA images (bias-corrected if configured)."""
         if self.initial is None:
-            raise RuntimeError("SyntheticEMA: no images seen yet")
+            raise StateError("SyntheticEMA: no images seen yet")
         k = self.num_updates
         if self.bias_correction:
             if k == 0:

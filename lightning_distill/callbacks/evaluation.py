@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..data.augment import protocol_dsa
 from ..data.synthetic import SyntheticSet
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, StateError
 from ..functional.evaluation import EvalProtocol, summarize
 from ..modules.evaluate import check_eval_data
 from .progress import PhaseProgress
@@ -194,8 +194,8 @@ class PeriodicEvaluation(Callback):
                                  "run_ids cannot select some of them")
             return [float(a) for a in self.evaluate_fn(synthetic)]
         if self.val_images is None or self.val_labels is None:
-            raise RuntimeError("PeriodicEvaluation: no validation data yet (pass val_images / "
-                               "val_labels, or let setup() read trainer.datamodule's)")
+            raise StateError("PeriodicEvaluation: no validation data yet (pass val_images / "
+                             "val_labels, or let setup() read trainer.datamodule's)")
         check_eval_data(synthetic, self.val_images, self.val_labels, "PeriodicEvaluation",
                         "validation")
         dev = synthetic.images.device
@@ -236,7 +236,7 @@ class PeriodicEvaluation(Callback):
 
     def _candidates(self, pl_module: pl.LightningModule) -> list[tuple[str, SyntheticSet]]:
         if not hasattr(pl_module, "synthetic_set"):
-            raise TypeError(
+            raise InputTypeError(
                 f"PeriodicEvaluation needs a module with synthetic_set() (the "
                 f"DistillationModule); {type(pl_module).__name__} has none"
             )

@@ -22,6 +22,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 
+from ..errors import StateError
+
 __all__ = ["IterationCheckpoint"]
 
 
@@ -54,8 +56,8 @@ class IterationCheckpoint(Checkpoint):
     @property
     def last(self) -> Path:
         if self.dirpath is None:
-            raise RuntimeError("IterationCheckpoint: no dirpath yet (it is filled from "
-                               "trainer.default_root_dir in setup; call resolve(trainer))")
+            raise StateError("IterationCheckpoint: no dirpath yet (it is filled from "
+                             "trainer.default_root_dir in setup; call resolve(trainer))")
         return self.dirpath / "last.ckpt"
 
     def save(self, trainer: pl.Trainer) -> None:

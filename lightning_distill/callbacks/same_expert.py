@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from ..errors import StateError
+
 __all__ = ["SameExpertOnAllRanks"]
 
 
@@ -42,7 +44,7 @@ class SameExpertOnAllRanks(Callback):
         reference = trainer.strategy.broadcast(self.plan, src=0)
         agree = trainer.strategy.reduce_boolean_decision(reference == self.plan, all=True)
         if not agree:
-            raise RuntimeError(
+            raise StateError(
                 f"lightning-distill experts: the {trainer.world_size} ranks disagree on the "
                 f"experts to train (rank {trainer.global_rank}: {self.plan[:8]}, rank 0: "
                 f"{reference[:8]}; [current, (-1,) remaining...]). Every rank must see the same "

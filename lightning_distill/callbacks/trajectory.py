@@ -29,7 +29,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, StateError
 from ..io import atomic_save
 from ..models.params import flatten_parameters
 from ..protocols import StoreRecord
@@ -174,7 +174,7 @@ class TrajectoryRecorder(Callback):
         if obj is None and not built:
             return None
         if not isinstance(obj, nn.Module):
-            raise TypeError(
+            raise InputTypeError(
                 f"TrajectoryRecorder(module_attr={attr!r}) is a "
                 f"{type(obj).__name__}, expected an nn.Module"
             )
@@ -327,7 +327,7 @@ class TrajectoryRecorder(Callback):
         done = trainer.current_epoch  # completed epochs: 0, or where a checkpoint resumes
         missing = [p for p in self._points() if p < done and p not in self._snapshots]
         if missing:
-            raise RuntimeError(
+            raise StateError(
                 f"TrajectoryRecorder(expert_index={self.expert_index}): training resumes at "
                 f"epoch {done} but the snapshots after epochs {missing} are missing (a "
                 "checkpoint without this callback's state?); restart this expert from scratch"
@@ -481,7 +481,7 @@ class GroupTrajectoryRecorder(TrajectoryRecorder):
         assert self.store is not None
         member = getattr(target, "member", None)
         if member is None:
-            raise TypeError(
+            raise InputTypeError(
                 f"GroupTrajectoryRecorder: {type(target).__name__} is not a group of "
                 "networks (StackedNetworks); use TrajectoryRecorder for one expert"
             )

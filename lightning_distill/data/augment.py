@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..functional.device import to_device
 
 __all__ = [
@@ -103,7 +103,7 @@ class DSAParams:
 
 def _parse_strategy(strategy: str, flip: bool) -> tuple[str, ...]:
     if not isinstance(strategy, str):
-        raise TypeError(f"DSA strategy must be a string, got {type(strategy).__name__}")
+        raise InputTypeError(f"DSA strategy must be a string, got {type(strategy).__name__}")
     s = strategy.strip().lower()
     if s in ("", _IDENTITY):
         return ()

@@ -47,7 +47,7 @@ from lightning_distill.data.datasets import RealDataset, get_dataset
 from lightning_distill.data.datasets.container import draw_indices
 from lightning_distill.data.input_space import InputSpace
 
-from ..errors import InputError
+from ..errors import InputError, StateError
 from ..protocols import OwnsTrainLoader
 
 __all__ = ["MemberBatches", "RealDataModule", "TensorBatchLoader", "shard_indices"]
@@ -352,7 +352,7 @@ class RealDataModule(pl.LightningDataModule):
 
     def _real(self) -> RealDataset:
         if self.real is None:
-            raise RuntimeError("RealDataModule: call setup() first")
+            raise StateError("RealDataModule: call setup() first")
         return self.real
 
     # ---------------------------------------------------------------- input space
@@ -367,7 +367,7 @@ class RealDataModule(pl.LightningDataModule):
     def _transform(self, inverse: bool) -> Callable[[Tensor], Tensor]:
         if self.use_zca:
             if self.zca is None:
-                raise RuntimeError("RealDataModule: call setup() first (ZCA is not fitted)")
+                raise StateError("RealDataModule: call setup() first (ZCA is not fitted)")
             return self.zca.inverse if inverse else self.zca.transform
         real = self._real()
         return real.denormalize if inverse else real.normalize
@@ -379,7 +379,7 @@ class RealDataModule(pl.LightningDataModule):
         real = self._real()
         if self.use_zca:
             if self.zca is None:
-                raise RuntimeError("RealDataModule: call setup() first (ZCA is not fitted)")
+                raise StateError("RealDataModule: call setup() first (ZCA is not fitted)")
             return InputSpace.zca(real.name, self.zca.fingerprint, self.zca_regularization)
         return InputSpace.meanstd(real.name, real.mean, real.std)
 
@@ -414,7 +414,7 @@ class RealDataModule(pl.LightningDataModule):
         self, dataset: TensorDataset | None, shuffle: bool
     ) -> DataLoader | TensorBatchLoader:
         if dataset is None:
-            raise RuntimeError("RealDataModule: call setup() first")
+            raise StateError("RealDataModule: call setup() first")
         generator = (
             torch.Generator().manual_seed(
                 self.split_seed if self.shuffle_seed is None else self.shuffle_seed
@@ -459,9 +459,9 @@ class RealDataModule(pl.LightningDataModule):
     def selected_indices(self, epoch: int) -> Tensor:
         """``train_selection(epoch)`` as a checked int64 CPU tensor (indices into ``train_set``)."""
         if self.train_selection is None:
-            raise RuntimeError("RealDataModule.selected_indices: train_selection is not set")
+            raise StateError("RealDataModule.selected_indices: train_selection is not set")
         if self.train_set is None:
-            raise RuntimeError("RealDataModule: call setup() first")
+            raise StateError("RealDataModule: call setup() first")
         n = len(self.train_set)
         idx = torch.as_tensor(self.train_selection(int(epoch)), dtype=torch.long).flatten().cpu()
         if idx.numel() == 0:
@@ -501,7 +501,7 @@ class RealDataModule(pl.LightningDataModule):
         ``"batched"`` loader (:class:`TensorBatchLoader`, which also shards under
         ``torch.distributed``), stacked to ``[K, B, ...]`` (:class:`MemberBatches`)."""
         if self.train_set is None:
-            raise RuntimeError("RealDataModule: call setup() first")
+            raise StateError("RealDataModule: call setup() first")
         x, y = self.train_set.tensors
         return MemberBatches([
             TensorBatchLoader(x, y, self.batch_size, shuffle=True,

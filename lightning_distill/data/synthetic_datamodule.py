@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, StateError
 from ..protocols import SyntheticTrainLoader
 from .datamodule import RealDataModule, TensorBatchLoader
 from .input_space import InputSpace
@@ -183,7 +183,7 @@ class SyntheticDataModule(pl.LightningDataModule):
                      num_workers=num_workers, loader=loader, dataset_kwargs=dataset_kwargs)
         if real is not None:
             if not isinstance(real, RealDataModule):
-                raise TypeError(f"SyntheticDataModule: real must be a RealDataModule, got "
+                raise InputTypeError(f"SyntheticDataModule: real must be a RealDataModule, got "
                                 f"{type(real).__name__}")
             given = sorted(k for k, v in plain.items() if v != _REAL_DEFAULTS[k])
             if given:
@@ -265,7 +265,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
         if not isinstance(module, SyntheticTrainLoader):
-            raise RuntimeError(
+            raise StateError(
                 "SyntheticDataModule.train_dataloader: the batch order and size belong to the "
                 "module that trains, and "
                 + ("no Trainer is attached" if module is None

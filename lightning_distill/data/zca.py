@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..artifacts import sha256
-from ..errors import InputError
+from ..errors import InputError, StateError
 
 __all__ = ["ZCA"]
 
@@ -239,7 +239,7 @@ class ZCA:
     # ------------------------------------------------------------------ applying
     def _require_fitted(self) -> None:
         if self._mean is None:
-            raise RuntimeError("ZCA is not fitted: call fit(train_images) or ZCA.load(path) first")
+            raise StateError("ZCA is not fitted: call fit(train_images) or ZCA.load(path) first")
 
     def _flatten(self, x: Tensor, what: str) -> Tensor:
         self._require_fitted()

@@ -66,7 +66,7 @@ from torch.func import functional_call
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for
 from ..data.input_space import InputSpace
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, StateError
 from ..functional.initialization import (
     class_permutations,
     correct_sample_indices,
@@ -419,7 +419,7 @@ class DistillationModule(pl.LightningModule):
         dm = trainer.datamodule if trainer is not None else None
         if (stage == "fit" and dm is not None and is_overridden("train_dataloader", dm)
                 and not (isinstance(dm, DefersTrainLoader) and dm.defers_train_loader)):
-            raise TypeError(
+            raise InputTypeError(
                 f"DistillationModule: the datamodule {type(dm).__name__} defines "
                 "train_dataloader(), whose batches would replace the outer iterations; fit "
                 "with a RealDataModule (which serves the module's iterations and keeps the "
@@ -432,9 +432,9 @@ class DistillationModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if not bool(self.initialized):
             if dm is None:
-                raise RuntimeError("DistillationModule is not initialised: call "
-                                   "module.initialize(datamodule) before fit, fit with "
-                                   "datamodule=RealDataModule(...), or resume from a checkpoint")
+                raise StateError("DistillationModule is not initialised: call "
+                                 "module.initialize(datamodule) before fit, fit with "
+                                 "datamodule=RealDataModule(...), or resume from a checkpoint")
             self.initialize(dm)
         elif self.to_pixels is None and getattr(dm, "from_input_space", None) is not None:
             self.to_pixels = dm.from_input_space
@@ -551,7 +551,7 @@ class DistillationModule(pl.LightningModule):
             if nonfinite or not grads_finite:
                 self.nonfinite_streak += 1
                 if int(self.nonfinite_streak) >= hp.max_nonfinite:
-                    raise RuntimeError(
+                    raise StateError(
                         f"distillation stopped: {int(self.nonfinite_streak)} consecutive "
                         f"iterations with a non-finite loss or gradient (iteration {it}, "
                         f"syn_lr {float(self.syn_lr):.3g}); lower lr_img / lr_lr, or use a "

@@ -52,7 +52,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..data.augment import ResumableGenerator, protocol_dsa
 from ..data.synthetic import SyntheticSet, check_eval_data
 from ..data.synthetic_datamodule import SyntheticDataModule, synthetic_train_loader
-from ..errors import InputError
+from ..errors import InputError, StateError
 from ..functional.batched import StackedNetworks, augment_members, chunks, member_losses
 from ..functional.evaluation import (
     EvalProtocol,
@@ -155,7 +155,7 @@ class EvalModule(pl.LightningModule):
         :meth:`configure_model` from the Trainer's SyntheticDataModule, so the set is
         given once (to the datamodule) under a LightningCLI."""
         if self.synthetic is not None:
-            raise RuntimeError("EvalModule: already bound to a synthetic set")
+            raise StateError("EvalModule: already bound to a synthetic set")
         synthetic, path = SyntheticSet.from_arg(synthetic, "EvalModule")
         if path is not None:
             self.hparams["synthetic"] = path
@@ -205,8 +205,8 @@ class EvalModule(pl.LightningModule):
 
     def _bound(self) -> SyntheticSet:
         if self.synthetic is None:
-            raise RuntimeError("EvalModule has no synthetic set yet: pass one to the "
-                               "constructor or fit with a SyntheticDataModule")
+            raise StateError("EvalModule has no synthetic set yet: pass one to the "
+                             "constructor or fit with a SyntheticDataModule")
         return self.synthetic
 
     def forward(self, x: Tensor) -> Tensor:

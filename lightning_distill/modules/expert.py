@@ -38,7 +38,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, ResumableGenerator, dsa_flip_for
-from ..errors import InputError
+from ..errors import InputError, StateError
 from ..functional.batched import StackedNetworks, augment_members, member_losses
 from ..functional.evaluation import seeded_model
 from ..models import build_model, to_hw
@@ -156,7 +156,7 @@ class _ExpertSteps(pl.LightningModule):
 
     def _network(self) -> nn.Module:
         if self.net is None:
-            raise RuntimeError(
+            raise StateError(
                 f"{type(self).__name__}: the network is built from the datamodule's shapes in "
                 "configure_model() (channels / num_classes / image_size were not given); run "
                 "it under a Trainer with a datamodule, or pass the shapes")
