@@ -299,6 +299,10 @@ class RealDataModule(pl.LightningDataModule):
         self.loader = "dataloader" if self.num_workers > 0 else loader
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.real: RealDataset | None = None
+        # the training order's generators (one, or one per group member) and a state to
+        # give them on resume (state_dict / load_state_dict)
+        self._order_generators: list[torch.Generator] = []
+        self._order_resume: list[Tensor] | None = None
         self.zca: Any = None
         self.train_idx: Tensor | None = None
         self.val_idx: Tensor | None = None
@@ -409,19 +413,43 @@ class RealDataModule(pl.LightningDataModule):
                            f"{real.name}: asked for {n} images of class {c} but the training part")
         return x[idx]
 
+    # ------------------------------------------------------------------ resuming
+    def state_dict(self) -> dict[str, Any]:
+        """The training order's generator states (Lightning keeps a datamodule's state in
+        its checkpoints), so that a fit resumed at epoch e draws epoch e's batches."""
+        return {"train_order": [g.get_state() for g in self._order_generators]} \
+            if self._order_generators else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Give the training order's generators the saved states: now, if the loaders
+        exist already (a group's member loaders), else when they are made."""
+        states = list(state_dict.get("train_order") or [])
+        if states and len(states) == len(self._order_generators):
+            for g, st in zip(self._order_generators, states, strict=True):
+                g.set_state(st)
+        else:
+            self._order_resume = states or None
+
+    def _order_generator(self, seeds: list[int]) -> list[torch.Generator]:
+        """Fresh generators of the training order (seeded, or in a resumed fit's saved
+        states), remembered for :meth:`state_dict`."""
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        if self._order_resume is not None and len(self._order_resume) == len(gens):
+            for g, st in zip(gens, self._order_resume, strict=True):
+                g.set_state(st)
+            self._order_resume = None
+        self._order_generators = gens
+        return gens
+
     # ------------------------------------------------------------------ loaders
     def _loader(
         self, dataset: TensorDataset | None, shuffle: bool
     ) -> DataLoader | TensorBatchLoader:
         if dataset is None:
             raise StateError("RealDataModule: call setup() first")
-        generator = (
-            torch.Generator().manual_seed(
-                self.split_seed if self.shuffle_seed is None else self.shuffle_seed
-            )
-            if shuffle
-            else None
-        )
+        generator = self._order_generator(
+            [self.split_seed if self.shuffle_seed is None else self.shuffle_seed]
+        )[0] if shuffle else None
         if self.loader == "batched":
             x, y = dataset.tensors
             return TensorBatchLoader(x, y, self.batch_size, shuffle=shuffle, generator=generator)
@@ -504,9 +532,8 @@ class RealDataModule(pl.LightningDataModule):
             raise StateError("RealDataModule: call setup() first")
         x, y = self.train_set.tensors
         return MemberBatches([
-            TensorBatchLoader(x, y, self.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(int(s)))
-            for s in shuffle_seeds])
+            TensorBatchLoader(x, y, self.batch_size, shuffle=True, generator=g)
+            for g in self._order_generator(list(shuffle_seeds))])
 
     def val_dataloader(self) -> DataLoader | TensorBatchLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -14,9 +14,14 @@ is bit-identical across runs on the same machine, and shards or resumed runs pro
 the same experts as one uninterrupted run.
 
 Resuming: an expert file is written atomically when the expert finishes (by
-:class:`~lightning_distill.callbacks.TrajectoryRecorder`), never partially. A killed run
-leaves the finished experts and no trace of the interrupted one; running the same
-command again trains exactly the missing experts.
+:class:`~lightning_distill.callbacks.TrajectoryRecorder`), never partially. While an
+expert (or a group) trains, a Lightning checkpoint of it is kept after every epoch in
+``<store>/.partial/<expert_i | experts_i-j>/last.ckpt`` (network, optimizer, the
+recorder's snapshots so far, the DSA and data-order streams) and removed once its file
+is written. A killed run leaves the finished experts and that checkpoint; running the
+same command again resumes the interrupted expert from its last finished epoch (the
+same expert as an uninterrupted run, bit for bit on the same machine) and then trains
+the missing ones.
 
 Groups (``experts.group_size: K``; the default, null, chooses by device and step size
 as the evaluation protocol does, :func:`~lightning_distill.functional.evaluation.auto_group_size`:
@@ -84,6 +89,7 @@ per-member loader does not use.
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -92,7 +98,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from ..callbacks.data_selection import PADDataSelection
@@ -215,7 +221,9 @@ def train_experts(model: ExpertTrajectoryModule, datamodule: pl.LightningDataMod
         kw["logger"] = (TensorBoardLogger(str(logs), name="experts", version=version,
                                           default_hp_metric=False)
                         if logger in (None, True) else copy.deepcopy(logger))
-        kw.setdefault("enable_checkpointing", False)  # the store is what an expert leaves
+        # the store is what an expert leaves; its own epoch checkpoint (_fit_resumable)
+        kw["enable_checkpointing"] = kw.get("enable_checkpointing") is not False or any(
+            isinstance(c, ModelCheckpoint) for c in cbs)
         kw["enable_model_summary"] = first and kw.get("enable_model_summary") is not False
         return trainer_class(**kw)
 
@@ -317,8 +325,7 @@ def _train_one(plan: ExpertPlan, dm, store: TrajectoryStore, i: int, remaining: 
     cbs: list[Callback] = [SameExpertOnAllRanks(i, remaining),
                            TrajectoryRecorder(store, expert_index=i, module_attr="net"),
                            *([progress] if progress is not None else [])]
-    plan.make_trainer(cbs, f"expert_{i:05d}", first).fit(module, datamodule=dm)
-    store.require_written([i])
+    _fit_resumable(plan, store, [i], f"expert_{i:05d}", cbs, first, module, datamodule=dm)
 
 
 def _group_device(accelerator: str) -> torch.device:
@@ -345,9 +352,43 @@ def _train_group(plan: ExpertPlan, dm, store: TrajectoryStore, group: list[int],
                        where=f"experts.group_size {plan.group_size}")
     cbs: list[Callback] = [SameExpertOnAllRanks(group, remaining),
                            GroupTrajectoryRecorder(store, group, module_attr="net"),
+                           _MemberOrder(dm),
                            *([progress] if progress is not None else [])]
     name = f"experts_{group[0]:05d}-{group[-1]:05d}"
-    plan.make_trainer(cbs, name, first).fit(
-        module, train_dataloaders=dm.member_train_dataloader([s["data"] for s in seeds]),
-        val_dataloaders=dm.val_dataloader())
-    store.require_written(group)
+    _fit_resumable(plan, store, group, name, cbs, first, module,
+                   train_dataloaders=dm.member_train_dataloader([s["data"] for s in seeds]),
+                   val_dataloaders=dm.val_dataloader())
+
+
+class _MemberOrder(Callback):
+    """The member loaders' order in a group's checkpoints: a group fits from loaders,
+    not from the datamodule (whose state Lightning would keep), so this callback keeps
+    the datamodule's state for it."""
+
+    def __init__(self, dm: Any) -> None:
+        self.dm = dm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dm.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dm.load_state_dict(state_dict)
+
+
+def _fit_resumable(plan: ExpertPlan, store: TrajectoryStore, experts: list[int], name: str,
+                   cbs: list[Callback], first: bool, module: pl.LightningModule,
+                   **data: Any) -> None:
+    """Fit ``module`` (experts ``experts``) with a checkpoint after every epoch in
+    ``<store>/.partial/<name>/``, resuming from its ``last.ckpt`` where an earlier run
+    was interrupted; the checkpoint goes once the experts' files are written."""
+    partial = Path(plan.store) / ".partial" / name
+    last = partial / "last.ckpt"
+    epoch_checkpoint = ModelCheckpoint(dirpath=partial, filename="last", save_top_k=1,
+                                       every_n_epochs=1, save_on_train_epoch_end=True,
+                                       enable_version_counter=False)
+    if last.exists():
+        say(f"{name}: resuming from {last}")
+    plan.make_trainer([*cbs, epoch_checkpoint], name, first).fit(
+        module, ckpt_path=str(last) if last.exists() else None, **data)
+    store.require_written(experts)
+    shutil.rmtree(partial, ignore_errors=True)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_distill.callbacks import GSAM
@@ -135,3 +136,32 @@ def test_group_size_null_is_chosen_by_device_and_step_size(tmp_path, monkeypatch
 
     assert auto_group_size("cpu", 32, (8, 8)) == 8
     assert auto_group_size("cpu", 256, (28, 28)) == 1
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashInSecondEpoch(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise _Crash
+
+
+def test_an_interrupted_group_resumes_from_its_epoch_checkpoint_bit_for_bit(tmp_path):
+    """A group of 2 stopped as its second epoch starts leaves no expert file and its
+    checkpoint after the first epoch; the rerun resumes there (network, optimizer, the
+    recorder's snapshots, the members' DSA and data-order streams) and writes the
+    experts an uninterrupted group run writes, bit for bit."""
+    whole = _train(_cfg(tmp_path, "whole", group_size=2, num_experts=2))
+    model, dm, trainer_kwargs, kw = _cfg(tmp_path, "cut", group_size=2, num_experts=2)
+    trainer_kwargs["callbacks"] = [*trainer_kwargs["callbacks"], _CrashInSecondEpoch()]
+    with pytest.raises(_Crash):
+        _train((model, dm, trainer_kwargs, kw))
+    partial = tmp_path / "cut" / ".partial" / "experts_00000-00001" / "last.ckpt"
+    assert partial.is_file() and not list((tmp_path / "cut").glob("expert_*.pt"))
+    assert torch.load(partial, weights_only=False)["epoch"] == 0
+    resumed = _train(_cfg(tmp_path, "cut", group_size=2, num_experts=2))
+    assert not partial.exists()
+    for i in (0, 1):
+        assert torch.equal(resumed.load_expert(i, mmap=False), whole.load_expert(i, mmap=False))

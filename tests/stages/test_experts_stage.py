@@ -189,10 +189,12 @@ import lightning_distill.stages.experts as stage
 from lightning_distill.cli import main
 
 class HangInSecondExpert(Callback):
-    # after the recorder has taken expert 1's first-epoch snapshot: signal, then hang
-    def on_train_epoch_end(self, trainer, pl_module):
-        open(sys.argv[1], "w").close()
-        time.sleep(600)
+    # as expert 1's second epoch starts (its first epoch's snapshot taken and its epoch
+    # checkpoint written): signal, then hang
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            open(sys.argv[1], "w").close()
+            time.sleep(600)
 
 run_experts = stage.run_experts
 
@@ -227,7 +229,11 @@ def _write_yaml(tmp: Path, name: str, path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_no_partial_file_and_rerun_completes_the_store(reference, tmp_path):
+def test_killed_run_resumes_the_interrupted_expert_from_its_epoch_checkpoint(reference,
+                                                                             tmp_path):
+    """Killed in expert 1's second epoch: the store holds expert 0 and no partial expert
+    file, ``.partial/expert_00001/last.ckpt`` holds its first epoch; the rerun resumes
+    expert 1 from there and the store equals an uninterrupted run's, bit for bit."""
     pytest.importorskip("jsonargparse")  # the CLI (not on the GPU image)
     _, ref = reference
     config = _write_yaml(tmp_path, "killed", tmp_path / "experts.yaml")
@@ -252,8 +258,11 @@ def test_killed_run_leaves_no_partial_file_and_rerun_completes_the_store(referen
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     names = sorted(p.name for p in store_dir.iterdir())
-    assert names == ["expert_00000.pt", "meta.json"], names
-    assert not any(is_temp_file(p) or "partial" in p.name for p in store_dir.iterdir())
+    assert names == [".partial", "expert_00000.pt", "meta.json"], names
+    assert not any(is_temp_file(p) for p in store_dir.iterdir())
+    assert sorted(p.name for p in (store_dir / ".partial").iterdir()) == ["expert_00001"]
+    last = store_dir / ".partial" / "expert_00001" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # after the first epoch
 
     rerun = subprocess.run(
         [sys.executable, "-m", "lightning_distill.cli", "experts", "--config", str(config)],
@@ -261,8 +270,11 @@ def test_killed_run_leaves_no_partial_file_and_rerun_completes_the_store(referen
     )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "Training 1 expert(s)" in rerun.stdout
+    assert "expert_00001: resuming from" in " ".join(rerun.stdout.split())
+    assert "Restoring states from the checkpoint path" in rerun.stderr + rerun.stdout
     assert sorted(p.name for p in store_dir.iterdir()) == [
-        "expert_00000.pt", "expert_00001.pt", "meta.json"]
+        ".partial", "expert_00000.pt", "expert_00001.pt", "meta.json"]
+    assert list((store_dir / ".partial").iterdir()) == []  # removed once written
     _assert_same_store(TrajectoryStore.open(store_dir), ref)
 
 
