@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fashion-MNIST round 2 (issue 26) on 2 CPU cores, in parts that each resume where they
-# stopped (by expert; later parts by distillation checkpoint and evaluation row):
+# stopped (by expert and, within an expert, by epoch; later parts by distillation
+# checkpoint and evaluation row):
 #
 #   bash benchmarks/fashion_mnist_r2.sh probe     # 1 expert x 30 epochs per candidate lr
 #   bash benchmarks/fashion_mnist_r2.sh experts   # the other 9 experts at the chosen lr
@@ -32,6 +33,10 @@ save() {
     mkdir -p "$ART/$rel"
     cp "$store/meta.json" "$ART/$rel/"
     cp "$store"/expert_*.pt "$ART/$rel/" 2>/dev/null || true
+    # the interrupted expert's checkpoint after its last finished epoch (a few MB), so a
+    # fresh checkout resumes it there; a finished expert's is gone from the work dir
+    rm -rf "$ART/$rel/.partial"
+    [ -d "$store/.partial" ] && cp -r "$store/.partial" "$ART/$rel/"
   done
   for d in "$WORK" "$WORK"/probe_lr*; do  # the experts' TensorBoard logs (small)
     [ -d "$d/logs" ] || continue
