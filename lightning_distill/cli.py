@@ -124,7 +124,8 @@ class DistillTrainer(pl.Trainer):
                  full_epochs: int = 50, full_lr: float = 0.01, full_batch_size: int = 256,
                  output: str | None = None) -> list[dict[str, Any]]:
         """Train fresh networks on synthetic sets and report their test accuracy
-        (:func:`lightning_distill.stages.evaluate.evaluate_stage`), on this Trainer's device.
+        (:func:`lightning_distill.stages.evaluate.evaluate_stage`), on this Trainer's device
+        and, where the protocol leaves it unset, in its precision.
 
         Args:
             model: an :class:`~lightning_distill.EvalModule` without a set: every run's
@@ -142,7 +143,8 @@ class DistillTrainer(pl.Trainer):
         from .stages.evaluate import EVALUATE_OPTIONS, evaluate_stage
 
         options = {k: v for k, v in locals().items() if k in EVALUATE_OPTIONS}
-        return evaluate_stage(model, datamodule, device=self.strategy.root_device, **options)
+        return evaluate_stage(model, datamodule, device=self.strategy.root_device,
+                              precision=self.precision, **options)
 
 
 def _native_classes(subcommand: str | None) -> tuple[type | None, type | None]:

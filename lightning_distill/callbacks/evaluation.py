@@ -160,6 +160,7 @@ class PeriodicEvaluation(Callback):
         ``from_input_space``) and, when ``model_kwargs`` is None, the architecture keywords
         of the module's experts when ``model`` is their architecture (width, depth, ...)."""
         self.batches_seen = 0  # a resumed fit restores it after setup (load_state_dict)
+        self.protocol = self.protocol.for_trainer(trainer.precision)  # precision None: the fit's
         dm = trainer.datamodule
         if self.val_images is None and self.evaluate_fn is None:
             val = getattr(dm, "val_set", None)

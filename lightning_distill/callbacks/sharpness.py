@@ -46,11 +46,16 @@ product is over member k's parameters only (``per_member=True`` in
 network k would. The stacked running statistics are saved and restored like a norm
 layer's.
 
+Precision: ``bf16-mixed`` is supported: the second pass runs inside the precision
+plugin's ``train_step_context`` (the same autocast as the first), and the perturbation,
+the weight copies and the final gradient are computed on the float32 parameters and
+gradients (docs/method.md, 'Mixed precision').
+
 Gradient clipping (``Trainer(gradient_clip_val=...)``) works unchanged: Lightning clips
 after this hook, i.e. it clips the final gradient. Refused with an error in ``setup``:
 mixed precision (``16-mixed`` gradients are loss-scaled and checked for overflow before
-this hook; with ``bf16-mixed``/``16-mixed`` the second pass would also differ in
-precision from the first), ``accumulate_grad_batches > 1`` (the perturbation would use
+this hook, so the perturbation would be computed from scaled, possibly non-finite
+gradients), ``accumulate_grad_batches > 1`` (the perturbation would use
 a partial gradient, and the second pass would be accumulated wrongly), manual
 optimization, strategies other than single-device and DDP (FSDP and DeepSpeed shard or
 own the gradients), and more than one sharpness-aware callback on the same Trainer.
@@ -77,7 +82,7 @@ from ..protocols import LossClosure
 
 __all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware", "sharpness_settings"]
 
-_SUPPORTED_PRECISION = ("32-true", "64-true", "16-true", "bf16-true")
+_SUPPORTED_PRECISION = ("32-true", "64-true", "16-true", "bf16-true", "bf16-mixed")
 
 _PROTOCOL = (
     "set `self.loss_closure = lambda: <loss on the same augmented batch>` in training_step "
@@ -137,11 +142,6 @@ class SharpnessAware(Callback):
                 why = (
                     "its gradients are loss-scaled by a GradScaler whose overflow check runs "
                     "before this callback, and the second pass would run outside autocast"
-                )
-            elif "mixed" in precision:
-                why = (
-                    "the first pass runs under autocast in bfloat16 while the recomputed "
-                    "second pass would not: the two gradients would be in different precisions"
                 )
             else:
                 why = "the gradients are not plain full-graph gradients in one dtype"

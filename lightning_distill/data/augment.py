@@ -299,8 +299,14 @@ class DSA:
                 row0 = torch.stack([cos, -sin, zeros], dim=1)
                 row1 = torch.stack([sin, cos, zeros], dim=1)
             theta = torch.stack([row0, row1], dim=1)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=True)
-            return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+            # the sampling grid in float32 whatever the autocast (a bfloat16 grid would
+            # misplace samples by up to 1/4 pixel at 32 px; docs/method.md, 'Mixed precision')
+            with torch.autocast(x.device.type, enabled=False):
+                dtype = torch.promote_types(x.dtype, torch.float32)
+                grid = F.affine_grid(theta.to(dtype), list(x.shape), align_corners=True)
+                out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros",
+                                    align_corners=True)
+            return out.to(x.dtype)
         if fam == "flip":
             mask = t["mask"].to(device=x.device, dtype=torch.bool).view(n, 1, 1, 1)
             return torch.where(mask, x.flip(3), x)

@@ -15,6 +15,10 @@ A synthetic set is worth the test accuracy of fresh networks trained on it:
 - one test at the end, ``net.eval()`` under ``no_grad``, on data that is ALREADY in the
   synthetic set's input space (normalised or ZCA whitened): nothing is transformed here.
 
+Precision: ``precision="bf16-mixed"`` (or ``"16-mixed"``, with a gradient scaler, on a GPU)
+runs every training step and the test under ``torch.autocast``; the networks, their
+weights, gradients and optimizer state stay float32 (docs/method.md, 'Mixed precision').
+
 Mean +- std over K networks: :func:`summarize` (population std, as the papers' ``np.std``).
 
 K runs at once: :func:`train_and_evaluate_group` trains K fresh networks as one
@@ -60,6 +64,8 @@ __all__ = [
     "class_accuracies",
     "evaluate_accuracy",
     "EvalProtocol",
+    "EVAL_PRECISIONS",
+    "mixed_precision",
     "lr_at_epoch",
     "resolve_decay_epoch",
     "run_seeds",
@@ -128,6 +134,24 @@ def summarize(accs: Sequence[float]) -> tuple[float, float]:
     if a.size == 0:
         raise InputError("summarize: no accuracies given (run at least one network)")
     return float(a.mean()), float(a.std())
+
+
+#: the precisions of the protocol's own loops; the mixed ones' autocast dtypes
+EVAL_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def mixed_precision(precision: str, device: torch.device | str
+                    ) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """The autocast context and gradient scaler of a training loop on ``device`` in
+    ``precision`` (one of :data:`EVAL_PRECISIONS`): both disabled for ``"32-true"``; the
+    scaler is enabled for ``"16-mixed"`` only (bfloat16 has float32's range)."""
+    if precision not in EVAL_PRECISIONS:
+        raise InputError(f"precision must be one of {EVAL_PRECISIONS}, got {precision!r}")
+    kind = torch.device(device).type
+    dtype = _MIXED.get(precision)
+    autocast = torch.autocast(kind, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return autocast, torch.amp.GradScaler(kind, enabled=dtype == torch.float16)
 
 
 def _device_of(net: nn.Module) -> torch.device:
@@ -205,6 +229,7 @@ def train_and_evaluate(
     test_batch_size: int = 1024,
     on_epoch_start: Callable[[int, torch.optim.Optimizer], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    precision: str = "32-true",
 ) -> dict[str, float]:
     """Train ``net`` on (images, labels) with the protocol of docs/method.md, 'Evaluation
     protocol', then test once.
@@ -224,6 +249,7 @@ def train_and_evaluate(
         on_epoch_end: optional hook ``f(epoch)`` called after each epoch (progress).
         on_epoch_start: optional hook ``f(epoch, optimizer)`` called before each epoch
             (for instrumentation).
+        precision: one of :data:`EVAL_PRECISIONS` (:func:`mixed_precision`).
 
     Returns:
         ``{"accuracy", "loss"}`` on the test data, ``"class_accuracy"`` (one per class:
@@ -257,7 +283,8 @@ def train_and_evaluate(
     n = int(x_all.shape[0])
     opt = make_optimizer(lr)
     train_loss = float("nan")
-    with torch.enable_grad():
+    autocast, scaler = mixed_precision(precision, dev)
+    with torch.enable_grad(), autocast:
         for epoch in range(epochs):
             if decay is not None and epoch == decay:
                 opt = make_optimizer(lr_at_epoch(lr, epoch, decay))
@@ -277,13 +304,15 @@ def train_and_evaluate(
                     x = augment(x, generator=augment_generator)
                 loss = classification_loss(net(x), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 total += loss.detach() * int(idx.numel())
             train_loss = float(total) / n
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
-    acc, test_loss, per_class = _test(net, test_images, test_labels, test_batch_size)
+    with autocast:
+        acc, test_loss, per_class = _test(net, test_images, test_labels, test_batch_size)
     return {"accuracy": acc, "loss": test_loss, "train_loss": train_loss,
             "class_accuracy": per_class}
 
@@ -307,6 +336,7 @@ def train_and_evaluate_group(
     test_batch_size: int = 1024,
     backend: str = "auto",
     on_epoch_end: Callable[[int], None] | None = None,
+    precision: str = "32-true",
 ) -> list[dict[str, float]]:
     """:func:`train_and_evaluate` for K networks at once, as one vectorised model.
 
@@ -326,6 +356,7 @@ def train_and_evaluate_group(
         generators: K generators of the batch orders (one ``randperm`` per epoch each).
         augment_generators: K generators passed to ``augment`` (default: ``generators``).
         backend: :class:`StackedNetworks` backend.
+        precision: one of :data:`EVAL_PRECISIONS` (:func:`mixed_precision`).
 
     Returns:
         one ``{"accuracy", "loss", "train_loss", "class_accuracy"}`` per member, as
@@ -375,7 +406,8 @@ def train_and_evaluate_group(
 
     opt = make_optimizer(lr)
     train_loss = torch.full((k,), float("nan"))
-    with torch.enable_grad():
+    autocast, scaler = mixed_precision(precision, dev)
+    with torch.enable_grad(), autocast:
         for epoch in range(epochs):
             if decay is not None and epoch == decay:
                 opt = make_optimizer(lr_at_epoch(lr, epoch, decay))
@@ -391,14 +423,16 @@ def train_and_evaluate_group(
                     x = augment_members(augment, x, aug_gens)
                 losses = member_losses(group(x), y)
                 opt.zero_grad(set_to_none=True)
-                losses.sum().backward()
-                opt.step()
+                scaler.scale(losses.sum()).backward()
+                scaler.step(opt)
+                scaler.update()
                 total += losses.detach() * int(idx.shape[1])
             train_loss = total.cpu().double() / n  # as the plain loop: float(total) / n
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
-    accs, test_losses, per_class = _test_group(group, test_images, test_labels,
-                                               test_batch_size)
+    with autocast:
+        accs, test_losses, per_class = _test_group(group, test_images, test_labels,
+                                                   test_batch_size)
     return [{"accuracy": a, "loss": tl, "train_loss": float(t), "class_accuracy": pc}
             for a, tl, t, pc in zip(accs, test_losses, train_loss.tolist(), per_class,
                                     strict=True)]
@@ -482,7 +516,9 @@ class EvalProtocol:
       augmenter by :func:`lightning_distill.data.augment.make_dsa`;
     - ``group_size``: how many runs train together as one vectorised model
       (:func:`train_and_evaluate_group`); 1 trains them one at a time; ``None`` (the
-      default) chooses by device and step size (:meth:`group_size_for`).
+      default) chooses by device and step size (:meth:`group_size_for`);
+    - ``precision``: one of :data:`EVAL_PRECISIONS`; ``None`` (the default) follows the
+      Trainer that runs the evaluation (:meth:`for_trainer`), float32 without one.
     """
 
     epochs: int = 1000
@@ -495,8 +531,12 @@ class EvalProtocol:
     dsa_strategy: str | None = None
     dsa_flip: bool | None = None
     group_size: int | None = None
+    precision: str | None = None
 
     def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in EVAL_PRECISIONS:
+            raise InputError(f"EvalProtocol: precision must be one of {EVAL_PRECISIONS} or "
+                             f"null (the Trainer's), got {self.precision!r}")
         if int(self.epochs) < 1:
             raise InputError(f"EvalProtocol: epochs must be >= 1, got {self.epochs}")
         if int(self.batch_size) < 1:
@@ -504,6 +544,15 @@ class EvalProtocol:
         if self.group_size is not None and int(self.group_size) < 1:
             raise InputError(f"EvalProtocol: group_size must be >= 1 or null (chosen by "
                              f"device and step size), got {self.group_size}")
+
+    def for_trainer(self, precision: Any) -> EvalProtocol:
+        """This protocol in a Trainer's ``precision`` where ``precision`` is unset: a mixed
+        precision carries over, any other evaluates in float32 (the protocol's networks
+        are float32)."""
+        if self.precision is not None or precision is None:
+            return self
+        name = str(precision)
+        return dataclasses.replace(self, precision=name if name in _MIXED else "32-true")
 
     def group_size_for(self, device: torch.device | str, num_images: int,
                        image_shape: Sequence[int]) -> int:
@@ -597,7 +646,8 @@ class EvalProtocol:
                           momentum=self.momentum, weight_decay=self.weight_decay,
                           lr_decay_epoch=self.lr_decay_epoch, augment=augment,
                           test_images=test_images, test_labels=test_labels,
-                          test_batch_size=test_batch_size, on_epoch_end=tick)
+                          test_batch_size=test_batch_size, on_epoch_end=tick,
+                          precision=self.precision or "32-true")
             if len(part) == 1:
                 x = images if shared else images[part[0]]
                 y = labels if shared else labels[part[0]]

@@ -7,6 +7,7 @@ Hard labels (class ids) use the ordinary cross-entropy; DATM's learnable soft la
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,8 +27,11 @@ def soft_cross_entropy(logits: Tensor, target_logits: Tensor) -> Tensor:
             f"soft_cross_entropy: logits {tuple(logits.shape)} and target_logits "
             f"{tuple(target_logits.shape)} must both be [B, K] with the same shape"
         )
-    log_p = F.log_softmax(logits, dim=1)
-    q = F.softmax(target_logits.to(log_p.dtype), dim=1)
+    # float32 at least (under autocast the logits arrive in bfloat16): the soft labels'
+    # softmax and the log-probabilities keep their precision (docs/method.md, 'Mixed precision')
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_p = F.log_softmax(logits.to(dtype), dim=1)
+    q = F.softmax(target_logits.to(dtype), dim=1)
     return -(q * log_p).sum(dim=1).mean()
 
 

@@ -40,6 +40,13 @@ ATT's automatic trajectory length (Liu et al., ECCV 2024: the student step close
 target is matched; :func:`trajectory_matching`). With neither, every mode computes exactly
 what it computed before they existed.
 
+Mixed precision (docs/method.md, 'Mixed precision'): called under ``torch.autocast`` (a
+Trainer with ``precision="bf16-mixed"``), the student's forward and its gradients run in
+the autocast dtype in every mode: the recompute/tesla backward re-enters the autocast
+state the loss was called under. What autocast does not touch stays in the dtype of
+``images`` (float32): theta and the trajectory, the step theta - syn_lr g, the matching
+distance and its normalisation, and the gradients of the pixels, labels and syn_lr.
+
 The window rule of DATM (docs/method.md, 'Matching window') and the synthetic minibatch
 sampler ('Matching loss', step 2) live here too, as pure functions.
 """
@@ -78,6 +85,26 @@ MATCHING_MODES = ("full", "recompute", "tesla")
 MATCH_RULES = ("last", "closest")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class _Autocast:
+    """The autocast state the loss was called under, to re-enter in the recompute/tesla
+    backward (autograd runs a Function's backward outside the caller's autocast): the
+    replayed steps then run in the same precision as the forward's (docs/method.md,
+    'Mixed precision')."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, device: torch.device) -> _Autocast:
+        kind = device.type
+        return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    def __call__(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -146,6 +173,7 @@ class _Problem:
     aug: _Augmenter
     mask: Tensor | None = None  # bool [P]: the parameters that are matched (None: all)
     match: str = "last"
+    autocast: _Autocast = _Autocast("cpu", False, torch.bfloat16)  # the caller's (_prepare)
     denom: float = 0.0
     # set by the forward unroll
     matched_step: int = 0
@@ -319,7 +347,7 @@ class _RecomputeMatching(torch.autograd.Function):
         # the loss depends on the first k steps only (k = N, or ATT's k*): start there
         for i in reversed(range(prob.matched_step)):
             idx = prob.batches[i]
-            with torch.enable_grad():
+            with torch.enable_grad(), prob.autocast():
                 keep = i > 0 or need_x or need_y
                 g, th, xb, yb = prob.replay_step(
                     i, traj[i], images, labels, need_x, need_y, create_graph=keep
@@ -370,7 +398,7 @@ class _TeslaMatching(torch.autograd.Function):
             c = -lr * scale * diff  # dL/dg_i, the same for every step
             theta = prob.start.clone()
             for i, idx in enumerate(prob.batches[: prob.matched_step]):
-                with torch.enable_grad():
+                with torch.enable_grad(), prob.autocast():
                     g, _, xb, yb = prob.replay_step(
                         i, theta, images, labels, need_x, need_y, create_graph=True
                     )
@@ -662,6 +690,7 @@ def _prepare(
         aug=_Augmenter(augment, generator),
         mask=param_mask,
         match=match,
+        autocast=_Autocast.capture(device),
     )
     if not prob.denom > 0:
         where = "on the masked parameters " if param_mask is not None else ""

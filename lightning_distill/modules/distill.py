@@ -66,7 +66,7 @@ from torch.func import functional_call
 
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for
 from ..data.input_space import InputSpace
-from ..errors import InputError, InputTypeError, StateError
+from ..errors import ConfigError, InputError, InputTypeError, StateError
 from ..functional.initialization import (
     class_permutations,
     correct_sample_indices,
@@ -416,6 +416,12 @@ class DistillationModule(pl.LightningModule):
         if self.matching_window is not None:
             self.check_window(self.matching_window.max_start_epoch)
         trainer = self._attached_trainer()
+        if trainer is not None and str(trainer.precision) == "16-mixed":
+            raise ConfigError(
+                "trainer.precision: DistillationModule does not support '16-mixed': its "
+                "GradScaler scales the matching loss but not the inner losses whose float16 "
+                "gradients the unroll differentiates (they underflow); use 'bf16-mixed' or "
+                "'32-true' (docs/method.md, 'Mixed precision')")
         dm = trainer.datamodule if trainer is not None else None
         if (stage == "fit" and dm is not None and is_overridden("train_dataloader", dm)
                 and not (isinstance(dm, DefersTrainLoader) and dm.defers_train_loader)):

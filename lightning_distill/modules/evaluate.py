@@ -430,9 +430,11 @@ def trainer_device_args(device: torch.device) -> dict[str, Any]:
     return {"accelerator": device.type, "devices": 1}
 
 
-def _quiet_trainer(epochs: int, device: torch.device) -> pl.Trainer:
+def _quiet_trainer(epochs: int, device: torch.device, precision: str | None = None
+                   ) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, **trainer_device_args(device), logger=False,
+        precision=precision or "32-true",
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )
@@ -558,7 +560,7 @@ def _run_with_trainer(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-        trainer = _quiet_trainer(module.epochs, dev)
+        trainer = _quiet_trainer(module.epochs, dev, protocol.precision)
         trainer.fit(module)
         trainer.test(module, dataloaders=test_loader, verbose=False)
     assert module.test_accuracies is not None and module.test_class_accuracies is not None

@@ -92,11 +92,12 @@ EVALUATE_OPTIONS: dict[str, Any] = {
 
 
 def evaluate_stage(model: Any, datamodule: Any, *, device: torch.device,
-                   **options: Any) -> list[dict[str, Any]]:
+                   precision: Any = None, **options: Any) -> list[dict[str, Any]]:
     """The ``evaluate`` subcommand: every run is ``model`` (an
     :class:`~lightning_distill.EvalModule` without a set: its architecture, evaluation
     protocol and seed) trained on each set, ``runs`` networks per set and architecture
-    (run r: seed + r), tested on ``datamodule``'s test split on ``device``. ``options``
+    (run r: seed + r), tested on ``datamodule``'s test split on ``device`` (in the
+    Trainer's ``precision`` where the protocol leaves it unset). ``options``
     are the keys of :data:`EVALUATE_OPTIONS` (``DistillTrainer.evaluate`` documents
     them); the others keep their defaults."""
     from ..modules.evaluate import EvalModule
@@ -134,9 +135,10 @@ def evaluate_stage(model: Any, datamodule: Any, *, device: torch.device,
     options = {**opts, "synthetic": sets, "models": archs, "model_kwargs": kwargs,
                "baselines": baselines}
     output = options.pop("output")
-    config = {**options, "seed": seed, "protocol": model.protocol.as_kwargs(),
+    protocol = model.protocol.for_trainer(precision)
+    config = {**options, "seed": seed, "protocol": protocol.as_kwargs(),
               "data": datamodule.name}
-    return evaluate_sets(datamodule, protocol=model.protocol, seed=seed, device=device,
+    return evaluate_sets(datamodule, protocol=protocol, seed=seed, device=device,
                          output=output, config=config, **options)
 
 
