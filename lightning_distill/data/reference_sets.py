@@ -303,9 +303,21 @@ def write_reference(directory: str | os.PathLike, images: Tensor, labels: Tensor
     return paths
 
 
-#: the largest image (C x H x W values) for which :func:`space_candidates` fits a ZCA
-#: to describe the ZCA-whitened alternative (the fit needs a D x D eigendecomposition)
-ZCA_CANDIDATE_MAX_DIM = 4096
+def _zca_statistics(pixels: Tensor, regularization: float) -> Tensor:
+    """:func:`space_statistics` of ``pixels`` ([N, C, H, W] in [0, 1]) once ZCA-whitened
+    with ``regularization``, without fitting the transform: the whitened training images
+    have mean 0, and their total variance is sum_i s_i / (s_i + regularization) over the
+    eigenvalues s_i of the pixel covariance (the nonzero ones: those of the N x N Gram
+    matrix when N < D), spread evenly over the D values (ZCA whitens every direction
+    alike)."""
+    n, c = int(pixels.shape[0]), int(pixels.shape[1])
+    x = pixels.detach().double().reshape(n, -1)
+    x = x - x.mean(0)
+    gram = x @ x.T if n <= x.shape[1] else x.T @ x
+    s = torch.linalg.eigvalsh(gram / max(n - 1, 1)).clamp_min(0)
+    var = float((s / (s + regularization)).sum()) / x.shape[1]
+    return torch.stack([torch.zeros(c, dtype=torch.float64),
+                        torch.full((c,), 0.5 * math.log(max(var, 1e-24)), dtype=torch.float64)])
 
 
 def space_candidates(datamodule: Any, max_images: int = 2000
@@ -313,11 +325,8 @@ def space_candidates(datamodule: Any, max_images: int = 2000
     """``(declared, candidates)`` for :func:`check_space`: the statistics of (up to
     ``max_images``, a seeded draw of) the set-up ``datamodule``'s training images in its
     own input space, as raw [0, 1] pixels and in the other normalisation (mean/std
-    normalised, or ZCA-whitened by a ZCA fitted on those images with the data module's
-    regularisation; left out for images of more than :data:`ZCA_CANDIDATE_MAX_DIM`
-    values)."""
-    from .zca import ZCA
-
+    normalised, or ZCA-whitened with the data module's regularisation,
+    :func:`_zca_statistics`)."""
     x = datamodule.train_set.tensors[0]
     if x.shape[0] > max_images:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_images]]
@@ -327,7 +336,6 @@ def space_candidates(datamodule: Any, max_images: int = 2000
     out = {declared: space_statistics(x), pixels_name: space_statistics(pixels)}
     if datamodule.use_zca:
         out[meanstd_name] = space_statistics(datamodule.real.normalize(pixels))
-    elif x[0].numel() <= ZCA_CANDIDATE_MAX_DIM:
-        out[zca_name] = space_statistics(
-            ZCA(datamodule.zca_regularization).fit(pixels).transform(pixels))
+    else:
+        out[zca_name] = _zca_statistics(pixels, datamodule.zca_regularization)
     return declared, out
