@@ -47,7 +47,7 @@ def test_run_by_run_scores_their_mean_and_population_std():
     # run 0: HLR .9-.6=.3, IOR .8-.5=.3, LRS f(0)=.2689414, IOR no aug .7-.3=.4,
     #        ARS f(.35)=.4472375
     # run 1: HLR .9-.8=.1, IOR .7-.5=.2, LRS f(.05)=.2907552, IOR no aug .6-.55=.05,
-    #        ARS f(.125)=(1.1331485-.3678794)/2.3504024=.3255918
+    #        ARS f(.125)=(1.1331485-.3678794)/2.3504024=.3255906
     s = ranking_scores(syn=[0.8, 0.7], syn_hard=[0.6, 0.8], random=[0.5, 0.5],
                        syn_other_aug=[0.7, 0.6], random_other_aug=[0.3, 0.55],
                        full_hard=[0.9, 0.9])
