@@ -48,6 +48,7 @@ from .stages.recipes import (  # noqa: F401  (public here too)
     prepare_argv,
     resolve_config,
 )
+from .stages.sets import SET_COMMANDS, run_set_command
 
 #: one line per subcommand, for ``lightning-distill --help``
 SUBCOMMAND_HELP = {
@@ -55,6 +56,7 @@ SUBCOMMAND_HELP = {
     "distill": "distil a synthetic set by matching the experts' trajectories",
     "evaluate": "train fresh networks on synthetic sets and report test accuracy",
     "run": "experts -> distill -> evaluate for one recipe, resuming what exists",
+    **SET_COMMANDS,  # import-set, export-set (stages/sets.py: not LightningCLI's)
     "fit": "Lightning's fit of any LightningModule / datamodule (--model CLASS --data CLASS)",
     "validate": "Lightning's validate of any module",
     "test": "Lightning's test of any module",
@@ -292,7 +294,7 @@ def _usage() -> str:
     lines = ["usage: lightning-distill SUBCOMMAND [--config FILE|RECIPE] [--KEY VALUE ...]",
              "", "Dataset distillation by trajectory matching (MTT, FTD, DATM).", "",
              "subcommands (`lightning-distill SUBCOMMAND --help` for its keys):"]
-    lines += [f"  {k:<9} {v}" for k, v in SUBCOMMAND_HELP.items()]
+    lines += [f"  {k:<10} {v}" for k, v in SUBCOMMAND_HELP.items()]
     lines += ["", f"packaged recipes (--config NAME): {', '.join(packaged_recipes())}"]
     return "\n".join(lines)
 
@@ -317,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--optimizer / --lr_scheduler: the {name} module trains with "
                               "its method's own SGD; set its lr and momentum through "
                               "--model.* (see --model.help)")
+        if name in SET_COMMANDS:
+            return run_set_command(name, argv[argv.index(name) + 1:])
         argv = prepare_argv(argv)
         if name == "run":
             from .stages.pipeline import run_pipeline

@@ -40,9 +40,17 @@ import torch
 from torch import Tensor
 
 from ..artifacts import check_header, header
-from ..errors import InputError, MissingFileError
+from ..errors import DataFormatError, InputError, MissingFileError
 from ..io import atomic_open, atomic_save
 from .input_space import InputSpace
+from .reference_sets import (
+    check_reference,
+    hard_labels,
+    read_reference,
+    space_candidates,
+    write_reference,
+)
+from .reference_sets import check_space as check_statistics
 
 __all__ = [
     "FORMAT_VERSION",
@@ -393,6 +401,75 @@ class SyntheticSet:
         m.update(dict(meta or {}))
         m["ipc"], m["num_classes"] = int(ipc), int(num_classes)
         return cls(images[sel].detach().clone(), labels.to(images.device)[sel].clone(), lr, m)
+
+    @property
+    def hard_labels(self) -> Tensor:
+        """[N] int64: the labels when hard, else the class each image stands for
+        (:func:`~lightning_distill.data.reference_sets.hard_labels`: class-major, as
+        DD-Ranking's hard-label runs give them)."""
+        return hard_labels(self.labels, self.num_classes)
+
+    @classmethod
+    def from_reference(cls, path: str | os.PathLike, datamodule: Any, *,
+                       iteration: str | int = "best", lr: float | None = None,
+                       check_space: bool = True) -> SyntheticSet:
+        """A set saved by the distill script of MTT, DATM or PAD (docs/formats.md,
+        'Reference scripts' synthetic sets'), for the data of ``datamodule`` (a
+        :class:`~lightning_distill.data.RealDataModule`, set up here if it is not).
+
+        ``path``: the directory of ``images_<tag>.pt`` / ``labels_<tag>.pt`` (or the run's
+        directory above DATM's ``Normal``); ``iteration``: ``"best"`` or an iteration
+        number; ``lr``: the step size, when the directory holds no ``lr_<tag>.pt`` /
+        ``syn_lr_<tag>.pt`` (MTT) or to replace it. The set is checked against the data:
+        image shape, classes, labels in range, finite values, and its input space: a
+        ``meta_<tag>.json`` written by :meth:`to_reference` names it, else the images'
+        statistics must not be clearly another space's (``check_space``;
+        :func:`~lightning_distill.data.reference_sets.check_space`). The set's ``meta``
+        records the data set, its input space and ``imported_from``."""
+        ref = read_reference(path, iteration, lr)
+        where = ref.directory / f"images_{ref.tag}.pt"
+        if ref.lr is None:
+            raise InputError(
+                f"{ref.directory}: no lr_{ref.tag}.pt or syn_lr_{ref.tag}.pt (MTT saves no "
+                "step size): pass the run's learned syn_lr (lr=..., --lr on the command line)")
+        if getattr(datamodule, "train_set", None) is None:
+            datamodule.setup("fit")
+        check_reference(ref, channels=datamodule.channels, image_size=datamodule.image_size,
+                        num_classes=datamodule.num_classes)
+        space = datamodule.input_space
+        recorded = ref.meta.get("input_space")
+        name = f"data.name={datamodule.name}, data.zca={str(datamodule.use_zca).lower()}"
+        if recorded:
+            diff = InputSpace.coerce(recorded).mismatch(space)
+            if diff is not None:
+                raise DataFormatError(
+                    f"{ref.directory / f'meta_{ref.tag}.json'}: the set was written for the "
+                    f"input space {InputSpace.coerce(recorded)}, the data's differ ({diff}); "
+                    "import it with the data settings it was distilled with")
+        elif check_space:
+            declared, candidates = space_candidates(datamodule)
+            check_statistics(ref.images, candidates, declared, str(where),
+                             f"name the data settings the run used ({name} now: pass "
+                             "--data.zca true or false), or --check_space false to import "
+                             "it anyway")
+        meta = {k: v for k, v in ref.meta.items() if k not in ("created", "path")}
+        meta.update({"dataset": datamodule.name, "input_space": space.to_dict(),
+                     "num_classes": int(datamodule.num_classes),
+                     "imported_from": {"directory": str(ref.directory), "tag": ref.tag,
+                                       "files": ref.files, "lr_source": ref.lr_source}})
+        return cls(ref.images, ref.labels, float(ref.lr), meta)
+
+    def to_reference(self, directory: str | os.PathLike, *, tag: str = "best",
+                     overwrite: bool = False) -> list[Path]:
+        """Write this set in DATM's layout into ``directory``: ``images_<tag>.pt``,
+        ``labels_<tag>.pt``, ``lr_<tag>.pt`` (what the reference evaluators and
+        DD-Ranking read) and ``meta_<tag>.json`` (this set's ``meta``, which they ignore
+        and :meth:`from_reference` restores). Returns the paths written."""
+        self.check_finite()
+        meta = _plain(self.meta, "")
+        meta.pop("path", None)
+        return write_reference(directory, self.images, self.labels, self.lr, tag=tag,
+                               meta=meta, overwrite=overwrite)
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
