@@ -89,3 +89,31 @@ def test_a_subclass_of_evalmodule_is_refused_with_where_it_runs(syn_path, capsys
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "MyEval is a subclass of EvalModule" in err and "lightning-distill fit" in err
+
+
+def test_results_json_is_checked_on_reading(tmp_path):
+    """load_rows (and the resume of an evaluation) reads a results.json only if it is
+    one: the header's format and version, rows with label / kind / results; a file from
+    before the header is read; anything else is a one-line DataFormatError naming it."""
+    from lightning_distill.errors import DataFormatError
+    from lightning_distill.stages.evaluate import RESULTS_FORMAT, load_rows
+
+    row = {"label": "random real, ipc 1", "kind": "random", "ipc": 1,
+           "results": {"ConvNet": {"mean": 0.5, "std": 0.1, "accs": [0.4, 0.6]}}}
+    path = tmp_path / "results.json"
+    good = {"format": RESULTS_FORMAT, "format_version": 1, "rows": [row]}
+    for obj in (good, {"rows": [row]}):  # with the header, and from before it
+        path.write_text(json.dumps(obj))
+        assert load_rows(path) == [row]
+    bad = [({**good, "format": "lightning_distill.SyntheticSet"}, "not a lightning_distill"),
+           ({**good, "format_version": 99}, "newer"),
+           ({**good, "rows": [{"label": "x"}]}, "'rows' must be a list"),
+           ({**good, "rows": "none"}, "'rows' must be a list")]
+    for obj, words in bad:
+        path.write_text(json.dumps(obj))
+        with pytest.raises(DataFormatError, match=words) as caught:
+            load_rows(path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    path.write_text("{not json")
+    with pytest.raises(DataFormatError, match="not JSON"):
+        load_rows(path)

@@ -43,9 +43,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..artifacts import file_sha256, header, sha256
+from ..artifacts import check_header, file_sha256, header, sha256
 from ..data.synthetic import SyntheticSet
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, DataFormatError, InputError
 from ..functional.evaluation import EvalProtocol
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
@@ -245,13 +245,30 @@ def _finished_rows(output: str | None, identity: dict[str, Any]) -> dict[str, di
     if not output or not Path(output).exists():
         return {}
     try:
-        previous = json.loads(Path(output).read_text())
-    except (OSError, ValueError):
+        previous = _check_results(json.loads(Path(output).read_text()), output)
+    except (OSError, ValueError):  # DataFormatError is a ValueError
         return {}  # not ours, or unreadable: it is overwritten
-    if not isinstance(previous, dict) or previous.get("identity") != identity or \
-            previous.get("format", RESULTS_FORMAT) != RESULTS_FORMAT:
+    if previous.get("identity") != identity:
         return {}
-    return {_row_key(row): row for row in previous.get("rows", [])}
+    return {_row_key(row): row for row in previous["rows"]}
+
+
+def _check_results(obj: Any, where: str | Path) -> dict[str, Any]:
+    """``obj`` (read from ``where``) if it is a results.json this library reads
+    (docs/formats.md, 'results.json'): the header, and ``rows`` a list of rows with a
+    label, a kind and results; a file from before the header (no ``format`` and no
+    ``format_version``) is read as version 1."""
+    if isinstance(obj, dict) and "format" not in obj and "format_version" not in obj:
+        obj = {**obj, "format": RESULTS_FORMAT, "format_version": 1}
+    check_header(obj, RESULTS_FORMAT, RESULTS_FORMAT_VERSION, where,
+                 fix="give a results.json written by `lightning-distill evaluate --output`")
+    rows = obj.get("rows")
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and {"label", "kind", "results"} <= r.keys() for r in rows):
+        raise DataFormatError(f"{where}: 'rows' must be a list of rows, each with a label, "
+                              "a kind and results; give a results.json written by "
+                              "`lightning-distill evaluate --output`")
+    return obj
 
 
 def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr, full_epochs,
@@ -339,5 +356,10 @@ def print_table(rows: list[dict[str, Any]], models: list[str], title: str) -> No
 
 
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results file written by :func:`evaluate`."""
-    return json.loads(Path(path).read_text())["rows"]
+    """Rows of a results file written by :func:`evaluate` (checked: :func:`_check_results`)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise DataFormatError(f"{path}: not JSON ({e}); give a results.json written by "
+                              "`lightning-distill evaluate --output`") from None
+    return _check_results(obj, path)["rows"]
