@@ -64,6 +64,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._version import __version__
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for
 from ..data.input_space import InputSpace
 from ..errors import ConfigError, InputError, InputTypeError, StateError
@@ -609,7 +610,9 @@ class DistillationModule(pl.LightningModule):
                 "num_classes": self.num_classes, "channels": int(self.images.shape[1]),
                 "image_size": list(self.images.shape[2:]), "input_space": self.input_space,
                 "source_store": str(st.path), "iteration": int(self.iteration),
-                "model": dict(st.model)}
+                "model": dict(st.model),
+                # which run a set found on disk came from
+                "seed": int(self.hparams.seed), "library_version": __version__}
 
     def synthetic_set(self):
         """The current images, labels and syn_lr as a :class:`SyntheticSet` (CPU copies)."""

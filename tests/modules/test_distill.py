@@ -574,7 +574,7 @@ def test_export_writes_synthetic_set(store_dir, tmp_path):
 
     out = tmp_path / "syn.pt"
     module = init_distill_module(make_distill_module(store_dir, iterations=2, learn_labels=True,
-                                                     export_path=str(out)))
+                                                     export_path=str(out), seed=7))
     ema = SyntheticEMA(decay=0.5)
     quiet_trainer(callbacks=[ema]).fit(module)
     syn = SyntheticSet.load(out)
@@ -582,6 +582,10 @@ def test_export_writes_synthetic_set(store_dir, tmp_path):
     assert torch.equal(syn.labels, module.labels.detach())
     assert syn.lr == pytest.approx(float(module.syn_lr))
     assert syn.meta["iteration"] == 2 and syn.meta["ipc"] == 2
+    # the run it came from: the distillation seed and the library version
+    from lightning_distill import __version__
+
+    assert syn.meta["seed"] == 7 and syn.meta["library_version"] == __version__
     ema_set = SyntheticSet.load(tmp_path / "syn_ema.pt")
     torch.testing.assert_close(ema_set.images, ema.average)
 
