@@ -172,3 +172,30 @@ def test_the_traceback_mode_raises_the_error_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_DISTILL_TRACEBACK", "1")
     with pytest.raises(LightningDistillError):
         cli.main(["distill", "--config", str(Path(tmp_path) / "missing.yaml")])
+
+
+def test_the_library_raises_only_its_own_error_family():
+    """Every error the package raises for a user's input is a LightningDistillError: no
+    ``raise`` of a bare built-in error class is left, except the internal invariant
+    listed here: a parse that ran instead of parsing (a bug, not an input), no free
+    temporary file name (the file system, not an input), and IndexError for an index out
+    of a store's range (Python's protocol for indexing)."""
+    import ast
+    import builtins
+
+    import lightning_distill
+
+    allowed = {("cli.py", "RuntimeError"), ("io.py", "FileExistsError"),
+               ("trajectories.py", "IndexError")}
+    builtin_errors = {n for n, v in vars(builtins).items() if isinstance(v, type)
+                      and issubclass(v, Exception) and n != "NotImplementedError"}
+    root = Path(lightning_distill.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
+                    isinstance(node.exc.func, ast.Name) and node.exc.func.id in builtin_errors:
+                where = (str(path.relative_to(root)), node.exc.func.id)
+                if where not in allowed:
+                    found.append(f"{where[0]}:{node.lineno} {where[1]}")
+    assert found == []

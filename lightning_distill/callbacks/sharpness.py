@@ -77,7 +77,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from lightning_distill.functional.batched import StackedNetworks
 from lightning_distill.functional.sharpness import gsam_gradient, perturbation
 
-from ..errors import InputError
+from ..errors import InputError, StateError
 from ..protocols import LossClosure
 
 __all__ = ["ASAM", "GSAM", "SAM", "SharpnessAware", "sharpness_settings"]
@@ -125,12 +125,12 @@ class SharpnessAware(Callback):
         name = type(self).__name__
         others = [c for c in trainer.callbacks if isinstance(c, SharpnessAware) and c is not self]
         if others:
-            raise RuntimeError(
+            raise StateError(
                 f"{name}: the Trainer has more than one sharpness-aware callback "
                 f"({self!r} and {others[0]!r}); keep exactly one of SAM / ASAM / GSAM."
             )
         if not pl_module.automatic_optimization:
-            raise RuntimeError(
+            raise StateError(
                 f"{name} needs automatic optimization, but {type(pl_module).__name__} sets "
                 "`automatic_optimization = False`. With manual optimization, perform the two "
                 "passes yourself with lightning_distill.functional.sharpness."
@@ -145,14 +145,14 @@ class SharpnessAware(Callback):
                 )
             else:
                 why = "the gradients are not plain full-graph gradients in one dtype"
-            raise RuntimeError(
+            raise StateError(
                 f"{name} does not support Trainer(precision={precision!r}): {why}. "
                 f"Use one of {', '.join(_SUPPORTED_PRECISION)}."
             )
         strategy = trainer.strategy
         deepspeed = any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or deepspeed:
-            raise RuntimeError(
+            raise StateError(
                 f"{name} supports single-device and DDP strategies, got "
                 f"{type(strategy).__name__}: sharded strategies (FSDP, DeepSpeed) own the "
                 "gradients. Use strategy='ddp' (or 'ddp_spawn') for data parallelism."
@@ -170,7 +170,7 @@ class SharpnessAware(Callback):
             return
         name = type(self).__name__
         if closure is None or not callable(closure):
-            raise RuntimeError(
+            raise StateError(
                 f"{name}: {type(pl_module).__name__} does not follow the loss protocol: "
                 f"`loss_closure` is {closure!r}. In training_step, {_PROTOCOL}."
             )
@@ -178,7 +178,7 @@ class SharpnessAware(Callback):
         _check_accumulation(trainer, name)
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
-            raise RuntimeError(f"{name} does not support sparse gradients.")
+            raise StateError(f"{name} does not support sparse gradients.")
 
         per_member = int(getattr(pl_module, "stacked_members", 0) or 0) > 0
         with torch.no_grad():
@@ -301,7 +301,7 @@ def _validate(rho: Any, alpha: Any, adaptive: Any, eps: Any) -> tuple[float, flo
 
 def _check_accumulation(trainer: pl.Trainer, name: str) -> None:
     if trainer.accumulate_grad_batches > 1:
-        raise RuntimeError(
+        raise StateError(
             f"{name} does not support Trainer(accumulate_grad_batches="
             f"{trainer.accumulate_grad_batches}): the perturbation would be computed from a "
             "partial gradient. Use accumulate_grad_batches=1 and a larger batch size."
@@ -310,13 +310,13 @@ def _check_accumulation(trainer: pl.Trainer, name: str) -> None:
 
 def _check_loss(loss: Any, name: str) -> None:
     if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise RuntimeError(
+        raise StateError(
             f"{name}: `loss_closure()` must return a scalar loss tensor, got "
             f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}. "
             f"In training_step, {_PROTOCOL}."
         )
     if not loss.requires_grad:
-        raise RuntimeError(
+        raise StateError(
             f"{name}: the loss returned by `loss_closure()` does not require grad; it must be "
             "computed from the module's parameters (not detached, not under no_grad)."
         )

@@ -29,7 +29,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-from ..errors import InputError, InputTypeError, StateError
+from ..errors import ConfigError, InputError, InputTypeError, StateError
 from ..io import atomic_save
 from ..models.params import flatten_parameters
 from ..protocols import StoreRecord
@@ -166,9 +166,10 @@ class TrajectoryRecorder(Callback):
         obj: Any = pl_module
         for part in attr.split("."):
             if not hasattr(obj, part):
-                raise AttributeError(
+                raise ConfigError(
                     f"TrajectoryRecorder(module_attr={attr!r}): "
-                    f"{type(pl_module).__name__} has no attribute path {attr!r}"
+                    f"{type(pl_module).__name__} has no attribute path {attr!r}; give the "
+                    "attribute that holds the network (e.g. 'net'), or null for the module"
                 )
             obj = getattr(obj, part)
         if obj is None and not built:

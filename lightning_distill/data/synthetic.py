@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..artifacts import check_header, header
-from ..errors import DataFormatError, InputError, MissingFileError
+from ..errors import DataFormatError, InputError, InputTypeError, MissingFileError
 from ..io import atomic_open, atomic_save
 from .input_space import InputSpace
 from .reference_sets import (
@@ -82,12 +82,12 @@ def _plain(value: Any, where: str) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, (str, int)):
-                raise TypeError(f"SyntheticSet meta{where}: key {k!r} must be a str or int")
+                raise InputTypeError(f"SyntheticSet meta{where}: key {k!r} must be a str or int")
             out[k] = _plain(v, f"{where}[{k!r}]")
         return out
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(
+    raise InputTypeError(
         f"SyntheticSet meta{where}: {type(value).__name__} cannot be stored in a weights_only "
         "file; use numbers, strings, lists, dicts or tensors"
     )
@@ -581,8 +581,8 @@ class SyntheticSet:
         if isinstance(value, (str, os.PathLike)):
             return cls.load(value), os.fspath(value)
         if not isinstance(value, cls):
-            raise TypeError(f"{where}: synthetic must be a SyntheticSet or a file path, got "
-                            f"{type(value).__name__}")
+            raise InputTypeError(f"{where}: synthetic must be a SyntheticSet or a file path, got "
+                                 f"{type(value).__name__}")
         return value, None
 
     @classmethod

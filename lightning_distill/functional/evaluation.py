@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from .batched import StackedNetworks, augment_members, chunks, gather_members, member_losses
 from .losses import classification_loss
 
@@ -571,8 +571,8 @@ class EvalProtocol:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"{where}: unknown keyword(s) {unknown}; the evaluation protocol "
-                            f"takes {sorted(names)}")
+            raise InputTypeError(f"{where}: unknown keyword(s) {unknown}; the evaluation protocol "
+                                 f"takes {sorted(names)}")
         base = protocol if protocol is not None else cls()
         return dataclasses.replace(base, **dict(overrides)) if overrides else base
 

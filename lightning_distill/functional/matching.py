@@ -67,7 +67,7 @@ from lightning_distill.functional.device import to_device
 from lightning_distill.functional.losses import classification_loss
 from lightning_distill.models.params import ParamSpec, has_running_stats
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 
 __all__ = [
     "MATCHING_MODES",
@@ -601,7 +601,7 @@ def _prepare(
 ):
     name = "trajectory_matching_loss"
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
     if has_running_stats(model):
         raise InputError(
             f"{name}: the model keeps BatchNorm running statistics, which the functional inner "
@@ -613,7 +613,7 @@ def _prepare(
     dtype, device = images.dtype, images.device
     n = images.shape[0]
     if not torch.is_tensor(labels):
-        raise TypeError(f"{name}: labels must be a tensor ([N] class ids or [N, K] logits)")
+        raise InputTypeError(f"{name}: labels must be a tensor ([N] class ids or [N, K] logits)")
     if labels.shape[0] != n:
         raise InputError(
             f"{name}: labels have {labels.shape[0]} rows but images have {n}; pass one label "

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_distill.callbacks.trajectory import TrajectoryRecorder
+from lightning_distill.errors import ConfigError
 from lightning_distill.models.params import ParamSpec
 from lightning_distill.trajectories import TrajectoryStore
 
@@ -132,7 +133,7 @@ def test_max_epochs_and_model_checked_at_setup(tmp_path):
     )
     with pytest.raises(Exception, match="does not match the trajectory store"):
         trainer(3, [TrajectoryRecorder(other, 0, module_attr="net")]).fit(LinearModule())
-    with pytest.raises(AttributeError, match="no attribute path 'backbone'"):
+    with pytest.raises(ConfigError, match="no attribute path 'backbone'"):
         trainer(3, [TrajectoryRecorder(store, 0, module_attr="backbone")]).fit(LinearModule())
     assert store.num_experts == 0 and other.num_experts == 0
 
