@@ -124,7 +124,7 @@ class DistillTrainer(pl.Trainer):
                  model_kwargs: dict[str, dict[str, Any]] | None = None, runs: int = 5,
                  baselines: list[str] | None = None, random_lr: float = 0.01,
                  full_epochs: int = 50, full_lr: float = 0.01, full_batch_size: int = 256,
-                 output: str | None = None) -> list[dict[str, Any]]:
+                 output: str | None = None, scores: bool = True) -> list[dict[str, Any]]:
         """Train fresh networks on synthetic sets and report their test accuracy
         (:func:`lightning_distill.stages.evaluate.evaluate_stage`), on this Trainer's device
         and, where the protocol leaves it unset, in its precision.
@@ -141,6 +141,7 @@ class DistillTrainer(pl.Trainer):
             random_lr: the random baseline's lr.
             full_epochs, full_lr, full_batch_size: the full-data baseline's protocol.
             output: results.json (docs/formats.md).
+            scores: DD-Ranking's HLR, IOR, LRS, ARS for every set (extra runs; method.md).
         """
         from .stages.evaluate import EVALUATE_OPTIONS, evaluate_stage
 

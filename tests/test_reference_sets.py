@@ -285,3 +285,18 @@ def test_import_set_records_the_store_and_refuses_another_space(tmp_path, digits
         cli.main(["import-set", str(run), "--data.name", "digits", "--output",
                   str(tmp_path / "b.pt"), "--store", str(other)])
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_exporting_a_zca_set_to_pixels_needs_its_data(tmp_path, capsys):
+    syn = random_digits_set(ipc=1)
+    syn.meta["input_space"] = {"dataset": "digits", "normalization": "zca",
+                               "zca_fingerprint": "0123456789abcdef", "zca_regularization": 0.1}
+    path = syn.save(tmp_path / "zca.pt", grid=False)
+    out = tmp_path / "png"
+    one_line(["export-set", str(path), "--format", "imagefolder", "--output", str(out)],
+             capsys, str(path), "--data.zca true")
+    one_line(["export-set", str(path), "--format", "imagefolder", "--output", str(out),
+              "--data.name", "digits"], capsys, "input space mismatch")
+    assert not out.exists()
+    one_line(["export-set", str(path), "--format", "tiff", "--output", str(out)], capsys,
+             "--format", "datm")

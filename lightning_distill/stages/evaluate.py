@@ -49,8 +49,8 @@ from ..errors import ConfigError, DataFormatError, InputError
 from ..functional.evaluation import EvalProtocol
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
-from ..seeding import derive_seed
 from ._common import console, prepare
+from .scores import add_scores, print_scores, random_subsets
 
 #: results.json's format (docs/formats.md, 'results.json')
 RESULTS_FORMAT = "lightning_distill.results"
@@ -88,7 +88,7 @@ def _row(label: str, kind: str, ipc: int | None, res: dict[str, Any]) -> dict[st
 EVALUATE_OPTIONS: dict[str, Any] = {
     "synthetic": None, "models": None, "model_kwargs": None, "runs": 5, "baselines": None,
     "random_lr": 0.01, "full_epochs": 50, "full_lr": 0.01, "full_batch_size": 256,
-    "output": None}
+    "output": None, "scores": True}
 
 
 def evaluate_stage(model: Any, datamodule: Any, *, device: torch.device,
@@ -156,12 +156,14 @@ def evaluate_sets(
     model_kwargs: dict[str, dict[str, Any]], runs: int, seed: int, device: torch.device,
     baselines: Sequence[str] = (), random_lr: float = 0.01, full_epochs: int = 50,
     full_lr: float = 0.01, full_batch_size: int = 256, output: str | None = None,
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None, scores: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate the sets at ``synthetic`` and the ``baselines`` (``random``: random real
     subsets of the same ipc, one per run; ``full``: the whole training split) on ``dm``'s
     test split (a set-up RealDataModule), ``runs`` networks per architecture under
-    ``protocol``; print the table, write ``output`` (results.json) and return the rows."""
+    ``protocol``; with ``scores`` add DD-Ranking's scores to the distilled rows
+    (:func:`~lightning_distill.stages.scores.add_scores`); print the table, write
+    ``output`` (results.json) and return the rows."""
     check_request(synthetic, baselines)
     name = dm.name
     sets = []
@@ -209,8 +211,13 @@ def evaluate_sets(
         rows = _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
                               full_epochs, full_lr, full_batch_size, reuse=reuse,
                               on_row=lambda rows: save(rows, complete=False))
+        if scores:
+            add_scores(rows, dm, sets, protocol=protocol, common=common, runs=runs, seed=seed,
+                       random_lr=random_lr, on_row=lambda rows: save(rows, complete=False),
+                       grow=lambda n: progress.update(task, total=progress.tasks[0].total + n))
     print_table(rows, list(models), title=f"{name}: test accuracy (%), "
                 f"mean +- std over {runs} networks")
+    print_scores(rows, list(models))
     if output:
         save(rows, complete=True)
         console.print(f"[green]results: {output}[/]")
@@ -226,7 +233,8 @@ def _identity(dm: Any, config: dict[str, Any] | None, device: torch.device) -> d
     if getattr(dm, "train_set", None) is not None:
         splits.insert(0, dm.train_set)
     data = sha256(*(t for split in splits for t in split.tensors))
-    settings = {k: v for k, v in (config or {}).items() if k not in ("synthetic", "baselines")}
+    settings = {k: v for k, v in (config or {}).items()
+                if k not in ("synthetic", "baselines", "scores")}
     # through JSON, so that it compares equal to what a results.json holds
     return json.loads(json.dumps({"settings": settings, "device": device.type,
                                   "data": data}))
@@ -333,12 +341,7 @@ def _random_real(runs, seed, lr, dm, train_x, train_y, ipc, test_x, test_y, prot
     lucky or unlucky draw (on digits, single ipc-10 draws range over ~3 points). The
     runs train as groups (one subset per member).
     """
-    subsets = []
-    for r in range(runs):
-        g = torch.Generator().manual_seed(derive_seed(seed, ipc, r))
-        subsets.append(SyntheticSet.from_real(
-            train_x, train_y, ipc, dm.num_classes, generator=g, lr=lr,
-            meta={"dataset": dm.name, "input_space": dm.input_space}))
+    subsets = random_subsets(dm, seed, ipc, runs, lr)
     return evaluate_synthetic(subsets[0], test_x, test_y, protocol=protocol, lr=lr,
                               train_sets=[(s.images, s.labels) for s in subsets], **common)
 
