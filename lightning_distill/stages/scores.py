@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..data.synthetic import SyntheticSet
-from ..errors import LightningDistillError
+from ..errors import LightningDistillError, MissingFileError
 from ..functional.evaluation import EvalProtocol, summarize
 from ..functional.initialization import soft_label_logits
 from ..functional.ranking import hard_label_recovery, ranking_scores
@@ -123,7 +123,7 @@ def add_scores(rows: list[dict[str, Any]], dm: Any, sets: list[tuple[str, Synthe
             store = syn.meta.get("source_store")
             try:
                 if store is None:
-                    raise FileNotFoundError("the set names no source_store")
+                    raise MissingFileError("the set names no source_store")
                 TrajectoryStore.open(store)
             except (LightningDistillError, OSError) as e:
                 notes.append(f"IOR, LRS, ARS need the experts' soft labels for the random "
