@@ -265,7 +265,9 @@ def _report(name: str, argv: Sequence[str], err: BaseException) -> int:
         raise err
     own = user_error(err)
     message = str(own) if own is not None else describe(err, argv, _keys_of(name))
-    message = "; ".join(part.strip(" -") for part in message.splitlines() if part.strip())
+    # a multi-line message on one line (a list's "- " bullets dropped, an option's "--" kept)
+    message = "; ".join(part.strip().removeprefix("- ") for part in message.splitlines()
+                        if part.strip())
     print(f"lightning-distill {name}: error: {message.strip()} (docs/recipes.md; "
           "LIGHTNING_DISTILL_TRACEBACK=1 for the traceback)", file=sys.stderr)
     return 2
