@@ -65,17 +65,20 @@ def _setup(threads: int | None, seed: int = 0):
     return torch
 
 
-def _clock(step, iters: int, sync) -> float:
-    """Median seconds of ``iters`` calls of ``step`` after one warm-up call."""
+def _clock(step, iters: int, sync) -> dict[str, float]:
+    """Median wall and CPU seconds (all threads of the process) of ``iters`` calls of
+    ``step`` after one warm-up call. On a loaded machine the CPU seconds are the fairer
+    figure (the wall time also counts the time other processes held the cores)."""
     step()
     sync()
-    times = []
+    wall, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"seconds": statistics.median(wall), "cpu": statistics.median(cpu)}
 
 
 def _problem(torch, shape: str, device):
@@ -213,7 +216,8 @@ def worker_expert(args, torch, device, sync) -> float:
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[GSAM(), Clock()])
     trainer.fit(module, DataLoader(data, batch_size=bs))
-    return statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False))
+    wall = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False))
+    return {"seconds": wall, "cpu": float("nan")}
 
 
 def worker_evaluate(args, torch, device, sync) -> float:
@@ -246,7 +250,7 @@ def worker(args) -> None:
         fn = worker_distill_datm if args.variant == "datm" else worker_distill_ours
     else:
         fn = worker_expert if args.part == "expert" else worker_evaluate
-    print(json.dumps({"seconds": fn(args, torch, device, sync)}))
+    print(json.dumps(fn(args, torch, device, sync)))
 
 
 # ---------------------------------------------------------------------- driver
@@ -282,6 +286,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, device {args.device}, "
           f"commit {_commit()}, repeats {args.repeats}, iters {args.iters}", flush=True)
     times: dict[tuple, list[float]] = {j: [] for j in jobs}
+    cpus: dict[tuple, list[float]] = {j: [] for j in jobs}
     for r in range(args.repeats):
         for job in jobs:
             part, shape, variant = job
@@ -295,11 +300,20 @@ def main() -> None:
             if res.returncode != 0:
                 print(f"FAILED {job}:\n{res.stderr[-2000:]}", flush=True)
                 times[job].append(float("nan"))
+                cpus[job].append(float("nan"))
                 continue
-            sec = json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
-            times[job].append(sec)
-            print(f"  round {r + 1}: {part:8s} {shape:8s} {variant:18s} {sec:8.3f} s", flush=True)
-    print("\npart      shape     variant            median s   runs                 speed-up")
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+            times[job].append(out["seconds"])
+            cpus[job].append(out["cpu"])
+            print(f"  round {r + 1}: {part:8s} {shape:8s} {variant:18s} {out['seconds']:8.3f} s"
+                  f" wall {out['cpu']:8.3f} s CPU", flush=True)
+    _table("wall", times, jobs, distill)
+    if any(c == c for cs in cpus.values() for c in cs):  # the CPU time where measured
+        _table("CPU (all threads)", cpus, jobs, distill)
+
+
+def _table(what: str, times: dict, jobs: list, distill: list) -> None:
+    print(f"\n{what}: part  shape  variant  median s  runs  speed-up")
     for part, shape in dict.fromkeys((j[0], j[1]) for j in jobs):
         ref_name = "datm" if part == "distill" and "datm" in distill else (
             "full-fp32" if part == "distill" else "fp32")
