@@ -217,7 +217,8 @@ def evaluate_sets(
                        grow=lambda n: progress.update(task, total=progress.tasks[0].total + n))
     print_table(rows, list(models), title=f"{name}: test accuracy (%), "
                 f"mean +- std over {runs} networks")
-    print_scores(rows, list(models))
+    if scores:
+        print_scores(rows, list(models))
     if output:
         save(rows, complete=True)
         console.print(f"[green]results: {output}[/]")
