@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .artifacts import check_header, header, sha256
+from .data.splits import split_labels
 from .errors import DataFormatError, InputError, StateError
 from .functional.difficulty import el2n_scores
 from .functional.evaluation import seeded_model, train_and_evaluate
@@ -103,7 +104,7 @@ def data_identity(dm: Any) -> dict[str, Any]:
     if dm.train_set is None or dm.train_idx is None:
         raise StateError("data_identity: call setup() on the datamodule first")
     real = dm.real
-    _, labels = dm.train_set.tensors
+    labels = split_labels(dm.train_set)
     idx = dm.train_idx.long()
     return {
         "dataset": real.name,

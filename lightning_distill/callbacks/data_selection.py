@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from ..artifacts import sha256
+from ..data.splits import split_labels
 from ..errors import InputError, InputTypeError, StateError
 from ..protocols import SelectableTrainData
 
@@ -197,7 +198,7 @@ class PADDataSelection(DataSelection):
                                         "have written it)")
         settings = self.settings(model, int(dm.batch_size))
         self.scores = load_or_compute_el2n(path, dm, settings, device=device, log=log)
-        _, labels = dm.train_set.tensors
+        labels = split_labels(dm.train_set)
         self.select = PADSelection(self.scores.scores, labels, self.schedule, dm.num_classes)
         self._prepared_for = dm
 

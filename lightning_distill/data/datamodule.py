@@ -35,24 +35,33 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
 from lightning_distill.data.datasets import RealDataset, get_dataset
 from lightning_distill.data.datasets.container import draw_indices
 from lightning_distill.data.input_space import InputSpace
+from lightning_distill.data.splits import HeldSplit, StreamedSplit
 
 from ..errors import InputError, StateError
 from ..protocols import OwnsTrainLoader
 
-__all__ = ["MemberBatches", "RealDataModule", "TensorBatchLoader", "shard_indices"]
+__all__ = ["MemberBatches", "RealDataModule", "SplitBatchLoader", "TensorBatchLoader",
+           "shard_indices"]
 
 _CHUNK = 4096
+#: a split is held as float32 input-space images when that takes at most this many bytes
+#: (``hold=None``); a larger one is streamed (uint8 codes, transformed per batch)
+HOLD_LIMIT_BYTES = 1 << 30
+#: ZCA of a streamed training part is fitted on this many of its images (seeded by
+#: ``split_seed``) unless ``zca_fit_images`` says otherwise
+ZCA_STREAMED_FIT_IMAGES = 10_000
 _LOADERS = ("batched", "dataloader")
 
 
@@ -148,9 +157,12 @@ class TensorBatchLoader:
                 raise InputError(f"TensorBatchLoader: indices must lie in [0, {n})")
         self.indices = indices
 
+    def _rows(self) -> int:
+        return int(self.tensors[0].shape[0])
+
     def _positions(self) -> int:
         """How many positions an epoch covers before sharding: ``len(indices)`` or N."""
-        return self.tensors[0].shape[0] if self.indices is None else self.indices.numel()
+        return self._rows() if self.indices is None else self.indices.numel()
 
     def _num_samples(self) -> int:
         n = self._positions()
@@ -179,6 +191,10 @@ class TensorBatchLoader:
         out = torch.empty((idx.numel(), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
         return torch.index_select(t, 0, idx, out=out)
 
+    def _fetch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = self.tensors
+        return self._gather(x, idx), self._gather(y, idx)
+
     def _trailing_draw(self) -> None:
         # RandomSampler draws one more randperm(n) (and slices it to length 0) once its
         # first permutation is exhausted; DataLoader reaches that point when it collects
@@ -188,15 +204,35 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.order()
-        x, y = self.tensors
         n, bs = order.numel(), self.batch_size
         for i in range(0, n, bs):
             idx = order[i : i + bs]
             if idx.numel() < bs:
                 self._trailing_draw()
-            yield self._gather(x, idx), self._gather(y, idx)
+            yield self._fetch(idx)
         if n % bs == 0:
             self._trailing_draw()
+
+
+class SplitBatchLoader(TensorBatchLoader):
+    """:class:`TensorBatchLoader`'s batches (same order, same sharding) of a
+    :class:`~lightning_distill.data.splits.StreamedSplit`: each batch gathers only its
+    rows' uint8 codes (from memory or a memory map); the :class:`RealDataModule` turns
+    them into input-space images after the transfer to the device
+    (:meth:`RealDataModule.on_after_batch_transfer`)."""
+
+    def __init__(self, split: StreamedSplit, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, pin_memory: bool | None = None,
+                 indices: Tensor | None = None) -> None:
+        self.split = split
+        super().__init__(split.labels, split.labels, batch_size, shuffle=shuffle,
+                         generator=generator, pin_memory=pin_memory, indices=indices)
+
+    def _fetch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.split.codes_of(idx)
+        if self.pin_memory:
+            x = x.pin_memory()
+        return x, self._gather(self.split.labels, idx)
 
 
 class MemberBatches:
@@ -246,10 +282,27 @@ class RealDataModule(pl.LightningDataModule):
             the DataLoader for the same seed; under ``torch.distributed`` it shards like
             ``DistributedSampler``) or ``"dataloader"`` (``torch.utils.data.DataLoader``,
             per-sample indexing and collation; Lightning injects its distributed sampler).
+        prepared: read the data set from its prepared form (docs/formats.md, 'Prepared
+            data'): written once (by ``lightning-distill prepare``, or on first use in
+            :meth:`prepare_data`) as memory-mapped uint8 arrays under ``prepared_root``,
+            then only the rows a batch needs are read. ``False``: the data set's own
+            files, read whole into memory as uint8.
+        prepared_root: where prepared data sets live (default ``<root>/prepared``, root
+            being ``root`` or the default data root).
+        hold: hold every split as float32 input-space images (``True``), or stream it
+            (``False``: uint8 codes, gathered per batch and transformed on the batch's
+            device by :meth:`on_after_batch_transfer`); ``None``: hold a split whose
+            float32 images take at most ``HOLD_LIMIT_BYTES`` (1 GiB), stream a larger
+            one. Both give the same images bit for bit on one device.
+        zca_fit_images: fit ZCA on this many training-part images (drawn with
+            ``split_seed``) instead of all of them; a streamed training part defaults to
+            ``ZCA_STREAMED_FIT_IMAGES`` (10,000).
 
     After ``setup()``: ``real`` (the :class:`RealDataset`), ``train_idx`` / ``val_idx``
     (indices into ``real``'s training split), ``train_set`` / ``val_set`` / ``test_set``
-    (CPU :class:`TensorDataset` of float32 transformed images and int64 labels), ``zca``
+    (each a :class:`~lightning_distill.data.splits.HeldSplit`, a CPU ``TensorDataset`` of
+    float32 transformed images and int64 labels, or, past the hold limit or with
+    ``hold=False``, a :class:`~lightning_distill.data.splits.StreamedSplit`), ``zca``
     (the fitted transform or ``None``) and ``input_space`` (an :class:`InputSpace`).
 
     ``train_selection`` (default ``None``): a function ``epoch -> indices`` into
@@ -278,6 +331,10 @@ class RealDataModule(pl.LightningDataModule):
         dataset_kwargs: dict[str, Any] | None = None,
         shuffle_seed: int | None = None,
         loader: str = "batched",
+        prepared: bool = False,
+        prepared_root: str | os.PathLike | None = None,
+        hold: bool | None = None,
+        zca_fit_images: int | None = None,
     ) -> None:
         super().__init__()
         if loader not in _LOADERS:
@@ -298,6 +355,12 @@ class RealDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.loader = "dataloader" if self.num_workers > 0 else loader
         self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.prepared = bool(prepared)
+        self.prepared_root = prepared_root
+        self.hold = hold
+        if zca_fit_images is not None and zca_fit_images < 1:
+            raise InputError(f"zca_fit_images must be >= 1, got {zca_fit_images}")
+        self.zca_fit_images = zca_fit_images
         self.real: RealDataset | None = None
         # the training order's generators (one, or one per group member) and a state to
         # give them on resume (state_dict / load_state_dict)
@@ -306,16 +369,45 @@ class RealDataModule(pl.LightningDataModule):
         self.zca: Any = None
         self.train_idx: Tensor | None = None
         self.val_idx: Tensor | None = None
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
+        self.train_set: HeldSplit | StreamedSplit | None = None
+        self.val_set: HeldSplit | StreamedSplit | None = None
+        self.test_set: HeldSplit | StreamedSplit | None = None
         self.train_selection: Callable[[int], Tensor] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
-        """Download once (rank 0) when ``dataset_kwargs`` asks for it."""
+        """Once per node (Lightning calls it on local rank 0): download when
+        ``dataset_kwargs`` asks for it; with ``prepared=True``, write the prepared form if
+        it is not there yet (with a progress bar)."""
         if self.dataset_kwargs.get("download"):
             get_dataset(self.name, self.root, **self.dataset_kwargs)
+        if self.prepared:
+            from lightning_distill.data.prepared import prepare
+
+            prepare(self._source(), self._prepared_root(), progress=True, log=rank_zero_info)
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.dataset_kwargs.items() if k != "download"}
+
+    def _source(self) -> Any:
+        from lightning_distill.data.datasets.sources import get_source
+
+        return get_source(self.name, self.root, **self._loader_kwargs())
+
+    def _prepared_root(self) -> Path:
+        from lightning_distill.data.datasets import default_data_root
+
+        if self.prepared_root is not None:
+            return Path(self.prepared_root).expanduser()
+        return Path(self.root).expanduser() / "prepared" if self.root is not None \
+            else default_data_root() / "prepared"
+
+    def _load(self) -> RealDataset:
+        if not self.prepared:
+            return get_dataset(self.name, self.root, **self._loader_kwargs())
+        from lightning_distill.data.prepared import prepare_if_needed
+
+        return prepare_if_needed(self._source(), self._prepared_root(), log=rank_zero_info)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, split and transform all splits (runs once; later calls do nothing)."""
@@ -326,33 +418,67 @@ class RealDataModule(pl.LightningDataModule):
         # say what is happening (rank 0, Lightning's logger)
         rank_zero_info(f"data: loading {self.name}"
                        + (f" from {self.root}" if self.root is not None else ""))
-        kw = {k: v for k, v in self.dataset_kwargs.items() if k != "download"}
-        real = get_dataset(self.name, self.root, **kw)
+        real = self._load()
         train_idx, val_idx = real.split_validation(self.val_fraction, self.split_seed)
+        self.real = real
         if self.use_zca:
             from lightning_distill.data.zca import ZCA
 
-            rank_zero_info(f"data: fitting ZCA on {train_idx.numel()} training images "
+            fit_idx = train_idx
+            n_fit = self.zca_fit_images
+            if n_fit is None and not self._holds(train_idx.numel()):
+                n_fit = ZCA_STREAMED_FIT_IMAGES
+            if n_fit is not None and n_fit < train_idx.numel():
+                g = torch.Generator().manual_seed(self.split_seed)
+                fit_idx = train_idx[torch.randperm(train_idx.numel(), generator=g)[:n_fit]]
+                fit_idx = fit_idx.sort().values
+            rank_zero_info(f"data: fitting ZCA on {fit_idx.numel()} training images "
                            f"(regularization {self.zca_regularization:g})")
-            self.zca = ZCA(self.zca_regularization).fit(real.images("train", train_idx))
-        self.real = real
+            self.zca = ZCA(self.zca_regularization).fit(real.images("train", fit_idx))
         self.train_idx, self.val_idx = train_idx, val_idx
-        self.train_set = self._transformed("train", train_idx)
-        self.val_set = self._transformed("train", val_idx)
-        self.test_set = self._transformed("test", torch.arange(real.test_data.shape[0]))
+        self.train_set = self._make_split("train", train_idx)
+        self.val_set = self._make_split("train", val_idx)
+        self.test_set = self._make_split("test", torch.arange(real.test_data.shape[0]))
+        kinds = {s.held for s in (self.train_set, self.val_set, self.test_set)}
+        kind = "held" if kinds == {True} else "streamed" if kinds == {False} else "held/streamed"
         rank_zero_info(
             f"data: {self.name} ready in {time.monotonic() - start:.1f} s: "
             f"{len(self.train_set)} train / {len(self.val_set)} validation / "
             f"{len(self.test_set)} test images, {real.channels}x{real.image_size[0]}x"
-            f"{real.image_size[1]}, {'ZCA-whitened' if self.use_zca else 'normalised'}")
+            f"{real.image_size[1]}, {'ZCA-whitened' if self.use_zca else 'normalised'}, "
+            f"{kind}" + (" (prepared, memory-mapped)" if self.prepared else ""))
 
-    def _transformed(self, split: str, index: Tensor) -> TensorDataset:
+    def _holds(self, count: int) -> bool:
+        """Whether a split of ``count`` images is held as float32 (see ``hold``)."""
+        if self.hold is not None:
+            return bool(self.hold)
         real = self._real()
+        return count * real.channels * real.image_size[0] * real.image_size[1] * 4 \
+            <= HOLD_LIMIT_BYTES
+
+    def _make_split(self, split: str, index: Tensor) -> HeldSplit | StreamedSplit:
+        real = self._real()
+        labels = real.train_labels if split == "train" else real.test_labels
+        if not self._holds(index.numel()):
+            codes = real.train_data if split == "train" else real.test_data
+            return StreamedSplit(codes, labels, index, self.codes_to_input)
         x = torch.empty((index.numel(), real.channels, *real.image_size), dtype=torch.float32)
         for i in range(0, index.numel(), _CHUNK):
             x[i : i + _CHUNK] = self.to_input_space(real.images(split, index[i : i + _CHUNK]))
-        labels = real.train_labels if split == "train" else real.test_labels
-        return TensorDataset(x, labels[index].clone())
+        return HeldSplit(x, labels[index].clone())
+
+    def codes_to_input(self, codes: Tensor) -> Tensor:
+        """uint8 codes (any device, any leading shape) -> input-space float32 images: the
+        held splits' transform, ``to_input_space(codes.to(float32) / pixel_scale)``."""
+        return self.to_input_space(codes.to(torch.float32).div_(self._real().pixel_scale))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A streamed split's batch ``(uint8 codes, labels)`` becomes ``(input-space
+        images, labels)`` here, on the device it was moved to; other batches pass."""
+        if (isinstance(batch, (tuple, list)) and len(batch) == 2
+                and isinstance(batch[0], Tensor) and batch[0].dtype == torch.uint8):
+            return type(batch)([self.codes_to_input(batch[0]), batch[1]])
+        return batch
 
     def _real(self) -> RealDataset:
         if self.real is None:
@@ -408,10 +534,10 @@ class RealDataModule(pl.LightningDataModule):
         (all of them, in order, when ``n`` is None)."""
         real = self._real()
         assert self.train_set is not None
-        x, y = self.train_set.tensors
+        y = self.train_set.labels
         idx = draw_indices(torch.nonzero(y == real._check_class(c)).flatten(), n, generator,
                            f"{real.name}: asked for {n} images of class {c} but the training part")
-        return x[idx]
+        return self.train_set.images(idx)
 
     # ------------------------------------------------------------------ resuming
     def state_dict(self) -> dict[str, Any]:
@@ -442,8 +568,33 @@ class RealDataModule(pl.LightningDataModule):
         return gens
 
     # ------------------------------------------------------------------ loaders
+    def _batched(self, split: HeldSplit | StreamedSplit, shuffle: bool,
+                 generator: torch.Generator | None, indices: Tensor | None = None
+                 ) -> TensorBatchLoader:
+        """The ``"batched"`` loader of a split: gathered float32 rows of a held one, uint8
+        codes of a streamed one (:class:`SplitBatchLoader`); the same order either way."""
+        if isinstance(split, StreamedSplit):
+            return SplitBatchLoader(split, self.batch_size, shuffle=shuffle,
+                                    generator=generator, indices=indices)
+        x, y = split.tensors
+        return TensorBatchLoader(x, y, self.batch_size, shuffle=shuffle, generator=generator,
+                                 indices=indices)
+
+    def _dataloader(self, dataset: Any, shuffle: bool, generator: torch.Generator | None,
+                    persistent: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=persistent and self.num_workers > 0,
+            # a streamed split's uint8 batches go to the GPU through page-locked memory
+            pin_memory=torch.cuda.is_available() and not getattr(dataset, "held", True),
+        )
+
     def _loader(
-        self, dataset: TensorDataset | None, shuffle: bool
+        self, dataset: HeldSplit | StreamedSplit | None, shuffle: bool
     ) -> DataLoader | TensorBatchLoader:
         if dataset is None:
             raise StateError("RealDataModule: call setup() first")
@@ -451,16 +602,8 @@ class RealDataModule(pl.LightningDataModule):
             [self.split_seed if self.shuffle_seed is None else self.shuffle_seed]
         )[0] if shuffle else None
         if self.loader == "batched":
-            x, y = dataset.tensors
-            return TensorBatchLoader(x, y, self.batch_size, shuffle=shuffle, generator=generator)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+            return self._batched(dataset, shuffle, generator)
+        return self._dataloader(dataset, shuffle, generator, persistent=True)
 
     #: A LightningModule with ``owns_train_loader = True`` (the DistillationModule, whose
     #: training steps are outer iterations, not real batches) gets its own
@@ -511,17 +654,10 @@ class RealDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(derive_seed(base, epoch))
         assert self.train_set is not None
         if self.loader == "batched":
-            x, y = self.train_set.tensors
-            return TensorBatchLoader(x, y, self.batch_size, shuffle=True, generator=generator,
-                                     indices=idx)
-        return DataLoader(
-            Subset(self.train_set, idx.tolist()),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=False,  # a new loader (and workers) every epoch
-        )
+            return self._batched(self.train_set, True, generator, indices=idx)
+        # a new loader (and workers) every epoch
+        return self._dataloader(Subset(self.train_set, idx.tolist()), True, generator,
+                                persistent=False)
 
     def member_train_dataloader(self, shuffle_seeds: list[int]) -> MemberBatches:
         """Training batches for a group of K members: member k's order is exactly that of
@@ -530,10 +666,8 @@ class RealDataModule(pl.LightningDataModule):
         ``torch.distributed``), stacked to ``[K, B, ...]`` (:class:`MemberBatches`)."""
         if self.train_set is None:
             raise StateError("RealDataModule: call setup() first")
-        x, y = self.train_set.tensors
-        return MemberBatches([
-            TensorBatchLoader(x, y, self.batch_size, shuffle=True, generator=g)
-            for g in self._order_generator(list(shuffle_seeds))])
+        return MemberBatches([self._batched(self.train_set, True, g)
+                              for g in self._order_generator(list(shuffle_seeds))])
 
     def val_dataloader(self) -> DataLoader | TensorBatchLoader:
         return self._loader(self.val_set, shuffle=False)

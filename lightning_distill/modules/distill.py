@@ -67,6 +67,7 @@ from torch.func import functional_call
 from .._version import __version__
 from ..data.augment import DEFAULT_DSA_STRATEGY, DSA, dsa_flip_for
 from ..data.input_space import InputSpace
+from ..data.splits import images_view, split_labels
 from ..errors import ConfigError, InputError, InputTypeError, StateError
 from ..functional.initialization import (
     class_permutations,
@@ -334,7 +335,10 @@ class DistillationModule(pl.LightningModule):
                 raise InputError("initialize needs a datamodule or train_images/train_labels")
             if getattr(datamodule, "train_set", None) is None:
                 datamodule.setup("fit")
-            train_images, train_labels = datamodule.train_set.tensors
+            # a streamed split (data too large to hold) is read by rows: the class
+            # permutations' first rows, or those an expert classifies correctly
+            train_images = images_view(datamodule.train_set)
+            train_labels = split_labels(datamodule.train_set)
             if self.input_space is not None and getattr(datamodule, "input_space", None):
                 self._check_input_space(datamodule.input_space)
             if getattr(datamodule, "from_input_space", None) is not None:

@@ -86,6 +86,10 @@ class RealDataset:
     class_names: tuple[str, ...]
     pixel_scale: float = 255.0
     source: str = ""
+    #: per split, ``(rows sorted by class, offsets)``: class c's rows are
+    #: ``rows[offsets[c]:offsets[c + 1]]`` (a prepared data set's class index); ``None``:
+    #: found by comparing the labels
+    class_index: dict[str, tuple[Tensor, list[int]]] | None = None
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
@@ -193,7 +197,11 @@ class RealDataset:
     def indices_of_class(self, c: int, split: str = "train") -> Tensor:
         """Sorted int64 indices of the ``split`` images whose label is ``c``."""
         _, labels = self._split(split)
-        return torch.nonzero(labels == self._check_class(c)).flatten()
+        c = self._check_class(c)
+        if self.class_index is not None and split in self.class_index:
+            rows, offsets = self.class_index[split]
+            return rows[offsets[c]:offsets[c + 1]].sort().values
+        return torch.nonzero(labels == c).flatten()
 
     def images_of_class(
         self,

@@ -1,0 +1,352 @@
+"""Prepared splits: a data set written once as memory-mapped uint8 arrays, read without holding it.
+
+:func:`prepare` walks a :class:`~lightning_distill.data.datasets.sources.DatasetSource`
+in chunks of rows and writes, per split, into one directory (docs/formats.md, 'Prepared
+data')::
+
+    <prepared root>/<name>-<key>/          key: 12 hex digits of the settings' hash
+        header.json                        the artifact header, the settings, the classes,
+                                           the normalisation, per split: count, shape,
+                                           class offsets and the files' SHA-256
+        train_images.u8  test_images.u8    uint8 [N, C, H, W], C-order, no header
+        train_labels.i64 test_labels.i64   int64 [N] (little-endian)
+        train_class_index.i64 ...          the rows sorted by class (stable): the rows of
+                                           class c are index[offsets[c]:offsets[c + 1]]
+
+Nothing half-written is ever used: the directory is built as ``<name>-<key>.partial``
+and renamed into place (one atomic rename) only once every split is written, counted
+and hashed. ``.partial/progress.json`` records, after each chunk is flushed to disk, how
+many rows of which split are done, so an interrupted preparation resumes at its last
+chunk; one begun for other settings or other source files starts over.
+
+:func:`open_prepared` maps the files read-only (copy-on-write pages: nothing is read
+until a row is asked for) into a :class:`~lightning_distill.data.datasets.RealDataset`
+whose ``train_data`` / ``test_data`` are those maps, so every stage reads only the rows
+it gathers. It refuses, in one line naming the file and what to do, a directory written
+by a newer format, for other settings, or with a file of the wrong size; ``verify=True``
+also re-hashes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifacts import check_header, file_sha256, header, sha256
+from ..errors import DataFormatError, InputError, MissingFileError
+from ..io import atomic_write_json
+from .datasets.container import DatasetFormatError, RealDataset
+from .datasets.sources import DatasetSource, SplitSource
+
+__all__ = [
+    "PREPARED_FORMAT",
+    "PREPARED_VERSION",
+    "PreparedDataError",
+    "open_prepared",
+    "prepare",
+    "prepared_dir",
+]
+
+PREPARED_FORMAT = "lightning_distill.PreparedData"
+PREPARED_VERSION = 1
+#: rows per chunk aim at this many bytes of images (one chunk is read, checked, written
+#: and flushed at a time: the preparation's memory is about one chunk plus the source's)
+CHUNK_BYTES = 64 << 20
+_SPLITS = ("train", "test")
+
+
+class PreparedDataError(DataFormatError):
+    """A prepared directory that cannot be used (other settings, newer format, a file of
+    the wrong size or hash)."""
+
+
+def _identity(source: DatasetSource) -> dict[str, Any]:
+    """What decides the prepared bytes: the data set, its settings and the source files
+    (the files by name, size and modification time: a replaced file starts over)."""
+    files = {}
+    for split in _SPLITS:
+        for f in source.split(split).files:
+            try:
+                st = os.stat(f)
+                files[f] = [st.st_size, int(st.st_mtime)]
+            except OSError:
+                files[f] = None
+    return {"name": source.name, "settings": _jsonable(source.settings), "files": files}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def prepared_dir(root: str | os.PathLike, source: DatasetSource) -> Path:
+    """``root / <name>-<key>``: the key hashes the name and settings (not the files), so a
+    data set prepared with other settings (another resize, another subset) lives beside it."""
+    key = sha256(json.dumps({"name": source.name, "settings": _jsonable(source.settings),
+                             "format_version": PREPARED_VERSION}, sort_keys=True), length=12)
+    return Path(root).expanduser() / f"{source.name}-{key}"
+
+
+def _rows_per_chunk(shape: tuple[int, ...], chunk_rows: int | None) -> int:
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise InputError(f"prepare: chunk_rows must be >= 1, got {chunk_rows}")
+        return int(chunk_rows)
+    return max(1, CHUNK_BYTES // max(1, math.prod(shape)))
+
+
+def _progress_bar(enabled: bool, total: int, what: str) -> Callable[[int], None]:
+    """``advance(rows)`` of a rich progress bar on stderr (nothing when not ``enabled``)."""
+    if not enabled:
+        return lambda n: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    progress = Progress("[progress.description]{task.description}", BarColumn(),
+                        MofNCompleteColumn(), TimeRemainingColumn(), transient=False)
+    progress.start()
+    task = progress.add_task(what, total=total)
+
+    def advance(n: int) -> None:
+        progress.advance(task, n)
+        if progress.tasks[task].finished:
+            progress.stop()
+
+    return advance
+
+
+def _check_chunk(codes: Any, labels: Any, split: SplitSource, start: int, stop: int,
+                 num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    codes, labels = np.asarray(codes), np.asarray(labels)
+    want = (stop - start, *split.image_shape)
+    if codes.dtype != np.uint8 or codes.shape != want:
+        raise DatasetFormatError(f"{where}: rows {start}..{stop - 1} read as {codes.dtype} "
+                                 f"{codes.shape}, expected uint8 {want}; check the source files")
+    if labels.shape != (stop - start,):
+        raise DatasetFormatError(f"{where}: rows {start}..{stop - 1} gave {labels.shape} "
+                                 "labels; check the source files")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetFormatError(f"{where}: labels of rows {start}..{stop - 1} outside "
+                                 f"0..{num_classes - 1}; check the source files")
+    return codes, labels
+
+
+def _open_array(path: Path, dtype: Any, shape: tuple[int, ...], mode: str) -> np.memmap:
+    if math.prod(shape) == 0:  # np.memmap cannot map an empty file
+        return np.zeros(shape, dtype=dtype)  # type: ignore[return-value]
+    return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+
+
+def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int | None = None,
+            progress: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Write ``source``'s splits under ``root`` (see the module docstring); returns the
+    directory. Already prepared (a complete directory for the same settings): returned as
+    it is, after :func:`open_prepared`'s checks. ``chunk_rows``: rows per chunk (default:
+    about 64 MB of images); ``progress``: a rich progress bar; ``log``: one line per event."""
+    say = log or (lambda s: None)
+    final = prepared_dir(root, source)
+    if (final / "header.json").is_file():
+        open_prepared(final, expect=source)
+        say(f"prepare: {final} is ready")
+        return final
+    partial = final.with_name(final.name + ".partial")
+    identity = _identity(source)
+    state = _read_progress(partial)
+    if state is not None and state.get("identity") != identity:
+        say(f"prepare: {partial} was begun for other settings or files: starting over")
+        state = None
+    if state is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        state = {"identity": identity, "done": {s: 0 for s in _SPLITS},
+                 "sums": {"count": 0, "sum": [0] * source.train.image_shape[0],
+                          "sumsq": [0] * source.train.image_shape[0]}}
+        atomic_write_json(partial / "progress.json", state)
+    else:
+        say(f"prepare: resuming {partial} at {state['done']}")
+    k = len(source.class_names)
+    for split_name in _SPLITS:
+        split = source.split(split_name)
+        if split.image_shape != source.train.image_shape and split.count:
+            raise DatasetFormatError(f"{source.source or source.name}: {split_name} images are "
+                                     f"{split.image_shape}, training images "
+                                     f"{source.train.image_shape}")
+        n, shape = split.count, (split.count, *split.image_shape)
+        done = int(state["done"][split_name])
+        mode = "r+" if done else "w+"
+        images = _open_array(partial / f"{split_name}_images.u8", np.uint8, shape, mode)
+        labels = _open_array(partial / f"{split_name}_labels.i64", "<i8", (n,), mode)
+        step = _rows_per_chunk(split.image_shape, chunk_rows)
+        advance = _progress_bar(progress and done < n, n, f"prepare {source.name} {split_name}")
+        advance(done)
+        where = source.source or source.name
+        for start in range(done, n, step):
+            stop = min(n, start + step)
+            codes, labs = _check_chunk(*split.read(start, stop), split, start, stop, k, where)
+            images[start:stop] = codes
+            labels[start:stop] = labs
+            if split_name == "train" and source.mean is None:
+                s = state["sums"]  # exact integer sums for the mean / std
+                s["count"] += int(codes.shape[0] * codes.shape[2] * codes.shape[3])
+                per_c = codes.transpose(1, 0, 2, 3).reshape(codes.shape[1], -1).astype(np.int64)
+                s["sum"] = [a + int(b) for a, b in zip(s["sum"], per_c.sum(1), strict=True)]
+                s["sumsq"] = [a + int(b) for a, b in
+                              zip(s["sumsq"], (per_c * per_c).sum(1), strict=True)]
+            if isinstance(images, np.memmap):
+                images.flush()
+                labels.flush()
+            state["done"][split_name] = stop
+            atomic_write_json(partial / "progress.json", state)
+            advance(stop - start)
+        del images, labels
+    say(f"prepare: hashing {partial}")
+    _finish(source, partial, state)
+    os.replace(partial, final)
+    say(f"prepare: {final} written")
+    return final
+
+
+def _read_progress(partial: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((partial / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mean_std(source: DatasetSource, sums: dict[str, Any]) -> tuple[list[float], list[float]]:
+    if source.mean is not None and source.std is not None:
+        return list(source.mean), list(source.std)
+    n, scale = sums["count"], float(source.pixel_scale)
+    if n == 0:
+        raise DatasetFormatError(f"{source.source or source.name}: no training images")
+    mean = [a / n / scale for a in sums["sum"]]
+    std = [math.sqrt(max(0.0, q / n / scale**2 - m * m)) for q, m in zip(sums["sumsq"], mean,
+                                                                          strict=True)]
+    return mean, std
+
+
+def _finish(source: DatasetSource, partial: Path, state: dict[str, Any]) -> None:
+    """The class indexes, the hashes and the header, inside ``partial``."""
+    splits: dict[str, Any] = {}
+    k = len(source.class_names)
+    for split_name in _SPLITS:
+        split = source.split(split_name)
+        labels = np.fromfile(partial / f"{split_name}_labels.i64", dtype="<i8")
+        order = np.argsort(labels, kind="stable").astype("<i8")
+        order.tofile(partial / f"{split_name}_class_index.i64")
+        counts = np.bincount(labels, minlength=k)
+        files = {f"{split_name}_{part}": f"{split_name}_{part}"
+                 for part in ("images.u8", "labels.i64", "class_index.i64")}
+        splits[split_name] = {
+            "count": split.count,
+            "shape": list(split.image_shape),
+            "class_offsets": [0] + np.cumsum(counts).tolist(),
+            "files": {name: {"sha256": file_sha256(partial / name) if split.count else None}
+                      for name in files.values()},
+            "source_files": list(split.files),
+        }
+    mean, std = _mean_std(source, state["sums"])
+    head = header(PREPARED_FORMAT, PREPARED_VERSION)
+    head.update({
+        "name": source.name,
+        "settings": _jsonable(source.settings),
+        "source": source.source,
+        "class_names": list(source.class_names),
+        "mean": mean,
+        "std": std,
+        "pixel_scale": float(source.pixel_scale),
+        "splits": splits,
+    })
+    atomic_write_json(partial / "header.json", head)
+    (partial / "progress.json").unlink()
+
+
+_FIX = "delete the directory and run `lightning-distill prepare` again"
+
+
+def read_prepared_header(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``header.json`` of a prepared directory."""
+    path = Path(directory) / "header.json"
+    if not path.is_file():
+        partial = Path(directory).with_name(Path(directory).name + ".partial")
+        hint = (f" (an unfinished preparation is in {partial}: run `lightning-distill "
+                "prepare` to finish it)") if partial.is_dir() else ""
+        raise MissingFileError(f"{path}: no prepared data here{hint}; run `lightning-distill "
+                               "prepare` for this data set")
+    try:
+        head = json.loads(path.read_text())
+    except ValueError as e:
+        raise PreparedDataError(f"{path}: not JSON ({e}); {_FIX}") from e
+    check_header(head, PREPARED_FORMAT, PREPARED_VERSION, path, fix=_FIX,
+                 error=PreparedDataError)
+    return head
+
+
+def open_prepared(directory: str | os.PathLike, *, expect: DatasetSource | None = None,
+                  verify: bool = False) -> RealDataset:
+    """A :class:`RealDataset` over a prepared directory's memory maps (see the module
+    docstring). ``expect``: the source it must have been prepared from (same name and
+    settings); ``verify``: re-hash every file against the header."""
+    directory = Path(directory)
+    head = read_prepared_header(directory)
+    where = directory / "header.json"
+    if expect is not None:
+        want = {"name": expect.name, "settings": _jsonable(expect.settings)}
+        got = {"name": head.get("name"), "settings": head.get("settings")}
+        if want != got:
+            raise PreparedDataError(f"{where}: prepared for {got}, not {want}; {_FIX}")
+    arrays: dict[str, Any] = {}
+    index: dict[str, tuple[torch.Tensor, list[int]]] = {}
+    for split_name in _SPLITS:
+        info = head["splits"][split_name]
+        n, shape = int(info["count"]), tuple(int(s) for s in info["shape"])
+        for part, dtype, part_shape in (("images.u8", np.uint8, (n, *shape)),
+                                        ("labels.i64", "<i8", (n,)),
+                                        ("class_index.i64", "<i8", (n,))):
+            name = f"{split_name}_{part}"
+            path = directory / name
+            size = math.prod(part_shape) * np.dtype(dtype).itemsize
+            if not path.is_file() or path.stat().st_size != size:
+                got_size = path.stat().st_size if path.is_file() else "missing"
+                raise PreparedDataError(f"{path}: {got_size} bytes, expected {size}; {_FIX}")
+            if verify and n and file_sha256(path) != info["files"][name]["sha256"]:
+                raise PreparedDataError(f"{path}: SHA-256 differs from the header's; {_FIX}")
+            # copy-on-write maps: writable views for torch, pages read on first touch
+            arrays[name] = _open_array(path, dtype, part_shape, "c")
+        index[split_name] = (torch.from_numpy(arrays[f"{split_name}_class_index.i64"]),
+                             [int(o) for o in info["class_offsets"]])
+    return RealDataset(
+        name=head["name"],
+        train_data=torch.from_numpy(arrays["train_images.u8"]),
+        train_labels=torch.from_numpy(np.asarray(arrays["train_labels.i64"])),
+        test_data=torch.from_numpy(arrays["test_images.u8"]),
+        test_labels=torch.from_numpy(np.asarray(arrays["test_labels.i64"])),
+        mean=tuple(head["mean"]),
+        std=tuple(head["std"]),
+        class_names=tuple(head["class_names"]),
+        pixel_scale=float(head["pixel_scale"]),
+        source=str(directory),
+        class_index=index,
+    )
+
+
+def prepare_if_needed(source: DatasetSource, root: str | os.PathLike,
+                      log: Callable[[str], None] | None = None, progress: bool = False
+                      ) -> RealDataset:
+    """:func:`open_prepared` of ``source``'s directory under ``root``, preparing it first
+    when it is not there (on first use)."""
+    start = time.monotonic()
+    directory = prepare(source, root, progress=progress, log=log)
+    real = open_prepared(directory, expect=source)
+    if log:
+        log(f"prepare: {source.name} mapped from {directory} in "
+            f"{time.monotonic() - start:.1f} s")
+    return real
