@@ -1,4 +1,4 @@
-"""`lightning-distill import-set` and `export-set`: the reference scripts' synthetic sets.
+"""`lightning-distill import-set`, `export-set` and `prepare`: the commands outside LightningCLI.
 
     lightning-distill import-set logged_files/CIFAR10/10/ConvNet/run --data.name cifar10 \\
         --data.zca true --output outputs/cifar10/datm_ipc10.pt
@@ -14,6 +14,12 @@ in DATM's layout (``--format datm``, :meth:`~lightning_distill.data.SyntheticSet
 or as a torchvision ImageFolder of PNGs in pixel space (``--format imagefolder``: one
 folder per class, ``000``, ``001``, ...; normalisation or ZCA undone). Errors are the
 library's (one line from the command line, exit status 2); nothing is written on error.
+
+``prepare`` writes the data set named by ``--data.*`` / ``--config`` in its prepared form
+(docs/formats.md, 'Prepared data'), with a progress bar, ahead of a run that reads it
+with ``data.prepared: true`` (on many nodes: once per shared file system)::
+
+    lightning-distill prepare --config imagenet64/experts --data.root /data/imagenet64
 """
 
 from __future__ import annotations
@@ -72,10 +78,11 @@ def _split_data(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     return rest, data
 
 
-def _datamodule(config: str | None, overrides: dict[str, Any], *, required: bool
-                ) -> RealDataModule | None:
+def _datamodule(config: str | None, overrides: dict[str, Any], *, required: bool,
+                setup: bool = True) -> RealDataModule | None:
     """The RealDataModule of ``--config``'s ``data:`` section with the ``--data.*``
-    overrides, set up; None when neither names data and ``required`` is False."""
+    overrides, prepared and set up (``setup=False``: built only); None when neither
+    names data and ``required`` is False."""
     from .recipes import resolve_config
 
     kwargs: dict[str, Any] = {}
@@ -103,9 +110,25 @@ def _datamodule(config: str | None, overrides: dict[str, Any], *, required: bool
     if "name" not in kwargs:
         raise ConfigError("the command line: key 'data.name' is missing: name the data set")
     dm = RealDataModule(**kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
+    if setup:
+        dm.prepare_data()
+        dm.setup("fit")
     return dm
+
+
+def prepare_data_set(datamodule: RealDataModule, *, verify: bool = False) -> Path:
+    """Write ``datamodule``'s data set in its prepared form under its ``prepared_root``
+    (nothing if it is there; ``verify``: re-hash what is there); returns the directory."""
+    from ..data.prepared import open_prepared, prepare
+
+    directory = prepare(datamodule._source(), datamodule._prepared_root(), progress=True,
+                        log=console.print)
+    real = open_prepared(directory, verify=verify)
+    console.print(f"prepared {real.name}: {len(real)} train / {real.test_data.shape[0]} "
+                  f"test images, {real.channels}x{real.image_size[0]}x{real.image_size[1]}, "
+                  f"{real.num_classes} classes -> {directory}"
+                  + (" (every file's SHA-256 checked)" if verify else ""))
+    return directory
 
 
 def import_set(directory: str, datamodule: RealDataModule, output: str, *,
@@ -212,8 +235,13 @@ def _parser(name: str) -> _Parser:
                        "zca, val_fraction, ...) or the data: section of --config FILE|RECIPE.")
     p.add_argument("--config", help="a recipe (file or packaged name) whose data: section "
                    "names the data set")
-    p.add_argument("--output", required=True, help="the synthetic set file (import-set) or "
-                   "the directory (export-set) to write")
+    if name != "prepare":
+        p.add_argument("--output", required=True, help="the synthetic set file (import-set) "
+                       "or the directory (export-set) to write")
+    if name == "prepare":
+        p.add_argument("--verify", type=_bool, default=False, help="re-hash a prepared "
+                       "directory that exists against its header (default false)")
+        return p
     if name == "import-set":
         p.add_argument("directory", help="the directory holding images_<tag>.pt, "
                        "labels_<tag>.pt (and lr_<tag>.pt), or the run's directory above "
@@ -239,6 +267,7 @@ def _parser(name: str) -> _Parser:
 SET_COMMANDS = {
     "import-set": "import a synthetic set saved by the MTT / DATM / PAD distill scripts",
     "export-set": "write a synthetic set in DATM's layout or as an ImageFolder of PNGs",
+    "prepare": "write a data set once as memory-mapped splits that stages stream from",
 }
 
 
@@ -246,7 +275,11 @@ def run_set_command(name: str, argv: Sequence[str]) -> int:
     """``lightning-distill import-set|export-set ...`` (``argv`` without the name)."""
     rest, data = _split_data(argv)
     args = _parser(name).parse_args(rest)
-    if name == "import-set":
+    if name == "prepare":
+        dm = _datamodule(args.config, data, required=True, setup=False)
+        assert dm is not None
+        prepare_data_set(dm, verify=args.verify)
+    elif name == "import-set":
         dm = _datamodule(args.config, data, required=True)
         assert dm is not None
         import_set(args.directory, dm, args.output, iteration=args.iteration, lr=args.lr,

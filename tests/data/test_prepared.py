@@ -172,7 +172,7 @@ def test_streamed_batches_equal_held_batches_bit_for_bit(tmp_path, zca):
     held, streamed = _modules(tmp_path, zca=zca)
     assert isinstance(held.train_set, HeldSplit) and isinstance(streamed.train_set, StreamedSplit)
     with pytest.raises(LightningDistillError, match="streamed"):
-        streamed.train_set.tensors
+        _ = streamed.train_set.tensors
     for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
         a_batches = list(getattr(held, name)())
         b_batches = list(getattr(streamed, name)())
@@ -243,3 +243,19 @@ def test_source_of_a_registered_loader_reads_row_ranges():
     assert np.array_equal(codes, real.train_data[10:20].numpy())
     assert np.array_equal(labels, real.train_labels[10:20].numpy())
     assert source.train.count == len(real) and source.test.count == real.test_data.shape[0]
+
+
+def test_the_prepare_subcommand(tmp_path, capsys):
+    from lightning_distill import cli
+
+    root = tmp_path / "prepared"
+    assert cli.main(["prepare", "--data.name", "digits", "--data.prepared_root", str(root)]) == 0
+    (directory,) = root.iterdir()
+    assert (directory / "header.json").is_file()
+    assert cli.main(["prepare", "--data.name", "digits", "--data.prepared_root", str(root),
+                     "--verify", "true"]) == 0
+    assert "SHA-256 checked" in capsys.readouterr().out
+    (directory / "test_labels.i64").write_bytes(b"")
+    assert cli.main(["prepare", "--data.name", "digits", "--data.prepared_root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "test_labels.i64" in err and len(err.strip().splitlines()) == 1

@@ -1,13 +1,16 @@
 """Two-process CPU DDP run of ``train_experts``, launched by tests/stages/test_experts_stage.py.
 
-Usage: ``python tests/stages/ddp_experts_script.py OUTDIR [GROUP_SIZE] [pad]``. Lightning's
-subprocess launcher re-runs this script for rank 1 at the first ``fit`` (hence the ``__main__``
-guard), and both ranks then walk the same list of experts. A callback added here (not
-in the library) saves every rank's final flat parameters of each expert to
+Usage: ``python tests/stages/ddp_experts_script.py OUTDIR [GROUP_SIZE] [pad] [prepared]``.
+Lightning's subprocess launcher re-runs this script for rank 1 at the first ``fit`` (hence
+the ``__main__`` guard), and both ranks then walk the same list of experts. A callback
+added here (not in the library) saves every rank's final flat parameters of each expert to
 ``OUTDIR/rank{r}_expert{i}.pt``, with its step losses and the last logged
 ``train/loss_epoch``; the store goes to ``OUTDIR/store``. With ``pad``, the
 experts train with PAD's data selection, and the file also holds the training-set rows
 (the first pixel carries the row index, see ``IndexPixel``) every rank saw per epoch.
+With ``prepared``, the data are read from their prepared form (memory-mapped, under
+``OUTDIR/prepared``) as streamed splits, and the file holds how many training rows the
+rank read while the expert trained.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class SaveFinalParameters(Callback):
         self.outdir = outdir
         self.rows: dict[int, list[int]] = {}
         self.losses: dict[int, list[tuple[float, int]]] = {}
+        self.rows_at_start = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.rows_at_start = getattr(trainer.datamodule.train_set, "rows_read", 0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         rows = batch[0][:, 0, 0, 0].round().long().tolist()
@@ -67,6 +74,8 @@ class SaveFinalParameters(Callback):
                 {"final": final.detach().clone(),
                  "world_size": trainer.world_size, "global_step": trainer.global_step,
                  "rows": self.rows, "losses": self.losses,
+                 "rows_read": getattr(trainer.datamodule.train_set, "rows_read", 0)
+                 - self.rows_at_start, "train_size": len(trainer.datamodule.train_set),
                  "loss_epoch": float(trainer.callback_metrics["train/loss_epoch"])},
                 self.outdir / f"rank{trainer.global_rank}_expert{index}.pt",
             )
@@ -87,7 +96,7 @@ def index_pixel(monkeypatch_target) -> None:
     monkeypatch_target.setup = setup
 
 
-def main(outdir: str, group_size: int = 1, pad: bool = False) -> None:
+def main(outdir: str, group_size: int = 1, pad: bool = False, prepared: bool = False) -> None:
     out = Path(outdir)
     callbacks: list[Callback] = [GSAM(rho=0.05, alpha=0.3), SaveFinalParameters(out)]
     if pad:
@@ -100,7 +109,9 @@ def main(outdir: str, group_size: int = 1, pad: bool = False) -> None:
                                    dsa=not pad)
     trainer_kwargs = dict(accelerator="cpu", devices=2, strategy="ddp",
                           enable_progress_bar=False, max_epochs=EPOCHS, callbacks=callbacks)
-    train_experts(model, RealDataModule("digits", batch_size=128), trainer_kwargs,
+    data = dict(prepared=True, prepared_root=str(out / "prepared"), hold=False) \
+        if prepared else {}
+    train_experts(model, RealDataModule("digits", batch_size=128, **data), trainer_kwargs,
                   store=str(out / "store"), log_dir=str(out / "logs"),
                   num_experts=NUM_EXPERTS, group_size=group_size, seed=0)
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -110,4 +121,4 @@ def main(outdir: str, group_size: int = 1, pad: bool = False) -> None:
 if __name__ == "__main__":
     args = sys.argv[2:]
     sizes = [int(a) for a in args if a.isdigit()]
-    main(sys.argv[1], sizes[0] if sizes else 1, pad="pad" in args)
+    main(sys.argv[1], sizes[0] if sizes else 1, pad="pad" in args, prepared="prepared" in args)
