@@ -259,3 +259,31 @@ def test_the_prepare_subcommand(tmp_path, capsys):
     assert cli.main(["prepare", "--data.name", "digits", "--data.prepared_root", str(root)]) == 2
     err = capsys.readouterr().err
     assert "test_labels.i64" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("layout", ["train_test", "one_folder"])
+def test_an_image_folder_prepared_in_chunks_equals_the_in_memory_folder(tmp_path, layout):
+    """``image_folder`` as a source: the same classes, splits and pixels as the in-memory
+    loader, read a few files at a time; its mean / std measured on the training split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for split, n in (("train", 7), ("test", 3)):
+        for c in ("cat", "dog", "emu"):
+            d = root / split / c if layout == "train_test" else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = (12 + i, 9 + 2 * i)  # various sizes: resized to 8x8
+                a = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+                Image.fromarray(a).save(d / f"{split}_{i}.png")
+    kw = {"image_size": 8, "test_fraction": 0.3}
+    real = get_dataset("image_folder", root, **kw)
+    directory = prepare(get_source("image_folder", root, **kw), tmp_path / "prep", chunk_rows=4)
+    mapped = open_prepared(directory)
+    assert mapped.class_names == real.class_names == ("cat", "dog", "emu")
+    for split in ("train", "test"):
+        assert torch.equal(getattr(mapped, f"{split}_data"), getattr(real, f"{split}_data"))
+        assert torch.equal(getattr(mapped, f"{split}_labels"), getattr(real, f"{split}_labels"))
+    assert mapped.mean == pytest.approx(real.mean, rel=1e-12)
+    assert mapped.std == pytest.approx(real.std, rel=1e-12)

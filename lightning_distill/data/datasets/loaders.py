@@ -16,23 +16,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...errors import MissingFileError
+from ...errors import InputError, MissingFileError
 from .container import DatasetFormatError, RealDataset, mean_std, stratified_split
 from .formats import (
     IDX_FILES,
     IMAGE_EXTENSIONS,
+    _as_hw,
     class_dirs,
     find_idx_files,
     image_files,
     load_images,
     read_cifar_batch,
     read_idx,
+    read_image,
     read_label_names,
     read_svhn_mat,
 )
 from .registry import register_dataset
+from .sources import DatasetSource, SplitSource, register_source
 
 __all__ = [
+    "image_folder_source",
     "load_cifar10",
     "load_cifar100",
     "load_digits",
@@ -404,27 +408,11 @@ def load_tiny_imagenet(
     )
 
 
-@register_dataset("image_folder")
-def load_image_folder(
-    root: Path,
-    image_size: int | Sequence[int] | None = None,
-    channels: int = 3,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    dataset_name: str = "image_folder",
-    workers: int | None = None,
-) -> RealDataset:
-    """A class-per-folder image set.
-
-    Layout ``root/train/<class>/*`` and ``root/test/<class>/*``; or only ``root/<class>/*``
-    (or ``root/train/<class>/*`` without ``test/``), in which case ``test_fraction`` of
-    each class (seeded by ``split_seed``) becomes the test split (:func:`stratified_split`).
-    Classes are the sorted training folder names.
-    ``mean``/``std`` default to the per-channel statistics of the training images;
-    ``dataset_name`` is the ``RealDataset.name`` (recorded in metadata).
-    """
+def _image_folder_files(
+    root: Path, test_fraction: float, split_seed: int, dataset_name: str
+) -> tuple[tuple[str, ...], dict[str, tuple[list[Path], Tensor]]]:
+    """The classes (sorted training folder names) and, per split, the image files and
+    their labels of an image folder (see :func:`load_image_folder` for the layouts)."""
     if not root.is_dir():
         raise _missing(
             dataset_name,
@@ -449,11 +437,10 @@ def load_image_folder(
     index = {c: i for i, c in enumerate(classes)}
     paths = [p for c in classes for p in train[c]]
     labels = torch.tensor([index[c] for c in classes for _ in train[c]], dtype=torch.long)
-    data = load_images(paths, channels, image_size, workers)
     if test is None:
         train_idx, test_idx = stratified_split(labels, test_fraction, split_seed, len(classes))
-        x_train, y_train = data[train_idx], labels[train_idx]
-        x_test, y_test = data[test_idx], labels[test_idx]
+        splits = {"train": ([paths[i] for i in train_idx.tolist()], labels[train_idx]),
+                  "test": ([paths[i] for i in test_idx.tolist()], labels[test_idx])}
     else:
         unknown = sorted(c for c, files in test.items() if files and c not in index)
         if unknown:
@@ -461,14 +448,44 @@ def load_image_folder(
                 f"{root / 'test'}: classes {unknown} have no folder under {root / 'train'}"
             )
         t_paths = [p for c in classes for p in test.get(c, [])]
-        y_test = torch.tensor([index[c] for c in classes for _ in test.get(c, [])])
-        x_test = load_images(t_paths, channels, image_size, workers)
-        if t_paths and x_test.shape[1:] != data.shape[1:]:
-            raise DatasetFormatError(
-                f"{t_paths[0]}: test images are {tuple(x_test.shape[2:])}, training images "
-                f"{tuple(data.shape[2:])}; pass image_size= to resize both"
-            )
-        x_train, y_train = data, labels
+        y_test = torch.tensor([index[c] for c in classes for _ in test.get(c, [])],
+                              dtype=torch.long)
+        splits = {"train": (paths, labels), "test": (t_paths, y_test)}
+    return tuple(classes), splits
+
+
+@register_dataset("image_folder")
+def load_image_folder(
+    root: Path,
+    image_size: int | Sequence[int] | None = None,
+    channels: int = 3,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    dataset_name: str = "image_folder",
+    workers: int | None = None,
+) -> RealDataset:
+    """A class-per-folder image set (torchvision's ImageFolder layout), held in memory.
+
+    Layout ``root/train/<class>/*`` and ``root/test/<class>/*``; or only ``root/<class>/*``
+    (or ``root/train/<class>/*`` without ``test/``), in which case ``test_fraction`` of
+    each class (seeded by ``split_seed``) becomes the test split (:func:`stratified_split`).
+    Classes are the sorted training folder names.
+    ``mean``/``std`` default to the per-channel statistics of the training images;
+    ``dataset_name`` is the ``RealDataset.name`` (recorded in metadata). A folder too
+    large to hold: :func:`image_folder_source` (``data.prepared: true``) reads it in
+    chunks of files.
+    """
+    classes, splits = _image_folder_files(root, test_fraction, split_seed, dataset_name)
+    (train_paths, y_train), (test_paths, y_test) = splits["train"], splits["test"]
+    x_train = load_images(train_paths, channels, image_size, workers)
+    x_test = load_images(test_paths, channels, image_size, workers)
+    if test_paths and x_test.shape[1:] != x_train.shape[1:]:
+        raise DatasetFormatError(
+            f"{test_paths[0]}: test images are {tuple(x_test.shape[2:])}, training images "
+            f"{tuple(x_train.shape[2:])}; pass image_size= to resize both"
+        )
     if mean is None or std is None:
         m, s = mean_std(x_train)
         mean, std = mean or m, std or s
@@ -480,6 +497,54 @@ def load_image_folder(
         test_labels=y_test.long(),
         mean=tuple(mean),
         std=tuple(std),
-        class_names=tuple(classes),
+        class_names=classes,
         source=str(root),
     )
+
+
+@register_source("image_folder")
+def image_folder_source(
+    root: Path,
+    image_size: int | Sequence[int] | None = None,
+    channels: int = 3,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    dataset_name: str = "image_folder",
+    workers: int | None = None,
+) -> DatasetSource:
+    """An image folder of any size as a source (:mod:`.sources`): the same classes,
+    splits and pixels as :func:`load_image_folder`, each row range decoded from its files
+    only (``workers`` threads). Without ``mean`` / ``std`` the preparation measures them
+    on the training split."""
+    classes, splits = _image_folder_files(root, test_fraction, split_seed, dataset_name)
+    size = _as_hw(image_size)
+    if channels not in (1, 3):
+        raise InputError(f"channels must be 1 or 3, got {channels}")
+    first = read_image(Path(splits["train"][0][0]), channels, size)
+
+    def split_source(paths: list[Path], labels: Tensor) -> SplitSource:
+        labs = labels.numpy().astype(np.int64)
+
+        def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            codes = load_images(paths[start:stop], channels, size, workers).numpy()
+            if codes.shape[1:] != first.shape:
+                raise DatasetFormatError(
+                    f"{paths[start]}: images {codes.shape[1:]} differ from {first.shape} of "
+                    f"{splits['train'][0][0]}; pass image_size= to resize them")
+            return codes, labs[start:stop]
+
+        return SplitSource(len(paths), tuple(int(d) for d in first.shape), read,
+                           files=[str(root)], labels=labs)
+
+    settings = {"image_size": None if size is None else list(size), "channels": channels,
+                "test_fraction": test_fraction, "split_seed": split_seed,
+                "mean": None if mean is None else list(mean),
+                "std": None if std is None else list(std)}
+    return DatasetSource(
+        name=dataset_name, class_names=classes,
+        mean=None if mean is None or std is None else tuple(mean),
+        std=None if mean is None or std is None else tuple(std),
+        train=split_source(*splits["train"]), test=split_source(*splits["test"]),
+        source=str(root), settings=settings)
