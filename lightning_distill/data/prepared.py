@@ -139,6 +139,14 @@ def _check_chunk(codes: Any, labels: Any, split: SplitSource, start: int, stop: 
     return codes, labels
 
 
+def _open_sized(path: Path, size: int, fresh: bool) -> Any:
+    """``path`` opened for positioned writes, ``size`` bytes long (a fresh file when
+    ``fresh``, else the partial file of an interrupted preparation)."""
+    f = open(path, "w+b" if fresh or not path.exists() else "r+b")  # noqa: SIM115
+    f.truncate(size)
+    return f
+
+
 def _open_array(path: Path, dtype: Any, shape: tuple[int, ...], mode: str) -> np.memmap:
     if math.prod(shape) == 0:  # np.memmap cannot map an empty file
         return np.zeros(shape, dtype=dtype)  # type: ignore[return-value]
@@ -181,9 +189,11 @@ def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int |
                                      f"{source.train.image_shape}")
         n, shape = split.count, (split.count, *split.image_shape)
         done = int(state["done"][split_name])
-        mode = "r+" if done else "w+"
-        images = _open_array(partial / f"{split_name}_images.u8", np.uint8, shape, mode)
-        labels = _open_array(partial / f"{split_name}_labels.i64", "<i8", (n,), mode)
+        row_bytes = math.prod(split.image_shape)
+        # plain positioned writes, not a memory map: the written pages do not stay in
+        # this process's resident set (a map would keep the whole split there)
+        images = _open_sized(partial / f"{split_name}_images.u8", math.prod(shape), fresh=not done)
+        labels = _open_sized(partial / f"{split_name}_labels.i64", 8 * n, fresh=not done)
         step = _rows_per_chunk(split.image_shape, chunk_rows)
         advance = _progress_bar(progress and done < n, n, f"prepare {source.name} {split_name}")
         advance(done)
@@ -191,8 +201,10 @@ def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int |
         for start in range(done, n, step):
             stop = min(n, start + step)
             codes, labs = _check_chunk(*split.read(start, stop), split, start, stop, k, where)
-            images[start:stop] = codes
-            labels[start:stop] = labs
+            images.seek(start * row_bytes)
+            images.write(np.ascontiguousarray(codes).tobytes())
+            labels.seek(start * 8)
+            labels.write(labs.astype("<i8").tobytes())
             if split_name == "train" and source.mean is None:
                 s = state["sums"]  # exact integer sums for the mean / std
                 s["count"] += int(codes.shape[0] * codes.shape[2] * codes.shape[3])
@@ -200,13 +212,14 @@ def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int |
                 s["sum"] = [a + int(b) for a, b in zip(s["sum"], per_c.sum(1), strict=True)]
                 s["sumsq"] = [a + int(b) for a, b in
                               zip(s["sumsq"], (per_c * per_c).sum(1), strict=True)]
-            if isinstance(images, np.memmap):
-                images.flush()
-                labels.flush()
+            for f in (images, labels):  # on disk before progress.json says so
+                f.flush()
+                os.fsync(f.fileno())
             state["done"][split_name] = stop
             atomic_write_json(partial / "progress.json", state)
             advance(stop - start)
-        del images, labels
+        images.close()
+        labels.close()
     say(f"prepare: hashing {partial}")
     _finish(source, partial, state)
     os.replace(partial, final)
