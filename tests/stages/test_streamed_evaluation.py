@@ -198,3 +198,15 @@ def test_importing_a_reference_set_measures_a_streamed_split(pair):
     a, b = space_candidates(held), space_candidates(streamed)
     assert a[0] == b[0] and a[1].keys() == b[1].keys()
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::pytorch_lightning.utilities.warnings.PossibleUserWarning")
+def test_the_trainer_path_tests_on_a_streamed_split(pair):
+    held, streamed = pair
+    syn = random_digits_set(ipc=1, seed=2)
+    kw = dict(models=["ConvNet"], model_kwargs={"ConvNet": SMALL}, runs=2, seed=0, epochs=1,
+              batch_size=8, device="cpu", use_trainer=True, test_batch_size=200)
+    got = evaluate_synthetic(syn, splits.images_view(streamed.test_set),
+                             streamed.test_set.labels, **kw)
+    assert got == evaluate_synthetic(syn, *held.test_set.tensors, **kw)
