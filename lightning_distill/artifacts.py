@@ -19,16 +19,17 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._version import __version__
-from .errors import DataFormatError, LightningDistillError
+from .errors import DataFormatError, InputError, LightningDistillError
 
-__all__ = ["HEADER_FIELDS", "check_header", "file_sha256", "header", "sha256"]
+__all__ = ["HEADER_FIELDS", "TensorChunks", "check_header", "file_sha256", "header", "sha256"]
 
 #: the header's fields, in order
 HEADER_FIELDS = ("format", "format_version", "library_version", "created", "input_space")
@@ -67,16 +68,47 @@ def check_header(obj: Any, format: str, format_version: int, where: str | os.Pat
         raise error(f"{where}: {format} format_version {version} is not supported; {fix}")
 
 
-def sha256(*parts: torch.Tensor | bytes | str, length: int | None = None) -> str:
+@dataclass(frozen=True)
+class TensorChunks:
+    """A tensor that :func:`sha256` hashes chunk by chunk, never whole: its ``dtype``, its
+    ``shape`` and ``chunks()``, an iterable of its consecutive row blocks (each
+    ``[rows, *shape[1:]]``, together ``shape[0]`` rows). The digest is exactly that of
+    the whole tensor (the same dtype, shape and bytes in order), so a split read in
+    batches hashes as the same split held in memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterable[torch.Tensor]]
+
+
+def _hash_chunks(h: Any, part: TensorChunks) -> None:
+    name = torch.empty(0, dtype=part.dtype).numpy().dtype
+    shape = [int(s) for s in part.shape]
+    h.update(f"{name}{shape}".encode())
+    rows = 0
+    for chunk in part.chunks():
+        a = chunk.detach().cpu().contiguous().numpy()
+        if a.dtype != name or list(a.shape[1:]) != shape[1:]:
+            raise InputError(
+                f"sha256: a chunk of {a.dtype}{list(a.shape)} in a tensor of {name}{shape}")
+        rows += int(a.shape[0])
+        h.update(memoryview(a).cast("B"))
+    if rows != shape[0]:
+        raise InputError(f"sha256: chunks of {rows} rows for a tensor of {shape}")
+
+
+def sha256(*parts: torch.Tensor | TensorChunks | bytes | str, length: int | None = None) -> str:
     """SHA-256 of ``parts`` in order (hex; the first ``length`` digits when given): a
-    tensor by its dtype, shape and bytes (CPU, contiguous), bytes as they are, a string
-    as UTF-8."""
+    tensor by its dtype, shape and bytes (CPU, contiguous), a :class:`TensorChunks` as
+    the tensor it stands for (the same digest), bytes as they are, a string as UTF-8."""
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, torch.Tensor):
             a = part.detach().cpu().contiguous().numpy()
             h.update(f"{a.dtype}{list(a.shape)}".encode())
             h.update(memoryview(a).cast("B"))
+        elif isinstance(part, TensorChunks):
+            _hash_chunks(h, part)
         else:
             h.update(part.encode() if isinstance(part, str) else part)
     digest = h.hexdigest()

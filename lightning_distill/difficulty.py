@@ -44,8 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .artifacts import check_header, header, sha256
-from .data.splits import split_labels
+from .artifacts import TensorChunks, check_header, header, sha256
+from .data import splits
+from .data.splits import images_view, split_labels
 from .errors import DataFormatError, InputError, StateError
 from .functional.difficulty import el2n_scores
 from .functional.evaluation import seeded_model, train_and_evaluate
@@ -90,8 +91,18 @@ class DifficultyScores:
         return sha256(self.scores.float().contiguous().numpy().tobytes(), length=16)
 
 
-def _sha(*tensors: Tensor) -> str:
+def _sha(*tensors: Tensor | TensorChunks) -> str:
     return sha256(*tensors, length=16)
+
+
+def _codes_of(codes: Tensor, idx: Tensor) -> TensorChunks:
+    """``codes.index_select(0, idx)`` as a hash part, gathered
+    :data:`~lightning_distill.data.splits.HASH_CHUNK_ROWS` rows at a time (the same
+    digest as the whole gather, which a memory-mapped data set larger than memory could
+    not hold)."""
+    step = splits.HASH_CHUNK_ROWS
+    return TensorChunks(codes.dtype, (int(idx.numel()), *codes.shape[1:]), lambda: (
+        codes.index_select(0, idx[i : i + step]) for i in range(0, int(idx.numel()), step)))
 
 
 def data_identity(dm: Any) -> dict[str, Any]:
@@ -99,7 +110,8 @@ def data_identity(dm: Any) -> dict[str, Any]:
 
     ``{"dataset", "train_size", "num_classes", "class_sizes", "split": {"val_fraction",
     "seed"}, "fingerprint", "input_space"}``; ``fingerprint`` hashes the split's indices
-    into the data set's training images, their labels and their raw pixel codes.
+    into the data set's training images, their labels and their raw pixel codes (read
+    in chunks: the digest of the whole gather, held or streamed alike).
     """
     if dm.train_set is None or dm.train_idx is None:
         raise StateError("data_identity: call setup() on the datamodule first")
@@ -112,7 +124,7 @@ def data_identity(dm: Any) -> dict[str, Any]:
         "num_classes": int(real.num_classes),
         "class_sizes": torch.bincount(labels, minlength=real.num_classes).tolist(),
         "split": {"val_fraction": float(dm.val_fraction), "seed": int(dm.split_seed)},
-        "fingerprint": _sha(idx, labels.long(), real.train_data.index_select(0, idx)),
+        "fingerprint": _sha(idx, labels.long(), _codes_of(real.train_data, idx)),
         "input_space": None if dm.input_space is None else dm.input_space.to_dict(),
     }
 
@@ -179,9 +191,11 @@ def compute_el2n(
     """
     device = torch.device(device)
     real = dm.real
-    x, y = dm.train_set.tensors
+    # a held split's tensors; a streamed split's images read a batch at a time (training
+    # gathers each batch's rows, scoring and the held-out test read slices)
+    x, y = images_view(dm.train_set), split_labels(dm.train_set)
     if dm.val_set is not None and len(dm.val_set) > 0:
-        test_x, test_y = dm.val_set.tensors
+        test_x, test_y = images_view(dm.val_set), split_labels(dm.val_set)
     else:
         test_x, test_y = x[:_SCORE_BATCH], y[:_SCORE_BATCH]
     model = dict(settings["model"])

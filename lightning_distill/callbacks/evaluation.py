@@ -50,6 +50,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from ..data.augment import protocol_dsa
+from ..data.splits import images_view, split_labels
 from ..data.synthetic import SyntheticSet
 from ..errors import InputError, InputTypeError, StateError
 from ..functional.evaluation import EvalProtocol, summarize
@@ -66,7 +67,9 @@ class PeriodicEvaluation(Callback):
 
     Args:
         val_images, val_labels: the validation split, already in the synthetic set's
-            input space (normalised / ZCA), with integer class ids.
+            input space (normalised / ZCA), with integer class ids. Without them,
+            ``trainer.datamodule.val_set``: a held split's tensors, or a streamed split
+            read a batch at a time by each test pass (the same accuracies).
         every_n_steps: evaluate after every ``every_n_steps`` outer iterations
             (``pl_module.iteration``, else training batches counted by the fit loop; both
             keep counting across a resume); 0 turns periodic evaluation off.
@@ -115,7 +118,7 @@ class PeriodicEvaluation(Callback):
                 f"PeriodicEvaluation: every_n_steps must be >= 0 and runs >= 1, got "
                 f"{every_n_steps} and {runs}"
             )
-        self.val_images: Tensor | None = None
+        self.val_images: Any = None  # a tensor, or a streamed split's SplitImages
         self.val_labels: Tensor | None = None
         if val_images is not None:
             self._set_validation(val_images, val_labels)
@@ -151,7 +154,8 @@ class PeriodicEvaluation(Callback):
                 f"PeriodicEvaluation: {images.shape[0]} validation images but "
                 f"{labels.shape[0]} labels (need the same number, at least one)"
             )
-        self.val_images = images.detach()
+        # a streamed split's images stay a row source, read a batch at a time
+        self.val_images = images.detach() if isinstance(images, Tensor) else images
         self.val_labels = labels.detach().long()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -169,7 +173,7 @@ class PeriodicEvaluation(Callback):
                     "PeriodicEvaluation: no validation data: pass val_images / val_labels, "
                     "or fit with a datamodule that has a validation split (RealDataModule "
                     "with val_fraction > 0; its val_set after setup)")
-            self._set_validation(*val.tensors[:2])
+            self._set_validation(images_view(val), split_labels(val))
         if self.to_pixels is None:
             self.to_pixels = getattr(dm, "from_input_space", None)
         if self.model_kwargs is None:
@@ -200,7 +204,9 @@ class PeriodicEvaluation(Callback):
         check_eval_data(synthetic, self.val_images, self.val_labels, "PeriodicEvaluation",
                         "validation")
         dev = synthetic.images.device
-        val_x, val_y = self.val_images.to(dev), self.val_labels.to(dev)
+        val_x, val_y = self.val_images, self.val_labels.to(dev)
+        if isinstance(val_x, Tensor):  # a row source's batches move as they are read
+            val_x = val_x.to(dev)
         protocol = self.protocol
         ids = range(self.runs) if run_ids is None else run_ids
         return protocol.train_runs(

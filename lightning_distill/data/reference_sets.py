@@ -327,9 +327,13 @@ def space_candidates(datamodule: Any, max_images: int = 2000
     own input space, as raw [0, 1] pixels and in the other normalisation (mean/std
     normalised, or ZCA-whitened with the data module's regularisation,
     :func:`_zca_statistics`)."""
-    x = datamodule.train_set.tensors[0]
+    from .splits import images_view
+
+    x = images_view(datamodule.train_set)  # a streamed split: only the drawn rows are read
     if x.shape[0] > max_images:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_images]]
+    elif not isinstance(x, Tensor):
+        x = x[:]
     pixels = datamodule.from_input_space(x)
     zca_name, meanstd_name, pixels_name = "ZCA-whitened", "mean/std normalised", "[0, 1] pixels"
     declared = zca_name if datamodule.use_zca else meanstd_name

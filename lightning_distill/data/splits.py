@@ -25,10 +25,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from ..artifacts import TensorChunks
 from ..errors import StateError
 
-__all__ = ["HeldSplit", "SplitImages", "StreamedSplit", "images_view", "split_images",
-           "split_labels"]
+__all__ = ["HASH_CHUNK_ROWS", "HeldSplit", "SplitImages", "StreamedSplit", "images_hash_part",
+           "images_view", "split_images", "split_labels"]
+
+#: rows per chunk when a streamed split's images are read whole in order (hashing): the
+#: chunk the RealDataModule transforms a held split in, so both see the same blocks
+HASH_CHUNK_ROWS = 4096
 
 
 class HeldSplit(TensorDataset):
@@ -133,7 +138,14 @@ def split_images(split: Any, index: Tensor | Sequence[int] | slice) -> Tensor:
 
 class SplitImages:
     """A streamed split's images as an indexable: ``view[index]`` reads and transforms
-    rows ``index`` only; ``shape`` is the split's ``[n, C, H, W]``."""
+    rows ``index`` only (a CPU float32 tensor); ``shape`` is the split's ``[n, C, H, W]``.
+
+    It answers what the evaluation loops ask of an images tensor (``shape``, ``dim()``,
+    ``dtype``, ``device``, ``len``, indexing by a slice or an int64 index), so they read
+    it a batch at a time (:func:`~lightning_distill.functional.evaluation.train_and_evaluate`
+    and the test passes gather each batch's rows)."""
+
+    dtype = torch.float32
 
     def __init__(self, split: StreamedSplit) -> None:
         self.split = split
@@ -142,17 +154,49 @@ class SplitImages:
     def shape(self) -> torch.Size:
         return torch.Size((len(self.split), *self.split.image_shape))
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return self.ndim
+
+    @property
+    def device(self) -> torch.device:
+        """Where the rows are read and transformed (the codes' device: the CPU)."""
+        return self.split.codes.device
+
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: Tensor | Sequence[int] | slice) -> Tensor:
         return self.split.images(index)
 
+    def chunks(self, rows: int | None = None) -> Iterator[Tensor]:
+        """All images in order, ``rows`` (default :data:`HASH_CHUNK_ROWS`) at a time."""
+        rows = HASH_CHUNK_ROWS if rows is None else int(rows)
+        for i in range(0, len(self.split), rows):
+            yield self.split.images(slice(i, i + rows))
+
+    def __repr__(self) -> str:
+        return f"SplitImages(shape={tuple(self.shape)}, streamed)"
+
 
 def images_view(split: Any) -> Tensor | SplitImages:
     """A split's images, indexable by rows: the tensor of a held split (or a user's
     ``TensorDataset``), a :class:`SplitImages` of a streamed one."""
     return SplitImages(split) if isinstance(split, StreamedSplit) else split.tensors[0]
+
+
+def images_hash_part(split: Any) -> Tensor | TensorChunks:
+    """A split's input-space images as a part of :func:`~lightning_distill.artifacts.sha256`:
+    the tensor of a held split; for a streamed one a :class:`TensorChunks` read in order
+    :data:`HASH_CHUNK_ROWS` rows at a time, whose digest is that of the same split held
+    (the same float32 images, dtype and shape), without holding it."""
+    view = images_view(split)
+    if isinstance(view, Tensor):
+        return view
+    return TensorChunks(torch.float32, tuple(view.shape), view.chunks)
 
 
 def split_labels(split: Any) -> Tensor:

@@ -47,6 +47,7 @@ from ..errors import InputError, InputTypeError, StateError
 from ..protocols import SyntheticTrainLoader
 from .datamodule import RealDataModule, TensorBatchLoader
 from .input_space import InputSpace
+from .splits import images_view, split_labels
 from .synthetic import SyntheticSet, check_eval_data
 
 __all__ = ["SyntheticDataModule", "synthetic_train_loader"]
@@ -227,7 +228,8 @@ class SyntheticDataModule(pl.LightningDataModule):
         space = self.real.input_space
         for what, ds in (("validation", self.real.val_set), ("test", self.real.test_set)):
             assert ds is not None
-            x, y = ds.tensors
+            # shapes and labels only: a streamed split's images are not read
+            x, y = images_view(ds), split_labels(ds)
             check_eval_data(self.synthetic, x, y, "SyntheticDataModule", what, space,
                             hint="; use the data set the set was distilled from",
                             num_classes=self.real.num_classes)
@@ -275,6 +277,12 @@ class SyntheticDataModule(pl.LightningDataModule):
                 "lightning_distill.data.synthetic_train_loader"
             )
         return module.synthetic_train_dataloader(self.synthetic.images, self.synthetic.labels)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The real data module's hook: a streamed validation / test split's batches
+        (uint8 codes) become input-space images on the device; the synthetic set's
+        training batches and a held split's pass unchanged."""
+        return self.real.on_after_batch_transfer(batch, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader | TensorBatchLoader | list:
         """The real validation split (no loader when ``val_fraction`` is 0)."""

@@ -154,6 +154,17 @@ def mixed_precision(precision: str, device: torch.device | str
     return autocast, torch.amp.GradScaler(kind, enabled=dtype == torch.float16)
 
 
+def _is_rows(images: Any) -> bool:
+    """Whether ``images`` is a row source rather than a tensor: an object with ``shape``
+    whose ``images[index]`` (an int64 CPU index, or a slice) gathers and returns those
+    rows as a tensor, e.g. a streamed split's
+    :class:`~lightning_distill.data.splits.SplitImages`. Such a training set is read a
+    batch at a time (each step gathers its rows, on the CPU, then moves them), never
+    whole; a list or tuple is a sequence of per-run tensors, not a row source."""
+    return (not isinstance(images, (Tensor, list, tuple)) and hasattr(images, "shape")
+            and hasattr(images, "__getitem__"))
+
+
 def _device_of(net: nn.Module) -> torch.device:
     for p in net.parameters():
         return p.device
@@ -237,7 +248,10 @@ def train_and_evaluate(
     Args:
         net: a freshly initialised network (trained in place, on its own device).
         images, labels: the training set ([N] class ids or [N, K] soft-label logits);
-            detached, so a synthetic set's autograd graph is never touched.
+            detached, so a synthetic set's autograd graph is never touched. ``images``
+            may be a row source instead of a tensor (a streamed split's
+            :class:`~lightning_distill.data.splits.SplitImages`): each batch then gathers
+            its own rows (same order, same values: the same result as the tensor).
         lr: initial learning rate (the synthetic set's learned alpha).
         lr_decay_epoch: the lr is multiplied by 0.1 at the start of this epoch by
             re-creating the SGD optimizer (momentum restarts); see
@@ -245,7 +259,9 @@ def train_and_evaluate(
         augment: DSA-like callable ``augment(x, generator=...)`` applied to every batch.
         generator: draws each epoch's batch order (``torch.randperm``).
         augment_generator: passed to ``augment``; defaults to ``generator``.
-        test_images, test_labels: the test (or validation) split, in the same input space.
+        test_images, test_labels: the test (or validation) split, in the same input space
+            (``test_images`` a tensor or a row source, read ``test_batch_size`` rows at a
+            time either way).
         on_epoch_end: optional hook ``f(epoch)`` called after each epoch (progress).
         on_epoch_start: optional hook ``f(epoch, optimizer)`` called before each epoch
             (for instrumentation).
@@ -268,7 +284,8 @@ def train_and_evaluate(
     if images.shape[0] != labels.shape[0]:
         raise InputError(f"training data: {images.shape[0]} images but {labels.shape[0]} labels")
     dev = _device_of(net)
-    x_all = images.detach().to(dev)
+    rows = _is_rows(images)
+    x_all = images if rows else images.detach().to(dev)
     y_all = labels.detach().to(dev)
     if augment_generator is None:
         augment_generator = generator
@@ -295,11 +312,15 @@ def train_and_evaluate(
                 perm = torch.randperm(n, generator=generator, device=generator.device)
             else:
                 perm = torch.randperm(n)
+            perm_rows = perm.cpu() if rows else None
             perm = perm.to(dev)
             total = torch.zeros((), device=dev)
             for i in range(0, n, batch_size):
                 idx = perm[i : i + batch_size]
-                x, y = x_all[idx], y_all[idx]
+                y = y_all[idx]
+                # a row source: gather this batch's rows only (the same values as
+                # indexing the whole tensor)
+                x = x_all[perm_rows[i : i + batch_size]].to(dev) if rows else x_all[idx]
                 if augment is not None:
                     x = augment(x, generator=augment_generator)
                 loss = classification_loss(net(x), y)
@@ -352,7 +373,8 @@ def train_and_evaluate_group(
         nets: K freshly initialised networks of one architecture (not modified).
         images, labels: one training set for every member (``[N, ...]``) or one per
             member (a sequence of K tensors of the same shape: the random-real
-            baseline's subsets).
+            baseline's subsets); the shared one may be a row source, as in
+            :func:`train_and_evaluate` (each step gathers its K x b rows).
         generators: K generators of the batch orders (one ``randperm`` per epoch each).
         augment_generators: K generators passed to ``augment`` (default: ``generators``).
         backend: :class:`StackedNetworks` backend.
@@ -380,12 +402,13 @@ def train_and_evaluate_group(
         raise InputError(f"train_and_evaluate_group: {len(aug_gens)} augment generators for "
                          f"{k} nets")
     dev = _device_of(nets[0])
-    shared = isinstance(images, Tensor)
+    rows = _is_rows(images)
+    shared = isinstance(images, Tensor) or rows
     if shared != isinstance(labels, Tensor):
         raise InputError("train_and_evaluate_group: images and labels must both be shared "
                          "tensors or both per-member sequences")
     if shared:
-        x_all = images.detach().to(dev)
+        x_all = images if rows else images.detach().to(dev)
         y_all = labels.detach().to(dev)
     else:
         if len(images) != k or len(labels) != k:
@@ -414,10 +437,15 @@ def train_and_evaluate_group(
             group.train()
             perm = torch.stack([
                 torch.randperm(n, generator=g, device=g.device).to(dev) for g in generators])
+            perm_rows = perm.cpu() if rows else None
             total = torch.zeros(k, device=dev)
             for i in range(0, n, batch_size):
                 idx = perm[:, i : i + batch_size]
-                x = gather_members(x_all, idx, shared)
+                if rows:  # a row source: this step's K x b rows, gathered now
+                    part = perm_rows[:, i : i + batch_size]
+                    x = x_all[part.flatten()].unflatten(0, tuple(part.shape)).to(dev)
+                else:
+                    x = gather_members(x_all, idx, shared)
                 y = gather_members(y_all, idx, shared)
                 if augment is not None:
                     x = augment_members(augment, x, aug_gens)
@@ -626,7 +654,7 @@ class EvalProtocol:
         """
         device = torch.device(device)
         lr = set_lr if self.lr is None else self.lr
-        shared = isinstance(images, Tensor)
+        shared = isinstance(images, Tensor) or _is_rows(images)
         if not shared and len(images) != len(seeds):
             raise InputError(f"train_runs: {len(images)} training sets for {len(seeds)} runs")
         first = images if shared else images[0]

@@ -422,6 +422,23 @@ def _mean(values: list[float] | None) -> float | None:
                                         else sum(values) / len(values))
 
 
+class RowBatches:
+    """``(images[i:i + b], labels[i:i + b])`` in order, for a row source ``images`` (a
+    streamed split's :class:`~lightning_distill.data.splits.SplitImages`): the batches
+    of ``DataLoader(TensorDataset(images, labels), batch_size=b)``, each read when it
+    is served."""
+
+    def __init__(self, images: Any, labels: Tensor, batch_size: int) -> None:
+        self.images, self.labels, self.batch_size = images, labels, int(batch_size)
+
+    def __len__(self) -> int:
+        return -(-int(self.images.shape[0]) // self.batch_size)
+
+    def __iter__(self) -> Any:
+        for i in range(0, int(self.images.shape[0]), self.batch_size):
+            yield self.images[i : i + self.batch_size], self.labels[i : i + self.batch_size]
+
+
 def trainer_device_args(device: torch.device) -> dict[str, Any]:
     """``accelerator`` / ``devices`` keywords for a one-device Trainer on ``device``
     (``cuda:1`` -> ``accelerator="gpu", devices=[1]``: ``devices=1`` would mean cuda:0)."""
@@ -456,6 +473,7 @@ def evaluate_synthetic(
     use_trainer: bool = False,
     train_sets: Sequence[tuple[Tensor, Tensor]] | None = None,
     on_progress: Callable[[float], None] | None = None,
+    train_data: tuple[Any, Tensor] | None = None,
     **overrides: Any,
 ) -> dict[str, dict[str, Any]]:
     """Train ``runs`` fresh networks per architecture on ``synthetic`` and test them
@@ -478,7 +496,12 @@ def evaluate_synthetic(
     against ``synthetic.meta["input_space"]``. ``model_kwargs`` maps a model name to
     extra ``build_model`` keywords. ``train_sets``: one ``(images, labels)`` per run
     that replaces ``synthetic``'s tensors for that run (the random-real baseline's
-    subsets; ``synthetic`` still gives the lr, metadata and shapes).
+    subsets; ``synthetic`` still gives the lr, metadata and shapes). ``train_data``: one
+    ``(images, labels)`` that replaces ``synthetic``'s tensors for every run, ``images``
+    a tensor or a row source read a batch at a time (the full-data baseline on a
+    streamed split: :class:`~lightning_distill.data.splits.SplitImages`; the same
+    accuracies as its tensor). ``test_images`` may likewise be a row source (a streamed
+    test split), read ``test_batch_size`` rows at a time.
 
     Returns:
         ``{model: {"accs": [...], "mean": m, "std": s, "class_accs": [[...], ...],
@@ -499,6 +522,12 @@ def evaluate_synthetic(
         synthetic, test_images, test_labels, "evaluate_synthetic", "test", input_space,
         hint="; use the matching data set",
     )
+    if train_sets is not None and train_data is not None:
+        raise InputError("evaluate_synthetic: give train_sets (one per run) or train_data "
+                         "(one for all runs), not both")
+    if train_data is not None and use_trainer:
+        raise InputError("evaluate_synthetic: train_data needs the plain loop "
+                         "(use_trainer=False)")
     if train_sets is not None:
         if len(train_sets) != runs:
             raise InputError(f"evaluate_synthetic: {len(train_sets)} train_sets for {runs} runs")
@@ -508,9 +537,12 @@ def evaluate_synthetic(
     dev = torch.device(device) if device is not None else synthetic.images.device
     seeds = [int(seed) + r for r in range(runs)]
     augment = protocol_dsa(protocol, synthetic.meta.get("dataset"))
-    if train_sets is None:
-        images: Tensor | list[Tensor] = synthetic.images
-        labels: Tensor | list[Tensor] = synthetic.labels
+    images: Any  # a tensor, a row source, or one tensor per run
+    labels: Tensor | list[Tensor]
+    if train_data is not None:
+        images, labels = train_data
+    elif train_sets is None:
+        images, labels = synthetic.images, synthetic.labels
     else:
         images = [x for x, _ in train_sets]
         labels = [y for _, y in train_sets]
@@ -552,10 +584,14 @@ def _run_with_trainer(
 ) -> tuple[list[float], list[list[float | None]]]:
     seed: int | list[int] = int(seeds[0]) if len(seeds) == 1 else [int(s) for s in seeds]
     module = EvalModule(synthetic, model=name, model_kwargs=mkw, protocol=protocol, seed=seed)
-    test_loader = DataLoader(
-        TensorDataset(test_images.detach().cpu(), test_labels.detach().cpu().long()),
-        batch_size=test_batch_size,
-    )
+    if isinstance(test_images, Tensor):
+        test_loader: Any = DataLoader(
+            TensorDataset(test_images.detach().cpu(), test_labels.detach().cpu().long()),
+            batch_size=test_batch_size,
+        )
+    else:  # a row source (a streamed split): the same batches, each read when served
+        test_loader = RowBatches(test_images, test_labels.detach().cpu().long(),
+                                 test_batch_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")

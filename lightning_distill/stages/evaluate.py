@@ -44,6 +44,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..artifacts import check_header, file_sha256, header, sha256
+from ..data.splits import images_hash_part, images_view, split_labels
 from ..data.synthetic import SyntheticSet
 from ..errors import ConfigError, DataFormatError, InputError
 from ..functional.evaluation import EvalProtocol
@@ -228,12 +229,16 @@ def evaluate_sets(
 def _identity(dm: Any, config: dict[str, Any] | None, device: torch.device) -> dict[str, Any]:
     """What every row's numbers depend on besides its own training set: the evaluation
     settings (``config`` without the list of sets and baselines), the device type and
-    the data (SHA-256 of the training and test split tensors, so another split or
-    normalisation counts as other data)."""
+    the data (SHA-256 of the training and test splits' input-space images and labels,
+    so another split or normalisation counts as other data). A streamed split is hashed
+    in chunks to the digest of the same split held (docs/formats.md, 'results.json'):
+    the networks see the same images either way, so a file written with the data held
+    resumes with it streamed and vice versa."""
     splits = [dm.test_set]
     if getattr(dm, "train_set", None) is not None:
         splits.insert(0, dm.train_set)
-    data = sha256(*(t for split in splits for t in split.tensors))
+    data = sha256(*(t for split in splits
+                    for t in (images_hash_part(split), split_labels(split))))
     settings = {k: v for k, v in (config or {}).items()
                 if k not in ("synthetic", "baselines", "scores")}
     # through JSON, so that it compares equal to what a results.json holds
@@ -290,7 +295,8 @@ def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
     ``reuse(key, label)`` returns a finished row to take instead of training (see
     :func:`_row_key`); ``on_row(rows)`` is called with the rows so far after each one."""
     name = dm.name
-    test_x, test_y = dm.test_set.tensors
+    # a held split's tensors; a streamed split's images read a batch at a time
+    test_x, test_y = images_view(dm.test_set), split_labels(dm.test_set)
     rows: list[dict[str, Any]] = []
 
     def add(row: dict[str, Any]) -> None:
@@ -298,15 +304,14 @@ def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
         on_row(rows)
 
     if "random" in baselines:
-        train_x, train_y = dm.train_set.tensors
         ipcs = sorted({syn.ipc for _, syn in sets}) or [1, 10]
         for ipc in ipcs:
             label = f"random real, ipc {ipc}"
             row = reuse(f"random {ipc}", label)
             if row is None:
                 console.print(f"evaluating random real ipc {ipc} ...")
-                res = _random_real(runs, seed, random_lr, dm, train_x, train_y, ipc, test_x,
-                                   test_y, protocol, common)
+                res = _random_real(runs, seed, random_lr, dm, ipc, test_x, test_y, protocol,
+                                   common)
                 row = _row(label, "random", ipc, res)
             add(row)
     for path, syn in sets:
@@ -321,20 +326,26 @@ def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
     if "full" in baselines:
         row = reuse("full", "full training set")
         if row is None:
-            train_x, train_y = dm.train_set.tensors
-            full = SyntheticSet(images=train_x, labels=train_y, lr=full_lr,
+            train_x, train_y = images_view(dm.train_set), split_labels(dm.train_set)
+            held = isinstance(train_x, torch.Tensor)
+            # a held split is the set; a streamed one cannot be: the set then carries the
+            # lr, metadata and shapes (the split's first image) and the runs train on
+            # train_data, read a batch at a time (the same batches, the same numbers)
+            full = SyntheticSet(images=train_x if held else train_x[:1],
+                                labels=train_y if held else train_y[:1], lr=full_lr,
                                 meta={"dataset": name, "input_space": dm.input_space,
                                       "num_classes": dm.num_classes})
             console.print(f"evaluating the full training set ({train_x.shape[0]} images) ...")
             res = evaluate_synthetic(full, test_x, test_y, protocol=protocol,
                                      epochs=full_epochs, batch_size=full_batch_size,
-                                     lr=full_lr, **common)
+                                     lr=full_lr, **common,
+                                     **({} if held else {"train_data": (train_x, train_y)}))
             row = _row("full training set", "full", None, res)
         add(row)
     return rows
 
 
-def _random_real(runs, seed, lr, dm, train_x, train_y, ipc, test_x, test_y, protocol, common
+def _random_real(runs, seed, lr, dm, ipc, test_x, test_y, protocol, common
                  ) -> dict[str, Any]:
     """Random-real baseline: network r trains on its own random subset r (seed + r).
 

@@ -27,6 +27,7 @@ from rich.table import Table
 from torch import Tensor
 from torch.func import functional_call
 
+from ..data.splits import images_view, split_labels
 from ..data.synthetic import SyntheticSet
 from ..errors import LightningDistillError, MissingFileError
 from ..functional.evaluation import EvalProtocol, summarize
@@ -42,8 +43,9 @@ __all__ = ["add_scores", "print_scores", "random_subsets", "soft_labeller"]
 
 def random_subsets(dm: Any, seed: int, ipc: int, runs: int, lr: float) -> list[SyntheticSet]:
     """The random-real baseline's subsets: subset r (for run r) holds ``ipc`` random
-    training images per class, drawn from ``derive_seed(seed, ipc, r)``."""
-    train_x, train_y = dm.train_set.tensors
+    training images per class, drawn from ``derive_seed(seed, ipc, r)`` (of a streamed
+    split only the chosen rows are read)."""
+    train_x, train_y = images_view(dm.train_set), split_labels(dm.train_set)
     return [SyntheticSet.from_real(
         train_x, train_y, ipc, dm.num_classes,
         generator=torch.Generator().manual_seed(derive_seed(seed, ipc, r)), lr=lr,
@@ -82,7 +84,7 @@ def add_scores(rows: list[dict[str, Any]], dm: Any, sets: list[tuple[str, Synthe
     ``common`` holds :func:`evaluate_synthetic`'s shared arguments (``models``,
     ``runs``, ``seed``, ``device``, ``model_kwargs``, ``on_progress``); ``grow(n)`` is told
     of ``n`` more runs before they train; ``on_row(rows)`` after each set."""
-    test_x, test_y = dm.test_set.tensors
+    test_x, test_y = images_view(dm.test_set), split_labels(dm.test_set)
     models = list(common["models"])
     other = {"dsa": not protocol.dsa}
     full = next((r for r in rows if r["kind"] == "full"), None)
