@@ -362,8 +362,10 @@ def callback(cfg, name: str):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_parses_into_its_stage_config(path):
     cfg = load(path)
-    # a folder is its data set's (fashion_mnist_cpu: Fashion-MNIST sized for a CPU)
-    assert path.parent.name.split("_cpu")[0] == cfg.data.name
+    # a folder is its data set's (fashion_mnist_cpu: Fashion-MNIST sized for a CPU;
+    # imagenet_subsets: the six subsets of the imagenet_subset data set)
+    folder = {"imagenet_subsets": "imagenet_subset"}.get(path.parent.name, path.parent.name)
+    assert folder.split("_cpu")[0] == cfg.data.name
     if _stage_of(path) == "distill":  # T+ of the module's check is the window's
         assert cfg.model.max_start_epoch == callback(cfg, "MatchingWindow").max_start_epoch
 
@@ -447,3 +449,33 @@ def test_top_level_help_and_unknown_subcommand(capsys):
     assert all(f"  {sub}" in out for sub in ("experts", "distill", "evaluate", "run", "fit"))
     assert cli.main(["evaluat"]) == 2
     assert "unknown subcommand 'evaluat' (did you mean 'evaluate'?)" in capsys.readouterr().err
+
+
+def test_imagenet_recipes_stream_prepared_data_and_fit_their_experts():
+    """ImageNet at the papers' scales (issue 29): every stage reads the prepared data and
+    streams it; TESLA's recipes run the tesla mode with one expert's soft labels; every
+    window (T+ - 1 + M) stays inside the experts' snapshots."""
+    for ds, rows in (("imagenet64", ("ipc1", "ipc10", "ipc50")),
+                     ("imagenet_subsets", ("ipc1", "ipc10"))):
+        recipes = ROOT / "recipes" / ds
+        ex = load(recipes / "experts.yaml")
+        for name in ("experts", "evaluate", *rows):
+            cfg = load(recipes / f"{name}.yaml")
+            assert cfg.data.prepared and cfg.data.hold is False, (ds, name)
+            assert cfg.data.dataset_kwargs == ex.data.dataset_kwargs, (ds, name)
+        for name in rows:
+            d = load(recipes / f"{name}.yaml").model
+            assert d.store == ex.store, (ds, name)
+            assert d.max_start_epoch - 1 + d.expert_epochs <= ex.trainer.max_epochs
+            if ds == "imagenet64":
+                assert (d.mode, d.label_init, d.label_experts, d.learn_labels) == (
+                    "tesla", "soft", 1, False)
+                assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr,
+                        d.lr_teacher, d.batch_syn) == (10, 3, 10, 10000, 1e-4, 0.01, 100)
+            else:
+                assert (d.label_init, d.syn_steps, d.expert_epochs, d.max_start_epoch) == (
+                    "hard", 20, 2, 10)
+    sub = load(ROOT / "recipes/imagenet_subsets/experts.yaml")
+    assert sub.data.dataset_kwargs == {"subset": "imagenette", "image_size": 128,
+                                       "resize": "stretch"}
+    assert (sub.model.model, sub.num_experts, sub.trainer.max_epochs) == ("ConvNetD5", 100, 50)
