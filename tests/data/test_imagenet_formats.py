@@ -367,6 +367,18 @@ def test_subset_missing_synset_folder(jpeg_root):
     assert str(folder) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_subset_folder_that_is_no_imagenet_synset(jpeg_root):
+    """Other ImageNet synsets are ignored (the full folder holds 1000); a folder that is
+    no ImageNet-1K synset is refused, named, in one line."""
+    (jpeg_root / "train" / "n01443537").mkdir(exist_ok=True)  # goldfish: not a nette
+    get_source("imagenet_subset", jpeg_root, subset="imagenette")
+    stray = jpeg_root / "val" / "n99999999"
+    stray.mkdir()
+    with pytest.raises(DatasetFormatError) as err:
+        get_source("imagenet_subset", jpeg_root, subset="imagenette")
+    assert str(stray) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_subset_file_that_is_not_an_image(jpeg_root):
     bad = jpeg_root / "train" / NETTE[1] / f"{NETTE[1]}_0.JPEG"
     bad.write_bytes(b"not a JPEG at all")

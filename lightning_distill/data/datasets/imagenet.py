@@ -394,6 +394,14 @@ def _images_in(d: Path) -> list[Path]:
 
 
 def _class_files(split_dir: Path, wnids: Sequence[str], subset: str) -> list[list[Path]]:
+    # the full ImageNet folder holds the other 990 synsets (ignored), but a folder that
+    # is no ImageNet-1K synset at all says the folder is not the released one
+    known = set(imagenet_wnids())
+    strays = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in known)
+    if strays:
+        raise DatasetFormatError(
+            f"{split_dir / strays[0]}: not an ImageNet-1K synset folder ({len(strays)} such "
+            f"in {split_dir}); {split_dir} must hold ImageNet's wnid folders only: move it out")
     files = []
     for w in wnids:
         d = split_dir / w
