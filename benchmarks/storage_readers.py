@@ -102,11 +102,13 @@ class _MemTrack:
 
     def result(self) -> dict[str, float]:
         self.sample()
-        return {
-            "maxrss_growth_mb": round(_maxrss_mb() - self.base_maxrss, 1),
-            "anon_peak_growth_mb": round(self.peak.get("RssAnon", 0) - self.base.get("RssAnon", 0), 1),
-            "file_peak_growth_mb": round(self.peak.get("RssFile", 0) - self.base.get("RssFile", 0), 1),
-        }
+
+        def growth(key: str) -> float:
+            return round(self.peak.get(key, 0.0) - self.base.get(key, 0.0), 1)
+
+        return {"maxrss_growth_mb": round(_maxrss_mb() - self.base_maxrss, 1),
+                "anon_peak_growth_mb": growth("RssAnon"),
+                "file_peak_growth_mb": growth("RssFile")}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -531,13 +533,17 @@ def table(results: dict[str, Any]) -> str:
             return f"{a / b:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
                 and b else "-"
 
+        def lit(key: str, what: str, r: dict = r) -> Any:
+            return r.get(key, {}).get(what)
+
+        ips, rnd = "images_per_s", "random_rows_ms_median"
         ratios.append(
             f"| {n} | {ratio(pm.get('wall_s'), pl.get('wall_s'))} | "
             f"{ratio(pm.get('bytes'), pl.get('bytes'))} | "
-            f"{ratio(m.get('images_per_s'), r.get('read_litdata_w0', {}).get('images_per_s'))} | "
-            f"{ratio(m.get('images_per_s'), r.get('read_litdata_w1', {}).get('images_per_s'))} | "
-            f"{ratio(m.get('images_per_s'), r.get('read_litdata_indexed', {}).get('images_per_s'))}"
-            f" | {ratio(m.get('random_rows_ms_median'), r.get('read_litdata_w0', {}).get('random_rows_ms_median'))} |")
+            f"{ratio(m.get(ips), lit('read_litdata_w0', ips))} | "
+            f"{ratio(m.get(ips), lit('read_litdata_w1', ips))} | "
+            f"{ratio(m.get(ips), lit('read_litdata_indexed', ips))} | "
+            f"{ratio(m.get(rnd), lit('read_litdata_w0', rnd))} |")
     return "\n".join(lines + ratios)
 
 
