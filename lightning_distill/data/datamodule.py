@@ -22,6 +22,15 @@ exactly the batches a ``DataLoader(shuffle=True, generator=...)`` over the same
 ``TensorDataset`` yields for the same seed, without per-sample indexing and collation.
 ``"dataloader"`` is the plain ``torch.utils.data.DataLoader`` (implied by ``num_workers > 0``).
 
+Data larger than memory (docs/recipes.md, 'Data larger than memory'): with
+``prepared=True`` the data set is written once as memory-mapped uint8 arrays
+(:mod:`lightning_distill.data.prepared`) and read from there; a split whose float32
+images would pass 1 GiB (or every split, ``hold=False``) is a
+:class:`~lightning_distill.data.splits.StreamedSplit`: its loaders gather the uint8 rows
+of each batch only (the same order and DDP shards as the held split's) and
+:meth:`RealDataModule.on_after_batch_transfer` turns them into input-space images on the
+device.
+
 Data selection (:attr:`RealDataModule.train_selection`, e.g. PAD's easy-to-hard schedule for
 the experts): a function ``epoch -> indices`` into the training split; when set,
 :meth:`RealDataModule.train_dataloader` serves only that epoch's subset. Use it through

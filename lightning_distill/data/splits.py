@@ -29,7 +29,7 @@ from ..artifacts import TensorChunks
 from ..errors import StateError
 
 __all__ = ["HASH_CHUNK_ROWS", "HeldSplit", "SplitImages", "StreamedSplit", "images_hash_part",
-           "images_view", "split_images", "split_labels"]
+           "images_view", "split_labels"]
 
 #: rows per chunk when a streamed split's images are read whole in order (hashing): the
 #: chunk the RealDataModule transforms a held split in, so both see the same blocks
@@ -125,15 +125,6 @@ class StreamedSplit(Dataset):
         codes = self.codes_of(idx)
         labels = self.labels[idx]
         return [(codes[j], labels[j]) for j in range(idx.numel())]
-
-
-def split_images(split: Any, index: Tensor | Sequence[int] | slice) -> Tensor:
-    """Input-space images of rows ``index`` of a :class:`HeldSplit`, a
-    :class:`StreamedSplit` or a plain ``TensorDataset`` (a user's own datamodule)."""
-    if hasattr(split, "images"):
-        return split.images(index)
-    x = split.tensors[0]
-    return x[index] if isinstance(index, slice) else x[torch.as_tensor(index, dtype=torch.long)]
 
 
 class SplitImages:
