@@ -12,8 +12,9 @@ and ``val_data.npz``, key ``data`` uint8 [N, 3*64*64], ``labels`` 1..1000) at tw
   peak grows by less than 150 MB from the small to the large size while the uint8 data
   grow by about 940 MB), streamed (the recipe) and, with ``--in-memory``, with
   ``data.prepared false data.hold true`` (the whole split read and held as float32);
-- ``init``: ``DistillationModule.initialize`` (``--ipc``, default 10, DATM's correctly-classified
-  images and soft labels from the expert just trained) from the streamed split.
+- ``init``: ``DistillationModule.initialize`` (``--ipc``, default 1, ``--image-init``,
+  default ``real``: the first ipc rows of each class's permutation, found by the class
+  index; soft labels from the expert just trained) from the streamed split.
 
 ``--fashion-mnist``: the experts epoch's time on Fashion-MNIST (54,000 training images,
 width-32 ConvNet-3, batch 256, ``--fm-batches`` batches), held float32 against prepared
@@ -74,7 +75,7 @@ elif mode == "init":
     store, root, ipc = sys.argv[1], sys.argv[2], int(sys.argv[3])
     dm = RealDataModule("imagenet64", root=root, prepared=True, hold=False, val_fraction=0.02)
     dm.setup()
-    module = DistillationModule(store, ipc, mode="tesla", image_init="samples_predicted_correctly",
+    module = DistillationModule(store, ipc, mode="tesla", image_init=sys.argv[4],
                                 label_init="soft", learn_labels=True, max_start_epoch=1,
                                 expert_epochs=1, syn_steps=2)
     t0 = time.perf_counter()
@@ -119,8 +120,8 @@ def child(mode: str, *args: str) -> dict:
     return out
 
 
-def imagenet64(workdir: Path, sizes: list[int], n_test: int, in_memory: bool, ipc: int
-               ) -> list[dict]:
+def imagenet64(workdir: Path, sizes: list[int], n_test: int, in_memory: bool, ipc: int,
+               image_init: str) -> list[dict]:
     rows = []
     for n in sizes:
         data = workdir / f"imagenet64_{n}"
@@ -144,7 +145,7 @@ def imagenet64(workdir: Path, sizes: list[int], n_test: int, in_memory: bool, ip
                 "true", "--store", str(workdir / f"store_mem_{n}"),
                 "--log_dir", str(workdir / f"logs_mem_{n}"))
             print(f"[{n}] experts in memory {row['experts_in_memory']}", flush=True)
-        row["init_streamed"] = child("init", str(store), str(data), str(ipc))
+        row["init_streamed"] = child("init", str(store), str(data), str(ipc), image_init)
         print(f"[{n}] init {row['init_streamed']}", flush=True)
         rows.append(row)
     return rows
@@ -170,7 +171,10 @@ def main() -> None:
     p.add_argument("--in-memory", action="store_true", help="also the in-memory experts run")
     p.add_argument("--fashion-mnist", action="store_true")
     p.add_argument("--skip-imagenet64", action="store_true")
-    p.add_argument("--ipc", type=int, default=10, help="the initialisation's images per class")
+    p.add_argument("--ipc", type=int, default=1, help="the initialisation's images per class")
+    p.add_argument("--image-init", default="real", help="the initialisation's image_init "
+                   "(samples_predicted_correctly scans a class until the expert classifies "
+                   "ipc of its images correctly: all of it on random pixels)")
     p.add_argument("--fm-batches", type=int, default=60)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--output", type=Path, default=None)
@@ -181,7 +185,7 @@ def main() -> None:
                     "threads": os.environ.get("OMP_NUM_THREADS")}
     if not args.skip_imagenet64:
         result["imagenet64"] = rows = imagenet64(args.workdir, args.sizes, args.test_images,
-                                                 args.in_memory, args.ipc)
+                                                 args.in_memory, args.ipc, args.image_init)
         if len(rows) >= 2:
             a, b = rows[0], rows[-1]
             result["growth_mb"] = {
