@@ -46,7 +46,7 @@ class SaveFinalParameters(Callback):
         self.rows_at_start = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.rows_at_start = getattr(trainer.datamodule.train_set, "rows_read", 0)
+        self.rows_at_start = _rows_read(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         rows = batch[0][:, 0, 0, 0].round().long().tolist()
@@ -74,11 +74,18 @@ class SaveFinalParameters(Callback):
                 {"final": final.detach().clone(),
                  "world_size": trainer.world_size, "global_step": trainer.global_step,
                  "rows": self.rows, "losses": self.losses,
-                 "rows_read": getattr(trainer.datamodule.train_set, "rows_read", 0)
-                 - self.rows_at_start, "train_size": len(trainer.datamodule.train_set),
+                 "rows_read": _rows_read(trainer) - self.rows_at_start,
+                 "train_size": len(getattr(trainer.datamodule, "train_set", None) or ()),
                  "loss_epoch": float(trainer.callback_metrics["train/loss_epoch"])},
                 self.outdir / f"rank{trainer.global_rank}_expert{index}.pt",
             )
+
+
+def _rows_read(trainer: pl.Trainer) -> int:
+    """Training rows a streamed split has read so far (0: held, or a group's Trainer,
+    which gets its member loaders without the datamodule)."""
+    split = getattr(getattr(trainer, "datamodule", None), "train_set", None)
+    return int(getattr(split, "rows_read", 0))
 
 
 def index_pixel(monkeypatch_target) -> None:
