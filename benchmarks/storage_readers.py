@@ -250,7 +250,19 @@ def _random_draws(n: int, rows: int, repeats: int, seed: int) -> list[Any]:
     return [torch.randint(0, n, (rows,), generator=g) for _ in range(repeats)]
 
 
+def _np_memmap(rows: Any) -> Any:
+    """The same prepared file as a tensor over ``np.memmap`` (read-only copy-on-write
+    pages), the reader the library used before its positioned reads."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.memmap(rows.path, dtype=np.uint8, mode="c",
+                                      shape=tuple(rows.shape)))
+
+
 def read_memmap(workdir: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The library's streamed path over a prepared split: its ``RowFile`` (positioned
+    reads), or with ``--np-memmap`` the same file through ``np.memmap``."""
     import torch
 
     from lightning_distill.data.datamodule import SplitBatchLoader
@@ -264,7 +276,8 @@ def read_memmap(workdir: Path, n: int, args: argparse.Namespace) -> dict[str, An
     mem = _MemTrack()
     t_open = time.perf_counter()
     real = open_prepared(directory)
-    split = StreamedSplit(real.train_data, real.train_labels, torch.arange(n), lambda c: c)
+    codes = _np_memmap(real.train_data) if args.np_memmap else real.train_data
+    split = StreamedSplit(codes, real.train_labels, torch.arange(n), lambda c: c)
     open_s = time.perf_counter() - t_open
     loader = SplitBatchLoader(split, args.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(args.seed), pin_memory=False)
@@ -286,6 +299,8 @@ def read_memmap(workdir: Path, n: int, args: argparse.Namespace) -> dict[str, An
     if args.cold:
         _drop_from_page_cache(directory)
     codes = open_prepared(directory).train_data
+    if args.np_memmap:
+        codes = _np_memmap(codes)
     times = []
     for idx in _random_draws(n, args.random_rows, args.random_repeats, args.seed):
         t = time.perf_counter()
@@ -497,7 +512,9 @@ def table(results: dict[str, Any]) -> str:
              "anon peak +MB | file peak +MB | 256 random rows ms | library order | "
              "batches = source |", "|" + "---|" * 12]
     for n, r in results["sizes"].items():
-        for name, prep_key, read_key in (("memmap (library)", "prep_memmap", "read_memmap"),
+        for name, prep_key, read_key in (("prepared, positioned reads (library)", "prep_memmap",
+                                          "read_memmap"),
+                                         ("prepared, np.memmap", None, "read_np_memmap"),
                                          ("litdata w0", "prep_litdata", "read_litdata_w0"),
                                          ("litdata w0 batch_decode=0", None,
                                           "read_litdata_w0_bd0"),
@@ -566,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prep", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--batch-decode", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--np-memmap", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._task:
@@ -602,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             r["prep_litdata"] = _child("prep_litdata", args.workdir, n, args)
             pm, pl = json.dumps(r["prep_memmap"]), json.dumps(r["prep_litdata"])
             r["read_memmap"] = _child("read_memmap", args.workdir, n, args, prep=pm)
+            r["read_np_memmap"] = _child("read_memmap", args.workdir, n, args, prep=pm,
+                                         np_memmap=1)
             r["read_litdata_w0"] = _child("read_litdata", args.workdir, n, args, prep=pl,
                                           workers=0)
             r["read_litdata_w0_bd0"] = _child("read_litdata", args.workdir, n, args, prep=pl,

@@ -1,4 +1,4 @@
-"""Prepared splits: a data set written once as memory-mapped uint8 arrays, read without holding it.
+"""Prepared splits: a data set written once as uint8 arrays on disk, read by rows, never held.
 
 :func:`prepare` walks a :class:`~lightning_distill.data.datasets.sources.DatasetSource`
 in chunks of rows and writes, per split, into one directory (docs/formats.md, 'Prepared
@@ -19,11 +19,11 @@ and hashed. ``.partial/progress.json`` records, after each chunk is flushed to d
 many rows of which split are done, so an interrupted preparation resumes at its last
 chunk; one begun for other settings or other source files starts over.
 
-:func:`open_prepared` maps the files read-only (copy-on-write pages: nothing is read
-until a row is asked for) into a :class:`~lightning_distill.data.datasets.RealDataset`
-whose ``train_data`` / ``test_data`` are those maps, so every stage reads only the rows
-it gathers. It refuses, in one line naming the file and what to do, a directory written
-by a newer format, for other settings, or with a file of the wrong size; ``verify=True``
+:func:`open_prepared` gives a :class:`~lightning_distill.data.datasets.RealDataset` whose
+``train_data`` / ``test_data`` are :class:`RowFile` objects: every stage reads only the
+rows it gathers, with positioned reads, and holds only those. It refuses, in one line
+naming the file and what to do, a directory written by a newer format, for other
+settings, or with a file of the wrong size; ``verify=True``
 also re-hashes the files.
 """
 
@@ -147,10 +147,91 @@ def _open_sized(path: Path, size: int, fresh: bool) -> Any:
     return f
 
 
-def _open_array(path: Path, dtype: Any, shape: tuple[int, ...], mode: str) -> np.memmap:
-    if math.prod(shape) == 0:  # np.memmap cannot map an empty file
-        return np.zeros(shape, dtype=dtype)  # type: ignore[return-value]
-    return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+class RowFile:
+    """A prepared split's uint8 images ``[N, C, H, W]`` on disk, read by rows.
+
+    It answers what the library asks of a split's uint8 codes (``shape``, ``dtype``,
+    ``device``, ``dim()``, ``len``, ``index_select(0, rows)`` and ``rows_file[index]``
+    for an int, a slice or int64 rows) and reads only the rows asked for, with
+    positioned reads (``os.preadv``; one read per run of consecutive rows), into a new
+    tensor. Unlike a memory map, nothing stays mapped in the process afterwards: its
+    resident memory does not grow with the rows an epoch has visited. The file is opened
+    once per process (DataLoader workers open their own).
+    """
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...]) -> None:
+        self.path = Path(path)
+        self.shape = torch.Size(shape)
+        self.row_bytes = math.prod(self.shape[1:])
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"RowFile({str(self.path)!r}, shape={list(self.shape)})"
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into spawned workers: no fd
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def _read(self, buf: np.ndarray, row: int) -> None:
+        offset = row * self.row_bytes
+        if hasattr(os, "preadv"):
+            got = os.preadv(self._file(), [buf], offset)
+        else:  # no positioned reads (Windows): a private file object per call
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(buf)
+        if got != buf.nbytes:
+            raise PreparedDataError(f"{self.path}: rows from {row} are cut short ({got} of "
+                                    f"{buf.nbytes} bytes); {_FIX}")
+
+    def take(self, rows: Any) -> torch.Tensor:
+        """uint8 ``[len(rows), C, H, W]``: rows ``rows`` (int64, any order, repeats
+        allowed) read from the file."""
+        rows = np.asarray(torch.as_tensor(rows, dtype=torch.long).cpu().numpy()).reshape(-1)
+        n = len(self)
+        out = np.empty((rows.size, *self.shape[1:]), dtype=np.uint8)
+        if not rows.size:
+            return torch.from_numpy(out)
+        if rows.min() < -n or rows.max() >= n:
+            raise InputError(f"{self.path}: rows must lie in [0, {n})")
+        rows = np.where(rows < 0, rows + n, rows)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        cuts = np.flatnonzero(np.diff(ordered) != 1) + 1  # runs of consecutive rows
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, rows.size], strict=True):
+            if b - a == 1:
+                self._read(out[order[a]], int(ordered[a]))
+            else:
+                run = np.empty((b - a, *self.shape[1:]), dtype=np.uint8)
+                self._read(run, int(ordered[a]))
+                out[order[a:b]] = run
+        return torch.from_numpy(out)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        if dim != 0:
+            raise InputError("RowFile.index_select: only rows (dim 0) can be selected")
+        return self.take(index)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        if isinstance(index, (int, np.integer)):
+            return self.take([int(index)])[0]
+        return self.take(index)
 
 
 def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int | None = None,
@@ -305,7 +386,7 @@ def read_prepared_header(directory: str | os.PathLike) -> dict[str, Any]:
 
 def open_prepared(directory: str | os.PathLike, *, expect: DatasetSource | None = None,
                   verify: bool = False) -> RealDataset:
-    """A :class:`RealDataset` over a prepared directory's memory maps (see the module
+    """A :class:`RealDataset` over a prepared directory's files (see the module
     docstring). ``expect``: the source it must have been prepared from (same name and
     settings); ``verify``: re-hash every file against the header."""
     directory = Path(directory)
@@ -332,16 +413,18 @@ def open_prepared(directory: str | os.PathLike, *, expect: DatasetSource | None 
                 raise PreparedDataError(f"{path}: {got_size} bytes, expected {size}; {_FIX}")
             if verify and n and file_sha256(path) != info["files"][name]["sha256"]:
                 raise PreparedDataError(f"{path}: SHA-256 differs from the header's; {_FIX}")
-            # copy-on-write maps: writable views for torch, pages read on first touch
-            arrays[name] = _open_array(path, dtype, part_shape, "c")
-        index[split_name] = (torch.from_numpy(arrays[f"{split_name}_class_index.i64"]),
+            # the images are read by rows when asked for; labels and the class index
+            # (8 bytes a row) are read whole
+            arrays[name] = (RowFile(path, part_shape) if part == "images.u8"
+                            else torch.from_numpy(np.fromfile(path, dtype=dtype)))
+        index[split_name] = (arrays[f"{split_name}_class_index.i64"],
                              [int(o) for o in info["class_offsets"]])
     return RealDataset(
         name=head["name"],
-        train_data=torch.from_numpy(arrays["train_images.u8"]),
-        train_labels=torch.from_numpy(np.asarray(arrays["train_labels.i64"])),
-        test_data=torch.from_numpy(arrays["test_images.u8"]),
-        test_labels=torch.from_numpy(np.asarray(arrays["test_labels.i64"])),
+        train_data=arrays["train_images.u8"],
+        train_labels=arrays["train_labels.i64"],
+        test_data=arrays["test_images.u8"],
+        test_labels=arrays["test_labels.i64"],
         mean=tuple(head["mean"]),
         std=tuple(head["std"]),
         class_names=tuple(head["class_names"]),

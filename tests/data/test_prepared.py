@@ -33,7 +33,7 @@ def test_prepared_digits_equal_the_in_memory_data_set(tmp_path):
     assert directory == prepared_dir(tmp_path, digits_source())
     mapped = open_prepared(directory, verify=True)
     for split in ("train", "test"):
-        assert torch.equal(getattr(mapped, f"{split}_data"), getattr(real, f"{split}_data"))
+        assert torch.equal(getattr(mapped, f"{split}_data")[:], getattr(real, f"{split}_data"))
         assert torch.equal(getattr(mapped, f"{split}_labels"), getattr(real, f"{split}_labels"))
     assert mapped.class_names == real.class_names and mapped.pixel_scale == 16.0
     assert mapped.mean == real.mean and mapped.std == real.std  # the loader's constants
@@ -101,7 +101,7 @@ def test_an_interrupted_preparation_is_never_used_and_resumes_at_its_last_chunk(
     source.train.read = lambda a, b: reads.append((a, b)) or read(a, b)
     prepare(source, tmp_path, chunk_rows=100)
     assert reads[0] == (500, 600)
-    assert torch.equal(open_prepared(final, verify=True).train_data,
+    assert torch.equal(open_prepared(final, verify=True).train_data[:],
                        get_dataset("digits").train_data)
 
 
@@ -236,6 +236,26 @@ def test_distillation_initialises_from_a_streamed_split_as_from_a_held_one(tmp_p
     assert streamed.train_set.rows_read > 0  # read by rows, through the split
 
 
+def test_row_file_reads_rows_in_any_order_with_repeats(tmp_path):
+    """A prepared split's images are read by positioned reads: rows in any order, runs,
+    repeats (a DDP shard padded by wrapping), negative rows, slices; out of range refused."""
+    from lightning_distill.data.prepared import RowFile
+
+    real = get_dataset("digits")
+    mapped = open_prepared(prepare(digits_source(), tmp_path))
+    rows = mapped.train_data
+    assert isinstance(rows, RowFile) and rows.shape == real.train_data.shape
+    assert rows.dtype == torch.uint8 and rows.dim() == 4 and len(rows) == len(real)
+    idx = torch.tensor([7, 3, 4, 5, 5, 1197, 0, 8, 6, -1])
+    assert torch.equal(rows.index_select(0, idx), real.train_data[idx])
+    assert torch.equal(rows[10:20], real.train_data[10:20])
+    assert torch.equal(rows[3], real.train_data[3])
+    assert torch.equal(rows[torch.zeros(0, dtype=torch.long)], real.train_data[:0])
+    with pytest.raises(LightningDistillError, match="rows must lie"):
+        rows.index_select(0, torch.tensor([1198]))
+    assert torch.equal(mapped.images("train", idx), real.images("train", idx))
+
+
 def test_source_of_a_registered_loader_reads_row_ranges():
     source = digits_source()
     real = get_dataset("digits")
@@ -283,7 +303,7 @@ def test_an_image_folder_prepared_in_chunks_equals_the_in_memory_folder(tmp_path
     mapped = open_prepared(directory)
     assert mapped.class_names == real.class_names == ("cat", "dog", "emu")
     for split in ("train", "test"):
-        assert torch.equal(getattr(mapped, f"{split}_data"), getattr(real, f"{split}_data"))
+        assert torch.equal(getattr(mapped, f"{split}_data")[:], getattr(real, f"{split}_data"))
         assert torch.equal(getattr(mapped, f"{split}_labels"), getattr(real, f"{split}_labels"))
     assert mapped.mean == pytest.approx(real.mean, rel=1e-12)
     assert mapped.std == pytest.approx(real.std, rel=1e-12)
