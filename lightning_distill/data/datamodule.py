@@ -23,7 +23,7 @@ exactly the batches a ``DataLoader(shuffle=True, generator=...)`` over the same
 ``"dataloader"`` is the plain ``torch.utils.data.DataLoader`` (implied by ``num_workers > 0``).
 
 Data larger than memory (docs/recipes.md, 'Data larger than memory'): with
-``prepared=True`` the data set is written once as memory-mapped uint8 arrays
+``prepared=True`` the data set is written once as uint8 arrays on disk
 (:mod:`lightning_distill.data.prepared`) and read from there; a split whose float32
 images would pass 1 GiB (or every split, ``hold=False``) is a
 :class:`~lightning_distill.data.splits.StreamedSplit`: its loaders gather the uint8 rows
@@ -226,7 +226,7 @@ class TensorBatchLoader:
 class SplitBatchLoader(TensorBatchLoader):
     """:class:`TensorBatchLoader`'s batches (same order, same sharding) of a
     :class:`~lightning_distill.data.splits.StreamedSplit`: each batch gathers only its
-    rows' uint8 codes (from memory or a memory map); the :class:`RealDataModule` turns
+    rows' uint8 codes (from memory, or from a prepared split's file); the :class:`RealDataModule` turns
     them into input-space images after the transfer to the device
     (:meth:`RealDataModule.on_after_batch_transfer`)."""
 
@@ -293,7 +293,7 @@ class RealDataModule(pl.LightningDataModule):
             per-sample indexing and collation; Lightning injects its distributed sampler).
         prepared: read the data set from its prepared form (docs/formats.md, 'Prepared
             data'): written once (by ``lightning-distill prepare``, or on first use in
-            :meth:`prepare_data`) as memory-mapped uint8 arrays under ``prepared_root``,
+            :meth:`prepare_data`) as uint8 arrays on disk under ``prepared_root``,
             then only the rows a batch needs are read. ``False``: the data set's own
             files, read whole into memory as uint8.
         prepared_root: where prepared data sets live (default ``<root>/prepared``, root
@@ -455,7 +455,7 @@ class RealDataModule(pl.LightningDataModule):
             f"{len(self.train_set)} train / {len(self.val_set)} validation / "
             f"{len(self.test_set)} test images, {real.channels}x{real.image_size[0]}x"
             f"{real.image_size[1]}, {'ZCA-whitened' if self.use_zca else 'normalised'}, "
-            f"{kind}" + (" (prepared, memory-mapped)" if self.prepared else ""))
+            f"{kind}" + (" (prepared, read by rows)" if self.prepared else ""))
 
     def _holds(self, count: int) -> bool:
         """Whether a split of ``count`` images is held as float32 (see ``hold``)."""

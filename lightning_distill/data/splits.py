@@ -5,7 +5,7 @@
 - :class:`HeldSplit`: a ``TensorDataset`` of float32 input-space images and int64 labels,
   transformed once (the small data sets: digits, Fashion-MNIST, CIFAR);
 - :class:`StreamedSplit`: the int64 labels in memory and the images as the data set's
-  uint8 codes (in memory, or a memory map of a prepared split:
+  uint8 codes (in memory, or a prepared split read by rows from disk:
   :mod:`lightning_distill.data.prepared`), gathered per batch and transformed on
   access, on the device the batch is on.
 

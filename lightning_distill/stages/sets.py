@@ -267,7 +267,7 @@ def _parser(name: str) -> _Parser:
 SET_COMMANDS = {
     "import-set": "import a synthetic set saved by the MTT / DATM / PAD distill scripts",
     "export-set": "write a synthetic set in DATM's layout or as an ImageFolder of PNGs",
-    "prepare": "write a data set once as memory-mapped splits that stages stream from",
+    "prepare": "write a data set once as uint8 files that stages stream rows from",
 }
 
 
