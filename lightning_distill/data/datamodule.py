@@ -226,8 +226,9 @@ class TensorBatchLoader:
 class SplitBatchLoader(TensorBatchLoader):
     """:class:`TensorBatchLoader`'s batches (same order, same sharding) of a
     :class:`~lightning_distill.data.splits.StreamedSplit`: each batch gathers only its
-    rows' uint8 codes (from memory, or from a prepared split's file); the :class:`RealDataModule` turns
-    them into input-space images after the transfer to the device
+    rows' uint8 codes (from memory, or from a prepared split's file); the
+    :class:`RealDataModule` turns them into input-space images after the transfer to the
+    device
     (:meth:`RealDataModule.on_after_batch_transfer`)."""
 
     def __init__(self, split: StreamedSplit, batch_size: int, shuffle: bool = False,

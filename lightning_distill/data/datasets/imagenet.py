@@ -69,13 +69,12 @@ from .container import DatasetFormatError, RealDataset
 from .formats import IMAGE_EXTENSIONS
 from .loaders import IMAGENET_MEAN, IMAGENET_STD, _missing
 from .registry import register_dataset
-from .sources import DatasetSource, SplitSource, register_source
+from .sources import DatasetSource, SplitSource, dataset_from_source, register_source
 
 __all__ = [
     "IMAGENET64_FILES",
     "IMAGENET_SUBSETS",
     "IMAGENET_SUBSET_INDICES",
-    "dataset_from_source",
     "imagenet64_source",
     "imagenet_subset_source",
     "imagenet_wnids",
@@ -152,35 +151,6 @@ IMAGENET_SUBSETS: dict[str, tuple[str, ...]] = {
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-# ------------------------------------------------------------ the in-memory loaders
-
-def dataset_from_source(src: DatasetSource, chunk: int = 4096) -> RealDataset:
-    """A :class:`RealDataset` holding every row of ``src`` (each split read in chunks of
-    ``chunk`` rows); the in-memory loaders below are this over their source."""
-
-    def whole(split: SplitSource) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = np.empty((split.count, *split.image_shape), dtype=np.uint8)
-        labels = np.empty(split.count, dtype=np.int64)
-        for start in range(0, split.count, chunk):
-            stop = min(start + chunk, split.count)
-            codes[start:stop], labels[start:stop] = split.read(start, stop)
-        return torch.from_numpy(codes), torch.from_numpy(labels)
-
-    (x_train, y_train), (x_test, y_test) = whole(src.train), whole(src.test)
-    return RealDataset(
-        name=src.name,
-        train_data=x_train,
-        train_labels=y_train,
-        test_data=x_test,
-        test_labels=y_test,
-        mean=src.mean or (),
-        std=src.std or (),
-        class_names=src.class_names,
-        pixel_scale=src.pixel_scale,
-        source=src.source,
-    )
 
 
 # ------------------------------------------------------------------------ imagenet64

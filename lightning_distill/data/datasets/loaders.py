@@ -33,7 +33,7 @@ from .formats import (
     read_svhn_mat,
 )
 from .registry import register_dataset
-from .sources import DatasetSource, SplitSource, register_source
+from .sources import DatasetSource, SplitSource, dataset_from_source, register_source
 
 __all__ = [
     "image_folder_source",
@@ -455,51 +455,13 @@ def _image_folder_files(
 
 
 @register_dataset("image_folder")
-def load_image_folder(
-    root: Path,
-    image_size: int | Sequence[int] | None = None,
-    channels: int = 3,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    dataset_name: str = "image_folder",
-    workers: int | None = None,
-) -> RealDataset:
-    """A class-per-folder image set (torchvision's ImageFolder layout), held in memory.
-
-    Layout ``root/train/<class>/*`` and ``root/test/<class>/*``; or only ``root/<class>/*``
-    (or ``root/train/<class>/*`` without ``test/``), in which case ``test_fraction`` of
-    each class (seeded by ``split_seed``) becomes the test split (:func:`stratified_split`).
-    Classes are the sorted training folder names.
-    ``mean``/``std`` default to the per-channel statistics of the training images;
-    ``dataset_name`` is the ``RealDataset.name`` (recorded in metadata). A folder too
-    large to hold: :func:`image_folder_source` (``data.prepared: true``) reads it in
-    chunks of files.
-    """
-    classes, splits = _image_folder_files(root, test_fraction, split_seed, dataset_name)
-    (train_paths, y_train), (test_paths, y_test) = splits["train"], splits["test"]
-    x_train = load_images(train_paths, channels, image_size, workers)
-    x_test = load_images(test_paths, channels, image_size, workers)
-    if test_paths and x_test.shape[1:] != x_train.shape[1:]:
-        raise DatasetFormatError(
-            f"{test_paths[0]}: test images are {tuple(x_test.shape[2:])}, training images "
-            f"{tuple(x_train.shape[2:])}; pass image_size= to resize both"
-        )
-    if mean is None or std is None:
-        m, s = mean_std(x_train)
-        mean, std = mean or m, std or s
-    return RealDataset(
-        name=dataset_name,
-        train_data=x_train,
-        train_labels=y_train,
-        test_data=x_test,
-        test_labels=y_test.long(),
-        mean=tuple(mean),
-        std=tuple(std),
-        class_names=classes,
-        source=str(root),
-    )
+def load_image_folder(root: Path, **kwargs: Any) -> RealDataset:
+    """A class-per-folder image set (torchvision's ImageFolder layout), held in memory:
+    every row of :func:`image_folder_source` (its keywords, its layouts), read in chunks
+    of files; ``mean`` / ``std`` default to the per-channel statistics of the training
+    images. A folder too large to hold: ``data.prepared: true`` reads the same source
+    into a prepared directory instead."""
+    return dataset_from_source(image_folder_source(root, **kwargs))
 
 
 @register_source("image_folder")
@@ -514,10 +476,17 @@ def image_folder_source(
     dataset_name: str = "image_folder",
     workers: int | None = None,
 ) -> DatasetSource:
-    """An image folder of any size as a source (:mod:`.sources`): the same classes,
-    splits and pixels as :func:`load_image_folder`, each row range decoded from its files
-    only (``workers`` threads). Without ``mean`` / ``std`` the preparation measures them
-    on the training split."""
+    """A class-per-folder image set of any size as a source (:mod:`.sources`).
+
+    Layout ``root/train/<class>/*`` and ``root/test/<class>/*``; or only ``root/<class>/*``
+    (or ``root/train/<class>/*`` without ``test/``), in which case ``test_fraction`` of
+    each class (seeded by ``split_seed``) becomes the test split (:func:`stratified_split`).
+    Classes are the sorted training folder names. ``channels`` 3 converts to RGB, 1 to
+    grayscale; ``image_size`` resizes (bilinear), else every image must have the first
+    one's size. Each row range is decoded from its files only (``workers`` threads).
+    Without ``mean`` / ``std`` they are measured on the training images (by the in-memory
+    loader, or by the preparation). ``dataset_name`` is the data set's name (recorded in
+    metadata)."""
     classes, splits = _image_folder_files(root, test_fraction, split_seed, dataset_name)
     size = _as_hw(image_size)
     if channels not in (1, 3):

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ...errors import InputError
-from .container import RealDataset
+from .container import RealDataset, mean_std
 from .registry import _key, default_data_root, get_dataset
 
-__all__ = ["DatasetSource", "SplitSource", "get_source", "register_source", "source_from_dataset"]
+__all__ = ["DatasetSource", "SplitSource", "dataset_from_source", "get_source", "register_source",
+           "source_from_dataset"]
 
 #: ``read(start, stop) -> (codes uint8 [stop - start, C, H, W], labels int64 [stop - start])``
 RowReader = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
@@ -103,6 +105,37 @@ def source_from_dataset(real: RealDataset, settings: dict[str, Any] | None = Non
         pixel_scale=real.pixel_scale,
         source=real.source,
         settings=dict(settings or {}),
+    )
+
+
+def dataset_from_source(src: DatasetSource, chunk: int = 4096) -> RealDataset:
+    """A :class:`RealDataset` holding every row of ``src`` (each split read in chunks of
+    ``chunk`` rows): the in-memory loader of a data set registered as a source. Without
+    the source's ``mean`` / ``std``: those of the training images (:func:`mean_std`)."""
+
+    def whole(split: SplitSource) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = np.empty((split.count, *split.image_shape), dtype=np.uint8)
+        labels = np.empty(split.count, dtype=np.int64)
+        for start in range(0, split.count, chunk):
+            stop = min(start + chunk, split.count)
+            codes[start:stop], labels[start:stop] = split.read(start, stop)
+        return torch.from_numpy(codes), torch.from_numpy(labels)
+
+    (x_train, y_train), (x_test, y_test) = whole(src.train), whole(src.test)
+    mean, std = src.mean, src.std
+    if mean is None or std is None:
+        mean, std = mean_std(x_train, src.pixel_scale)
+    return RealDataset(
+        name=src.name,
+        train_data=x_train,
+        train_labels=y_train,
+        test_data=x_test,
+        test_labels=y_test,
+        mean=mean,
+        std=std,
+        class_names=src.class_names,
+        pixel_scale=src.pixel_scale,
+        source=src.source,
     )
 
 
