@@ -395,3 +395,55 @@ def test_subset_missing_root_lists_paths(tmp_path):
     with pytest.raises(MissingFileError) as err:
         get_dataset("imagenet_subset", tmp_path, subset="imagewoof")
     assert str(tmp_path / "ILSVRC" / "Data" / "CLS-LOC") in str(err.value)
+
+
+# ------------------------------------------------------------ prepared from the formats
+
+def test_imagenet64_prepared_after_an_interruption_equals_the_files(npz_root, tmp_path):
+    """A preparation of the npz release stopped midway is never used; run again it
+    resumes at its last chunk (a source file replaced meanwhile would start it over),
+    and the prepared split, its class index and a streamed datamodule's batches equal
+    the files' rows."""
+    from lightning_distill.data.datamodule import RealDataModule
+    from lightning_distill.data.prepared import open_prepared, prepare, prepared_dir
+
+    class Stop(Exception):
+        pass
+
+    root, truth = npz_root
+    source = get_source("imagenet64", root)
+    read = source.train.read
+
+    def stop_at_24(a: int, b: int):
+        if b > 24:
+            raise Stop  # the machine stops while rows 24.. are being read
+        return read(a, b)
+
+    source.train.read = stop_at_24
+    with pytest.raises(Stop):
+        prepare(source, tmp_path / "prepared", chunk_rows=8)
+    final = prepared_dir(tmp_path / "prepared", source)
+    assert not final.exists() and final.with_name(final.name + ".partial").is_dir()
+    with pytest.raises(MissingFileError, match="unfinished preparation"):
+        open_prepared(final)
+    reads: list[int] = []
+    source = get_source("imagenet64", root)
+    read = source.train.read
+    source.train.read = lambda a, b: reads.append(a) or read(a, b)
+    prepare(source, tmp_path / "prepared", chunk_rows=8)
+    assert reads[0] == 24  # rows 0..23 were written before the stop
+    real = open_prepared(final, verify=True)
+    codes = torch.from_numpy(truth["train_data"].reshape(-1, 3, 64, 64))
+    assert torch.equal(real.train_data[:], codes)
+    assert torch.equal(real.train_labels, torch.from_numpy(truth["train_labels"]))
+    for c in torch.unique(real.train_labels).tolist():  # the class index
+        rows = torch.nonzero(real.train_labels == c).flatten()
+        assert torch.equal(real.indices_of_class(c), rows)
+    dm = RealDataModule("imagenet64", root=str(root), prepared=True, hold=False,
+                        prepared_root=str(tmp_path / "prepared"), val_fraction=0.0,
+                        batch_size=16)
+    dm.setup()
+    x, y = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    want = torch.from_numpy(truth["test_data"][:16].reshape(-1, 3, 64, 64))
+    assert torch.equal(x, dm.real.normalize(want.float() / 255))
+    assert torch.equal(y, torch.from_numpy(truth["test_labels"][:16]))
