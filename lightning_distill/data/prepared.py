@@ -32,7 +32,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -242,10 +244,24 @@ def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int |
     about 64 MB of images); ``progress``: a rich progress bar; ``log``: one line per event."""
     say = log or (lambda s: None)
     final = prepared_dir(root, source)
-    if (final / "header.json").is_file():
-        open_prepared(final, expect=source)
-        say(f"prepare: {final} is ready")
-        return final
+    if not (final / "header.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = _PrepareLock(final)
+        if lock.acquire(say):  # else another process finished it while this one waited
+            try:
+                if not (final / "header.json").is_file():
+                    _write(source, final, chunk_rows, progress, say, lock)
+                    return final
+            finally:
+                lock.release()
+    open_prepared(final, expect=source)
+    say(f"prepare: {final} is ready")
+    return final
+
+
+def _write(source: DatasetSource, final: Path, chunk_rows: int | None, progress: bool,
+           say: Callable[[str], None], lock: _PrepareLock) -> None:
+    """The body of :func:`prepare`, under its lock: build ``final`` through ``.partial``."""
     partial = final.with_name(final.name + ".partial")
     identity = _identity(source)
     state = _read_progress(partial)
@@ -298,14 +314,103 @@ def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int |
                 os.fsync(f.fileno())
             state["done"][split_name] = stop
             atomic_write_json(partial / "progress.json", state)
+            lock.touch()
             advance(stop - start)
         images.close()
         labels.close()
     say(f"prepare: hashing {partial}")
-    _finish(source, partial, state)
+    _finish(source, partial, state, lock.touch)
     os.replace(partial, final)
     say(f"prepare: {final} written")
-    return final
+
+
+#: a preparation touches its lock after every chunk and every file it hashes; a lock left
+#: untouched this long belongs to a preparation that died (on another node) and is taken over
+LOCK_STALE_SECONDS = 900.0
+#: how often a preparation waiting for another one looks again
+LOCK_POLL_SECONDS = 5.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class _PrepareLock:
+    """``<name>-<key>.lock`` beside the prepared directory: one preparation of a directory
+    at a time, also across the nodes of a shared filesystem (created with ``O_EXCL``;
+    it names its holder, host and pid). Another process finds it and waits until the
+    directory is complete, or takes it over when its holder has ended (a pid of this host
+    that no longer runs) or left it untouched for :data:`LOCK_STALE_SECONDS`."""
+
+    def __init__(self, final: Path) -> None:
+        self.path = final.with_name(final.name + ".lock")
+        self.final = final
+        self.token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(6)}"
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
+        return True
+
+    def _holder(self) -> tuple[str, float] | None:
+        try:
+            return self.path.read_text().strip(), time.time() - self.path.stat().st_mtime
+        except OSError:
+            return None  # released meanwhile
+
+    @staticmethod
+    def _ended(holder: str) -> bool:
+        parts = holder.split()
+        return (len(parts) >= 2 and parts[0] == socket.gethostname() and parts[1].isdigit()
+                and not _pid_alive(int(parts[1])))
+
+    def acquire(self, say: Callable[[str], None]) -> bool:
+        """Hold the lock (True), or return False once another process has completed the
+        directory while this one waited."""
+        waiting = False
+        while True:
+            if (self.final / "header.json").is_file():
+                return False
+            if self._create():
+                return True
+            seen = self._holder()
+            if seen is None:
+                continue
+            holder, age = seen
+            if self._ended(holder) or age > LOCK_STALE_SECONDS:
+                why = "its process has ended" if self._ended(holder) else \
+                    f"untouched for {age:.0f} s"
+                say(f"prepare: taking over {self.path} from {holder.split()[:2]} ({why})")
+                current = self._holder()  # still the same holder: not a new one's lock
+                if current is not None and current[0] == holder:
+                    self.path.unlink(missing_ok=True)
+                continue
+            if not waiting:
+                say(f"prepare: {self.final.name} is being prepared by {holder.split()[:2]} "
+                    f"({self.path}): waiting for it")
+                waiting = True
+            time.sleep(LOCK_POLL_SECONDS)
+
+    def touch(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        seen = self._holder()
+        if seen is not None and seen[0] == self.token:
+            self.path.unlink(missing_ok=True)
 
 
 def _read_progress(partial: Path) -> dict[str, Any] | None:
@@ -327,8 +432,10 @@ def _mean_std(source: DatasetSource, sums: dict[str, Any]) -> tuple[list[float],
     return mean, std
 
 
-def _finish(source: DatasetSource, partial: Path, state: dict[str, Any]) -> None:
-    """The class indexes, the hashes and the header, inside ``partial``."""
+def _finish(source: DatasetSource, partial: Path, state: dict[str, Any],
+            touch: Callable[[], None] = lambda: None) -> None:
+    """The class indexes, the hashes and the header, inside ``partial`` (``touch`` after
+    every file hashed: hashing a large split takes minutes)."""
     splits: dict[str, Any] = {}
     k = len(source.class_names)
     for split_name in _SPLITS:
@@ -343,7 +450,7 @@ def _finish(source: DatasetSource, partial: Path, state: dict[str, Any]) -> None
             "count": split.count,
             "shape": list(split.image_shape),
             "class_offsets": [0] + np.cumsum(counts).tolist(),
-            "files": {name: {"sha256": file_sha256(partial / name) if split.count else None}
+            "files": {name: {"sha256": _hashed(partial / name, touch) if split.count else None}
                       for name in files.values()},
             "source_files": list(split.files),
         }
@@ -361,6 +468,12 @@ def _finish(source: DatasetSource, partial: Path, state: dict[str, Any]) -> None
     })
     atomic_write_json(partial / "header.json", head)
     (partial / "progress.json").unlink()
+
+
+def _hashed(path: Path, touch: Callable[[], None]) -> str:
+    digest = file_sha256(path)
+    touch()
+    return digest
 
 
 _FIX = "delete the directory and run `lightning-distill prepare` again"

@@ -307,3 +307,64 @@ def test_an_image_folder_prepared_in_chunks_equals_the_in_memory_folder(tmp_path
         assert torch.equal(getattr(mapped, f"{split}_labels"), getattr(real, f"{split}_labels"))
     assert mapped.mean == pytest.approx(real.mean, rel=1e-12)
     assert mapped.std == pytest.approx(real.std, rel=1e-12)
+
+
+# ------------------------------------------------------------------ one at a time
+
+def _lock_of(tmp_path):
+    final = prepared_dir(tmp_path, digits_source())
+    return final, final.with_name(final.name + ".lock")
+
+
+def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True).stdout.strip()
+    final, lock = _lock_of(tmp_path)
+    lock.write_text(f"{socket.gethostname()} {ended} abc")  # a preparation that was killed
+    said: list[str] = []
+    assert prepare(digits_source(), tmp_path, log=said.append) == final
+    assert any("taking over" in s and "ended" in s for s in said)
+    assert (final / "header.json").is_file() and not lock.exists()
+
+
+def test_a_second_preparation_waits_for_the_first_and_uses_its_directory(tmp_path,
+                                                                         monkeypatch):
+    """Two nodes on one shared filesystem: the one that finds the lock held waits, writes
+    nothing, and returns the directory the holder completes."""
+    import threading
+    import time
+
+    import lightning_distill.data.prepared as prepared
+
+    monkeypatch.setattr(prepared, "LOCK_POLL_SECONDS", 0.02)
+    final, lock = _lock_of(tmp_path)
+    lock.write_text("another-node 12345 abc")  # alive elsewhere, touched just now
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.append(prepare(digits_source(), tmp_path)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not final.exists()
+    assert not final.with_name(final.name + ".partial").exists()  # it wrote nothing
+    done = prepare(digits_source(), tmp_path / "elsewhere")  # "the other node" finishes
+    done.rename(final)
+    lock.unlink()
+    waiter.join(timeout=10)
+    assert result == [final]
+    assert torch.equal(open_prepared(final).train_data[:], get_dataset("digits").train_data)
+
+
+def test_a_lock_untouched_for_too_long_is_taken_over(tmp_path, monkeypatch):
+    import lightning_distill.data.prepared as prepared
+
+    monkeypatch.setattr(prepared, "LOCK_POLL_SECONDS", 0.02)
+    monkeypatch.setattr(prepared, "LOCK_STALE_SECONDS", 0.2)
+    final, lock = _lock_of(tmp_path)
+    lock.write_text("another-node 12345 abc")
+    said: list[str] = []
+    assert prepare(digits_source(), tmp_path, log=said.append) == final
+    assert any("waiting" in s for s in said) and any("untouched" in s for s in said)
+    assert not lock.exists()
