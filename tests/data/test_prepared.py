@@ -366,5 +366,5 @@ def test_a_lock_untouched_for_too_long_is_taken_over(tmp_path, monkeypatch):
     lock.write_text("another-node 12345 abc")
     said: list[str] = []
     assert prepare(digits_source(), tmp_path, log=said.append) == final
-    assert any("waiting" in s for s in said) and any("untouched" in s for s in said)
+    assert any("untouched" in s for s in said)  # (waiting first: the test above)
     assert not lock.exists()
