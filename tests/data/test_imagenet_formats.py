@@ -258,6 +258,12 @@ def test_subset_lists_are_the_published_indices_into_sorted_wnids():
     for name, idx in IMAGENET_SUBSET_INDICES.items():
         assert IMAGENET_SUBSETS[name] == tuple(wnids[i] for i in idx)
         assert len(set(IMAGENET_SUBSETS[name])) == 10
+    # the published classes by name: ImageNette (tench ... parachute), ImageWoof's first
+    assert IMAGENET_SUBSETS["imagenette"] == (
+        "n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916",
+        "n03417042", "n03425413", "n03445777", "n03888257")
+    assert IMAGENET_SUBSETS["imagewoof"][:2] == ("n02096294", "n02093754")
+    assert IMAGENET_SUBSETS["imagesquawk"][0] == "n01806143"  # peacock
 
 
 def _reference_stretch(path: Path, size: int = 128) -> np.ndarray:

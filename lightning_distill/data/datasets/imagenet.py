@@ -112,40 +112,30 @@ def _imagenet64_wnids() -> tuple[str, ...]:
 #: The MTT subsets: indices into the sorted ImageNet-1K wnids, in the published (label)
 #: order, from MTT's reference code (GeorgeCazenavette/mtt-distillation, utils.py, Config).
 IMAGENET_SUBSET_INDICES = {
+    # tench, English springer, cassette player, chain saw, church, French horn,
+    # garbage truck, gas pump, golf ball, parachute
     "imagenette": [0, 217, 482, 491, 497, 566, 569, 571, 574, 701],
+    # Australian terrier, Border terrier, Samoyed, beagle, Shih-Tzu, English foxhound,
+    # Rhodesian ridgeback, dingo, golden retriever, Old English sheepdog
     "imagewoof": [193, 182, 258, 162, 155, 167, 159, 273, 207, 229],
+    # pineapple, banana, strawberry, orange, lemon, pomegranate, fig, bell pepper,
+    # cucumber, Granny Smith
     "imagefruit": [953, 954, 949, 950, 951, 957, 952, 945, 943, 948],
+    # bee, yellow lady's slipper, banana, lemon, corn, school bus, honeycomb, lion,
+    # black and gold garden spider, goldfinch
     "imageyellow": [309, 986, 954, 951, 987, 779, 599, 291, 72, 11],
+    # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat, lion, tiger, jaguar,
+    # snow leopard, lynx
     "imagemeow": [281, 282, 283, 284, 285, 291, 292, 290, 289, 287],
+    # peacock, flamingo, macaw, pelican, king penguin, bald eagle, toucan, ostrich,
+    # black swan, sulphur-crested cockatoo
     "imagesquawk": [84, 130, 88, 144, 145, 22, 96, 9, 100, 89],
 }
 
-#: The same subsets by wnid (label i = entry i), translated through the sorted wnid list.
+#: The same subsets by wnid (label i = entry i): the indices through the sorted wnids
+#: (imagenette: n01440764, n02102040, n02979186, ...).
 IMAGENET_SUBSETS: dict[str, tuple[str, ...]] = {
-    # tench, English springer, cassette player, chain saw, church, French horn,
-    # garbage truck, gas pump, golf ball, parachute
-    "imagenette": ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
-                   "n03394916", "n03417042", "n03425413", "n03445777", "n03888257"),
-    # Australian terrier, Border terrier, Samoyed, beagle, Shih-Tzu, English foxhound,
-    # Rhodesian ridgeback, dingo, golden retriever, Old English sheepdog
-    "imagewoof": ("n02096294", "n02093754", "n02111889", "n02088364", "n02086240",
-                  "n02089973", "n02087394", "n02115641", "n02099601", "n02105641"),
-    # pineapple, banana, strawberry, orange, lemon, pomegranate, fig, bell pepper,
-    # cucumber, Granny Smith
-    "imagefruit": ("n07753275", "n07753592", "n07745940", "n07747607", "n07749582",
-                   "n07768694", "n07753113", "n07720875", "n07718472", "n07742313"),
-    # bee, yellow lady's slipper, banana, lemon, corn, school bus, honeycomb, lion,
-    # black and gold garden spider, goldfinch
-    "imageyellow": ("n02206856", "n12057211", "n07753592", "n07749582", "n12144580",
-                    "n04146614", "n03530642", "n02129165", "n01773157", "n01531178"),
-    # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat, lion, tiger, jaguar,
-    # snow leopard, lynx
-    "imagemeow": ("n02123045", "n02123159", "n02123394", "n02123597", "n02124075",
-                  "n02129165", "n02129604", "n02128925", "n02128757", "n02127052"),
-    # peacock, flamingo, macaw, pelican, king penguin, bald eagle, toucan, ostrich,
-    # black swan, sulphur-crested cockatoo
-    "imagesquawk": ("n01806143", "n02007558", "n01818515", "n02051845", "n02056570",
-                    "n01614925", "n01843383", "n01518878", "n01860187", "n01819313"),
+    name: tuple(imagenet_wnids()[i] for i in idx) for name, idx in IMAGENET_SUBSET_INDICES.items()
 }
 
 
@@ -513,27 +503,14 @@ def imagenet_subset_source(
                 f"was found (looked for {', '.join(map(str, csvs))}); put the validation images "
                 "in val/<wnid>/ folders")
         test = _flat_val_files(val_dir, csv, wnids)
-    (train_paths, train_labels), (test_paths, test_labels) = _flatten(train), _flatten(test)
-    return DatasetSource(
-        name=key,
-        class_names=wnids,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        train=_image_split(train_paths, train_labels, size, resize, workers),
-        test=_image_split(test_paths, test_labels, size, resize, workers),
-        source=str(d),
-        settings={"subset": key, "image_size": size, "resize": resize},
-    )
+    splits = [_image_split(paths, labels, size, resize, workers)
+              for paths, labels in (_flatten(train), _flatten(test))]
+    return DatasetSource(key, wnids, IMAGENET_MEAN, IMAGENET_STD, *splits, source=str(d),
+                         settings={"subset": key, "image_size": size, "resize": resize})
 
 
 @register_dataset("imagenet_subset")
-def load_imagenet_subset(
-    root: Path,
-    subset: str | None = None,
-    image_size: int = 128,
-    resize: str = "stretch",
-    workers: int | None = None,
-) -> RealDataset:
-    """An MTT ImageNet subset in memory (every row of :func:`imagenet_subset_source`)."""
-    return dataset_from_source(imagenet_subset_source(
-        root, subset=subset, image_size=image_size, resize=resize, workers=workers))
+def load_imagenet_subset(root: Path, **kwargs: Any) -> RealDataset:
+    """An MTT ImageNet subset in memory: every row of :func:`imagenet_subset_source`
+    (its keywords: ``subset``, ``image_size``, ``resize``, ``workers``)."""
+    return dataset_from_source(imagenet_subset_source(root, **kwargs))

@@ -33,13 +33,21 @@ def register_dataset(name: str, loader: Loader | None = None) -> Any:
     case-insensitively, ignoring ``-`` and ``_`` (``"CIFAR-10"`` finds ``cifar10``).
     """
 
-    def deco(fn: Loader) -> Loader:
-        if _key(name) in {_key(k) for k in _REGISTRY}:
-            raise InputError(f"a data set named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
+    return register_in(_REGISTRY, "data set", name, loader)
 
-    return deco(loader) if loader is not None else deco
+
+def register_in(table: dict[str, Any], what: str, name: str, fn: Any = None) -> Any:
+    """Add ``fn`` to ``table`` under ``name`` (a decorator when ``fn`` is None), refusing
+    a name already there up to case, ``-`` and ``_``: the registration of data sets and of
+    their sources (:func:`~.sources.register_source`)."""
+
+    def deco(f: Any) -> Any:
+        if _key(name) in {_key(k) for k in table}:
+            raise InputError(f"a {what} named {name!r} is already registered")
+        table[name] = f
+        return f
+
+    return deco(fn) if fn is not None else deco
 
 
 def list_datasets() -> list[str]:

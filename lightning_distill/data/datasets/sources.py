@@ -26,7 +26,7 @@ import torch
 
 from ...errors import InputError
 from .container import RealDataset, mean_std
-from .registry import _key, default_data_root, get_dataset
+from .registry import _key, default_data_root, get_dataset, register_in
 
 __all__ = ["DatasetSource", "SplitSource", "dataset_from_source", "get_source", "register_source",
            "source_from_dataset"]
@@ -125,18 +125,8 @@ def dataset_from_source(src: DatasetSource, chunk: int = 4096) -> RealDataset:
     mean, std = src.mean, src.std
     if mean is None or std is None:
         mean, std = mean_std(x_train, src.pixel_scale)
-    return RealDataset(
-        name=src.name,
-        train_data=x_train,
-        train_labels=y_train,
-        test_data=x_test,
-        test_labels=y_test,
-        mean=mean,
-        std=std,
-        class_names=src.class_names,
-        pixel_scale=src.pixel_scale,
-        source=src.source,
-    )
+    return RealDataset(src.name, x_train, y_train, x_test, y_test, mean, std,
+                       src.class_names, pixel_scale=src.pixel_scale, source=src.source)
 
 
 SourceFactory = Callable[..., DatasetSource]
@@ -147,13 +137,7 @@ def register_source(name: str, factory: SourceFactory | None = None) -> Any:
     """Register ``factory(root: Path, **kw) -> DatasetSource`` under the name of a
     registered data set (decorator or call). Its keywords are the loader's."""
 
-    def deco(fn: SourceFactory) -> SourceFactory:
-        if _key(name) in {_key(k) for k in _SOURCES}:
-            raise InputError(f"a source named {name!r} is already registered")
-        _SOURCES[name] = fn
-        return fn
-
-    return deco(factory) if factory is not None else deco
+    return register_in(_SOURCES, "source", name, factory)
 
 
 def get_source(name: str, root: str | os.PathLike | None = None, **kw: Any) -> DatasetSource:
