@@ -254,7 +254,7 @@ def prepare(source: DatasetSource, root: str | os.PathLike, *, chunk_rows: int |
                     return final
             finally:
                 lock.release()
-    open_prepared(final, expect=source)
+    _check_expected(read_prepared_header(final), source, final / "header.json")
     say(f"prepare: {final} is ready")
     return final
 
@@ -497,6 +497,14 @@ def read_prepared_header(directory: str | os.PathLike) -> dict[str, Any]:
     return head
 
 
+def _check_expected(head: dict[str, Any], source: DatasetSource, where: Path) -> None:
+    """Refuse a header written for another data set name or other settings."""
+    want = {"name": source.name, "settings": _jsonable(source.settings)}
+    got = {"name": head.get("name"), "settings": head.get("settings")}
+    if want != got:
+        raise PreparedDataError(f"{where}: prepared for {got}, not {want}; {_FIX}")
+
+
 def open_prepared(directory: str | os.PathLike, *, expect: DatasetSource | None = None,
                   verify: bool = False) -> RealDataset:
     """A :class:`RealDataset` over a prepared directory's files (see the module
@@ -506,10 +514,7 @@ def open_prepared(directory: str | os.PathLike, *, expect: DatasetSource | None 
     head = read_prepared_header(directory)
     where = directory / "header.json"
     if expect is not None:
-        want = {"name": expect.name, "settings": _jsonable(expect.settings)}
-        got = {"name": head.get("name"), "settings": head.get("settings")}
-        if want != got:
-            raise PreparedDataError(f"{where}: prepared for {got}, not {want}; {_FIX}")
+        _check_expected(head, expect, where)
     arrays: dict[str, Any] = {}
     index: dict[str, tuple[torch.Tensor, list[int]]] = {}
     for split_name in _SPLITS:
