@@ -21,6 +21,12 @@ the reference in the same run.
 - ``evaluate``: an evaluation run (``EvalProtocol.train_runs``: 2 runs, 20 epochs of the
   100-image set, then the test of 2000 images), float32 against bf16-mixed.
 
+A variant ending in ``-heap`` runs in a process whose glibc allocator is tuned as the
+library's CLI tunes it in every CPU stage (:mod:`lightning_distill.allocator`: large
+blocks from the heap, freed memory kept for reuse); the others run with glibc's defaults.
+DATM's code is timed both ways, so its speed-ups can be read against either. Each
+process also reports its peak resident memory.
+
 DATM's files are read from ``--datm`` (a checkout of github.com/NUS-HPC-AI-Lab/DATM:
 ``reparam_module.py``, ``networks.py``, ``utils/utils_baseline.py``); nothing of it is
 copied here. Its ``utils_baseline`` imports kornia, which DiffAugment does not use: a
@@ -49,9 +55,13 @@ SHAPES = {  # channels, size, width, depth, images, batch, steps
     "cifar": (3, 32, 128, 3, 100, 100, 10),
     "fashion": (1, 28, 32, 3, 100, 100, 30),
 }
-DISTILL = ["datm"] + [f"{m}-{p}" for m in ("full", "recompute", "tesla")
-                      for p in ("fp32", "bf16")]
-OTHER = ["fp32", "bf16"]
+# "-heap": the process runs with glibc's allocator tuned as the library's CLI runs every
+# CPU stage (lightning_distill/allocator.py: large blocks from the heap, freed memory kept
+# for reuse); without it, glibc's defaults. DATM's code is timed both ways.
+DISTILL = (["datm", "datm-heap"]
+           + [f"{m}-{p}-heap" for m in ("full", "recompute", "tesla") for p in ("fp32", "bf16")]
+           + ["full-bf16", "recompute-fp32", "recompute-bf16"])
+OTHER = ["fp32", "bf16", "fp32-heap", "bf16-heap"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -151,7 +161,7 @@ def worker_distill_ours(args, torch, device, sync) -> float:
     from lightning_distill.models import build_model, flatten_parameters
 
     mode, precision = args.variant.split("-")[:2]
-    channels_last = args.variant.endswith("-cl")
+    channels_last = "-cl" in args.variant
     c, size, *_ = SHAPES[args.shape]
     _, _, _, _, n, batch, steps = SHAPES[args.shape]
     images, labels, syn_lr, width, depth = _problem(torch, args.shape, device)
@@ -212,7 +222,8 @@ def worker_expert(args, torch, device, sync) -> float:
             stamps.append(time.perf_counter())
 
     trainer = pl.Trainer(accelerator=device.type, devices=1, max_epochs=1, logger=False,
-                         precision="bf16-mixed" if args.variant == "bf16" else "32-true",
+                         precision="bf16-mixed" if args.variant.startswith("bf16")
+                         else "32-true",
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[GSAM(), Clock()])
     trainer.fit(module, DataLoader(data, batch_size=bs))
@@ -231,7 +242,8 @@ def worker_evaluate(args, torch, device, sync) -> float:
     test_x = torch.randn(2000, c, size, size, generator=g)
     test_y = torch.randint(0, 10, (2000,), generator=g)
     protocol = EvalProtocol(epochs=20, batch_size=256,
-                            precision="bf16-mixed" if args.variant == "bf16" else "32-true")
+                            precision="bf16-mixed" if args.variant.startswith("bf16")
+                            else "32-true")
     dsa = DSA.for_dataset("cifar10" if c == 3 else "fashion_mnist")
 
     def step():
@@ -246,11 +258,21 @@ def worker(args) -> None:
     torch = _setup(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.variant.endswith("-heap"):
+        sys.path.insert(0, str(ROOT))
+        from lightning_distill.allocator import reuse_freed_memory
+
+        if not reuse_freed_memory():
+            raise SystemExit("-heap: this C library is not glibc")
     if args.part == "distill":
-        fn = worker_distill_datm if args.variant == "datm" else worker_distill_ours
+        fn = worker_distill_datm if args.variant.startswith("datm") else worker_distill_ours
     else:
         fn = worker_expert if args.part == "expert" else worker_evaluate
-    print(json.dumps(fn(args, torch, device, sync)))
+    out = fn(args, torch, device, sync)
+    import resource
+
+    out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
 
 
 # ---------------------------------------------------------------------- driver
@@ -279,7 +301,7 @@ def main() -> None:
         p.error("--datm DIR (a DATM checkout) is needed for the distill part")
     distill = list(args.variants or DISTILL)
     if args.channels_last:
-        distill += ["full-bf16-cl", "recompute-bf16-cl"]
+        distill += ["full-bf16-cl-heap", "recompute-bf16-cl-heap"]
     jobs = [(part, shape, v) for part in args.parts for shape in args.shapes
             for v in (distill if part == "distill" else OTHER)]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
@@ -287,6 +309,7 @@ def main() -> None:
           f"commit {_commit()}, repeats {args.repeats}, iters {args.iters}", flush=True)
     times: dict[tuple, list[float]] = {j: [] for j in jobs}
     cpus: dict[tuple, list[float]] = {j: [] for j in jobs}
+    peaks: dict[tuple, list[float]] = {j: [] for j in jobs}
     for r in range(args.repeats):
         for job in jobs:
             part, shape, variant = job
@@ -301,31 +324,40 @@ def main() -> None:
                 print(f"FAILED {job}:\n{res.stderr[-2000:]}", flush=True)
                 times[job].append(float("nan"))
                 cpus[job].append(float("nan"))
+                peaks[job].append(float("nan"))
                 continue
             out = json.loads(res.stdout.strip().splitlines()[-1])
             times[job].append(out["seconds"])
             cpus[job].append(out["cpu"])
+            peaks[job].append(out["peak_mb"])
             print(f"  round {r + 1}: {part:8s} {shape:8s} {variant:18s} {out['seconds']:8.3f} s"
-                  f" wall {out['cpu']:8.3f} s CPU", flush=True)
+                  f" wall {out['cpu']:8.3f} s CPU {out['peak_mb']:7.0f} MB peak RSS",
+                  flush=True)
     _table("wall", times, jobs, distill)
     if any(c == c for cs in cpus.values() for c in cs):  # the CPU time where measured
         _table("CPU (all threads)", cpus, jobs, distill)
+    print("\npeak RSS of the process (MB, median): "
+          + "; ".join(f"{pa} {sh} {v} {statistics.median(ps):.0f}"
+                      for (pa, sh, v), ps in peaks.items()))
 
 
 def _table(what: str, times: dict, jobs: list, distill: list) -> None:
     print(f"\n{what}: part  shape  variant  median s  runs  speed-up")
     for part, shape in dict.fromkeys((j[0], j[1]) for j in jobs):
         ref_name = "datm" if part == "distill" and "datm" in distill else (
-            "full-fp32" if part == "distill" else "fp32")
+            "full-fp32-heap" if part == "distill" else "fp32")
         ref = times.get((part, shape, ref_name))
         ref_med = statistics.median(ref) if ref else float("nan")
+        alt = times.get((part, shape, ref_name + "-heap"))  # the reference, tuned too
+        alt_med = statistics.median(alt) if alt else None
         for (pa, sh, v), ts in times.items():
             if (pa, sh) != (part, shape):
                 continue
             med = statistics.median(ts)
             runs = " ".join(f"{t:.2f}" for t in ts)
-            print(f"{pa:9s} {sh:9s} {v:18s} {med:8.3f}   {runs:20s} "
-                  f"{ref_med / med:5.2f}x vs {ref_name}")
+            also = f"  {alt_med / med:5.2f}x vs {ref_name}-heap" if alt_med else ""
+            print(f"{pa:9s} {sh:9s} {v:22s} {med:8.3f}   {runs:20s} "
+                  f"{ref_med / med:5.2f}x vs {ref_name}{also}")
 
 
 def _commit() -> str:

@@ -37,6 +37,7 @@ from jsonargparse import Namespace
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
+from .allocator import reuse_freed_memory_on
 from .errors import ConfigError, LightningDistillError, describe, user_error
 from .stages._common import quiet_lightning
 from .stages.recipes import (  # noqa: F401  (public here too)
@@ -67,13 +68,17 @@ SUBCOMMAND_HELP = {
 class DistillTrainer(pl.Trainer):
     """A Trainer with the library's stages as methods (LightningCLI maps a subcommand to
     the Trainer method of that name). It keeps its constructor arguments
-    (:attr:`init_kwargs`): the experts stage builds one Trainer per expert from them."""
+    (:attr:`init_kwargs`): the experts stage builds one Trainer per expert from them. On a
+    CPU it tunes glibc's allocator to reuse freed memory (:mod:`lightning_distill.allocator`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.init_kwargs: dict[str, Any] = dict(kwargs)
         if isinstance(kwargs.get("callbacks"), list):  # the Trainer adds its own to the list
             self.init_kwargs["callbacks"] = list(kwargs["callbacks"])
         super().__init__(*args, **kwargs)
+        # on a CPU, glibc keeps freed large blocks for reuse (lightning_distill/allocator.py;
+        # LIGHTNING_DISTILL_REUSE_MEMORY=0: off)
+        reuse_freed_memory_on(self.strategy.root_device)
 
     def experts(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                 store: str = "outputs/experts", num_experts: int = 10,

@@ -6,6 +6,7 @@ from .evaluation import PeriodicEvaluation
 from .images import SyntheticImageLogger
 from .iteration_checkpoint import IterationCheckpoint
 from .matching_window import MatchingWindow
+from .memory import ReuseFreedMemory
 from .progress import IterationProgressBar, StageProgressBar
 from .sharpness import ASAM, GSAM, SAM, SharpnessAware
 from .trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
@@ -20,6 +21,7 @@ __all__ = [
     "PADDataSelection",
     "MatchingWindow",
     "PeriodicEvaluation",
+    "ReuseFreedMemory",
     "SharpnessAware",
     "IterationProgressBar",
     "StageProgressBar",
