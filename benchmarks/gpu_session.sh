@@ -48,7 +48,9 @@ timeout 80 python3 benchmarks/batched.py --device cuda --ks 1 2 4 8 16 --steps 1
 #    under shared/: the GPU machine has no network); without it, ours only.
 precision_args=(--variants full-fp32 full-bf16 recompute-fp32 recompute-bf16 tesla-fp32
                 tesla-bf16)
-if [ -n "${DATM:-}" ] && [ -d "${DATM:-}" ]; then precision_args=(--datm "$DATM"); fi
+if [ -n "${DATM:-}" ] && [ -d "${DATM:-}" ]; then
+  precision_args=(--datm "$DATM" "${precision_args[@]}" datm)
+fi
 timeout 70 python3 benchmarks/precision.py --device cuda --repeats 2 --iters 3 \
   --parts distill evaluate "${precision_args[@]}" 2>&1 | tee "$out/precision.txt"
 

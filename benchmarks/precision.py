@@ -302,8 +302,12 @@ def main() -> None:
     distill = list(args.variants or DISTILL)
     if args.channels_last:
         distill += ["full-bf16-cl-heap", "recompute-bf16-cl-heap"]
+    other = list(OTHER)
+    if args.device != "cpu":  # "-heap" tunes the CPU allocator: the same run on a GPU
+        distill, other = ([*dict.fromkeys(v.removesuffix("-heap") for v in names)]
+                          for names in (distill, other))
     jobs = [(part, shape, v) for part in args.parts for shape in args.shapes
-            for v in (distill if part == "distill" else OTHER)]
+            for v in (distill if part == "distill" else other)]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.processor() or platform.machine()}, device {args.device}, "
           f"commit {_commit()}, repeats {args.repeats}, iters {args.iters}", flush=True)
@@ -346,6 +350,8 @@ def _table(what: str, times: dict, jobs: list, distill: list) -> None:
     for part, shape in dict.fromkeys((j[0], j[1]) for j in jobs):
         ref_name = "datm" if part == "distill" and "datm" in distill else (
             "full-fp32-heap" if part == "distill" else "fp32")
+        if (part, shape, ref_name) not in times:  # on a GPU: no "-heap" variants
+            ref_name = ref_name.removesuffix("-heap")
         ref = times.get((part, shape, ref_name))
         ref_med = statistics.median(ref) if ref else float("nan")
         alt = times.get((part, shape, ref_name + "-heap"))  # the reference, tuned too

@@ -7,7 +7,7 @@ setting by itself)::
 
 At ``setup`` on a CPU it calls :func:`lightning_distill.allocator.reuse_freed_memory`:
 large tensors then come from the heap instead of a fresh ``mmap`` each, which spares a
-page fault per 4 KB page at every allocation (measured 1.5-2.2x faster expert batches,
+page fault per 4 KB page at every allocation (measured 1.35-1.8x faster expert batches,
 evaluation runs and recompute iterations on 2 cores; benchmarks/RESULTS.md, 'Mixed
 precision'). It changes no result. The setting is process-wide and stays for the rest of
 the process; on a GPU, or where the C library is not glibc, nothing is changed.
