@@ -7,7 +7,7 @@ CPU frees and allocates activations of that size many times (a ConvNet-128 batch
 CIFAR images has 52 MB maps; a width-32 Fashion-MNIST batch of 256 has 33 MB), and the
 recompute mode of the matching loss, which rebuilds each inner step's graph in its
 backward, does so once more per step. Measured on 2 cores (benchmarks/RESULTS.md, 'Mixed
-precision'), the page faults took a third to a half of the time of an expert batch, an
+precision'), the page faults took a third to nearly a half of the time of an expert batch, an
 evaluation run and a recompute distillation iteration.
 
 :func:`reuse_freed_memory` raises the mmap threshold and the heap's trim threshold, so
@@ -15,9 +15,10 @@ that large blocks come from the heap and a freed block is reused by the next all
 of its size instead of being unmapped; this is what ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` set from the environment, and what PyTorch's CPU performance
 guide gets from jemalloc or tcmalloc. It changes no result (only where memory comes
-from; tested bit for bit). The cost: up to ``trim_threshold`` bytes of freed memory stay
-with the process instead of going back to the system; the peak resident memory of a
-stage is unchanged (measured there).
+from; tested bit for bit). The cost is memory: up to ``trim_threshold`` freed bytes stay
+with the process instead of going back to the system, and blocks of many sizes fragment
+the heap, so the peak resident memory grew by 8-33 % in the stages measured (docs/
+design.md, 'CPU memory').
 
 The ``lightning-distill`` command applies it in every stage that runs on a CPU
 (:class:`~lightning_distill.cli.DistillTrainer`; ``LIGHTNING_DISTILL_REUSE_MEMORY=0``
