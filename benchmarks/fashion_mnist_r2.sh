@@ -60,8 +60,11 @@ save() {
     for f in synthetic.pt best.pt; do
       [ -f "$run/$f" ] && cp "$run/$f" "$ART/$name/"
     done
+    # the last iteration checkpoint (under 4 MB at ipc 50), so an unfinished run resumes
+    # there; synthetic.pt alone does not say the run finished (it is written at every
+    # checkpoint)
     rm -rf "$ART/$name/checkpoints"
-    if [ -f "$run/checkpoints/last.ckpt" ] && [ ! -f "$run/synthetic.pt" ]; then
+    if [ -f "$run/checkpoints/last.ckpt" ]; then
       mkdir -p "$ART/$name/checkpoints" && cp "$run/checkpoints/last.ckpt" "$ART/$name/checkpoints/"
     fi
     [ -d "$run/logs" ] && cp -r "$run/logs" "$ART/$name/"
