@@ -34,6 +34,8 @@ import platform
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["ENV_SWITCH", "reuse_freed_memory", "reuse_freed_memory_on"]
 
 #: the environment variable that turns the CLI's default off ("0")
@@ -53,7 +55,7 @@ def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 <<
     """
     global _applied
     if mmap_threshold <= 0 or trim_threshold <= 0:
-        raise ValueError("reuse_freed_memory: the thresholds are byte counts > 0, got "
+        raise InputError("reuse_freed_memory: the thresholds are byte counts > 0, got "
                          f"mmap_threshold={mmap_threshold}, trim_threshold={trim_threshold}")
     if _applied == (mmap_threshold, trim_threshold):
         return True

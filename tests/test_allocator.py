@@ -18,6 +18,7 @@ import torch
 from lightning_distill import allocator
 from lightning_distill.callbacks import ReuseFreedMemory
 from lightning_distill.cli import DistillTrainer
+from lightning_distill.errors import InputError
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
@@ -88,7 +89,7 @@ def test_results_are_bit_identical_with_the_tuned_allocator():
 
 
 def test_thresholds_must_be_positive():
-    with pytest.raises(ValueError, match="mmap_threshold=0"):
+    with pytest.raises(InputError, match="mmap_threshold=0"):
         allocator.reuse_freed_memory(mmap_threshold=0)
 
 
