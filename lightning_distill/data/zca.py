@@ -48,7 +48,12 @@ def _times(rows: Tensor, w: Tensor) -> Tensor:
     pad = -n % ROW_BLOCK
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-    return torch.cat([block @ w for block in rows.split(ROW_BLOCK)])[:n]
+    if torch.is_grad_enabled() and (rows.requires_grad or w.requires_grad):
+        return torch.cat([block @ w for block in rows.split(ROW_BLOCK)])[:n]
+    out = rows.new_empty(rows.shape[0], w.shape[1])  # no second copy of a whole split
+    for i in range(0, rows.shape[0], ROW_BLOCK):
+        torch.mm(rows[i:i + ROW_BLOCK], w, out=out[i:i + ROW_BLOCK])
+    return out[:n]
 
 
 class ZCA:
