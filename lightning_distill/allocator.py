@@ -36,7 +36,10 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["ENV_SWITCH", "reuse_freed_memory", "reuse_freed_memory_on"]
+__all__ = ["DEFAULT_THRESHOLD", "ENV_SWITCH", "reuse_freed_memory", "reuse_freed_memory_on"]
+
+#: the mmap and trim thresholds the command line sets (1 GiB; docs/design.md, 'CPU memory')
+DEFAULT_THRESHOLD = 1 << 30
 
 #: the environment variable that turns the CLI's default off ("0")
 ENV_SWITCH = "LIGHTNING_DISTILL_REUSE_MEMORY"
@@ -46,7 +49,8 @@ _M_MMAP_THRESHOLD = -3
 _applied: tuple[int, int] | None = None
 
 
-def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+def reuse_freed_memory(mmap_threshold: int = DEFAULT_THRESHOLD,
+                       trim_threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Let glibc's ``malloc`` serve blocks up to ``mmap_threshold`` bytes from the heap and
     keep up to ``trim_threshold`` freed bytes for reuse (process-wide, for the rest of the
     process). Returns True when the allocator took both settings; False where it is not

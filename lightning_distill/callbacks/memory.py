@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from ..allocator import reuse_freed_memory
+from ..allocator import DEFAULT_THRESHOLD, reuse_freed_memory
 
 __all__ = ["ReuseFreedMemory"]
 
@@ -31,7 +31,8 @@ class ReuseFreedMemory(Callback):
         trim_threshold: freed bytes the heap keeps for reuse (default 1 GiB).
     """
 
-    def __init__(self, mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> None:
+    def __init__(self, mmap_threshold: int = DEFAULT_THRESHOLD,
+                 trim_threshold: int = DEFAULT_THRESHOLD) -> None:
         self.mmap_threshold = int(mmap_threshold)
         self.trim_threshold = int(trim_threshold)
         self.applied = False
