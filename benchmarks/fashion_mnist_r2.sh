@@ -8,6 +8,13 @@
 #   bash benchmarks/fashion_mnist_r2.sh store     # the store's test accuracy by epoch
 #   bash benchmarks/fashion_mnist_r2.sh pilot     # ipc 1: labels x initial syn_lr, on val
 #   bash benchmarks/fashion_mnist_r2.sh all       # probe, experts, store, pilot
+#   bash benchmarks/fashion_mnist_r2.sh ipc1      # 3 seeds of the pilot's choice, on val
+#   bash benchmarks/fashion_mnist_r2.sh ipc10     # soft labels (DATM), seeds $SEEDS
+#   bash benchmarks/fashion_mnist_r2.sh ipc10hard # hard labels (MTT), seeds $HARD_SEEDS
+#   bash benchmarks/fashion_mnist_r2.sh ipc50     # (and ipc50hard) the same at ipc 50
+#   bash benchmarks/fashion_mnist_r2.sh ablation  # ipc 1: PAD / ATT / EL2N x 3 seeds
+#   bash benchmarks/fashion_mnist_r2.sh "ipc1 ipc10:0 ipc50:0 ipc10:1,2"  # in this order;
+#                                                 # :SEEDS overrides the seeds of a part
 #   bash benchmarks/fashion_mnist_r2.sh save      # finished parts -> benchmarks/artifacts/
 #
 # Work directory outputs/fashion_mnist_r2/ (not in git); `save` copies what a fresh
@@ -50,7 +57,8 @@ save() {
     rel=${d#"$WORK"}
     mkdir -p "$ART/$rel" && cp -r "$d/logs" "$ART/$rel/"
   done
-  for f in lr_probe.json store_accuracy.json pilot_ipc1.json benchmark.log; do
+  for f in lr_probe.json store_accuracy.json pilot_ipc1.json validation.json \
+           ablation_validation.json benchmark.log; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$ART/"
   done
   for run in "$WORK"/*/; do  # distillations: the set, best.pt, the last checkpoint, logs
@@ -107,44 +115,109 @@ distill_run() {  # NAME CONFIG [overrides]: one distillation, resumed from its c
   $PY distill --config "$config" --model.store "$WORK/experts" --output "$WORK/$name" "$@"
 }
 
+label_args() {  # hard: MTT (real init, hard labels); soft: DATM (correct-sample init,
+  # learned soft labels)
+  if [ "$1" = soft ]; then
+    echo --model.label_init soft --model.learn_labels true \
+      --model.image_init samples_predicted_correctly
+  else
+    echo --model.label_init hard --model.learn_labels false --model.image_init real
+  fi
+}
+
 pilot() {  # ipc 1, 300 iterations: hard (MTT) against learned soft labels (DATM), each
   # with the initial syn_lr of round 1 (0.01) and the experts' lr (0.1); the four
   # best.pt are compared on the validation split (5 networks x 1000 epochs)
-  local sets=() labels lr args
+  local sets=() labels lr
   for labels in hard soft; do
     for lr in 0.01 0.1; do
-      args=(--model.lr_teacher "$lr" --model.iterations 300)
-      if [ "$labels" = soft ]; then
-        args+=(--model.label_init soft --model.learn_labels true
-               --model.image_init samples_predicted_correctly)
-      fi
-      distill_run "pilot_ipc1_${labels}_lr$lr" benchmarks/fashion_mnist_r2_ipc1.yaml "${args[@]}"
+      # shellcheck disable=SC2046
+      distill_run "pilot_ipc1_${labels}_lr$lr" benchmarks/fashion_mnist_r2_ipc1.yaml \
+        $(label_args "$labels") --model.lr_teacher "$lr" --model.iterations 300
       sets+=("$WORK/pilot_ipc1_${labels}_lr$lr/best.pt")
     done
   done
   $PYTHON benchmarks/val_select.py --json "$WORK/pilot_ipc1.json" "${sets[@]}"
 }
 
+SEEDS=${SEEDS:-"0 1 2"}
+HARD_SEEDS=${HARD_SEEDS:-0}
+
+seeds() {  # NAME CONFIG LABELS SEEDS [overrides]: one distillation per seed, then every
+  # finished best.pt of NAME on the validation split (5 networks x 1000 epochs)
+  local name=$1 config=$2 labels=$3 seeds=$4 seed sets=()
+  shift 4
+  for seed in $seeds; do
+    # shellcheck disable=SC2046
+    distill_run "${name}_s$seed" "$config" $(label_args "$labels") \
+      --seed_everything "$seed" --model.seed "$seed" "$@"
+  done
+  for seed in $seeds; do sets+=("$WORK/${name}_s$seed/best.pt"); done
+  $PYTHON benchmarks/val_select.py --json "$WORK/validation.json" "${sets[@]}"
+}
+
+ipc1() {  # the pilot's choice (labels, initial syn_lr): its best validation mean
+  local best labels lr
+  best=$($PYTHON -c "import json,sys; d=json.load(open(sys.argv[1])); \
+print(max(d, key=lambda k: d[k]['mean']))" "$WORK/pilot_ipc1.json")
+  best=$(basename "$(dirname "$best")")   # pilot_ipc1_<labels>_lr<lr>
+  labels=${best#pilot_ipc1_}; labels=${labels%%_*}; lr=${best##*_lr}
+  echo "ipc 1: the pilot chose $labels labels, syn_lr $lr ($best)"
+  seeds ipc1 benchmarks/fashion_mnist_r2_ipc1.yaml "$labels" "$SEEDS" --model.lr_teacher "$lr"
+}
+
+ablation() {  # round 1's ipc 1 ablation (benchmarks/fashion_mnist_r2_ablation.yaml) over
+  # 3 seeds: the base and each option from round 1's own experts
+  local r1=${R1_ART:-benchmarks/artifacts/fashion_mnist_cpu}
+  local ds=${R1_DS_ART:-benchmarks/artifacts/fashion_mnist_ablation/ds}
+  mkdir -p "$WORK/round1_experts" "$WORK/round1_ds_experts"
+  cp -n "$r1"/experts/* "$WORK/round1_experts/"
+  cp -n "$ds"/experts/* "$WORK/round1_ds_experts/"
+  local cfg=benchmarks/fashion_mnist_r2_ablation.yaml seed sets=() variant
+  for seed in $SEEDS; do
+    for variant in base att pad25 pad25_att ds; do
+      local args=(--seed_everything "$seed" --model.seed "$seed"
+                  --model.store "$WORK/round1_experts")
+      case $variant in
+        att) args+=(--model.match closest) ;;
+        pad25) args+=(--model.param_drop_ratio 0.25) ;;
+        pad25_att) args+=(--model.match closest --model.param_drop_ratio 0.25) ;;
+        ds) args+=(--model.store "$WORK/round1_ds_experts") ;;
+      esac
+      $PY distill --config "$cfg" --output "$WORK/ablation_${variant}_s$seed" "${args[@]}"
+      sets+=("$WORK/ablation_${variant}_s$seed/best.pt")
+    done
+  done
+  $PYTHON benchmarks/val_select.py --json "$WORK/ablation_validation.json" "${sets[@]}"
+}
+
 if [ "${1:-}" = "_run" ]; then  # the background body
-  part=$2
-  date -u +"start $part %FT%TZ"; git rev-parse --short HEAD
-  case "$part" in
-    probe) time probe ;;
-    experts) time experts ;;
-    store) time store ;;
-    pilot) time pilot ;;
-    all) time probe; time experts; time store; time pilot ;;
-  esac
-  date -u +"end $part %FT%TZ"
+  for item in $2; do  # PART or PART:SEEDS (ipc10:0, ablation:1,2)
+    part=${item%%:*}
+    if [ "$item" != "$part" ]; then SEEDS=${item#*:}; SEEDS=${SEEDS//,/ }; HARD_SEEDS=$SEEDS; fi
+    date -u +"start $item %FT%TZ"; git rev-parse --short HEAD
+    case "$part" in
+      all) time probe; time experts; time store; time pilot ;;
+      ipc10|ipc50) time seeds "$part" "benchmarks/fashion_mnist_r2_$part.yaml" soft "$SEEDS" ;;
+      ipc10hard|ipc50hard)
+        time seeds "$part" "benchmarks/fashion_mnist_r2_${part%hard}.yaml" hard "$HARD_SEEDS" ;;
+      *) time "$part" ;;
+    esac
+    date -u +"end $item %FT%TZ"
+  done
   exit 0
 fi
 part=${1:-all}
-case "$part" in
-  save) save; exit 0 ;;
-  probe|experts|store|pilot|all) ;;
-  *) echo "unknown part $part (probe, experts, store, pilot, all, save)" >&2; exit 2 ;;
-esac
+PARTS="probe experts store pilot all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation"
+[ "$part" = save ] && { save; exit 0; }
+for p in $part; do
+  p=${p%%:*}
+  case " $PARTS " in
+    *" $p "*) ;;
+    *) echo "unknown part $p ($PARTS, save)" >&2; exit 2 ;;
+  esac
+done
 if [ -d "$ART" ]; then cp -rn "$ART"/. "$WORK"/; fi  # restore, never overwrite
-PY=$PY PYTHON=$PYTHON WORK=$WORK ART=$ART LRS=$LRS BASE=$BASE \
-  nohup nice -n 10 bash "$0" _run "$part" >> "$WORK/benchmark.log" 2>&1 &
+PY=$PY PYTHON=$PYTHON WORK=$WORK ART=$ART LRS=$LRS BASE=$BASE SEEDS=$SEEDS \
+  HARD_SEEDS=$HARD_SEEDS nohup nice -n 10 bash "$0" _run "$part" >> "$WORK/benchmark.log" 2>&1 &
 echo "started $part (pid $!); log: $WORK/benchmark.log"
