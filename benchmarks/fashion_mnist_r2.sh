@@ -13,6 +13,7 @@
 #   bash benchmarks/fashion_mnist_r2.sh ipc10hard # hard labels (MTT), seeds $HARD_SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc50     # (and ipc50hard) the same at ipc 50
 #   bash benchmarks/fashion_mnist_r2.sh ablation  # ipc 1: PAD / ATT / EL2N x 3 seeds
+#   bash benchmarks/fashion_mnist_r2.sh full      # full data: validation by epoch budget
 #   bash benchmarks/fashion_mnist_r2.sh "ipc1 ipc10:0 ipc50:0 ipc10:1,2"  # in this order;
 #                                                 # :SEEDS overrides the seeds of a part
 #   bash benchmarks/fashion_mnist_r2.sh save      # finished parts -> benchmarks/artifacts/
@@ -58,7 +59,7 @@ save() {
     mkdir -p "$ART/$rel" && cp -r "$d/logs" "$ART/$rel/"
   done
   for f in lr_probe.json store_accuracy.json pilot_ipc1.json validation.json \
-           ablation_validation.json benchmark.log; do
+           ablation_validation.json full_curve.json benchmark.log; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$ART/"
   done
   for run in "$WORK"/*/; do  # distillations: the set, best.pt, the last checkpoint, logs
@@ -191,6 +192,10 @@ ablation() {  # round 1's ipc 1 ablation (benchmarks/fashion_mnist_r2_ablation.y
   $PYTHON benchmarks/val_select.py --json "$WORK/ablation_validation.json" "${sets[@]}"
 }
 
+full() {  # how long the full-data row must train: 1 network per budget on validation
+  $PYTHON benchmarks/full_data_curve.py --epochs 10 20 40 --json "$WORK/full_curve.json"
+}
+
 if [ "${1:-}" = "_run" ]; then  # the background body
   for item in $2; do  # PART or PART:SEEDS (ipc10:0, ablation:1,2)
     part=${item%%:*}
@@ -208,7 +213,7 @@ if [ "${1:-}" = "_run" ]; then  # the background body
   exit 0
 fi
 part=${1:-all}
-PARTS="probe experts store pilot all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation"
+PARTS="probe experts store pilot all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
 [ "$part" = save ] && { save; exit 0; }
 for p in $part; do
   p=${p%%:*}
