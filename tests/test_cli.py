@@ -157,6 +157,53 @@ def test_run_print_config_parses_back_and_every_section_parses(recipe, tmp_path,
         parsed([sub, "--config", path])
 
 
+def test_run_seeds_entry_becomes_one_distillation_per_seed(tmp_path):
+    from lightning_distill.stages.pipeline import stage_configs
+
+    recipe = _yaml(tmp_path, "seeds.yaml", "workdir: " + str(tmp_path / "w") + """
+seed: 7
+distill:
+- {name: ipc1, seeds: [0, 2], model: {ipc: 1, iterations: 5}}
+- {name: ipc10, model: {ipc: 10}}
+""")
+    stages = stage_configs(parse_run(["run", "--config", "digits/quickstart",
+                                      "--config", recipe, "--distill.ipc1.model.iterations",
+                                      "9"]))
+    distills = {label: cfg for sub, label, cfg in stages if sub == "distill"}
+    assert list(distills) == ["distill ipc1_s0", "distill ipc1_s2", "distill ipc10"]
+    for seed in (0, 2):
+        cfg = distills[f"distill ipc1_s{seed}"]
+        assert cfg["seed_everything"] == seed and cfg["model"]["seed"] == seed
+        assert cfg["model"]["iterations"] == 9 and cfg["model"]["ipc"] == 1
+        assert cfg["output"] == str(tmp_path / "w" / f"ipc1_s{seed}")
+        assert "seeds" not in cfg and "name" not in cfg
+    # an entry without seeds keeps the run's seed
+    assert distills["distill ipc10"]["seed_everything"] == 7
+    assert distills["distill ipc10"]["model"]["seed"] == 7
+    ev = stages[-1][2]
+    assert ev["synthetic"] == [str(tmp_path / "w" / n / "synthetic.pt")
+                               for n in ("ipc1_s0", "ipc1_s2", "ipc10")]
+    for sub, _, cfg in stages:  # every expanded section is a valid config
+        if sub == "distill":
+            parsed([sub, "--config", _yaml(tmp_path, "d.yaml", json.dumps(cfg))])
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("{name: a, seeds: []}", "`seeds` must be a non-empty list of distinct integers"),
+    ("{name: a, seeds: [1, 1]}", "`seeds` must be a non-empty list of distinct integers"),
+    ("{name: a, seeds: 3}", "`seeds` must be a non-empty list of distinct integers"),
+    ("{name: a, seeds: [0], model: {seed: 4}}", "give `seeds` or `seed_everything`"),
+    ("{name: a, seeds: [0], seed_everything: 4}", "give `seeds` or `seed_everything`"),
+    ("{name: a, seeds: [0], output: x}", "drop `output`")])
+def test_run_seeds_entry_errors_name_the_entry(tmp_path, entry, message):
+    from lightning_distill.stages.pipeline import stage_configs
+
+    recipe = _yaml(tmp_path, "bad.yaml", f"distill:\n- {entry}\n")
+    with pytest.raises(LightningDistillError) as exc:
+        stage_configs(parse_run(["run", "--config", recipe]))
+    assert "distill[0] ('a')" in str(exc.value) and message in str(exc.value)
+
+
 def test_run_checks_every_section_before_any_work(tmp_path, capsys):
     # a typo in the last section fails before any work
     bad = _yaml(tmp_path, "bad.yaml", "workdir: " + str(tmp_path / "w")

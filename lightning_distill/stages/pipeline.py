@@ -10,6 +10,7 @@ LightningCLI config: docs/recipes.md), plus what they share::
     experts: {num_experts: 8, model: {...}, trainer: {max_epochs: 30, callbacks: [...]}}
     distill:                         # one entry per synthetic set, with its name
       - {name: ipc10, model: {ipc: 10, ...}, trainer: {callbacks: [...]}}
+      - {name: ipc1, seeds: [0, 1, 2], ...}   # ipc1_s0, ipc1_s1, ipc1_s2
     evaluate: {runs: 5, baselines: [random, full], model: {protocol: {...}}}
 
 Each section is the shared part merged with the section (the section wins; mappings
@@ -162,7 +163,7 @@ def stage_configs(recipe: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
                          "`name` (its directory under workdir)")
     synthetic = []
     names = set()
-    for k, section in enumerate(runs):
+    for k, section in enumerate(_expand_seeds(runs, work)):
         section = dict(section or {})
         name = section.pop("name", None)
         if not name or name in names:
@@ -181,6 +182,36 @@ def stage_configs(recipe: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]
     # the final sets; run_pipeline passes the validation-selected best.pt where there is one
     ev.setdefault("synthetic", synthetic)
     out.append(("evaluate", "evaluate", ev))
+    return out
+
+
+def _expand_seeds(runs: list[Any], work: Path) -> list[Any]:
+    """The distill entries with every ``seeds: [s, ...]`` entry replaced by one entry per
+    seed: ``<name>_s<s>`` with ``seed_everything: s`` and ``model.seed: s`` (the same
+    settings distilled from other seeds, for a mean over seeds)."""
+    out = []
+    for k, section in enumerate(runs):
+        if not isinstance(section, dict) or "seeds" not in section:
+            out.append(section)
+            continue
+        section = dict(section)
+        seeds = section.pop("seeds")
+        name = section.get("name")
+        where = f"run recipe: distill[{k}] ({name!r})"
+        if (not isinstance(seeds, list) or not seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+                or len(set(seeds)) != len(seeds)):
+            raise InputError(f"{where}: `seeds` must be a non-empty list of distinct "
+                             f"integers, got {seeds!r}")
+        if "seed_everything" in section or "seed" in (section.get("model") or {}):
+            raise InputError(f"{where}: give `seeds` or `seed_everything` / `model.seed`, "
+                             "not both (`seeds` sets both for each of its entries)")
+        if "output" in section:
+            raise InputError(f"{where}: `seeds` writes each seed to {work}/<name>_s<seed>; "
+                             "drop `output`")
+        for s in seeds:
+            out.append(merge(section, {"name": f"{name}_s{s}", "seed_everything": s,
+                                       "model": {"seed": s}}))
     return out
 
 
