@@ -117,3 +117,54 @@ def test_results_json_is_checked_on_reading(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataFormatError, match="not JSON"):
         load_rows(path)
+
+
+def _row(path, ipc, mean, std):
+    return {"label": f"distilled, ipc {ipc} ({path})", "kind": "distilled", "ipc": ipc,
+            "path": path, "results": {"ConvNet": {"mean": mean, "std": std}}}
+
+
+def test_seed_groups_average_each_configuration_over_its_seeds():
+    from lightning_distill.stages.evaluate import seed_groups
+
+    rows = [{"label": "random real, ipc 1", "kind": "random", "ipc": 1,
+             "results": {"ConvNet": {"mean": 0.5, "std": 0.03}}},
+            _row("w/ipc1_s0/best.pt", 1, 0.70, 0.02),
+            _row("w/ipc1_s1/best.pt", 1, 0.74, 0.01),
+            _row("w/ipc1_s2/best.pt", 1, 0.66, 0.03),
+            _row("w/ipc1_s1/synthetic.pt", 1, 0.60, 0.01),  # another file: its own group
+            _row("v/ipc1_s0/best.pt", 1, 0.10, 0.01),       # another run directory
+            _row("w/ipc10/best.pt", 10, 0.85, 0.01),        # not a seed directory
+            _row("w/ipc10_s0/best.pt", 10, 0.86, 0.01)]     # one seed: no group
+    groups = seed_groups(rows, ["ConvNet"])
+    assert len(groups) == 1
+    g = groups[0]
+    assert g["name"] == "ipc1" and g["ipc"] == 1 and g["seeds"] == [0, 1, 2]
+    assert g["paths"] == ["w/ipc1_s0/best.pt", "w/ipc1_s1/best.pt", "w/ipc1_s2/best.pt"]
+    r = g["results"]["ConvNet"]
+    assert r["seed_means"] == [0.70, 0.74, 0.66]
+    assert r["mean"] == pytest.approx(0.70)
+    # population std of 0.70, 0.74, 0.66: sqrt((0 + 0.04^2 + 0.04^2) / 3)
+    assert r["std"] == pytest.approx((2 * 0.04 ** 2 / 3) ** 0.5)
+    assert r["std_within"] == pytest.approx(0.02)
+
+
+def test_evaluate_writes_the_seed_groups_of_a_runs_seed_directories(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        d = tmp_path / f"ipc2_s{seed}"
+        d.mkdir()
+        paths.append(str(random_digits_set(seed=seed).save(d / "best.pt", grid=False)))
+    out = tmp_path / "results.json"
+    assert cli.main(["evaluate", "--config", "digits/evaluate",
+                     f"--synthetic=[{', '.join(paths)}]", "--runs", "2", "--baselines", "[]",
+                     "--scores", "false", "--model.protocol.epochs", "3",
+                     "--model_kwargs", json.dumps({"ConvNet": SMALL}),
+                     "--trainer.accelerator", "cpu", "--output", str(out)]) == 0
+    obj = json.loads(out.read_text())
+    means = [r["results"]["ConvNet"]["mean"] for r in obj["rows"]]
+    assert [r["path"] for r in obj["rows"]] == paths
+    (g,) = obj["seed_groups"]
+    assert g["seeds"] == [0, 1] and g["paths"] == paths and g["name"] == "ipc2"
+    assert g["results"]["ConvNet"]["mean"] == pytest.approx(sum(means) / 2)
+    assert g["results"]["ConvNet"]["std"] == pytest.approx(abs(means[0] - means[1]) / 2)

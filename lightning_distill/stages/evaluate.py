@@ -16,7 +16,9 @@ a time.
 Prints a table (mean +- std, population std as in the papers) and writes it to
 ``output`` (JSON, atomically; docs/formats.md, 'results.json'): per row and model the
 runs' accuracies, their mean and std, and the per-class test accuracies (``class_accs``
-per run, ``class_mean`` over the runs) that :func:`evaluate_synthetic` returns.
+per run, ``class_mean`` over the runs) that :func:`evaluate_synthetic` returns. Sets
+distilled from several seeds (directories ``<name>_s<seed>``, as ``run`` names the
+entries of ``seeds: [...]``) also get a line over their seeds (:func:`seed_groups`).
 
 The file is rewritten after every row, so an interrupted evaluation resumes: a rerun
 with the same ``output`` reuses each row whose numbers cannot differ (the same
@@ -27,6 +29,7 @@ SHA-256) and trains only the others.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ from ..artifacts import check_header, file_sha256, header, sha256
 from ..data.splits import images_hash_part, images_view, split_labels
 from ..data.synthetic import SyntheticSet
 from ..errors import ConfigError, DataFormatError, InputError
-from ..functional.evaluation import EvalProtocol
+from ..functional.evaluation import EvalProtocol, summarize
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
 from ._common import console, prepare
@@ -193,13 +196,14 @@ def evaluate_sets(
     identity = _identity(dm, config, device) if output else {}
     done = _finished_rows(output, identity)
 
-    def save(rows: list[dict[str, Any]], complete: bool) -> None:
+    def save(rows: list[dict[str, Any]], complete: bool,
+             groups: list[dict[str, Any]] | None = None) -> None:
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(output, {
                 **header(RESULTS_FORMAT, RESULTS_FORMAT_VERSION, dm.input_space.to_dict()),
                 "config": config or {}, "identity": identity, "complete": complete,
-                "rows": rows})
+                "rows": rows, **({"seed_groups": groups} if groups else {})})
 
     def reuse(key: str, label: str) -> dict[str, Any] | None:
         row = done.get(key)
@@ -218,10 +222,13 @@ def evaluate_sets(
                        grow=lambda n: progress.update(task, total=progress.tasks[0].total + n))
     print_table(rows, list(models), title=f"{name}: test accuracy (%), "
                 f"mean +- std over {runs} networks")
+    groups = seed_groups(rows, list(models))
+    if groups:
+        print_seed_groups(groups, list(models))
     if scores:
         print_scores(rows, list(models))
     if output:
-        save(rows, complete=True)
+        save(rows, complete=True, groups=groups)
         console.print(f"[green]results: {output}[/]")
     return rows
 
@@ -322,7 +329,7 @@ def _evaluate_rows(dm, sets, baselines, protocol, common, runs, seed, random_lr,
             console.print(f"evaluating {path} (ipc {syn.ipc}, lr {syn.lr:.4g}) ...")
             res = evaluate_synthetic(syn, test_x, test_y, protocol=protocol, **common)
             row = {**_row(label, "distilled", syn.ipc, res), "sha256": digest}
-        add({**row, "label": label})  # the same file may have moved
+        add({**row, "label": label, "path": path})  # the same file may have moved
     if "full" in baselines:
         row = reuse("full", "full training set")
         if row is None:
@@ -356,6 +363,61 @@ def _random_real(runs, seed, lr, dm, ipc, test_x, test_y, protocol, common
     subsets = random_subsets(dm, seed, ipc, runs, lr)
     return evaluate_synthetic(subsets[0], test_x, test_y, protocol=protocol, lr=lr,
                               train_sets=[(s.images, s.labels) for s in subsets], **common)
+
+
+#: a distillation directory of one seed: ``<name>_s<seed>`` (``run``'s ``seeds``)
+SEED_DIR = re.compile(r"^(?P<name>.+)_s(?P<seed>\d+)$")
+
+
+def seed_groups(rows: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
+    """The distilled rows of one configuration over distillation seeds: rows whose set
+    lies in a directory ``<name>_s<seed>`` are grouped by the directory's parent,
+    ``<name>`` and the file name (``best.pt`` apart from ``synthetic.pt``); a group
+    needs two seeds or more. Per group and model: ``mean`` (over the seeds of each
+    seed's mean), ``std`` (across those seed means, population std as for networks),
+    ``std_within`` (the mean of the seeds' evaluation std) and ``seed_means``."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("kind") != "distilled" or "path" not in row:
+            continue
+        path = Path(row["path"])
+        m = SEED_DIR.match(path.parent.name)
+        if m is None:
+            continue
+        key = (str(path.parent.parent), m["name"], path.name)
+        g = groups.setdefault(key, {"name": m["name"], "file": path.name,
+                                    "ipc": row["ipc"], "members": {}})
+        g["members"][int(m["seed"])] = row
+    out = []
+    for g in groups.values():
+        members = sorted(g.pop("members").items())
+        if len(members) < 2:
+            continue
+        g.update(seeds=[s for s, _ in members], paths=[r["path"] for _, r in members],
+                 label=f"distilled, ipc {g['ipc']}, {g['name']} ({len(members)} seeds)")
+        g["results"] = {}
+        for model in models:
+            means = [r["results"][model]["mean"] for _, r in members]
+            mean, std = summarize(means)
+            within = [r["results"][model]["std"] for _, r in members]
+            g["results"][model] = {"mean": mean, "std": std,
+                                   "std_within": sum(within) / len(within),
+                                   "seed_means": means}
+        out.append(g)
+    return out
+
+
+def print_seed_groups(groups: list[dict[str, Any]], models: list[str]) -> None:
+    table = Table(title="over distillation seeds: mean +- std across the seeds' means "
+                        "(mean evaluation std within a seed)")
+    table.add_column("configuration")
+    for m in models:
+        table.add_column(m, justify="right")
+    for g in groups:
+        table.add_row(g["label"], *(
+            f"{100 * r['mean']:.1f} +- {100 * r['std']:.1f} ({100 * r['std_within']:.1f})"
+            for r in (g["results"][m] for m in models)))
+    console.print(table)
 
 
 def print_table(rows: list[dict[str, Any]], models: list[str], title: str) -> None:
