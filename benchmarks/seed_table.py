@@ -1,8 +1,8 @@
 """A results.json (``lightning-distill evaluate``) as RESULTS.md's table over distillation
-seeds (issue 26): the baseline rows and sets of one seed as they are, then every configuration distilled from
-several seeds (sets in ``<name>_s<seed>/`` directories) as one line: the mean over its
-seeds of each seed's test mean, the std across those means, the mean evaluation std
-within a seed, and each seed's mean (the grouping of
+seeds (issue 26): the baseline rows and sets of one seed as they are, then every
+configuration distilled from several seeds (sets in ``<name>_s<seed>/`` directories) as
+one line: the mean over its seeds of each seed's test mean, the std across those means,
+the mean evaluation std within a seed, and each seed's mean (the grouping of
 :func:`lightning_distill.stages.evaluate.seed_groups`). With ``--validation``
 (val_select.py's JSON) each line gets its validation mean over the same sets. Rows from
 files written before rows carried their ``path`` take it from their label.
