@@ -53,9 +53,9 @@ if [ "${1:-}" = "reproduce" ]; then
   # the table's distilled rows from the committed sets alone (no experts, no training
   # data beyond Fashion-MNIST itself): the evaluate stage's own configuration, pointed
   # at benchmarks/artifacts/ and without the baselines; writes $WORK/reproduce.json.
-  # The table's rows by default (ipc1 is the validation-chosen ipc 1 variant); other
-  # names after `reproduce` (ipc1_datm, say) test those instead, and arguments that
-  # start with -- are evaluate overrides (--model.protocol.group_size 1, say).
+  # Every seed's set of every ipc by default (ipc1_s0 ... ipc50_s2), then their mean
+  # over seeds; names after `reproduce` (ipc10_s1, say) test those instead, and
+  # arguments that start with -- are evaluate overrides (--model.protocol.group_size 1).
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
   shift
   names=() overrides=()
@@ -65,14 +65,21 @@ if [ "${1:-}" = "reproduce" ]; then
       *) names+=("$1"); shift ;;
     esac
   done
-  [ ${#names[@]} -gt 0 ] || names=(ipc1 ipc10 ipc50)
+  if [ ${#names[@]} -eq 0 ]; then  # every seed of every ipc
+    for d in "$ART"/ipc*_s*/; do [ -d "$d" ] && names+=("$(basename "$d")"); done
+    [ ${#names[@]} -gt 0 ] || names=(ipc1 ipc10 ipc50)  # a layout of one seed per ipc
+  fi
   sets=""
   for name in "${names[@]}"; do
     sets="$sets${sets:+, }$ART/$name/best.pt"
   done
-  exec $PY evaluate --config "$ART/configs/evaluate.yaml" --synthetic "[$sets]" \
+  mkdir -p "$WORK"
+  $PY evaluate --config "$ART/configs/evaluate.yaml" --synthetic "[$sets]" \
     --baselines "[]" --output "$WORK/reproduce.json" --trainer.enable_progress_bar false \
     "${overrides[@]}"
+  # the table's lines over seeds beside the committed results.json's
+  "$(dirname "$PY")/python" benchmarks/seed_table.py "$WORK/reproduce.json"
+  exit 0
 fi
 
 if [ -d "$ART" ]; then  # restore, never overwrite
