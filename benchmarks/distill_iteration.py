@@ -87,6 +87,8 @@ def _stepper(settings, store, iterations, dm, *, warm_up: bool = True):
     iteration unless ``warm_up`` is False."""
     m = _module(settings, store, iterations + int(warm_up), dm)
     opts = m.configure_optimizers()
+    if not isinstance(opts, (list, tuple)):  # one optimizer (no learned labels)
+        opts = [opts]
     threshold = m.hparams.threshold
 
     def step(it: int) -> float:
