@@ -5,7 +5,7 @@
 #         (EL2N scores first), then ipc 1 and ipc 10 from them, in $WORK/ds;
 #   main  benchmarks/fashion_mnist_ablation.yaml: parameter selection and ATT at ipc 1
 #         and 10 from the benchmark's 4 experts (copied from
-#         benchmarks/artifacts/fashion_mnist_cpu/experts), in $WORK;
+#         benchmarks/artifacts/fashion_mnist_r1/experts), in $WORK;
 #   ipc50 the best combination at ipc 50 (benchmarks/fashion_mnist_ablation_ipc50.yaml
 #         laid over the main recipe), from the same experts, in $WORK/ipc50.
 # Then the validation comparison of every set, the bases included
@@ -21,7 +21,7 @@ PART=${1:-all}
 PY=${PY:-.venv/bin/lightning-distill}
 PYTHON=${PYTHON:-$(dirname "$PY")/python}
 WORK=${WORK:-outputs/fashion_mnist_ablation}
-ART=${ART:-benchmarks/artifacts/fashion_mnist_cpu}
+ART=${ART:-benchmarks/artifacts/fashion_mnist_r1}
 mkdir -p "$WORK/experts"
 [ -f "$WORK/experts/meta.json" ] || cp "$ART"/experts/* "$WORK/experts/"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

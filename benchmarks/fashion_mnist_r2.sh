@@ -169,7 +169,7 @@ print(max(d, key=lambda k: d[k]['mean']))" "$WORK/pilot_ipc1.json")
 
 ablation() {  # round 1's ipc 1 ablation (benchmarks/fashion_mnist_r2_ablation.yaml) over
   # 3 seeds: the base and each option from round 1's own experts
-  local r1=${R1_ART:-benchmarks/artifacts/fashion_mnist_cpu}
+  local r1=${R1_ART:-benchmarks/artifacts/fashion_mnist_r1}
   local ds=${R1_DS_ART:-benchmarks/artifacts/fashion_mnist_ablation/ds}
   mkdir -p "$WORK/round1_experts" "$WORK/round1_ds_experts"
   cp -n "$r1"/experts/* "$WORK/round1_experts/"

@@ -3,7 +3,7 @@
 # (benchmarks/fashion_mnist_split.yaml says what is compared). Two arms, each a
 # `lightning-distill run` (resumable: run the script again after an interruption):
 #   split90: data.val_fraction 0.1, experts 0 and 1 of the Fashion-MNIST benchmark's
-#            store (benchmarks/artifacts/fashion_mnist_cpu/experts, the same seeds);
+#            store (benchmarks/artifacts/fashion_mnist_r1/experts, the same seeds);
 #   all:     data.val_fraction 0, two experts trained here (about 30 min);
 # then the experts' test accuracy side by side (benchmarks/store_accuracy.py).
 #   bash benchmarks/fashion_mnist_split.sh        # in the background
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/lightning-distill}
 PYTHON=${PYTHON:-$(dirname "$PY")/python}
 WORK=${WORK:-outputs/fashion_mnist_split}
-SRC=${SRC:-benchmarks/artifacts/fashion_mnist_cpu/experts}
+SRC=${SRC:-benchmarks/artifacts/fashion_mnist_r1/experts}
 mkdir -p "$WORK/split90/experts"
 if [ ! -f "$WORK/split90/experts/meta.json" ]; then
   # the first two experts of the benchmark's store: a store is its meta.json and one

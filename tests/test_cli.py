@@ -204,6 +204,35 @@ def test_run_seeds_entry_errors_name_the_entry(tmp_path, entry, message):
     assert "distill[0] ('a')" in str(exc.value) and message in str(exc.value)
 
 
+def test_fashion_mnist_cpu_recipe_is_the_round_2_benchmarks_settings(tmp_path):
+    """recipes/fashion_mnist_cpu/run.yaml runs every distillation exactly as
+    benchmarks/fashion_mnist_r2.sh did (its configs plus the script's overrides), so the
+    committed sets are the recipe's and `run` resumes from them."""
+    from lightning_distill.stages.pipeline import stage_configs
+
+    stages = stage_configs(parse_run(["run", "--config", "fashion_mnist_cpu/run"]))
+    distills = [(label.split()[1], cfg) for sub, label, cfg in stages if sub == "distill"]
+    assert [n for n, _ in distills] == [f"ipc{i}_s{s}" for i in (1, 10, 50) for s in range(3)]
+    labels = {"hard": ["--model.label_init", "hard", "--model.learn_labels", "false",
+                       "--model.image_init", "real"],
+              "soft": ["--model.label_init", "soft", "--model.learn_labels", "true",
+                       "--model.image_init", "samples_predicted_correctly"]}
+    for name, cfg in distills:
+        ipc, seed = name.split("_s")
+        script = ["distill", "--config", str(ROOT / f"benchmarks/fashion_mnist_r2_{ipc}.yaml"),
+                  "--model.store", cfg["model"]["store"], "--output", cfg["output"],
+                  *labels["hard" if ipc == "ipc1" else "soft"],
+                  "--seed_everything", seed, "--model.seed", seed]
+        if ipc == "ipc1":  # the pilot's choice, which the script passes
+            script += ["--model.lr_teacher", "0.1"]
+        ours = parsed(["distill", "--config", _yaml(tmp_path, "d.yaml", json.dumps(cfg))])
+        theirs = parsed(script)
+        for c in (ours, theirs):
+            c.pop("config", None)
+            c["trainer"].pop("enable_progress_bar", None)  # the script's quiet log
+        assert ours == theirs, name
+
+
 def test_run_checks_every_section_before_any_work(tmp_path, capsys):
     # a typo in the last section fails before any work
     bad = _yaml(tmp_path, "bad.yaml", "workdir: " + str(tmp_path / "w")
