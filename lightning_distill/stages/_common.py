@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -65,3 +66,13 @@ def quiet_lightning() -> None:
         for handler in logging.getLogger(logger).handlers:
             if not any(isinstance(f, _OnceFilter) for f in handler.filters):
                 handler.addFilter(_OnceFilter())
+
+
+#: a distillation directory of one seed, ``<name>_s<seed>``: what ``run`` names each
+#: entry of a ``seeds: [...]`` distillation, and what ``evaluate`` groups by
+SEED_DIR = re.compile(r"^(?P<name>.+)_s(?P<seed>\d+)$")
+
+
+def seed_dir_name(name: str, seed: int) -> str:
+    """The directory name of ``name`` distilled from ``seed`` (matches :data:`SEED_DIR`)."""
+    return f"{name}_s{seed}"

@@ -29,7 +29,6 @@ SHA-256) and trains only the others.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from ..errors import ConfigError, DataFormatError, InputError
 from ..functional.evaluation import EvalProtocol, summarize
 from ..io import atomic_write_json
 from ..modules.evaluate import evaluate_synthetic
-from ._common import console, prepare
+from ._common import SEED_DIR, console, prepare
 from .scores import add_scores, print_scores, random_subsets
 
 #: results.json's format (docs/formats.md, 'results.json')
@@ -363,10 +362,6 @@ def _random_real(runs, seed, lr, dm, ipc, test_x, test_y, protocol, common
     subsets = random_subsets(dm, seed, ipc, runs, lr)
     return evaluate_synthetic(subsets[0], test_x, test_y, protocol=protocol, lr=lr,
                               train_sets=[(s.images, s.labels) for s in subsets], **common)
-
-
-#: a distillation directory of one seed: ``<name>_s<seed>`` (``run``'s ``seeds``)
-SEED_DIR = re.compile(r"^(?P<name>.+)_s(?P<seed>\d+)$")
 
 
 def seed_groups(rows: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:

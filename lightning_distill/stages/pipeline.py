@@ -36,7 +36,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
-from ._common import console
+from ._common import console, seed_dir_name
 
 __all__ = ["RUN_KEYS", "compose_run", "merge", "run_pipeline", "stage_configs"]
 
@@ -210,7 +210,7 @@ def _expand_seeds(runs: list[Any], work: Path) -> list[Any]:
             raise InputError(f"{where}: `seeds` writes each seed to {work}/<name>_s<seed>; "
                              "drop `output`")
         for s in seeds:
-            out.append(merge(section, {"name": f"{name}_s{s}", "seed_everything": s,
+            out.append(merge(section, {"name": seed_dir_name(name, s), "seed_everything": s,
                                        "model": {"seed": s}}))
     return out
 
