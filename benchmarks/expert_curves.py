@@ -20,16 +20,26 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def val_curve(logdir: Path, tag: str = "val/acc") -> dict[str, list[float]]:
-    """``{expert run name: [val acc of epoch 1, 2, ...]}`` under ``logdir``."""
-    out: dict[str, list[float]] = {}
+def scalar_series(logdir: Path, tags: list[str]) -> dict[Path, dict[str, dict[int, float]]]:
+    """``{run directory: {tag: {step: value}}}`` for every TensorBoard run under
+    ``logdir`` that logged any of ``tags`` (a step logged twice, as after a resume from
+    a checkpoint, keeps its last value)."""
+    out: dict[Path, dict[str, dict[int, float]]] = {}
     for run in sorted({p.parent for p in Path(logdir).rglob("events.out.tfevents.*")}):
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
         acc.Reload()
-        if tag not in acc.Tags().get("scalars", []):
-            continue
-        out[run.name] = [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)]
+        logged = acc.Tags().get("scalars", [])
+        series = {t: {e.step: e.value for e in sorted(acc.Scalars(t), key=lambda e: e.wall_time)}
+                  for t in tags if t in logged}
+        if series:
+            out[run] = series
     return out
+
+
+def val_curve(logdir: Path, tag: str = "val/acc") -> dict[str, list[float]]:
+    """``{expert run name: [val acc of epoch 1, 2, ...]}`` under ``logdir``."""
+    return {run.name: [v for _, v in sorted(series[tag].items())]
+            for run, series in scalar_series(logdir, [tag]).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
