@@ -10,6 +10,7 @@
 #   bash benchmarks/fashion_mnist_r2.sh all       # probe, experts, store, pilot
 #   bash benchmarks/fashion_mnist_r2.sh ipc1      # 3 seeds of the pilot's choice, on val
 #   bash benchmarks/fashion_mnist_r2.sh pilot2    # ipc 1: T+, syn_steps, lr_img, syn_lr
+#   bash benchmarks/fashion_mnist_r2.sh zca       # ipc 1 in ZCA space (6-epoch experts)
 #   bash benchmarks/fashion_mnist_r2.sh ipc10     # soft labels (DATM), seeds $SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc10hard # hard labels (MTT), seeds $HARD_SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc50     # (and ipc50hard) the same at ipc 50
@@ -44,7 +45,7 @@ export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
 
 save() {
   mkdir -p "$ART"
-  for store in "$WORK"/experts "$WORK"/probe_lr*/experts; do
+  for store in "$WORK"/experts "$WORK"/experts_zca "$WORK"/probe_lr*/experts; do
     [ -f "$store/meta.json" ] || continue
     rel=${store#"$WORK"/}
     mkdir -p "$ART/$rel"
@@ -60,6 +61,7 @@ save() {
     rel=${d#"$WORK"}
     mkdir -p "$ART/$rel" && cp -r "$d/logs" "$ART/$rel/"
   done
+  [ -d "$WORK/logs_zca" ] && cp -r "$WORK/logs_zca" "$ART/"
   for f in lr_probe.json store_accuracy.json pilot_ipc1.json pilot2_ipc1.json validation.json \
            ablation_validation.json full_curve.json; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$ART/"
@@ -196,6 +198,24 @@ pilot2() {  # ipc 1 is short of its target after the first pilot: one lever at a
   done
 }
 
+zca() {  # ipc 1 with ZCA-whitened images (MTT's and DATM's input space for CIFAR): its
+  # own experts, 10 x 6 epochs (ipc 1 matches epochs 0 to 4 + 2), at the chosen lr; then
+  # the ipc 1 settings over seeds $SEEDS, 300 iterations, on the validation split
+  local lr seed sets=()
+  lr=$($PYTHON -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen_lr'])" \
+       "$WORK/lr_probe.json")
+  $PY experts --config "$BASE" --model.lr "$lr" --data.zca true --trainer.max_epochs 6 \
+    --store "$WORK/experts_zca" --log_dir "$WORK/logs_zca"
+  for seed in $SEEDS; do
+    # shellcheck disable=SC2046
+    distill_run "pilot2_zca_s$seed" benchmarks/fashion_mnist_r2_ipc1.yaml $(label_args hard) \
+      --model.lr_teacher "$lr" --model.iterations 300 --seed_everything "$seed" \
+      --model.seed "$seed" --model.store "$WORK/experts_zca" --data.zca true
+    sets+=("$WORK/pilot2_zca_s$seed/best.pt")
+  done
+  $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"
+}
+
 ablation() {  # round 1's ipc 1 ablation (benchmarks/fashion_mnist_r2_ablation.yaml) over
   # 3 seeds: the base and each option from round 1's own experts
   local r1=${R1_ART:-benchmarks/artifacts/fashion_mnist_r1}
@@ -242,7 +262,7 @@ if [ "${1:-}" = "_run" ]; then  # the background body
   exit 0
 fi
 part=${1:-all}
-PARTS="probe experts store pilot pilot2 all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
+PARTS="probe experts store pilot pilot2 zca all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
 [ "$part" = save ] && { save; exit 0; }
 for p in $part; do
   p=${p%%:*}

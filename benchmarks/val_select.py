@@ -4,7 +4,9 @@ them without the test set (issue 13: the choice between configurations of one ip
 Each set trains ``--runs`` fresh networks (run r seeded with ``seed + r``, the protocol
 of ``lightning-distill evaluate``: 1000 epochs, SGD momentum 0.9, lr = the set's syn_lr,
 DSA) and is tested on the data module's validation split (held out of the experts, the
-initialisation and the distillation).
+initialisation and the distillation), in the set's own input space: mean/std, or the ZCA
+whitening its experts were trained in (refitted on the same training part and checked
+against the set's fingerprint).
 
     python benchmarks/val_select.py --data fashion_mnist --width 32 a/best.pt b/best.pt
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from lightning_distill.data.augment import protocol_dsa
 from lightning_distill.data.datamodule import RealDataModule
+from lightning_distill.data.input_space import InputSpace
 from lightning_distill.data.synthetic import SyntheticSet
 from lightning_distill.functional.evaluation import EvalProtocol, summarize
 from lightning_distill.io import atomic_write_json
@@ -39,9 +42,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the numbers here; a set already there with the same SHA-256 "
                          "and settings is not trained again")
     args = ap.parse_args(argv)
-    dm = RealDataModule(args.data, val_fraction=args.val_fraction)
-    dm.setup("fit")
-    vx, vy = dm.val_set.tensors
+    modules: dict[tuple, RealDataModule] = {}
+
+    def validation_split(syn: SyntheticSet, path: str) -> tuple:
+        """The validation images in the set's own input space (mean/std or the ZCA its
+        experts were trained in, refitted on the same training part)."""
+        space = InputSpace.from_dict(syn.meta.get("input_space") or {})
+        key = (space.normalization == "zca", space.zca_regularization)
+        if key not in modules:
+            reg = {} if key[1] is None else {"zca_regularization": key[1]}
+            modules[key] = RealDataModule(args.data, val_fraction=args.val_fraction,
+                                          zca=key[0], **reg)
+            modules[key].setup("fit")
+        dm = modules[key]
+        if not space.matches(dm.input_space):
+            raise SystemExit(f"{path}: its input space {dict(space)} is not the one "
+                             f"{args.data} gives ({dict(dm.input_space)})")
+        return dm.val_set.tensors
     # group_size null: chosen by device and step size (groups of 8 only for small steps
     # on a CPU; the ipc 1 numbers of RESULTS.md were measured with the 5 runs as one group)
     protocol = EvalProtocol(epochs=args.epochs)
@@ -59,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * done['std']:.1f} % (from {args.json})", flush=True)
             continue
         syn = SyntheticSet.load(path)
+        vx, vy = validation_split(syn, path)
         accs = protocol.train_runs(
             args.model, {"width": args.width}, [args.seed + r for r in range(args.runs)],
             syn.images, syn.labels, set_lr=syn.lr, num_classes=syn.num_classes,
