@@ -19,6 +19,8 @@
 #   bash benchmarks/fashion_mnist_r2.sh "ipc1 ipc10:0 ipc50:0 ipc10:1,2"  # in this order;
 #                                                 # :SEEDS overrides the seeds of a part
 #   bash benchmarks/fashion_mnist_r2.sh save      # finished parts -> benchmarks/artifacts/
+#   bash benchmarks/fashion_mnist_r2.sh assemble  # the store and ipc{1,10,50}_s* sets ->
+#                                                 # the recipe's layout (fashion_mnist_cpu)
 #
 # Work directory outputs/fashion_mnist_r2/ (not in git); `save` copies what a fresh
 # checkout needs to go on to benchmarks/artifacts/fashion_mnist_r2/, and every start
@@ -42,6 +44,22 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # older commits included): 1.35-1.8x faster CPU training, the same results
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1073741824}
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-1073741824}
+
+copy_run() {  # SRC DEST: a distillation's set, best.pt, last checkpoint and logs
+  local run=$1 dest=$2 f
+  mkdir -p "$dest"
+  for f in synthetic.pt best.pt; do
+    if [ -f "$run/$f" ]; then cp "$run/$f" "$dest/"; fi
+  done
+  # the last iteration checkpoint (under 4 MB at ipc 50), so an unfinished run resumes
+  # there; synthetic.pt alone does not say the run finished (it is written at every
+  # checkpoint)
+  rm -rf "$dest/checkpoints"
+  if [ -f "$run/checkpoints/last.ckpt" ]; then
+    mkdir -p "$dest/checkpoints" && cp "$run/checkpoints/last.ckpt" "$dest/checkpoints/"
+  fi
+  if [ -d "$run/logs" ]; then cp -r "$run/logs" "$dest/"; fi
+}
 
 save() {
   mkdir -p "$ART"
@@ -69,19 +87,7 @@ save() {
   cp "$WORK"/*.log "$ART/" 2>/dev/null || true  # benchmark.log and any other part's log
   for run in "$WORK"/*/; do  # distillations: the set, best.pt, the last checkpoint, logs
     [ -f "$run/synthetic.pt" ] || [ -d "$run/checkpoints" ] || continue
-    name=$(basename "$run")
-    mkdir -p "$ART/$name"
-    for f in synthetic.pt best.pt; do
-      [ -f "$run/$f" ] && cp "$run/$f" "$ART/$name/"
-    done
-    # the last iteration checkpoint (under 4 MB at ipc 50), so an unfinished run resumes
-    # there; synthetic.pt alone does not say the run finished (it is written at every
-    # checkpoint)
-    rm -rf "$ART/$name/checkpoints"
-    if [ -f "$run/checkpoints/last.ckpt" ]; then
-      mkdir -p "$ART/$name/checkpoints" && cp "$run/checkpoints/last.ckpt" "$ART/$name/checkpoints/"
-    fi
-    [ -d "$run/logs" ] && cp -r "$run/logs" "$ART/$name/"
+    copy_run "$run" "$ART/$(basename "$run")"
   done
   du -sh "$ART"
 }
@@ -261,9 +267,25 @@ if [ "${1:-}" = "_run" ]; then  # the background body
   done
   exit 0
 fi
+assemble() {  # the store and the recipe's sets (ipc1_s*, ipc10_s*, ipc50_s*) into the
+  # layout of `lightning-distill run --config fashion_mnist_cpu/run` under $CPU_ART, where
+  # `bash benchmarks/fashion_mnist_cpu.sh` restores them: the experts stage finds the
+  # store complete, each distill stage its set finished (or resumes its checkpoint), and
+  # the evaluate stage tests every best.pt (tests/test_cli.py keeps the recipe's settings
+  # equal to the ones these parts ran)
+  local dest=${CPU_ART:-benchmarks/artifacts/fashion_mnist_cpu} run
+  mkdir -p "$dest/experts"
+  cp "$WORK/experts/meta.json" "$WORK"/experts/expert_*.pt "$dest/experts/"
+  for run in "$WORK"/ipc1_s* "$WORK"/ipc10_s* "$WORK"/ipc50_s*; do
+    if [ -f "$run/synthetic.pt" ]; then copy_run "$run" "$dest/$(basename "$run")"; fi
+  done
+  du -sh "$dest"
+}
+
 part=${1:-all}
 PARTS="probe experts store pilot pilot2 zca all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
 [ "$part" = save ] && { save; exit 0; }
+[ "$part" = assemble ] && { assemble; exit 0; }
 for p in $part; do
   p=${p%%:*}
   case " $PARTS " in
