@@ -3,6 +3,7 @@
 from .data_selection import DataSelection, PADDataSelection
 from .ema import SyntheticEMA
 from .evaluation import PeriodicEvaluation
+from .gradient_clip import AdaptiveGradientClip
 from .images import SyntheticImageLogger
 from .iteration_checkpoint import IterationCheckpoint
 from .matching_window import MatchingWindow
@@ -13,6 +14,7 @@ from .trajectory import GroupTrajectoryRecorder, TrajectoryRecorder
 
 __all__ = [
     "ASAM",
+    "AdaptiveGradientClip",
     "GSAM",
     "IterationCheckpoint",
     "GroupTrajectoryRecorder",
