@@ -11,6 +11,7 @@
 #   bash benchmarks/fashion_mnist_r2.sh ipc1      # 3 seeds of the pilot's choice, on val
 #   bash benchmarks/fashion_mnist_r2.sh pilot2    # ipc 1: T+, syn_steps, lr_img, syn_lr
 #   bash benchmarks/fashion_mnist_r2.sh zca       # ipc 1 in ZCA space (6-epoch experts)
+#   bash benchmarks/fashion_mnist_r2.sh clip      # ipc 1 with AdaptiveGradientClip
 #   bash benchmarks/fashion_mnist_r2.sh ipc10     # soft labels (DATM), seeds $SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc10hard # hard labels (MTT), seeds $HARD_SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc50     # (and ipc50hard) the same at ipc 50
@@ -222,6 +223,22 @@ zca() {  # ipc 1 with ZCA-whitened images (MTT's and DATM's input space for CIFA
   $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"
 }
 
+clip() {  # ipc 1's base settings with AdaptiveGradientClip (factor 5, history 50): the
+  # pilot2 base again with each gradient clipped against its recent norms, seeds $SEEDS
+  local seed sets=() cfg=$WORK/configs/ipc1_clip.yaml
+  mkdir -p "$WORK/configs"
+  awk '{print} /^  callbacks:$/ {print "  - class_path: lightning_distill.callbacks.AdaptiveGradientClip"; \
+       print "    init_args:"; print "      factor: 5.0"; print "      history: 50"}' \
+    benchmarks/fashion_mnist_r2_ipc1.yaml > "$cfg"
+  for seed in $SEEDS; do
+    # shellcheck disable=SC2046
+    distill_run "pilot2_clip_s$seed" "$cfg" $(label_args hard) --model.lr_teacher 0.1 \
+      --model.iterations 300 --seed_everything "$seed" --model.seed "$seed"
+    sets+=("$WORK/pilot2_clip_s$seed/best.pt")
+  done
+  $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"
+}
+
 ablation() {  # round 1's ipc 1 ablation (benchmarks/fashion_mnist_r2_ablation.yaml) over
   # 3 seeds: the base and each option from round 1's own experts
   local r1=${R1_ART:-benchmarks/artifacts/fashion_mnist_r1}
@@ -283,7 +300,7 @@ assemble() {  # the store and the recipe's sets (ipc1_s*, ipc10_s*, ipc50_s*) in
 }
 
 part=${1:-all}
-PARTS="probe experts store pilot pilot2 zca all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
+PARTS="probe experts store pilot pilot2 zca clip all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
 [ "$part" = save ] && { save; exit 0; }
 [ "$part" = assemble ] && { assemble; exit 0; }
 for p in $part; do
