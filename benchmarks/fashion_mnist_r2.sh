@@ -105,10 +105,14 @@ probe() {
   $PYTHON benchmarks/expert_curves.py --choose --output "$WORK/lr_probe.json" "${args[@]}"
 }
 
+chosen_lr() {  # the probe's choice of the experts' lr
+  $PYTHON -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen_lr'])" \
+    "$WORK/lr_probe.json"
+}
+
 experts() {
   local lr
-  lr=$($PYTHON -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen_lr'])" \
-       "$WORK/lr_probe.json")
+  lr=$(chosen_lr)
   if [ ! -f "$WORK/experts/meta.json" ]; then  # start from the chosen lr's probe expert
     mkdir -p "$WORK/experts"
     cp -n "$WORK/probe_lr$lr/experts"/* "$WORK/experts/"
@@ -179,6 +183,15 @@ print(max(d, key=lambda k: d[k]['mean']))" "$WORK/pilot_ipc1.json")
   seeds ipc1 benchmarks/fashion_mnist_r2_ipc1.yaml "$labels" "$SEEDS" --model.lr_teacher "$lr"
 }
 
+pilot2_run() {  # NAME CONFIG SEED [overrides]: an ipc 1 pilot run, the ipc 1 settings
+  # (hard labels, syn_lr 0.1) for 300 iterations from SEED; the overrides come last and win
+  local name=$1 config=$2 seed=$3
+  shift 3
+  # shellcheck disable=SC2046
+  distill_run "$name" "$config" $(label_args hard) --model.lr_teacher 0.1 \
+    --model.iterations 300 --seed_everything "$seed" --model.seed "$seed" "$@"
+}
+
 pilot2() {  # ipc 1 is short of its target after the first pilot: one lever at a time
   # from the ipc 1 settings (hard labels, syn_lr 0.1), 300 iterations, seeds $SEEDS, each
   # best.pt on the validation split (5 networks x 1000 epochs)
@@ -195,10 +208,7 @@ pilot2() {  # ipc 1 is short of its target after the first pilot: one lever at a
         lrimg1000) args=(--model.lr_img 1000) ;;
         lrt0.3) args=(--model.lr_teacher 0.3) ;;
       esac
-      # shellcheck disable=SC2046
-      distill_run "pilot2_${variant}_s$seed" "$conf" $(label_args hard) \
-        --model.lr_teacher 0.1 --model.iterations 300 --seed_everything "$seed" \
-        --model.seed "$seed" "${args[@]}"
+      pilot2_run "pilot2_${variant}_s$seed" "$conf" "$seed" "${args[@]}"
       sets+=("$WORK/pilot2_${variant}_s$seed/best.pt")
     done
     $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"
@@ -209,15 +219,12 @@ zca() {  # ipc 1 with ZCA-whitened images (MTT's and DATM's input space for CIFA
   # own experts, 10 x 6 epochs (ipc 1 matches epochs 0 to 4 + 2), at the chosen lr; then
   # the ipc 1 settings over seeds $SEEDS, 300 iterations, on the validation split
   local lr seed sets=()
-  lr=$($PYTHON -c "import json,sys; print(json.load(open(sys.argv[1]))['chosen_lr'])" \
-       "$WORK/lr_probe.json")
+  lr=$(chosen_lr)
   $PY experts --config "$BASE" --model.lr "$lr" --data.zca true --trainer.max_epochs 6 \
     --store "$WORK/experts_zca" --log_dir "$WORK/logs_zca"
   for seed in $SEEDS; do
-    # shellcheck disable=SC2046
-    distill_run "pilot2_zca_s$seed" benchmarks/fashion_mnist_r2_ipc1.yaml $(label_args hard) \
-      --model.lr_teacher "$lr" --model.iterations 300 --seed_everything "$seed" \
-      --model.seed "$seed" --model.store "$WORK/experts_zca" --data.zca true
+    pilot2_run "pilot2_zca_s$seed" benchmarks/fashion_mnist_r2_ipc1.yaml "$seed" \
+      --model.lr_teacher "$lr" --model.store "$WORK/experts_zca" --data.zca true
     sets+=("$WORK/pilot2_zca_s$seed/best.pt")
   done
   $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"
@@ -231,9 +238,7 @@ clip() {  # ipc 1's base settings with AdaptiveGradientClip (factor 5, history 5
        print "    init_args:"; print "      factor: 5.0"; print "      history: 50"}' \
     benchmarks/fashion_mnist_r2_ipc1.yaml > "$cfg"
   for seed in $SEEDS; do
-    # shellcheck disable=SC2046
-    distill_run "pilot2_clip_s$seed" "$cfg" $(label_args hard) --model.lr_teacher 0.1 \
-      --model.iterations 300 --seed_everything "$seed" --model.seed "$seed"
+    pilot2_run "pilot2_clip_s$seed" "$cfg" "$seed"
     sets+=("$WORK/pilot2_clip_s$seed/best.pt")
   done
   $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"

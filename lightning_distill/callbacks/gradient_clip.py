@@ -26,6 +26,8 @@ Logged: ``grad_clip/clipped``, how many parameter gradients it has clipped so fa
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import deque
 from typing import Any
 
@@ -72,9 +74,11 @@ class AdaptiveGradientClip(Callback):
             if p.grad is None:
                 continue
             norm = float(p.grad.detach().norm())
+            if not math.isfinite(norm):  # the module's own guard handles these
+                continue
             past = self.norms.setdefault(name, deque(maxlen=self.history))
-            if len(past) >= self.warmup and torch.isfinite(torch.tensor(norm)):
-                limit = self.factor * float(torch.tensor(list(past)).median())
+            if len(past) >= self.warmup:
+                limit = self.factor * statistics.median_low(past)
                 if norm > limit > 0.0:
                     p.grad.mul_(limit / norm)
                     count += 1
