@@ -296,11 +296,26 @@ assemble() {  # the store and the recipe's sets (ipc1_s*, ipc10_s*, ipc50_s*) in
   # the evaluate stage tests every best.pt (tests/test_cli.py keeps the recipe's settings
   # equal to the ones these parts ran)
   local dest=${CPU_ART:-benchmarks/artifacts/fashion_mnist_cpu} run
+  local store=${CPU_STORE:-outputs/fashion_mnist_cpu/experts}  # the recipe's workdir
   mkdir -p "$dest/experts"
   cp "$WORK/experts/meta.json" "$WORK"/experts/expert_*.pt "$dest/experts/"
-  for run in "$WORK"/ipc1_s* "$WORK"/ipc10_s* "$WORK"/ipc50_s*; do
+  for run in "$WORK"/ipc*_s*; do  # ipc10_s0, not ipc10_s0_unguarded
+    [[ $(basename "$run") =~ ^ipc(1|10|50)_s[0-9]+$ ]] || continue
     if [ -f "$run/synthetic.pt" ]; then copy_run "$run" "$dest/$(basename "$run")"; fi
   done
+  # each set names the store it was distilled from (meta source_store), where the
+  # evaluate stage's scores find the experts' soft labels for the random-real subsets:
+  # the same experts, now at the recipe's store
+  $PYTHON - "$store" "$dest"/ipc*_s*/*.pt <<'PYEOF'
+import sys
+import torch
+from lightning_distill.io import atomic_save
+for path in sys.argv[2:]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload["meta"].get("source_store") != sys.argv[1]:
+        payload["meta"]["source_store"] = sys.argv[1]
+        atomic_save(payload, path)
+PYEOF
   du -sh "$dest"
 }
 
