@@ -12,6 +12,7 @@
 #   bash benchmarks/fashion_mnist_r2.sh pilot2    # ipc 1: T+, syn_steps, lr_img, syn_lr
 #   bash benchmarks/fashion_mnist_r2.sh zca       # ipc 1 in ZCA space (6-epoch experts)
 #   bash benchmarks/fashion_mnist_r2.sh clip      # ipc 1 with AdaptiveGradientClip
+#   bash benchmarks/fashion_mnist_r2.sh pilot50   # ipc 50: lr_img 100 against 1000
 #   bash benchmarks/fashion_mnist_r2.sh ipc10     # soft labels (DATM), seeds $SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc10hard # hard labels (MTT), seeds $HARD_SEEDS
 #   bash benchmarks/fashion_mnist_r2.sh ipc50     # (and ipc50hard) the same at ipc 50
@@ -82,7 +83,7 @@ save() {
   done
   [ -d "$WORK/logs_zca" ] && cp -r "$WORK/logs_zca" "$ART/"
   for f in lr_probe.json store_accuracy.json pilot_ipc1.json pilot2_ipc1.json validation.json \
-           ablation_validation.json full_curve.json; do
+           pilot50_ipc50.json ablation_validation.json full_curve.json; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$ART/"
   done
   cp "$WORK"/*.log "$ART/" 2>/dev/null || true  # benchmark.log and any other part's log
@@ -244,6 +245,21 @@ clip() {  # ipc 1's base settings with AdaptiveGradientClip (factor 5, history 5
   $PYTHON benchmarks/val_select.py --json "$WORK/pilot2_ipc1.json" "${sets[@]}"
 }
 
+pilot50() {  # ipc 50, seed 0, 300 iterations: the config's lr_img 100 (DATM's ipc 10
+  # value) against DATM's ipc 50 value 1000. Each ipc 50 image is in 6 of an iteration's
+  # 30 batches of 100 (an ipc 10 image in all 30), so its steps are smaller at the same
+  # lr_img; round 1's ipc 50 (lr_img 100) peaked at iteration 100. Both best.pt on the
+  # validation split (5 networks x 1000 epochs)
+  local lr sets=()
+  for lr in 100 1000; do
+    # shellcheck disable=SC2046
+    distill_run "pilot50_lrimg${lr}_s0" benchmarks/fashion_mnist_r2_ipc50.yaml \
+      $(label_args soft) --model.lr_img "$lr" --model.iterations 300
+    sets+=("$WORK/pilot50_lrimg${lr}_s0/best.pt")
+  done
+  $PYTHON benchmarks/val_select.py --json "$WORK/pilot50_ipc50.json" "${sets[@]}"
+}
+
 ablation() {  # round 1's ipc 1 ablation (benchmarks/fashion_mnist_r2_ablation.yaml) over
   # 3 seeds: the base and each option from round 1's own experts
   local r1=${R1_ART:-benchmarks/artifacts/fashion_mnist_r1}
@@ -320,7 +336,7 @@ PYEOF
 }
 
 part=${1:-all}
-PARTS="probe experts store pilot pilot2 zca clip all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
+PARTS="probe experts store pilot pilot2 zca clip pilot50 all ipc1 ipc10 ipc10hard ipc50 ipc50hard ablation full"
 [ "$part" = save ] && { save; exit 0; }
 [ "$part" = assemble ] && { assemble; exit 0; }
 for p in $part; do
