@@ -290,8 +290,12 @@ full() {  # how long the full-data row must train: 1 network per budget on valid
 }
 
 if [ "${1:-}" = "_run" ]; then  # the background body
+  all_seeds=$SEEDS all_hard_seeds=$HARD_SEEDS
   for item in $2; do  # PART or PART:SEEDS (ipc10:0, ablation:1,2)
     part=${item%%:*}
+    # an item's :SEEDS holds for that item only (before, `ipc10:0 ablation` ran the
+    # ablation with seed 0 alone)
+    SEEDS=$all_seeds HARD_SEEDS=$all_hard_seeds
     if [ "$item" != "$part" ]; then SEEDS=${item#*:}; SEEDS=${SEEDS//,/ }; HARD_SEEDS=$SEEDS; fi
     date -u +"start $item %FT%TZ"; git rev-parse --short HEAD
     case "$part" in
