@@ -306,7 +306,7 @@ if [ "${1:-}" = "_run" ]; then  # the background body
         time seeds "$part" "benchmarks/fashion_mnist_r2_ipc10.yaml" hard "$HARD_SEEDS" ;;
       # 300 iterations, beside pilot50's soft-label set of the same length and seed (at
       # ipc 10 the two kinds of labels stayed within a point for 1500 iterations; ipc 50's 1500
-      # cost 2 h)
+      # cost about 1.75 h on idle cores)
       ipc50hard)
         time seeds "$part" benchmarks/fashion_mnist_r2_ipc50.yaml hard "$HARD_SEEDS" \
           --model.iterations 300 ;;
