@@ -7,6 +7,12 @@ the mean evaluation std within a seed, and each seed's mean (the grouping of
 (val_select.py's JSON) each line gets its validation mean over the same sets. Rows from
 files written before rows carried their ``path`` take it from their label.
 
+When the rows carry DD-Ranking's scores (the evaluate stage's default), a second table
+says what the labels give ("Hard Truths about Soft Labels", CVPR 2026): per seed group,
+the sets as distilled, the same images with hard labels, random real subsets with the
+sets' kind of labels (for soft-label sets: DATM's soft labels from the experts they were
+distilled from) and with hard labels (the random baseline), each a mean over the seeds.
+
     python benchmarks/seed_table.py results.json [--validation validation.json]
 """
 
@@ -41,6 +47,41 @@ def markdown(rows: list[dict], groups: list[dict], model: str,
     return "\n".join(out)
 
 
+def _seed_mean(runs: list[list[float]]) -> str:
+    """The mean over the seeds of each seed's mean over its runs, in percent."""
+    return f"{100 * statistics.fmean(statistics.fmean(r) for r in runs):.1f}"
+
+
+def labels_markdown(rows: list[dict], groups: list[dict], model: str) -> str:
+    """The labels table of the module docstring ('' when no group has scores). A set is
+    soft when its hard-label run differs from its own (``add_scores`` gives a hard-label
+    set its own accuracies as ``syn_hard`` and the random baseline's as ``random``)."""
+    by_path = {r.get("path"): r for r in rows if r["kind"] == "distilled"}
+    random_rows = {r["ipc"]: r for r in rows if r["kind"] == "random"}
+    out = ["| configuration | labels | the sets | their images, hard labels | random real, "
+           "the sets' labels | random real, hard labels | IOR (points) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for g in groups:
+        members = [by_path[p] for p in g["paths"]]
+        scored = [r["scores"][model] for r in members
+                  if (r.get("scores") or {}).get(model, {}).get("accs", {}).get("random")]
+        if len(scored) != len(members):
+            continue
+
+        soft = any(s["accs"]["syn_hard"] != r["results"][model]["accs"]
+                   for s, r in zip(scored, members, strict=True))
+        base = random_rows.get(g["ipc"])
+        hard_random = f"{100 * base['results'][model]['mean']:.1f}" if base else ""
+        ior = statistics.fmean(s["ior"]["mean"] for s in scored) if all(
+            s.get("ior") for s in scored) else None
+        out.append(f"| {g['label']} | {'soft' if soft else 'hard'} | "
+                   f"{_seed_mean([r['results'][model]['accs'] for r in members])} | "
+                   f"{_seed_mean([s['accs']['syn_hard'] for s in scored])} | "
+                   f"{_seed_mean([s['accs']['random'] for s in scored])} | {hard_random} | "
+                   f"{'' if ior is None else f'{100 * ior:.1f}'} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results")
@@ -52,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if row["kind"] == "distilled" and "path" not in row:
             row["path"] = row["label"].rsplit("(", 1)[-1].rstrip(")")
     val = json.loads(Path(args.validation).read_text()) if args.validation else None
-    print(markdown(rows, seed_groups(rows, [args.model]), args.model, val))
+    groups = seed_groups(rows, [args.model])
+    print(markdown(rows, groups, args.model, val))
+    labels = labels_markdown(rows, groups, args.model)
+    if labels:
+        print("\n" + labels)
     return 0
 
 
