@@ -67,7 +67,6 @@ def labels_markdown(rows: list[dict], groups: list[dict], model: str) -> str:
                   if (r.get("scores") or {}).get(model, {}).get("accs", {}).get("random")]
         if len(scored) != len(members):
             continue
-
         soft = any(s["accs"]["syn_hard"] != r["results"][model]["accs"]
                    for s, r in zip(scored, members, strict=True))
         base = random_rows.get(g["ipc"])
