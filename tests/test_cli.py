@@ -231,6 +231,15 @@ def test_fashion_mnist_cpu_recipe_is_the_round_2_benchmarks_settings(tmp_path):
             c.pop("config", None)
             c["trainer"].pop("enable_progress_bar", None)  # the script's quiet log
         assert ours == theirs, name
+    # the full-data row: the largest budget `fashion_mnist_r2.sh full` measured, with the
+    # lr and batch size it measured them at
+    curve = json.loads((ROOT / "benchmarks/artifacts/fashion_mnist_r2/full_curve.json")
+                       .read_text())
+    (evaluate,) = [cfg for sub, _, cfg in stages if sub == "evaluate"]
+    largest = curve[max(curve, key=int)]["settings"]
+    assert evaluate["full_epochs"] == max(int(k) for k in curve)
+    assert (evaluate["full_lr"], evaluate["full_batch_size"]) == (largest["lr"],
+                                                                 largest["batch_size"])
 
 
 def test_run_checks_every_section_before_any_work(tmp_path, capsys):
