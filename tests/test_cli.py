@@ -236,10 +236,11 @@ def test_fashion_mnist_cpu_recipe_is_the_round_2_benchmarks_settings(tmp_path):
     curve = json.loads((ROOT / "benchmarks/artifacts/fashion_mnist_r2/full_curve.json")
                        .read_text())
     (evaluate,) = [cfg for sub, _, cfg in stages if sub == "evaluate"]
-    largest = curve[max(curve, key=int)]["settings"]
-    assert evaluate["full_epochs"] == max(int(k) for k in curve)
-    assert (evaluate["full_lr"], evaluate["full_batch_size"]) == (largest["lr"],
-                                                                 largest["batch_size"])
+    budget = max(curve, key=int)
+    measured = curve[budget]["settings"]
+    assert evaluate["full_epochs"] == int(budget)
+    assert (evaluate["full_lr"], evaluate["full_batch_size"]) == (measured["lr"],
+                                                                 measured["batch_size"])
 
 
 def test_run_checks_every_section_before_any_work(tmp_path, capsys):
